@@ -1,0 +1,176 @@
+"""featseq command line: a thin click layer. Each command builds a config, calls one function,
+prints the result path last. Errors in the user's input exit with code 2 and a clear message."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+
+class Progress:
+    """One status line on stderr: segments, frames/s, ETA (a line every few seconds when not a tty)."""
+
+    def __init__(self, label: str = "featurize"):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, p: dict) -> None:
+        now = time.monotonic()
+        final = p["done"] >= p["total"]
+        if not final and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        el = max(p["elapsed"], 1e-9)
+        rate = p["done"] / el
+        eta = (p["total"] - p["done"]) / rate if rate > 0 else 0
+        width = 24
+        filled = int(width * p["done"] / max(1, p["total"]))
+        line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {p['done']}/{p['total']} segments  "
+                f"{p['frames']} frames  {p['frames'] / el:.1f} frames/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        click.echo(("\r" + line) if self.tty else line, err=True, nl=not self.tty or final)
+
+
+def _fail(e: Exception, code: int = 2):
+    click.echo(f"error: {e}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="featseq")
+def main():
+    """featseq: cache per-frame CNN features of video segments once, train sequence models on them."""
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--backbone", default="resnet18", show_default=True, help="resnet18/34/50/101/152, vgg16, efficientnet_b0, mobilenet_v3_large, ... or timm:<name>.")
+@click.option("--weights", default="none", show_default=True, help="'none' (seeded random init), 'imagenet' (torchvision/timm default weights) or a state-dict file.")
+@click.option("--size", default=224, show_default=True, type=int, help="Input size in pixels (frames become size x size).")
+@click.option("--resize", default="squash", show_default=True, type=click.Choice(["squash", "crop"]), help="squash: whole frame resized to size x size; crop: shorter side to size, then centre crop.")
+@click.option("--fps", default=6.0, show_default=True, type=float, help="Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast precision [default: fp16 on CUDA, fp32 on CPU].")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of the features.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format.")
+@click.option("--out", default=None, help="Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__<fps>fps__<precision>.h5].")
+@click.option("--cache-dir", default="cache", show_default=True, help="Folder of default cache paths.")
+@click.option("--skip-errors", is_flag=True, help="Skip unreadable/undecodable videos (reported) and exit 0.")
+@click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
+@click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def featurize(source, backbone, weights, size, resize, fps, device, precision, dtype, batch_size, no_channels_last,
+              out, cache_dir, skip_errors, keep_frames, decode_timeout, seed, quiet):
+    """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
+
+    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
+    or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
+    """
+    from featurize.backbones import WeightsError
+    from featurize.cache import CacheError
+    from featurize.pipeline import FeaturizeConfig, featurize as run
+    from featurize.sources import SourceError
+
+    cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
+                          device=device, precision=precision, dtype=dtype, batch_size=batch_size,
+                          channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
+                          keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed)
+    try:
+        res = run(cfg, progress=None if quiet else Progress(), log=lambda s: click.echo(s, err=True))
+    except (SourceError, CacheError, WeightsError, ValueError) as e:
+        _fail(e)
+    click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
+               f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s)", err=True)
+    if res.failures:
+        click.echo(f"failed segments ({len(res.failures)}), also in {res.path}.errors.json:", err=True)
+        for sid, why in res.failures.items():
+            click.echo(f"  {sid}: {why}", err=True)
+    click.echo(res.path)
+    if res.failures and not skip_errors:
+        sys.exit(1)
+
+
+@main.group()
+def cache():
+    """Inspect feature caches."""
+
+
+@cache.command("list")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
+def cache_list(cache_dir):
+    """A table of the caches under --cache-dir."""
+    from featurize.cache import list_caches
+
+    rows = list_caches(cache_dir)
+    if not rows:
+        click.echo(f"no caches in {cache_dir}")
+        return
+    head = ("file", "backbone", "weights", "fps", "size", "segments", "frames", "MB")
+    table = [head] + [
+        (r["path"], "ERROR", r["error"][:60], "", "", "", "", "") if "error" in r else
+        (r["path"], r["backbone"], r["weights"], f"{r['fps']:g}", str(r["size"]), str(r["segments"]), str(r["frames"]), f"{r['mb']:.1f}")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cache.command("info")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def cache_info(file, as_json):
+    """Attributes, segment/frame counts, class and group counts of a cache FILE."""
+    from featurize.cache import CacheError, summary
+
+    try:
+        s = summary(file)
+    except CacheError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(s, default=str))
+        return
+    click.echo(f"{s['path']}: {s['segments']} segments, {s['frames']} frames, feature_dim {s['feature_dim']}, "
+               f"{s['fps']:g} fps, {s['mb']:.1f} MB")
+    click.echo(f"classes ({len(s['classes'])}): " + ", ".join(f"{k} {v}" for k, v in s["classes"].items()))
+    click.echo(f"groups: {s['groups']}")
+    click.echo("attributes:")
+    for k, v in s["attrs"].items():
+        click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--clips", "clips_per_class_per_group", default=2, show_default=True, help="Clips per class per group.")
+@click.option("--groups", default=4, show_default=True)
+@click.option("--width", default=64, show_default=True)
+@click.option("--height", default=64, show_default=True)
+@click.option("--video-fps", default=30, show_default=True)
+@click.option("--min-duration", default=6.0, show_default=True)
+@click.option("--max-duration", default=9.0, show_default=True)
+@click.option("--long-videos", default=1, show_default=True, help="Long videos with a CSV of labelled segments.")
+@click.option("--long-duration", default=40.0, show_default=True)
+@click.option("--burn-frame-numbers", is_flag=True, help="Burn each frame's index into its top rows (for exactness tests).")
+@click.option("--seed", default=0, show_default=True)
+def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, min_duration, max_duration,
+          long_videos, long_duration, burn_frame_numbers, seed):
+    """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
+    from featurize.synth import render_dataset
+
+    try:
+        res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
+                             height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
+                             burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration)
+    except ValueError as e:
+        _fail(e)
+    click.echo(f"{len(res['clips'])} clips in {res['clips_root']} of {len(res['classes'])} classes ({', '.join(res['classes'])})"
+               + (f"; long-video segments in {res['long_csv']}" if res.get("long_csv") else ""), err=True)
+    click.echo(res["clips_root"])
+
+
+if __name__ == "__main__":
+    main()

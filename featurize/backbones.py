@@ -1,0 +1,255 @@
+"""Backbone registry: name -> trunk without classifier, feature dim, preprocessing, stages.
+
+One factory, :func:`create_backbone`, for torchvision models (``resnet18``...) and timm models
+(``timm:<name>``, when timm is installed). The preprocessing numbers live in each entry and are
+used by featurize, finetune and predict alike through :func:`preprocess`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class WeightsError(ValueError):
+    """Weights could not be found, downloaded or loaded; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    feature_dim: int
+    head: str  # dotted path of the final classifier layer, replaced by Identity
+    stages: tuple[str, ...]  # dotted module paths, input to output; --unfreeze N trains the last N
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    source: str = "torchvision"
+
+
+_RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+_EFFNET_STAGES = tuple(f"features.{i}" for i in range(9))
+REGISTRY: dict[str, BackboneEntry] = {
+    e.name: e
+    for e in [
+        BackboneEntry("resnet18", 512, "fc", _RESNET_STAGES),
+        BackboneEntry("resnet34", 512, "fc", _RESNET_STAGES),
+        BackboneEntry("resnet50", 2048, "fc", _RESNET_STAGES),
+        BackboneEntry("resnet101", 2048, "fc", _RESNET_STAGES),
+        BackboneEntry("resnet152", 2048, "fc", _RESNET_STAGES),
+        BackboneEntry("vgg16", 4096, "classifier.6", ("features.0:5", "features.5:10", "features.10:17", "features.17:24", "features.24:31", "classifier")),
+        BackboneEntry("efficientnet_b0", 1280, "classifier.1", _EFFNET_STAGES),
+        BackboneEntry("efficientnet_b1", 1280, "classifier.1", _EFFNET_STAGES),
+        BackboneEntry("mobilenet_v3_large", 1280, "classifier.3", tuple(f"features.{i}" for i in range(17)) + ("classifier",)),
+        BackboneEntry("convnext_tiny", 768, "classifier.2", tuple(f"features.{i}" for i in range(8))),
+    ]
+}
+
+
+def known_backbones() -> list[str]:
+    return sorted(REGISTRY) + ["timm:<name> (with the timm extra)"]
+
+
+@dataclass
+class Backbone:
+    """A ready trunk: ``trunk(x)`` maps (N, 3, S, S) normalised images to (N, feature_dim)."""
+
+    trunk: nn.Module
+    entry: BackboneEntry
+    weights: str  # 'none', 'imagenet' or the weights file's path
+    weights_sha256: str = ""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def stage_modules(self) -> list[nn.Module]:
+        return [_get_stage(self.trunk, s) for s in self.entry.stages]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _get_stage(module: nn.Module, spec: str) -> nn.Module:
+    """A stage is a dotted path, or 'path.a:b' for a slice of a Sequential."""
+    if ":" in spec:
+        path, rng = spec.rsplit(".", 1)
+        a, b = (int(x) for x in rng.split(":"))
+        return nn.ModuleList(list(_get(module, path).children())[a:b])
+    return _get(module, spec)
+
+
+def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, last = dotted.rpartition(".")
+    owner = _get(module, parent) if parent else module
+    if last.isdigit():
+        owner[int(last)] = new
+    else:
+        setattr(owner, last, new)
+
+
+def _load_state_dict_file(path: str) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"--weights {path}: cannot load it as a PyTorch state dict ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"--weights {path}: expected a dict of parameter name -> tensor")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _load_into(model: nn.Module, sd: dict, entry: BackboneEntry, path: str) -> None:
+    head_prefix = entry.head + "."
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(head_prefix)]
+    if missing or unexpected:
+        raise WeightsError(
+            f"--weights {path} does not fit {entry.name}: {len(missing)} missing key(s) {missing[:4]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:4]}; pass a state dict saved from this architecture"
+        )
+
+
+def _timm_entry(name: str, model: nn.Module) -> BackboneEntry:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential):
+        stages = tuple(f"blocks.{i}" for i in range(len(blocks)))
+    else:
+        stages = tuple(f["module"] for f in getattr(model, "feature_info", []) if f.get("module"))
+    return BackboneEntry(
+        name=f"timm:{name}", feature_dim=int(model.num_features), head=cfg.get("classifier", "classifier"),
+        stages=stages or ("",), mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)), source="timm",
+    )
+
+
+def _download_error(name: str, url: str, err: Exception) -> WeightsError:
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return WeightsError(
+        f"--weights imagenet: could not download the ImageNet weights of {name} from {url} "
+        f"({type(err).__name__}: {str(err)[:200]}). Without internet, download that file on another machine "
+        f"and pass it with --weights /path/to/{os.path.basename(url) or 'weights.pth'} (or copy it into {hub}); "
+        f"--weights none uses random weights."
+    )
+
+
+def create_backbone(name: str, weights: str = "none", seed: int = 0) -> Backbone:
+    """Build the trunk of ``name`` with ``weights`` = 'none' (seeded random init), 'imagenet' or a file path.
+
+    Raises ValueError listing the known names for an unknown one, WeightsError for weights problems.
+    """
+    if weights not in ("none", "imagenet") and not os.path.isfile(weights):
+        raise WeightsError(f"--weights {weights}: no such file; use 'none', 'imagenet' or the path of a state dict")
+    torch.manual_seed(seed)
+    sha = ""
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ValueError(f"backbone {name!r} needs timm: pip install 'featseq[timm]'") from e
+        tname = name[5:]
+        if tname not in timm.list_models():
+            raise ValueError(f"unknown timm model {tname!r}; see timm.list_models()")
+        if weights == "imagenet":
+            try:
+                model = timm.create_model(tname, pretrained=True)
+            except Exception as e:
+                raise _download_error(name, f"the Hugging Face hub ({tname})", e) from e
+        else:
+            model = timm.create_model(tname, pretrained=False)
+        entry = _timm_entry(tname, model)
+        if weights not in ("none", "imagenet"):
+            _load_into(model, _load_state_dict_file(weights), entry, weights)
+            sha = sha256_file(weights)
+        model.reset_classifier(0)
+        return Backbone(model.eval(), entry, weights, sha, seed)
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
+    import torchvision
+
+    entry = REGISTRY[name]
+    model = torchvision.models.get_model(name, weights=None)
+    if weights == "imagenet":
+        w = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            sd = w.get_state_dict(progress=False)
+        except Exception as e:
+            raise _download_error(name, w.url, e) from e
+        local = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        sha = sha256_file(local) if os.path.isfile(local) else ""
+        model.load_state_dict(sd)
+    elif weights != "none":
+        _load_into(model, _load_state_dict_file(weights), entry, weights)
+        sha = sha256_file(weights)
+    _set(model, entry.head, nn.Identity())
+    return Backbone(model.eval(), entry, weights, sha, seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """Default: fp16 on CUDA, fp32 on CPU."""
+    if precision in (None, "auto"):
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def preprocess(frames: np.ndarray | torch.Tensor, entry: BackboneEntry, device: torch.device,
+               channels_last: bool = True) -> torch.Tensor:
+    """uint8 (k, S, S, 3) RGB frames -> float32 (k, 3, S, S) normalised with the entry's mean/std."""
+    x = torch.as_tensor(frames).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(entry.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(entry.std, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class Embedder:
+    """Frozen inference: uint8 frames -> float32 numpy embeddings (k, feature_dim)."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, precision: str, channels_last: bool = True):
+        self.backbone = backbone
+        self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self.model = backbone.trunk.to(device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        x = preprocess(frames, self.backbone.entry, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+            y = self.model(x)
+        return y.float().flatten(1).cpu().numpy()

@@ -1,0 +1,388 @@
+"""The HDF5 feature cache: schema, crash-safe writer, fast reader. The schema is a contract (README).
+
+Layout of one file (format_version 1):
+
+    /features    (total_frames, D)  float16 (or float32), chunked, grown by appending
+    /timestamps  (total_frames,)    float64, presentation time (s) of each sampled frame in its video
+    /segments    (n_segments,)      compound table, one row per *published* segment:
+                 id, label, group, path (fixed-width UTF-8 bytes), offset, length (rows in
+                 /features), start, end (segment bounds, s), video_width, video_height,
+                 video_fps, video_duration, video_frames, video_size (bytes), video_mtime
+    /frames      (total_frames, S, S, 3) uint8, lzf-compressed  -- only with --keep-frames
+    attributes   format_version, backbone, weights, weights_sha256, seed, size, resize, fps,
+                 precision, dtype, feature_dim, keep_frames, source, source_kind, created,
+                 versions (JSON), config (JSON)
+
+Commit protocol: a segment's rows are appended to /features and /timestamps and flushed, then its
+row is appended to /segments and flushed. Readers trust /segments only, so a half-written segment
+is never visible. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
+if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
+``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
+it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+# A request is identified by these attributes; a different request aimed at an existing file is refused.
+IDENTITY_KEYS = ("source", "backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
+                 "dtype", "keep_frames")
+_NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"), ("video_width", "i4"),
+               ("video_height", "i4"), ("video_fps", "f8"), ("video_duration", "f8"), ("video_frames", "i8"),
+               ("video_size", "i8"), ("video_mtime", "f8")]
+STR_FIELDS = ("id", "label", "group", "path")
+
+
+class CacheError(ValueError):
+    """A cache cannot be used as asked; the message names the file and the fix."""
+
+
+def segment_dtype(widths: dict[str, int]) -> np.dtype:
+    return np.dtype([(f, f"S{widths[f]}") for f in STR_FIELDS] + _NUM_FIELDS)
+
+
+def string_widths(rows: list[dict]) -> dict[str, int]:
+    """Generous fixed widths so later rows of the same source fit too."""
+    w = {}
+    for f in STR_FIELDS:
+        longest = max((len(str(r[f]).encode()) for r in rows), default=1)
+        w[f] = max(256 if f == "path" else 64, 2 * longest)
+    return w
+
+
+def open_read(path: str | os.PathLike) -> h5py.File:
+    """Open a cache for reading, also one whose writer is running or was killed (SWMR read)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CacheError(f"{path}: no such cache file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        if "already open for write" not in str(e) and "lock" not in str(e).lower():
+            raise CacheError(f"{path}: not a readable HDF5 cache ({e})") from e
+        try:
+            f = h5py.File(path, "r", swmr=True, locking=False)
+        except OSError as e2:
+            raise CacheError(f"{path}: cannot open ({e2})") from e2
+    version = f.attrs.get("format_version")
+    if version is None or "segments" not in f:
+        f.close()
+        raise CacheError(f"{path}: not a featseq cache (no format_version attribute / segments table)")
+    if int(version) != FORMAT_VERSION:
+        f.close()
+        raise CacheError(f"{path}: cache format version {int(version)} is not supported by this featseq "
+                         f"(reads version {FORMAT_VERSION}); re-run featseq featurize or upgrade featseq")
+    return f
+
+
+def _decode_attrs(f: h5py.File) -> dict:
+    out = {}
+    for k, v in f.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        if k in ("versions", "config") and isinstance(v, str):
+            v = json.loads(v)
+        out[k] = v
+    return out
+
+
+def _published(table: np.ndarray) -> np.ndarray:
+    """Rows that were fully written (a row is written in one go; a zero id means not yet)."""
+    n = len(table)
+    while n and not table[n - 1]["id"]:
+        n -= 1
+    return table[:n]
+
+
+def table_to_columns(table: np.ndarray) -> dict[str, np.ndarray]:
+    """Segment table -> dict of columns, strings decoded to str."""
+    return {name: (np.array([x.decode() for x in table[name]], dtype=object) if name in STR_FIELDS else np.asarray(table[name]))
+            for name in table.dtype.names}
+
+
+@dataclass
+class Cache:
+    """A whole cache in memory. ``segments`` is a dict of columns (strings decoded)."""
+
+    path: str
+    attrs: dict
+    segments: dict[str, np.ndarray]
+    features: np.ndarray | None
+    timestamps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.segments["id"])
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.segments["id"])
+
+    def segment(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features (n, D), timestamps (n,)) of segment i."""
+        o, n = int(self.segments["offset"][i]), int(self.segments["length"][i])
+        return self.features[o:o + n], self.timestamps[o:o + n]
+
+
+def read_cache(path: str | os.PathLike, features: bool = True, dtype=None) -> Cache:
+    """Load a cache: the table and timestamps in one read each, features in one contiguous read.
+
+    ``dtype`` converts features on load (e.g. np.float32); None keeps the stored dtype.
+    """
+    with open_read(path) as f:
+        attrs = _decode_attrs(f)
+        table = _published(f["segments"][()])
+        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        ts = f["timestamps"][:end]
+        feats = None
+        if features:
+            feats = f["features"][:end]
+            if dtype is not None:
+                feats = feats.astype(dtype, copy=False)
+    return Cache(str(path), attrs, table_to_columns(table), feats, ts)
+
+
+def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> dict:
+    """One segment without reading the others: features, timestamps (and frames when kept)."""
+    with open_read(path) as f:
+        table = _published(f["segments"][()])
+        hit = np.nonzero(table["id"] == seg_id.encode())[0]
+        if not len(hit):
+            raise CacheError(f"{path}: no segment with id {seg_id!r}")
+        row = table[hit[0]]
+        o, n = int(row["offset"]), int(row["length"])
+        out = {"features": f["features"][o:o + n], "timestamps": f["timestamps"][o:o + n],
+               **{k: v for k, v in table_to_columns(table[hit[0]:hit[0] + 1]).items()}}
+        out = {k: (v[0] if isinstance(v, np.ndarray) and k not in ("features", "timestamps") else v) for k, v in out.items()}
+        if frames:
+            if "frames" not in f:
+                raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+            out["frames"] = f["frames"][o:o + n]
+    return out
+
+
+def summary(path: str | os.PathLike) -> dict:
+    """What `featseq cache info/list` shows; reads the table and attributes, not the features."""
+    with open_read(path) as f:
+        attrs = _decode_attrs(f)
+        table = _published(f["segments"][()])
+        cols = table_to_columns(table)
+        labels, counts = np.unique(cols["label"].astype(str), return_counts=True) if len(table) else ([], [])
+        return {
+            "path": str(path),
+            "segments": int(len(table)),
+            "frames": int(table["length"].sum()) if len(table) else 0,
+            "feature_dim": int(attrs.get("feature_dim", 0)),
+            "fps": float(attrs.get("fps", 0)),
+            "backbone": attrs.get("backbone"),
+            "weights": attrs.get("weights"),
+            "size": int(attrs.get("size", 0)),
+            "precision": attrs.get("precision"),
+            "dtype": attrs.get("dtype"),
+            "classes": {str(k): int(v) for k, v in zip(labels, counts)},
+            "groups": int(len(set(cols["group"]))) if len(table) else 0,
+            "mb": round(os.path.getsize(path) / 1e6, 2),
+            "attrs": attrs,
+        }
+
+
+def check_identity(path: str, have: dict, identity: dict) -> None:
+    """Refuse a request whose identity attributes differ from those of the cache at ``path``."""
+    diff = [f"{k}: cache has {have.get(k)!r}, request has {v!r}" for k, v in identity.items() if have.get(k) != v]
+    if diff:
+        raise CacheError(f"{path} holds a different request, refusing to mix them in:\n  " + "\n  ".join(diff)
+                         + "\n  Use another --out (or the default path, which is named after these settings).")
+
+
+def published_ids(path: str | os.PathLike) -> tuple[dict, list[str]]:
+    """(attributes, ids of published segments) without reading features."""
+    with open_read(path) as f:
+        return _decode_attrs(f), [x.decode() for x in _published(f["segments"][()])["id"]]
+
+
+class FileLock:
+    """An flock on ``<path>.lock``; released by the OS if the process dies."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+        self._fh = None
+
+    def acquire(self) -> "FileLock":
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip()
+            fh.close()
+            raise CacheError(f"{self.path[:-5]}: another featseq process ({owner or 'unknown pid'}) is writing this cache; "
+                             f"wait for it to finish or choose another --out") from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def _recover(path: str) -> None:
+    """Rewrite a cache left by a killed writer: published segments only, flags cleared. Atomic."""
+    tmp = path + ".recover.tmp"
+    with h5py.File(path, "r", swmr=True, locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
+        table = _published(src["segments"][()])
+        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in ("features", "timestamps", "frames"):
+            if name in src:
+                d = src[name]
+                out = dst.create_dataset(name, shape=(end,) + d.shape[1:], maxshape=(None,) + d.shape[1:],
+                                         chunks=d.chunks, dtype=d.dtype, compression=d.compression)
+                step = max(1, (64 << 20) // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
+                for a in range(0, end, step):
+                    out[a:min(end, a + step)] = d[a:min(end, a + step)]
+        dst.create_dataset("segments", data=table, maxshape=(None,), chunks=src["segments"].chunks)
+    os.replace(tmp, path)
+
+
+class CacheWriter:
+    """Appends segments to a cache under the commit protocol above. Use as a context manager."""
+
+    def __init__(self, path: str, identity: dict, attrs: dict, feature_dim: int, widths: dict[str, int],
+                 dtype: str = "float16", frame_size: int | None = None):
+        self.path = str(path)
+        self.lock = FileLock(self.path).acquire()
+        try:
+            if os.path.exists(self.path):
+                self.f = self._open_existing(identity, feature_dim)
+            else:
+                self.f = self._create(identity, attrs, feature_dim, widths, dtype, frame_size)
+            self.f.swmr_mode = True
+        except BaseException:
+            self.lock.release()
+            raise
+        self._seg = self.f["segments"]
+        self.done_ids = {x.decode() for x in self._seg["id"]} if len(self._seg) else set()
+        self._widths = {f: self._seg.dtype[f].itemsize for f in STR_FIELDS}
+
+    def _create(self, identity, attrs, feature_dim, widths, dtype, frame_size) -> h5py.File:
+        tmp = self.path + ".new.tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with h5py.File(tmp, "w", libver="latest") as f:
+            for k, v in {**attrs, **identity, "format_version": FORMAT_VERSION, "feature_dim": feature_dim}.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+            rows = max(1, min(1024, (1 << 20) // (feature_dim * np.dtype(dtype).itemsize)))
+            f.create_dataset("features", shape=(0, feature_dim), maxshape=(None, feature_dim), chunks=(rows, feature_dim), dtype=dtype)
+            f.create_dataset("timestamps", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="f8")
+            f.create_dataset("segments", shape=(0,), maxshape=(None,), chunks=(256,), dtype=segment_dtype(widths))
+            if frame_size:
+                f.create_dataset("frames", shape=(0, frame_size, frame_size, 3), maxshape=(None, frame_size, frame_size, 3),
+                                 chunks=(1, frame_size, frame_size, 3), dtype="u1", compression="lzf")
+        os.replace(tmp, self.path)
+        return h5py.File(self.path, "a", libver="latest")
+
+    def _open_existing(self, identity, feature_dim) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "a", libver="latest")
+        except OSError as e:
+            if "already open for write" not in str(e):
+                raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({e}); move it away or choose another --out") from e
+            _recover(self.path)  # a writer was killed: keep its published segments
+            f = h5py.File(self.path, "a", libver="latest")
+        have = _decode_attrs(f)
+        if have.get("format_version") != FORMAT_VERSION:
+            f.close()
+            raise CacheError(f"{self.path}: format version {have.get('format_version')} differs from {FORMAT_VERSION}; choose another --out")
+        try:
+            check_identity(self.path, have, identity)
+        except CacheError:
+            f.close()
+            raise
+        # drop anything past the last published segment (a killed writer's half segment)
+        table = _published(f["segments"][()])
+        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        f["segments"].resize((len(table),))
+        for name in ("features", "timestamps", "frames"):
+            if name in f:
+                f[name].resize(end, axis=0)
+        f.flush()
+        return f
+
+    def append(self, row: dict, features: np.ndarray, timestamps: np.ndarray, frames: np.ndarray | None = None) -> None:
+        """Write one segment: rows first, then publish its table row."""
+        if row["id"] in self.done_ids:
+            raise CacheError(f"{self.path}: segment {row['id']!r} is already cached")
+        enc = {}
+        for k in STR_FIELDS:
+            b = str(row[k]).encode()
+            if len(b) > self._widths[k]:
+                raise CacheError(f"{self.path}: {k} {row[k]!r} is longer than this cache's {self._widths[k]}-byte {k} "
+                                 f"column; shorten it or write a new cache (--out)")
+            enc[k] = b
+        n = len(features)
+        feats, ts = self.f["features"], self.f["timestamps"]
+        o = feats.shape[0]
+        for d, data in ((feats, features), (ts, timestamps)) + (((self.f["frames"], frames),) if "frames" in self.f else ()):
+            d.resize(o + n, axis=0)
+            if n:
+                d[o:o + n] = data
+            d.flush()
+        rec = np.zeros(1, dtype=self._seg.dtype)
+        for k, v in row.items():
+            if k in rec.dtype.names and k not in STR_FIELDS:
+                rec[k] = v
+        for k, v in enc.items():
+            rec[k] = v
+        rec["offset"], rec["length"] = o, n
+        i = self._seg.shape[0]
+        self._seg.resize((i + 1,))
+        self._seg[i] = rec[0]
+        self._seg.flush()
+        self.done_ids.add(row["id"])
+
+    def close(self) -> None:
+        if getattr(self, "f", None) is not None:
+            self.f.close()
+            self.f = None
+        self.lock.release()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
+    """Summaries of every *.h5 under cache_dir (unreadable ones carry an 'error')."""
+    out = []
+    for p in sorted(Path(cache_dir).glob("**/*.h5")):
+        try:
+            out.append(summary(p))
+        except (CacheError, OSError) as e:
+            out.append({"path": str(p), "error": str(e)})
+    return out
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

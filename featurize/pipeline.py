@@ -1,0 +1,270 @@
+"""featurize: source -> validated segments -> decode worker -> backbone -> HDF5 cache.
+
+One dataclass config (validated up front, messages name the CLI flag) and one function.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
+from . import backbones as bb
+from .cache import CacheWriter, check_identity, now_iso, published_ids, string_widths
+from .decoder import RESIZE_POLICIES
+from .sources import SourceError, read_source, validate
+from .worker import DecodePool, decode_job
+
+DEFAULT_CACHE_DIR = "cache"
+
+
+@dataclass
+class FeaturizeConfig:
+    source: str
+    backbone: str = "resnet18"
+    weights: str = "none"
+    size: int = 224
+    resize: str = "squash"
+    fps: float = 6.0
+    device: str = "auto"
+    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    dtype: str = "float16"
+    batch_size: int = 64
+    channels_last: bool = True
+    out: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    skip_errors: bool = False
+    keep_frames: bool = False
+    decode_timeout: float = 60.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        problems = []
+        if self.fps <= 0:
+            problems.append(f"--fps must be > 0, got {self.fps}")
+        if self.size < 16:
+            problems.append(f"--size must be >= 16 pixels, got {self.size}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if self.dtype not in ("float16", "float32"):
+            problems.append(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.decode_timeout <= 0:
+            problems.append(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class FeaturizeResult:
+    path: str
+    total: int
+    written: int
+    skipped_done: int
+    failures: dict[str, str] = field(default_factory=dict)
+    frames: int = 0
+    seconds: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
+
+
+def weights_id(weights: str, sha256: str, seed: int) -> str:
+    if weights == "none":
+        return f"none-seed{seed}"
+    if weights == "imagenet":
+        return "imagenet"
+    return f"{Path(weights).stem}-{sha256[:8]}"
+
+
+def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
+    src = Path(cfg.source).resolve()
+    name = src.stem if src.is_file() else src.name
+    fps = f"{cfg.fps:g}"
+    parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize, f"{fps}fps", precision]
+    if cfg.dtype != "float16":
+        parts.append(cfg.dtype)
+    if cfg.keep_frames:
+        parts.append("frames")
+    return str(Path(cfg.cache_dir) / ("__".join(_slug(p) for p in parts) + ".h5"))
+
+
+def _versions() -> dict:
+    import decord
+    import h5py
+    import torch
+    import torchvision
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__, "decord": decord.__version__}
+    try:
+        import timm
+
+        v["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return v
+
+
+ProgressFn = Callable[[dict], None]
+
+
+def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Callable[[str], None] = lambda s: None) -> FeaturizeResult:
+    """Cache the features of every segment of ``cfg.source``; resumes an existing cache.
+
+    Raises SourceError (bad source, nothing written), CacheError (lock, mismatched request),
+    bb.WeightsError / ValueError (options). Per-video decode failures are returned in
+    ``FeaturizeResult.failures`` and also written to ``<cache>.errors.json``.
+    """
+    cfg.validate()
+    t0 = time.monotonic()
+    kind, segments, row_problems = read_source(cfg.source)
+    device = bb.resolve_device(cfg.device)
+    precision = bb.resolve_precision(cfg.precision, device)
+    sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
+    wid = weights_id(cfg.weights, sha, cfg.seed)
+    path = cfg.out or default_cache_path(cfg, precision, wid)
+    identity = {
+        "source": str(Path(cfg.source).resolve()), "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
+        "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
+        "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames),
+    }
+    pool = DecodePool(timeout=cfg.decode_timeout)
+    done: set[str] = set()
+    if os.path.exists(path):  # refuse a mismatched request, or skip finished work, before probing or building a model
+        have, ids = published_ids(path)
+        check_identity(path, have, identity)
+        done = set(ids)
+    todo = [s for s in segments if s.id not in done]
+    result = FeaturizeResult(path=path, total=len(segments), written=0, skipped_done=len(segments) - len(todo))
+    if not todo and row_problems:
+        raise SourceError(cfg.source, row_problems)
+    if not todo:
+        log(f"all {len(segments)} segments already cached")
+        result.seconds = time.monotonic() - t0
+        return result
+
+    _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors, only={s.id for s in todo},
+                          problems=row_problems)
+    result.failures.update(skipped)
+    backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
+    embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
+    attrs = {
+        "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
+        "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
+        "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
+        "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
+                          else "crop: shorter side resized to size, centre crop size x size"),
+    }
+    rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
+    todo = [s for s in todo if s.id not in skipped]
+    frames_total = 0
+    with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
+                     frame_size=cfg.size if cfg.keep_frames else None) as writer:
+        todo = [s for s in todo if s.id not in writer.done_ids]  # another run may have finished some meanwhile
+        by_key = {i: s for i, s in enumerate(todo)}
+        jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
+        pending: OrderedDict[int, dict] = OrderedDict()
+        batch: list[tuple[int, np.ndarray]] = []
+        batched = 0
+
+        def run_batch() -> None:
+            nonlocal batch, batched
+            if not batch:
+                return
+            feats = embed(np.concatenate([b[1] for b in batch]))
+            pos = 0
+            for key, fr in batch:
+                st = pending.get(key)
+                if st is not None:
+                    st["feats"].append(feats[pos:pos + len(fr)])
+                pos += len(fr)
+            batch, batched = [], 0
+
+        def commit_ready() -> None:
+            nonlocal frames_total
+            while pending:
+                key, st = next(iter(pending.items()))
+                if not st["done"] or sum(len(x) for x in st["feats"]) < st["n"]:
+                    return
+                pending.popitem(last=False)
+                seg, info = by_key[key], st["info"]
+                feats = np.concatenate(st["feats"]) if st["feats"] else np.zeros((0, backbone.entry.feature_dim), np.float32)
+                ts = np.concatenate(st["ts"]) if st["ts"] else np.zeros(0)
+                frames = np.concatenate(st["frames"]) if cfg.keep_frames and st["frames"] else None
+                if len(feats) == 0:
+                    result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
+                    continue
+                writer.append({
+                    "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "start": seg.start,
+                    "end": min(seg.end, info["duration"]) if seg.end is not None else info["duration"],
+                    "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
+                    "video_duration": info["duration"], "video_frames": info["n_frames"],
+                    "video_size": info["size_bytes"], "video_mtime": info["mtime"],
+                }, feats.astype(cfg.dtype), ts, frames)
+                result.written += 1
+                frames_total += len(feats)
+                if progress:
+                    el = time.monotonic() - t_start
+                    progress({"done": result.written + len(result.failures), "total": len(todo) + len(skipped),
+                              "frames": frames_total, "elapsed": el, "segment": seg.id})
+
+        t_start = time.monotonic()
+        for msg in pool.run(jobs):
+            kind_, key = msg[0], msg[1]
+            if kind_ == "start":
+                pending[key] = {"info": msg[2], "feats": [], "ts": [], "frames": [], "n": 0, "done": False}
+            elif kind_ == "chunk":
+                st = pending[key]
+                st["ts"].append(msg[3])
+                st["n"] += len(msg[2])
+                if cfg.keep_frames:
+                    st["frames"].append(msg[2])
+                batch.append((key, msg[2]))
+                batched += len(msg[2])
+                if batched >= cfg.batch_size:
+                    run_batch()
+                    commit_ready()
+            elif kind_ == "done":
+                pending[key]["done"] = True
+                if not batch:
+                    commit_ready()
+            elif kind_ == "error":
+                pending.pop(key, None)
+                batch = [b for b in batch if b[0] != key]
+                batched = sum(len(b[1]) for b in batch)
+                result.failures[by_key[key].id] = msg[2]
+                log(f"skipped {by_key[key].id}: {msg[2]}")
+                commit_ready()
+        run_batch()
+        commit_ready()
+        result.frames = frames_total
+        result.seconds = time.monotonic() - t0
+    _write_error_report(path, result)
+    return result
+
+
+def _write_error_report(path: str, result: FeaturizeResult) -> None:
+    report = path + ".errors.json"
+    if result.failures:
+        tmp = report + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"cache": path, "failed": result.failures}, fh, indent=2)
+        os.replace(tmp, report)
+    elif os.path.exists(report):
+        os.remove(report)

@@ -1,0 +1,144 @@
+"""Decoding in a separate process that can be timed out and replaced.
+
+decord can hang (holding the GIL) or abort the whole process on some files. Every decode and
+probe therefore runs in a worker process started with ``spawn``; the parent waits for each
+message with a timeout. A worker that stops answering is killed, one that died is noted, the
+job it was on is reported as failed, and a fresh worker carries on with the remaining jobs.
+
+The worker also decodes ahead of the consumer (bounded by the queue size), so decoding overlaps
+the backbone's compute in the parent.
+
+Messages, in job order:
+  ("info",  key, info_dict)                       reply to a probe job
+  ("start", key, info_dict)                       a decode job opened its video
+  ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))
+  ("done",  key, n_frames)                        a decode job finished
+  ("error", key, message)                         a job failed (message names the file)
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import queue
+import time
+from typing import Iterable, Iterator
+
+PROBE = "probe"
+DECODE = "decode"
+
+
+def probe_job(key, path: str) -> tuple:
+    return (PROBE, key, path)
+
+
+def decode_job(key, path: str, start: float, end: float | None, fps: float, size: int, policy: str, chunk: int) -> tuple:
+    return (DECODE, key, path, start, end, fps, size, policy, chunk)
+
+
+def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the child process
+    from .decoder import Decoder
+    from .sampling import plan_segment
+
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        kind, key = job[0], job[1]
+        try:
+            if kind == PROBE:
+                out.put(("info", key, dataclasses.asdict(Decoder(job[2]).info)))
+                continue
+            _, _, path, start, end, fps, size, policy, chunk = job
+            dec = Decoder(path, size=size, policy=policy)
+            info = dec.info
+            out.put(("start", key, dataclasses.asdict(info)))
+            plan = plan_segment(dec.frame_starts, info.duration, start, end, fps)
+            pos = 0
+            for frames in dec.read(plan.indices, chunk):
+                k = len(frames)
+                out.put(("chunk", key, frames, plan.times[pos:pos + k]))
+                pos += k
+            dec.close()
+            out.put(("done", key, pos))
+        except Exception as e:  # reported per job; the worker goes on with the next one
+            msg = str(e) if str(e).startswith(str(job[2])) else f"{job[2]}: {type(e).__name__}: {e}"
+            out.put(("error", key, msg))
+
+
+class _WorkerFailed(Exception):
+    pass
+
+
+class DecodePool:
+    """Runs probe/decode jobs in one replaceable worker process; see the module docstring."""
+
+    def __init__(self, timeout: float = 60.0, queue_chunks: int = 4):
+        self.timeout = timeout
+        self.queue_chunks = queue_chunks
+        self._ctx = mp.get_context("spawn")
+        self.restarts = 0
+
+    def _start(self, jobs: list[tuple]):
+        jq = self._ctx.Queue()
+        oq = self._ctx.Queue(maxsize=self.queue_chunks)
+        for j in jobs:
+            jq.put(j)
+        jq.put(None)
+        proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
+        proc.start()
+        return proc, jq, oq
+
+    def _get(self, proc, oq, path: str):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return oq.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                pass
+            if not proc.is_alive():
+                try:  # it may have put its last message just before exiting
+                    return oq.get(timeout=0.5)
+                except queue.Empty:
+                    raise _WorkerFailed(f"{path}: the decoder process died (exit code {proc.exitcode}) while decoding this video") from None
+            if time.monotonic() > deadline:
+                raise _WorkerFailed(f"{path}: the decoder gave no frame for {self.timeout:g} s (hung); it was killed and this video skipped")
+
+    @staticmethod
+    def _stop(proc, jq, oq, kill: bool) -> None:
+        if proc.is_alive() and not kill:
+            proc.join(timeout=2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        for q in (jq, oq):
+            q.cancel_join_thread()
+            q.close()
+
+    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
+        """Yield the messages of every job, in job order, replacing the worker when it fails."""
+        jobs = list(jobs)
+        i = 0
+        while i < len(jobs):
+            proc, jq, oq = self._start(jobs[i:])
+            failed = False
+            try:
+                while i < len(jobs):
+                    msg = self._get(proc, oq, jobs[i][2])
+                    if msg[0] in ("info", "done", "error"):
+                        i += 1
+                    yield msg
+            except _WorkerFailed as f:
+                failed = True
+                self.restarts += 1
+                key = jobs[i][1]
+                i += 1
+                yield ("error", key, str(f))
+            finally:
+                self._stop(proc, jq, oq, kill=failed or i < len(jobs))
+
+    def probe(self, paths: Iterable[str]) -> dict[str, dict | str]:
+        """path -> info dict, or an error message for a file that cannot be opened."""
+        out: dict[str, dict | str] = {}
+        for _kind, key, payload in self.run([probe_job(p, p) for p in dict.fromkeys(paths)]):
+            out[key] = payload
+        return out

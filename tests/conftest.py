@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (torch before decord, always)
+
+ROOT = Path(__file__).resolve().parents[1]
+GINGERBREAD = ROOT.parent / "shared" / "data" / "gingerbread" / "segments"
+EFFNET_WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0_timm.pth"
+
+needs_gingerbread = pytest.mark.skipif(
+    not GINGERBREAD.is_dir(), reason=f"real Gingerbread clips not found at {GINGERBREAD} (only on the team's machines)")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic dataset with burned-in frame numbers (64x64, 30 fps), plus one long video."""
+    from featurize.synth import render_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    return render_dataset(out, clips_per_class_per_group=1, groups=2, width=64, height=64, video_fps=30,
+                          duration=(3.0, 5.0), seed=1, burn_frame_numbers=True, long_videos=1, long_duration=24.0)
+
+
+def featurize_cfg(source, out, **kw):
+    from featurize.pipeline import FeaturizeConfig
+
+    kw.setdefault("size", 32)
+    kw.setdefault("fps", 6.0)
+    kw.setdefault("device", "cpu")
+    return FeaturizeConfig(source=str(source), out=str(out), **kw)

@@ -1,0 +1,271 @@
+"""featurize end to end on real mp4 files and real HDF5 files."""
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import ROOT, featurize_cfg
+from featurize.cache import CacheError, FileLock, open_read, read_cache, read_segment, summary
+from featurize.pipeline import featurize
+from featurize.sources import SourceError, load_segments
+from featurize.synth import read_frame_number
+
+VENV_PY = sys.executable
+
+
+def expected_indices(start, end, fps, video_fps, n_frames):
+    """Independent formula: frame shown at start + k/fps, for every grid time before end."""
+    out, k = [], 0
+    while start + k / fps < end - 1e-6:
+        out.append(min(n_frames - 1, int(math.floor((start + k / fps) * video_fps + 1e-4))))
+        k += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def frames_cache(synth_data, tmp_path_factory):
+    """Clips and long-video segments featurized at 6 fps with the frames kept (64 px, to read numbers)."""
+    d = tmp_path_factory.mktemp("fc")
+    clips = featurize(featurize_cfg(synth_data["clips_root"], d / "clips.h5", size=64, keep_frames=True))
+    long = featurize(featurize_cfg(synth_data["long_csv"], d / "long.h5", size=64, keep_frames=True, fps=2))
+    return clips, long
+
+
+def test_decode_grid_is_exact(frames_cache, synth_data):
+    """Frames decoded at 6 fps are exactly the frames at the expected times (burned-in numbers)."""
+    res, _ = frames_cache
+    assert res.written == 6 and not res.failures
+    cache = read_cache(res.path)
+    with h5py.File(res.path, "r") as f:
+        frames = f["frames"][()]
+    for i, sid in enumerate(cache.ids):
+        o, n = cache.segments["offset"][i], cache.segments["length"][i]
+        got = [read_frame_number(fr) for fr in frames[o:o + n]]
+        nf = int(cache.segments["video_frames"][i])
+        exp = expected_indices(0.0, nf / 30, 6, 30, nf)
+        assert got == exp, sid
+        assert np.allclose(cache.timestamps[o:o + n], np.array(exp) / 30, atol=1e-4)
+        assert n == math.ceil(cache.segments["video_duration"][i] * 6 - 1e-6)
+
+
+def test_segment_bounds_in_long_video(frames_cache, synth_data):
+    _, res = frames_cache
+    rows = list(csv.DictReader(open(synth_data["long_csv"])))
+    cache = read_cache(res.path)
+    assert sorted(cache.ids) == sorted(r["id"] for r in rows)
+    with h5py.File(res.path, "r") as f:
+        frames = f["frames"][()]
+    for r in rows:
+        i = cache.ids.index(r["id"])
+        start, end = float(r["start"]), float(r["end"])
+        o, n = cache.segments["offset"][i], cache.segments["length"][i]
+        ts = cache.timestamps[o:o + n]
+        assert (ts >= start - 1 / 30).all() and (ts < end).all()
+        exp = expected_indices(start, end, 2, 30, int(cache.segments["video_frames"][i]))
+        assert [read_frame_number(fr) for fr in frames[o:o + n]] == exp
+        assert cache.segments["label"][i] == r["label"] and cache.segments["group"][i] == r["group"]
+        assert math.isclose(cache.segments["start"][i], start) and math.isclose(cache.segments["end"][i], end)
+
+
+def test_schema_round_trip_and_cli_equals_api(synth_data, tmp_path):
+    api = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "api.h5"))
+    r = CliRunner().invoke(main, ["featurize", synth_data["clips_root"], "--size", "32", "--device", "cpu",
+                                  "--out", str(tmp_path / "cli.h5"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(tmp_path / "cli.h5")  # the cache path is printed last
+    a, b = read_cache(api.path), read_cache(tmp_path / "cli.h5")
+    assert a.ids == b.ids and np.array_equal(a.features, b.features) and np.array_equal(a.timestamps, b.timestamps)
+    with h5py.File(api.path, "r") as f:  # plain h5py opens a cleanly closed cache
+        for k in ("format_version", "backbone", "weights", "weights_sha256", "size", "resize", "fps", "precision",
+                  "feature_dim", "versions", "created", "dtype", "source", "resize_policy"):
+            assert k in f.attrs, k
+        assert f["features"].dtype == np.float16 and f["features"].shape == (f["timestamps"].shape[0], 512)
+        seg = f["segments"][()]
+        assert (seg["offset"][1:] == (seg["offset"] + seg["length"])[:-1]).all()  # contiguous, ragged layout
+    assert a.attrs["backbone"] == "resnet18" and a.attrs["feature_dim"] == 512 and a.attrs["fps"] == 6.0
+    assert set(a.segments["label"]) == {"ascending", "descending", "pingpong"}
+    assert set(a.segments["group"]) == {"g01", "g02"}
+    one = read_segment(api.path, a.ids[3])
+    assert np.array_equal(one["features"], a.segment(3)[0]) and one["label"] == a.segments["label"][3]
+    # features equal a fresh embedding of freshly decoded frames (same decoder + preprocessing path)
+    from featurize.backbones import Embedder, create_backbone
+    from featurize.decoder import Decoder
+    from featurize.sampling import plan_segment
+    import torch
+
+    dec = Decoder(a.segments["path"][0], size=32)
+    plan = plan_segment(dec.frame_starts, dec.info.duration, 0.0, None, 6)
+    emb = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")
+    fresh = np.concatenate([emb(c) for c in dec.read(plan.indices, 64)]).astype(np.float16)
+    assert np.allclose(fresh.astype(np.float32), a.segment(0)[0].astype(np.float32), atol=2e-2)
+    # float32 storage option
+    f32 = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "f32.h5", dtype="float32"))
+    assert read_cache(f32.path).features.dtype == np.float32
+
+
+def test_cache_info_json_and_list(synth_data, tmp_path):
+    featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "c" / "x.h5"))
+    r = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "c" / "x.h5"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["segments"] == 6 and info["feature_dim"] == 512 and info["fps"] == 6.0
+    assert info["backbone"] == "resnet18" and info["classes"] == {"ascending": 2, "descending": 2, "pingpong": 2}
+    assert info["groups"] == 2 and info["frames"] > 6 * 3 * 6 - 6
+    r = CliRunner().invoke(main, ["cache", "list", "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "x.h5" in r.output and "resnet18" in r.output and " 6 " in r.output
+
+
+def test_noop_rerun_and_refusal_of_mismatched_request(synth_data, tmp_path):
+    out = tmp_path / "x.h5"
+    first = featurize(featurize_cfg(synth_data["clips_root"], out))
+    before = (os.path.getmtime(out), read_cache(out).features.copy())
+    t = time.monotonic()
+    again = featurize(featurize_cfg(synth_data["clips_root"], out))
+    assert again.written == 0 and again.skipped_done == first.written == 6
+    assert os.path.getmtime(out) == before[0]
+    for change in ({"fps": 3.0}, {"size": 64}, {"backbone": "resnet34"}, {"seed": 1}, {"dtype": "float32"}):
+        with pytest.raises(CacheError, match="different request"):
+            featurize(featurize_cfg(synth_data["clips_root"], out, **change))
+    r = CliRunner().invoke(main, ["featurize", synth_data["clips_root"], "--size", "32", "--fps", "3", "--out", str(out)])
+    assert r.exit_code == 2 and "fps: cache has 6.0, request has 3.0" in r.output
+    assert np.array_equal(read_cache(out).features, before[1])
+    assert time.monotonic() - t < 60  # generous; the real figure is in BENCHMARKS.md
+
+
+def test_second_writer_refused(synth_data, tmp_path):
+    out = tmp_path / "x.h5"
+    lock = FileLock(str(out)).acquire()
+    try:
+        with pytest.raises(CacheError, match="another featseq process"):
+            featurize(featurize_cfg(synth_data["clips_root"], out))
+    finally:
+        lock.release()
+    assert featurize(featurize_cfg(synth_data["clips_root"], out)).written == 6
+
+
+def _write_manifest(path, rows, header=("path", "label", "start", "end", "group", "id")):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_manifest_errors_list_every_row(synth_data, tmp_path):
+    clip = Path(synth_data["clips"][0]["path"])
+    shutil.copy(clip, tmp_path / "a.mp4")
+    (tmp_path / "garbage.mp4").write_bytes(b"this is not a video" * 100)
+    m = tmp_path / "m.csv"
+    _write_manifest(m, [
+        ("a.mp4", "x", "0", "2", "g", "ok1"),
+        ("missing.mp4", "x", "", "", "g", "m1"),
+        ("a.mp4", "x", "3", "1", "g", "bad-bounds"),
+        ("a.mp4", "y", "", "", "g", "ok1"),
+        ("a.mp4", "x", "500", "", "g", "late"),
+        ("garbage.mp4", "x", "", "", "g", "junk"),
+        ("a.mp4", "x", "abc", "", "g", "nan"),
+    ])
+    out = tmp_path / "out.h5"
+    r = CliRunner().invoke(main, ["featurize", str(m), "--size", "32", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    for needle in ("line 3: video not found", "line 4: end 1 <= start 3", "line 5: duplicate id 'ok1'",
+                   "line 6: start 500 s is beyond the video's end", "line 7: unreadable video", "garbage.mp4",
+                   "line 8: start 'abc' is not a number"):
+        assert needle in r.output, needle
+    assert not out.exists()
+    _write_manifest(tmp_path / "cols.csv", [("a.mp4",)], header=("video",))
+    r = CliRunner().invoke(main, ["featurize", str(tmp_path / "cols.csv"), "--out", str(out)])
+    assert r.exit_code == 2 and "missing column(s) path, label" in r.output and not out.exists()
+
+
+def test_corrupt_and_truncated_videos_are_reported_and_others_cached(synth_data, tmp_path):
+    root = tmp_path / "src"
+    for c in synth_data["clips"][:3]:
+        dst = root / c["label"] / Path(c["path"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(c["path"], dst)
+    (root / "ascending" / "garbage.mp4").write_bytes(os.urandom(5000))
+    data = Path(synth_data["clips"][3]["path"]).read_bytes()
+    (root / "ascending" / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "x.h5"
+    r = CliRunner().invoke(main, ["featurize", str(root), "--size", "32", "--out", str(out)])
+    assert r.exit_code == 2 and "garbage.mp4" in r.output and "truncated.mp4" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["featurize", str(root), "--size", "32", "--out", str(out), "--skip-errors"])
+    assert r.exit_code == 0, r.output
+    s = summary(out)
+    assert s["segments"] == 3
+    report = json.loads(Path(str(out) + ".errors.json").read_text())
+    assert set(report["failed"]) == {"ascending/garbage", "ascending/truncated"}
+
+
+def test_sources(tmp_path, synth_data):
+    kind, segs = load_segments(synth_data["clips_root"])
+    assert kind == "folder" and len(segs) == 6
+    assert {s.group for s in segs} == {"g01", "g02"} and segs[0].id == "ascending/v_ascending_g01_c01"
+    gb = tmp_path / "gb"
+    for p, piece in (("P01", 1), ("P01", 6), ("P02", 12)):
+        (gb / p).mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth_data["clips"][0]["path"], gb / p / f"music{piece:02d}.mp4")
+    kind, segs = load_segments(gb)
+    assert kind == "gingerbread"
+    assert [(s.id, s.label, s.group) for s in segs] == [
+        ("P01_music01", "Classicalmusic", "P01"), ("P01_music06", "Instrumentalmusic", "P01"), ("P02_music12", "Popmusic", "P02")]
+    shutil.copy(synth_data["clips"][0]["path"], gb / "P02" / "music13.mp4")
+    with pytest.raises(SourceError, match="piece number 13"):
+        load_segments(gb)
+    kind, segs = load_segments(synth_data["long_csv"])
+    assert kind == "csv" and all(s.end is not None and Path(s.path).is_file() for s in segs)
+
+
+def _h5_segments(path):
+    try:
+        with open_read(path) as f:
+            return len(f["segments"])
+    except Exception:
+        return 0
+
+
+def test_resume_after_kill_9(synth_data, tmp_path):
+    """A real featurize process is SIGKILLed mid-run; the file opens, the rerun completes with no duplicates."""
+    out = tmp_path / "k.h5"
+    cmd = [VENV_PY, "-c", "from cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
+           "--fps", "6", "--batch-size", "4", "--out", str(out), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and _h5_segments(out) < 2:
+        time.sleep(0.05)
+    assert p.poll() is None, "featurize finished before it could be killed; make the job longer"
+    time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed = read_cache(out)  # opens (SWMR read), only published segments visible
+    assert 2 <= len(killed) < 6
+    assert len(set(killed.ids)) == len(killed.ids)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{6 - len(killed)} segment(s) written, {len(killed)} already cached" in r.stderr
+    final = read_cache(out)
+    assert sorted(final.ids) == sorted(set(final.ids)) and len(final) == 6
+    assert final.features.shape[0] == int(final.segments["length"].sum())
+    with h5py.File(out, "r") as f:  # cleanly closed again: plain h5py opens it
+        assert len(f["segments"]) == 6
+    for i, sid in enumerate(killed.ids):  # finished work intact
+        j = final.ids.index(sid)
+        assert np.array_equal(killed.segment(i)[0], final.segment(j)[0])
+    fresh = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "fresh.h5", size=96, batch_size=4))
+    ref = read_cache(fresh.path)
+    for i, sid in enumerate(ref.ids):
+        j = final.ids.index(sid)
+        assert np.allclose(ref.segment(i)[0].astype(np.float32), final.segment(j)[0].astype(np.float32), atol=1e-2)
