@@ -77,6 +77,7 @@ class DecodePool:
         self.queue_chunks = queue_chunks
         self._ctx = mp.get_context("spawn")
         self.restarts = 0
+        self.worker_pid: int | None = None  # the current worker's pid (tests use it to kill or stop one)
 
     def _start(self, jobs: list[tuple]):
         jq = self._ctx.Queue()
@@ -86,6 +87,7 @@ class DecodePool:
         jq.put(None)
         proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
         proc.start()
+        self.worker_pid = proc.pid
         return proc, jq, oq
 
     def _get(self, proc, oq, path: str):

@@ -1,0 +1,50 @@
+"""The real Gingerbread clips (only where ../shared is present): all 184 at 1 fps, killed halfway and resumed."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import GINGERBREAD, ROOT, needs_gingerbread
+from featurize.cache import open_read, read_cache
+
+
+def _n(path):
+    try:
+        with open_read(path) as f:
+            return len(f["segments"])
+    except Exception:
+        return 0
+
+
+@needs_gingerbread
+def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
+    out = tmp_path / "gb.h5"
+    cmd = [sys.executable, "-c", "from cli import main; main()", "featurize", str(GINGERBREAD), "--backbone", "resnet18",
+           "--weights", "none", "--fps", "1", "--size", "64", "--out", str(out), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and _n(out) < 60 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    half = _n(out)
+    assert 60 <= half < 184
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    c = read_cache(out)
+    assert len(c) == 184 and len(set(c.ids)) == 184
+    assert sorted(set(c.segments["label"])) == ["Classicalmusic", "Instrumentalmusic", "Popmusic"]
+    assert len(set(c.segments["group"])) == 23
+    for i in range(len(c)):  # one frame per started second of the clip, timestamps 1 s apart
+        assert c.segments["length"][i] == math.ceil(c.segments["video_duration"][i] - 1e-6), c.ids[i]
+        ts = c.segment(i)[1]
+        assert np.allclose(np.diff(ts), 1.0, atol=1e-3)
+    short = c.ids.index("P09_music02")
+    assert c.segments["video_duration"][short] < 7 and c.segments["length"][short] <= 7
+    assert c.features.shape == (int(c.segments["length"].sum()), 512) and np.isfinite(c.features).all()

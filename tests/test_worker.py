@@ -1,0 +1,52 @@
+"""The decode worker survives a hung and a crashed decoder: a real process stopped or killed."""
+import os
+import signal
+
+from featurize.worker import DecodePool, decode_job
+
+
+def _jobs(synth_data, n=3):
+    return [decode_job(i, c["path"], 0.0, None, 6.0, 32, "squash", 4) for i, c in enumerate(synth_data["clips"][:n])]
+
+
+def _run(pool, jobs, on_first_chunk):
+    seen, done, errors, fired = set(), [], {}, False
+    for msg in pool.run(jobs):
+        if msg[0] == "chunk" and not fired:
+            fired = True
+            on_first_chunk(pool.worker_pid)
+        elif msg[0] == "done":
+            done.append(msg[1])
+        elif msg[0] == "error":
+            errors[msg[1]] = msg[2]
+        seen.add(msg[1])
+    return done, errors
+
+
+def test_hung_decoder_is_killed_and_the_run_goes_on(synth_data):
+    pool = DecodePool(timeout=3.0, queue_chunks=1)
+    stopped = []
+
+    def hang(pid):  # SIGSTOP: the worker stops answering, as a decoder stuck holding the GIL would
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    done, errors = _run(pool, _jobs(synth_data), hang)
+    assert list(errors) == [0] and "hung" in errors[0] and synth_data["clips"][0]["path"] in errors[0]
+    assert done == [1, 2] and pool.restarts == 1
+    assert not os.path.exists(f"/proc/{stopped[0]}") or open(f"/proc/{stopped[0]}/stat").read().split()[2] == "Z"
+
+
+def test_crashed_decoder_is_replaced(synth_data):
+    pool = DecodePool(timeout=30.0, queue_chunks=1)
+    done, errors = _run(pool, _jobs(synth_data), lambda pid: os.kill(pid, signal.SIGKILL))
+    assert list(errors) == [0] and "died" in errors[0] and "exit code -9" in errors[0]
+    assert done == [1, 2] and pool.restarts == 1
+
+
+def test_probe_reports_unreadable(tmp_path, synth_data):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    out = DecodePool().probe([synth_data["clips"][0]["path"], str(bad)])
+    assert isinstance(out[synth_data["clips"][0]["path"]], dict) and out[synth_data["clips"][0]["path"]]["fps"] == 30
+    assert isinstance(out[str(bad)], str) and str(bad) in out[str(bad)]
