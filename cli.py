@@ -74,6 +74,7 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
     from featurize.cache import CacheError
     from featurize.pipeline import FeaturizeConfig, featurize as run
     from featurize.sources import SourceError
+    from featurize.worker import WorkerStartError
 
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
@@ -83,6 +84,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
         res = run(cfg, progress=None if quiet else Progress(), log=lambda s: click.echo(s, err=True))
     except (SourceError, CacheError, WeightsError, ValueError) as e:
         _fail(e)
+    except WorkerStartError as e:
+        _fail(e, 1)
     click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
                f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s)", err=True)
     if res.failures:
@@ -170,6 +173,126 @@ def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, 
     click.echo(f"{len(res['clips'])} clips in {res['clips_root']} of {len(res['classes'])} classes ({', '.join(res['classes'])})"
                + (f"; long-video segments in {res['long_csv']}" if res.get("long_csv") else ""), err=True)
     click.echo(res["clips_root"])
+
+
+
+# ---------------------------------------------------------------- sequence models on a cache
+
+def _train_option_decorators(as_lists: bool):
+    """click options for every TrainConfig field (help in sequence.config.OPTION_HELP). as_lists: comma lists (sweep)."""
+    import dataclasses
+    import typing
+
+    from sequence.config import OPTION_HELP, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    decos = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("cache", "out"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        args = typing.get_args(hints[f.name])
+        base = next((a for a in args if a is not type(None)), hints[f.name]) if args else hints[f.name]
+        help_ = OPTION_HELP[f.name]
+        if as_lists:
+            shown = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+            decos.append(click.option(flag, f.name, default=None, metavar="V[,V...]",
+                                      help=f"{help_} Comma list to sweep [default: {shown}]."))
+        elif base is bool:
+            decos.append(click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
+                                      show_default=True, help=help_))
+        else:
+            decos.append(click.option(flag, f.name, default=f.default, type=base, show_default=f.default is not None,
+                                      help=help_))
+
+    def apply(fn):
+        for d in reversed(decos):
+            fn = d(fn)
+        return fn
+    return apply
+
+
+def _seq_errors():
+    from featurize.cache import CacheError
+    return (CacheError, ValueError, FileNotFoundError)
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@_train_option_decorators(as_lists=False)
+@click.option("-q", "--quiet", is_flag=True, help="No per-epoch lines.")
+def train(cache, out, quiet, **opts):
+    """Train one sequence model on a feature CACHE; write a run folder (results.json, plots, predictions, checkpoint)."""
+    from sequence.config import TrainConfig
+    from sequence.train import train as run
+
+    cfg = TrainConfig(cache=cache, out=out, **opts)
+    try:
+        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+    except _seq_errors() as e:
+        _fail(e)
+    std = f" ± {res['test_accuracy_std']:.3f} over {res['folds']} folds" if res.get("test_accuracy_std") is not None else ""
+    click.echo(f"{cfg.model}: test accuracy {res['test_accuracy']:.3f}{std} "
+               f"({res.get('n_test', sum(f['n_test'] for f in res.get('per_fold', [])))} test segments), "
+               f"val accuracy {res['val_accuracy'] if res['val_accuracy'] is not None else float('nan'):.3f}, "
+               f"best epoch {res['best_epoch']}, seq_len {res['seq_len']} at {res['fps']:g} fps, {res['params']} parameters, "
+               f"{res['timings']['total_s']:.1f} s", err=True)
+    click.echo(out)
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (one run folder per variant).")
+@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file: option = value or [values]; command-line lists win.")
+@click.option("--jobs", default=1, show_default=True, type=int, help="Variants trained at once (processes).")
+@click.option("--no-resume", is_flag=True, help="Retrain variants that already finished.")
+@_train_option_decorators(as_lists=True)
+@click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
+def sweep(cache, out, grid_file, jobs, no_resume, quiet, **opts):
+    """Train every combination of comma-separated option lists on CACHE; write DIR/<variant>/ runs and a leaderboard.
+
+    Example: featseq sweep CACHE --out S --model lstm,gru,rnn --hidden 128,256 --layers 1,2 --bidirectional false,true
+    """
+    from sequence.sweep import SweepConfig, load_grid, parse_list, sweep as run
+
+    try:
+        grid = load_grid(grid_file) if grid_file else {}
+        grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
+        threads = grid.pop("threads", [None])
+        cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume)
+        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+    except _seq_errors() as e:
+        _fail(e)
+    click.echo(res["paths"]["table"])
+    bad = [r for r in res["rows"] if r["status"] != "complete"]
+    click.echo(f"{res['variants']} variants ({res['trained']} trained, {res['skipped']} already done"
+               + (f", {len(bad)} FAILED" if bad else "") + f") in {res['seconds']:.1f} s", err=True)
+    click.echo(f"leaderboard: {res['paths']['md']}  {res['paths']['csv']}\nplot: {res['paths']['plot']}", err=True)
+    click.echo(out)
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False),
+              help="Another cache with the same feature dimension [default: the run's own cache].")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [default: RUN_DIR/eval_<cache name>].")
+@click.option("--device", default="auto", show_default=True)
+def evaluate(run_dir, cache_path, out, device):
+    """Re-score the saved model of RUN_DIR on its cache or on --cache OTHER (segments it trained on are not scored)."""
+    from sequence.train import evaluate as run
+
+    try:
+        res = run(run_dir, cache_path, out=out, device=device)
+    except _seq_errors() as e:
+        _fail(e)
+    acc = res["test_accuracy"]
+    click.echo(f"accuracy {acc if acc is not None else float('nan'):.3f} on {res['n_scored']} scored segments"
+               + (f" ({res['unknown_label']} with labels the model does not know)" if res["unknown_label"] else ""), err=True)
+    click.echo(res["out"])
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class FeaturizeResult:
     skipped_done: int
     failures: dict[str, str] = field(default_factory=dict)
     frames: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    stream_seconds: float = 0.0  # decode + embed + write, without validation and model building
 
     @property
     def frames_per_s(self) -> float:
@@ -254,6 +255,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         run_batch()
         commit_ready()
         result.frames = frames_total
+        result.stream_seconds = time.monotonic() - t_start
         result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
     return result

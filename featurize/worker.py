@@ -39,6 +39,7 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
     from .decoder import Decoder
     from .sampling import plan_segment
 
+    out.put(("ready", None, None))
     while True:
         job = jobs.get()
         if job is None:
@@ -69,6 +70,10 @@ class _WorkerFailed(Exception):
     pass
 
 
+class WorkerStartError(RuntimeError):
+    """The decode worker process could not start at all (not the fault of any video)."""
+
+
 class DecodePool:
     """Runs probe/decode jobs in one replaceable worker process; see the module docstring."""
 
@@ -88,6 +93,16 @@ class DecodePool:
         proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
         proc.start()
         self.worker_pid = proc.pid
+        try:
+            msg = oq.get(timeout=120)
+        except queue.Empty:
+            msg = None
+        if not msg or msg[0] != "ready":
+            self._stop(proc, jq, oq, kill=True)
+            raise WorkerStartError(
+                f"the decode worker process could not start (exit code {proc.exitcode}). featseq starts it with "
+                "multiprocessing 'spawn': a script that calls featurize() must do so under "
+                "`if __name__ == \"__main__\":`; see the traceback above for other causes")
         return proc, jq, oq
 
     def _get(self, proc, oq, path: str):
