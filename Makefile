@@ -18,9 +18,10 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(FEATSEQ) synth $(DEMO)/data --clips 3 --groups 4 --width 96 --height 96
-	$(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 112 --fps 6 --out $(DEMO)/cache/clips_112px.h5
-	$(FEATSEQ) cache info $(DEMO)/cache/clips_112px.h5
+	$(FEATSEQ) synth $(DEMO)/data --clips 8 --groups 4 --width 64 --height 64 --long-videos 0
+	$(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5
+	$(FEATSEQ) cache info $(DEMO)/cache/clips_64px.h5
+	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/sweep --model mlp,frame,lstm,gru,conv1d --fps 2 --split group --epochs 40 --patience 15 --jobs 2
 
 bench: install
 	$(PY) bench/run.py

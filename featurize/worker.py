@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import time
 from typing import Iterable, Iterator
 
 PROBE = "probe"
 DECODE = "decode"
+TIMES = "times"
 
 
 def probe_job(key, path: str) -> tuple:
@@ -35,35 +37,77 @@ def decode_job(key, path: str, start: float, end: float | None, fps: float, size
     return (DECODE, key, path, start, end, fps, size, policy, chunk)
 
 
-def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the child process
-    from .decoder import Decoder
-    from .sampling import plan_segment
+def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> tuple:
+    """Frames shown at explicit times (e.g. cached timestamps a sequence selected), for finetune/predict."""
+    return (TIMES, key, path, [float(t) for t in times], size, policy, chunk)
 
-    out.put(("ready", None, None))
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (e.g. a featurize killed with -9)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent-pid checks in _worker_main still end the worker
+
+
+def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the child process
+    import numpy as np
+
+    from .decoder import Decoder
+    from .sampling import frame_at, plan_segment
+
+    _die_with_parent()
+    parent = os.getppid()
+
+    def put(msg) -> None:  # never block forever on a parent that is gone
+        while True:
+            try:
+                return out.put(msg, timeout=1.0)
+            except queue.Full:
+                if os.getppid() != parent:
+                    os._exit(0)
+
+    put(("ready", None, None))
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
         if job is None:
             return
         kind, key = job[0], job[1]
         try:
             if kind == PROBE:
-                out.put(("info", key, dataclasses.asdict(Decoder(job[2]).info)))
+                put(("info", key, dataclasses.asdict(Decoder(job[2]).info)))
                 continue
-            _, _, path, start, end, fps, size, policy, chunk = job
+            if kind == TIMES:
+                _, _, path, times, size, policy, chunk = job
+            else:
+                _, _, path, start, end, fps, size, policy, chunk = job
             dec = Decoder(path, size=size, policy=policy)
             info = dec.info
-            out.put(("start", key, dataclasses.asdict(info)))
-            plan = plan_segment(dec.frame_starts, info.duration, start, end, fps)
+            put(("start", key, dataclasses.asdict(info)))
+            if kind == TIMES:
+                idx = frame_at(np.asarray(times, dtype=np.float64), dec.frame_starts)
+                ftimes = dec.frame_starts[idx]
+            else:
+                plan = plan_segment(dec.frame_starts, info.duration, start, end, fps)
+                idx, ftimes = plan.indices, plan.times
             pos = 0
-            for frames in dec.read(plan.indices, chunk):
+            for frames in dec.read(idx, chunk):
                 k = len(frames)
-                out.put(("chunk", key, frames, plan.times[pos:pos + k]))
+                put(("chunk", key, frames, ftimes[pos:pos + k]))
                 pos += k
             dec.close()
-            out.put(("done", key, pos))
+            put(("done", key, pos))
         except Exception as e:  # reported per job; the worker goes on with the next one
             msg = str(e) if str(e).startswith(str(job[2])) else f"{job[2]}: {type(e).__name__}: {e}"
-            out.put(("error", key, msg))
+            put(("error", key, msg))
 
 
 class _WorkerFailed(Exception):

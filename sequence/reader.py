@@ -1,0 +1,220 @@
+"""Fixed-length sequences from a feature cache: pure selection math, then tensors in memory.
+
+A request is (fps F, window length L frames, offset policy). For segment i with start s and end e
+(its bounds in the cache, seconds on the video's clock) and a window shift o (seconds), the grid is
+
+    t_k = s + o + k / F,   k = 0 .. L-1
+
+and each grid time takes the cached frame whose *stored timestamp* is nearest to it (ties go to the
+earlier frame). A grid time at or past the segment's end (or with no cached frame within one cache
+period) is padding: mask False, features zero. Padding therefore only ever sits at the end of a
+sequence (the mask is a prefix of True values).
+
+Window length, in frames (the first rule that applies):
+  * ``--seq-len L``: exactly L;
+  * ``--seconds S --percent P``: L = floor(S * P/100 * F) (+1e-6 against rounding), at least 1;
+  * ``--percent P`` alone: S defaults to the 5th percentile of the segments' durations, so one very
+    short clip does not shorten every sequence.
+
+The original study's counts (1 fps: 25/20/12 frames for 100/80/50 %, 2 fps: 51/41/25,
+3 fps: 77/62/38) are floor(W * F * P) for any window W in [25.834, 26) s, e.g. ``--seconds 25.9``;
+floor(25.5 * F * P) does *not* reproduce them (it gives 40 at 2 fps/80 % and 76 at 3 fps/100 %).
+``--seq-len`` reproduces any count directly.
+
+Offsets (snapped to the cache's frame grid so they stay exact):
+  * ``start``: o = 0;
+  * ``center``: o = (duration - L/F) / 2, or 0 when the clip is shorter than the window;
+  * ``random``: o uniform over the cache frames in [0, duration - L/F] (temporal jitter; the trainer
+    draws it anew every epoch for training sequences and uses ``center`` for evaluation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from featurize.cache import Cache, CacheError
+
+from .config import OFFSETS, ReaderConfig  # noqa: F401  (re-exported)
+
+EPS = 1e-6
+
+
+class ReaderError(CacheError):
+    """A sequence request the cache cannot serve (the message names the flag and the fix)."""
+
+
+def window_frames(seconds: float, fps: float, percent: float = 100.0) -> int:
+    """Frames in P% of an S-second window at F fps: floor(S * P/100 * F), at least 1."""
+    return max(1, int(math.floor(seconds * percent / 100.0 * fps + EPS)))
+
+
+def default_seconds(durations: np.ndarray) -> float:
+    """A window nearly all clips reach: the 5th percentile of the durations."""
+    return float(np.percentile(np.asarray(durations, dtype=np.float64), 5)) if len(durations) else 0.0
+
+
+def check_fps(fps: float, cache_fps: float, cache_path: str = "", source: str = "") -> None:
+    if fps > cache_fps + EPS:
+        src = source or "SOURCE"
+        raise ReaderError(
+            f"--fps {fps:g} is above the cache's {cache_fps:g} fps ({cache_path}); a cache cannot give back frames it "
+            f"never sampled. Re-featurize at a higher rate, e.g. `featseq featurize {src} --fps 6` (1, 2, 3 and 6 fps "
+            f"are then read back exactly), or ask for --fps <= {cache_fps:g}.")
+
+
+@dataclass
+class Selection:
+    """Which cache rows fill each sequence.
+
+    rows:     (N, L) int64, row of the cache's features array (0 where padded)
+    mask:     (N, L) bool, True for a real frame (a prefix of each row)
+    times:    (N, L) float64, requested grid times
+    coverage: (N,) float64, fraction of the window holding real frames
+    """
+
+    rows: np.ndarray
+    mask: np.ndarray
+    times: np.ndarray
+    coverage: np.ndarray
+
+
+def shifts(durations: np.ndarray, seq_len: int, fps: float, cache_fps: float, offset: str,
+           rng: np.random.Generator | None = None) -> np.ndarray:
+    """Window shift (s) per segment, snapped to the cache's frame grid."""
+    slack = np.maximum(0.0, np.asarray(durations, dtype=np.float64) - seq_len / fps)
+    if offset == "start":
+        return np.zeros_like(slack)
+    if offset == "center":
+        return np.round(slack / 2 * cache_fps) / cache_fps
+    if offset == "random":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        steps = np.floor(slack * cache_fps + EPS).astype(np.int64)
+        return rng.integers(0, steps + 1) / cache_fps
+    raise ValueError(f"--offset must be one of {', '.join(OFFSETS)}, got {offset!r}")
+
+
+def select(timestamps: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+           fps: float, seq_len: int, cache_fps: float, shift: np.ndarray | None = None) -> Selection:
+    """Nearest cached frame to each grid time ``start + shift + k / fps`` (see the module docstring)."""
+    n = len(offsets)
+    shift = np.zeros(n) if shift is None else np.asarray(shift, dtype=np.float64)
+    k = np.arange(seq_len, dtype=np.float64)
+    times = np.asarray(starts, np.float64)[:, None] + shift[:, None] + k[None, :] / fps
+    rows = np.zeros((n, seq_len), dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=bool)
+    tol = 1.0 / cache_fps + EPS
+    for i in range(n):
+        o, m = int(offsets[i]), int(lengths[i])
+        if m == 0:
+            continue
+        ts = timestamps[o:o + m]
+        t = times[i]
+        j = np.clip(np.searchsorted(ts, t, side="left"), 1, max(1, m - 1)) if m > 1 else np.zeros(seq_len, np.int64)
+        if m > 1:
+            left, right = ts[j - 1], ts[j]
+            j = np.where(right - t < t - left - 1e-9, j, j - 1)  # nearest, ties to the earlier frame
+        ok = (t < ends[i] - EPS) & (np.abs(ts[j] - t) <= tol)
+        rows[i] = np.where(ok, o + j, 0)
+        mask[i] = ok
+    # keep padding at the end only: a grid time after a gap is dropped too
+    mask = np.cumprod(mask, axis=1).astype(bool)
+    rows = np.where(mask, rows, 0)
+    return Selection(rows=rows, mask=mask, times=times, coverage=mask.mean(axis=1) if seq_len else np.zeros(n))
+
+
+@dataclass
+class Sequences:
+    """A cache's sequences in memory: features stay one (frames, D) tensor; rows/mask index into it."""
+
+    features: torch.Tensor      # (total_frames, D) float32, shared by every variant of a sweep
+    rows: torch.Tensor          # (N, L) int64
+    mask: torch.Tensor          # (N, L) bool
+    labels: torch.Tensor        # (N,) int64 index into classes (-1: label unknown to `classes`)
+    classes: list[str]
+    ids: list[str]
+    groups: np.ndarray          # (N,) str
+    label_names: np.ndarray     # (N,) str
+    coverage: np.ndarray        # (N,) float
+    keep: np.ndarray            # (N,) bool, False: dropped by --min-coverage (or no frame at all)
+    fps: float
+    seq_len: int
+    seconds: float | None
+    cache_fps: float
+    durations: np.ndarray
+    _seg: dict
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, idx: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, L, D) float32 with zeros at padding, mask (B, L) bool) for the sequences ``idx``."""
+        r = (self.rows if rows is None else rows)[idx]
+        m = self.mask[idx]
+        x = self.features[r]
+        return x * m.unsqueeze(-1), m
+
+    def resample(self, offset: str, rng: np.random.Generator) -> torch.Tensor:
+        """Rows of every sequence for a new draw of the offset (random jitter)."""
+        s = self._seg
+        sh = shifts(self.durations, self.seq_len, self.fps, self.cache_fps, offset, rng)
+        sel = select(s["timestamps"], s["offset"], s["length"], s["start"], s["end"], self.fps, self.seq_len,
+                     self.cache_fps, sh)
+        return torch.from_numpy(sel.rows)
+
+    def summary(self) -> dict:
+        padded = self.keep & (self.coverage < 1)
+        return {"fps": self.fps, "seq_len": self.seq_len, "seconds": self.seconds, "cache_fps": self.cache_fps,
+                "segments": len(self), "used": int(self.keep.sum()), "padded": int(padded.sum()),
+                "dropped": int((~self.keep).sum()), "mean_coverage": float(self.coverage[self.keep].mean()) if self.keep.any() else 0.0}
+
+
+def resolve_seq_len(cfg: ReaderConfig, fps: float, durations: np.ndarray) -> tuple[int, float | None]:
+    if cfg.seq_len is not None:
+        return int(cfg.seq_len), None
+    seconds = cfg.seconds if cfg.seconds is not None else default_seconds(durations)
+    return window_frames(seconds, fps, cfg.percent), seconds
+
+
+def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, offset: str | None = None,
+          features: torch.Tensor | None = None, seq_len: int | None = None) -> Sequences:
+    """Sequences of every segment of an in-memory cache.
+
+    ``classes`` fixes the label order (default: sorted labels of the cache); ``offset`` overrides
+    cfg.offset (``random`` becomes ``center`` here: the trainer jitters training rows itself);
+    ``features`` reuses an already converted features tensor; ``seq_len`` overrides the config's.
+    """
+    cfg.validate()
+    if len(cache) == 0:
+        raise ReaderError(f"{cache.path}: the cache holds no segments; run featseq featurize on a source first")
+    cache_fps = float(cache.attrs.get("fps", 0) or 0)
+    if cache_fps <= 0:
+        raise ReaderError(f"{cache.path}: the cache has no fps attribute")
+    fps = cache_fps if cfg.fps is None else float(cfg.fps)
+    check_fps(fps, cache_fps, cache.path, str(cache.attrs.get("source", "")))
+    s = cache.segments
+    durations = np.asarray(s["end"], np.float64) - np.asarray(s["start"], np.float64)
+    if seq_len is None:
+        seq_len, seconds = resolve_seq_len(cfg, fps, durations)
+    else:
+        seconds = None
+    off = offset or cfg.offset
+    if off == "random":
+        off = "center"
+    sh = shifts(durations, seq_len, fps, cache_fps, off)
+    sel = select(cache.timestamps, s["offset"], s["length"], s["start"], s["end"], fps, seq_len, cache_fps, sh)
+    keep = (sel.coverage >= cfg.min_coverage - EPS) & sel.mask.any(axis=1)
+    labels_str = np.asarray(s["label"]).astype(str)
+    if classes is None:
+        classes = sorted(set(labels_str[keep].tolist()))
+    lut = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([lut.get(x, -1) for x in labels_str], dtype=torch.long)
+    if features is None:
+        features = torch.from_numpy(np.ascontiguousarray(cache.features, dtype=np.float32))
+    seg = {"timestamps": cache.timestamps, "offset": s["offset"], "length": s["length"], "start": s["start"], "end": s["end"]}
+    return Sequences(features=features, rows=torch.from_numpy(sel.rows), mask=torch.from_numpy(sel.mask), labels=labels,
+                     classes=list(classes), ids=list(s["id"]), groups=np.asarray(s["group"]).astype(str),
+                     label_names=labels_str, coverage=sel.coverage, keep=keep, fps=fps, seq_len=seq_len, seconds=seconds,
+                     cache_fps=cache_fps, durations=durations, _seg=seg)

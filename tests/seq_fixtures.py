@@ -1,0 +1,60 @@
+"""Helpers for the sequence tests: tiny hand-made caches (no video) and one learnable synthetic cache.
+
+Not a conftest: import what you need. ``synthetic_cache`` builds its files once per test session
+under pytest's base temp folder, so several test modules share them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401  (torch before decord, always)
+
+from featurize.cache import CacheWriter, string_widths
+
+
+def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
+                     video_fps=25.0) -> str:
+    """A valid cache with random features; segment i samples start + k/fps for k < ceil(duration*fps).
+
+    jitter > 0 moves timestamps to the presentation time of a video_fps frame (up to one frame early),
+    like real decoded timestamps.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    groups = groups if groups is not None else [f"g{i % 2}" for i in range(n)]
+    durations = durations if durations is not None else [6.0] * n
+    starts = starts if starts is not None else [0.0] * n
+    rows = [{"id": f"s{i:03d}", "label": labels[i], "group": groups[i], "path": f"/v/{i}.mp4"} for i in range(n)]
+    with CacheWriter(str(path), {"fps": float(fps)}, {"source": "/fake/source"}, dim, string_widths(rows or [{"id": "x", "label": "x", "group": "x", "path": "x"}])) as w:
+        for i in range(n):
+            s, d = float(starts[i]), float(durations[i])
+            k = np.arange(int(math.ceil(d * fps - 1e-6)))
+            ts = s + k / fps
+            if jitter:
+                ts = np.floor(ts * video_fps + 1e-4) / video_fps
+            w.append({**rows[i], "start": s, "end": s + d, "video_duration": s + d, "video_fps": video_fps},
+                     rng.standard_normal((len(k), dim)).astype(np.float16), ts)
+    return str(path)
+
+
+def synthetic_cache(tmp_path_factory) -> str:
+    """96 synthetic clips (3 classes x 4 groups x 8), 6-9 s, featurized at 6 fps with resnet18 random weights, 32 px.
+
+    Classes differ only in temporal order, so order-blind models sit near chance. Built once per session.
+    """
+    from featurize.pipeline import featurize
+    from featurize.synth import render_dataset
+    from conftest import featurize_cfg
+
+    base = Path(tmp_path_factory.getbasetemp()) / "seq_synthetic"
+    cache = base / "synth32.h5"
+    if not (base / "done").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        res = render_dataset(base / "videos", clips_per_class_per_group=8, groups=4, width=32, height=32,
+                             duration=(6.0, 9.0), long_videos=0, seed=3)
+        out = featurize(featurize_cfg(res["clips_root"], cache, size=32, fps=6.0))
+        assert out.written == 96 and not out.failures
+        (base / "done").write_text("ok")
+    return str(cache)

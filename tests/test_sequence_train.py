@@ -1,0 +1,176 @@
+"""Training, run-folder outputs, evaluate, sweeps and the CLI, on a learnable synthetic cache."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from matplotlib.image import imread
+
+from cli import main
+from conftest import GINGERBREAD, featurize_cfg, needs_gingerbread
+from seq_fixtures import synthetic_cache, write_fake_cache
+from sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
+from sequence.train import TrainConfig, evaluate, load_checkpoint, train
+
+RUN_FILES = ["config.json", "results.json", "history.csv", "CRNN_epoch_training_loss.npy", "CRNN_epoch_training_accuracy.npy",
+             "CRNN_epoch_test_loss.npy", "CRNN_epoch_test_accuracy.npy", "curves.png", "confusion.png", "per_class.csv",
+             "classification_report.txt", "predictions.csv", "checkpoint.pt"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return synthetic_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def conv_run(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "conv"
+    cfg = TrainConfig(cache=synth, out=str(out), model="conv1d", fps=2, epochs=40, patience=15, split="random", seed=0)
+    return cfg, train(cfg)
+
+
+def test_training_learns_the_synthetic_task(conv_run):
+    cfg, res = conv_run
+    hist = list(csv.DictReader(open(Path(cfg.out) / "history.csv")))
+    losses = [float(h["train_loss"]) for h in hist]
+    assert losses[-1] < 0.5 * losses[0]
+    assert res["test_accuracy"] >= 0.85 and res["val_accuracy"] >= 0.85
+    assert res["n_test"] == 20 and res["n_train"] + res["n_val"] == 76
+
+
+def test_every_output_exists_and_parses(conv_run, synth):
+    cfg, res = conv_run
+    run = Path(cfg.out)
+    for f in RUN_FILES:
+        assert (run / f).is_file(), f
+    r = json.loads((run / "results.json").read_text())
+    for k in ("test_accuracy", "val_accuracy", "seq_len", "params", "best_epoch", "timings", "padded", "dropped", "config",
+              "per_class_accuracy", "model_config"):
+        assert k in r, k
+    assert r["config"]["model"] == "conv1d" and r["seq_len"] == 12 and r["fps"] == 2
+    hist = list(csv.DictReader(open(run / "history.csv")))
+    assert len(hist) == r["epochs_run"] and 1 <= r["best_epoch"] <= len(hist)
+    for name, col in (("training_loss", "train_loss"), ("test_accuracy", "test_accuracy")):
+        arr = np.load(run / f"CRNN_epoch_{name}.npy")
+        assert arr.shape == (len(hist),) and np.allclose(arr, [float(h[col]) for h in hist])
+    assert float(hist[r["best_epoch"] - 1]["val_accuracy"]) == pytest.approx(r["val_accuracy"])
+    for png in ("curves.png", "confusion.png"):
+        assert imread(run / png).ndim == 3
+    preds = list(csv.DictReader(open(run / "predictions.csv")))
+    assert len(preds) == 96 and {p["split"] for p in preds} == {"train", "val", "test"}
+    assert list(preds[0])[:6] == ["id", "group", "split", "label", "predicted", "correct"]
+    assert [k for k in preds[0] if k.startswith("p_")] == ["p_ascending", "p_descending", "p_pingpong"]
+    test = [p for p in preds if p["split"] == "test"]
+    assert np.mean([int(p["correct"]) for p in test]) == pytest.approx(r["test_accuracy"])
+    assert all(abs(sum(float(p[k]) for k in p if k.startswith("p_")) - 1) < 1e-4 for p in preds)
+    per = list(csv.DictReader(open(run / "per_class.csv")))
+    assert [p["class"] for p in per] == r["classes"] and sum(int(p["support"]) for p in per) == 20
+    assert "precision" in (run / "classification_report.txt").read_text()
+    # the checkpoint rebuilds the model from its config alone; evaluate re-scores it identically
+    model, ck = load_checkpoint(run / "checkpoint.pt")
+    assert ck["classes"] == r["classes"] and ck["reader"]["seq_len"] == 12
+    ev = evaluate(str(run))
+    assert ev["test_accuracy"] == pytest.approx(r["test_accuracy"]) and ev["n_scored"] == 20
+    assert Path(ev["out"], "predictions.csv").is_file() and Path(ev["out"], "confusion.png").is_file()
+
+
+def test_order_aware_models_beat_order_blind_baselines(synth, tmp_path):
+    """The synthetic classes differ only in temporal order: mean-pooled / per-frame models sit near chance."""
+    cfg = SweepConfig(cache=synth, out=str(tmp_path / "sw"), grid={
+        "model": ["mlp", "frame", "lstm", "conv1d"], "fps": [2.0], "split": ["group"], "epochs": [40], "patience": [15],
+        "pooling": [None], "seed": [0]})
+    res = sweep(cfg)
+    acc = {r["model"]: r["test_accuracy"] for r in res["rows"]}
+    blind = max(acc["mlp"], acc["frame"])
+    assert blind <= 0.55, acc
+    assert min(acc["lstm"], acc["conv1d"]) >= blind + 0.25, acc
+    assert res["rows"][0]["order_aware"]  # the leaderboard's winner (by validation) is order-aware
+    # leaderboard files, resume
+    lb = list(csv.DictReader(open(tmp_path / "sw" / "leaderboard.csv")))
+    assert [r["variant"] for r in lb] == [r["variant"] for r in res["rows"]] and len(lb) == 4
+    vals = [float(r["val_accuracy"]) for r in lb]
+    assert vals == sorted(vals, reverse=True)
+    assert "order-blind" in (tmp_path / "sw" / "leaderboard.md").read_text()
+    assert imread(tmp_path / "sw" / "summary.png").ndim == 3
+    again = sweep(cfg)
+    assert again["trained"] == 0 and again["skipped"] == 4
+    assert [r["test_accuracy"] for r in again["rows"]] == [r["test_accuracy"] for r in res["rows"]]
+
+
+def test_training_is_deterministic_and_cv(synth, tmp_path):
+    a = train(TrainConfig(cache=synth, out=str(tmp_path / "a"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
+    b = train(TrainConfig(cache=synth, out=str(tmp_path / "b"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
+    assert (tmp_path / "a" / "history.csv").read_text().split("seconds")[1].count(",") > 0
+    ha = [r[:-1] for r in csv.reader(open(tmp_path / "a" / "history.csv"))]
+    hb = [r[:-1] for r in csv.reader(open(tmp_path / "b" / "history.csv"))]
+    assert ha == hb and a["test_accuracy"] == b["test_accuracy"]
+    cv = train(TrainConfig(cache=synth, out=str(tmp_path / "cv"), model="mlp", split="logo", fps=1, epochs=3,
+                           class_weights="balanced", label_smoothing=0.1, offset="random"))
+    assert cv["folds"] == 4 and cv["test_accuracy_std"] is not None and len(cv["per_fold"]) == 4
+    preds = list(csv.DictReader(open(tmp_path / "cv" / "predictions.csv")))
+    assert len(preds) == 96 and all(p["split"] == "test" and p["predicted"] for p in preds)  # out-of-fold
+    assert len(list((tmp_path / "cv" / "folds").glob("*/checkpoint.pt"))) == 4
+
+
+def test_sweep_grid_file_dedup_and_parallel_jobs(synth, tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text('model = ["mlp", "gru"]\nkernel = [3, 5]  # conv1d only: no extra variants\nepochs = 2\nhidden = 8\nfps = 1.0\n')
+    g = load_grid(str(grid))
+    assert g["model"] == ["mlp", "gru"] and g["epochs"] == [2] and g["kernel"] == [3, 5]
+    cfg = SweepConfig(cache=synth, out=str(tmp_path / "sw"), grid=g, jobs=2)
+    assert [n for n, _ in variants(cfg)] == ["model=mlp", "model=gru"]
+    res = sweep(cfg)
+    assert res["trained"] == 2 and all(r["status"] == "complete" for r in res["rows"])
+    assert parse_list("bidirectional", "false,true") == [False, True] and parse_list("seq_len", "none,25") == [None, 25]
+    with pytest.raises(ValueError, match="--hidden"):
+        parse_list("hidden", "128,big")
+
+
+def test_cli_train_sweep_evaluate_and_errors(synth, tmp_path):
+    r = CliRunner().invoke(main, ["train", synth, "--out", str(tmp_path / "r"), "--model", "mlp", "--fps", "1",
+                                  "--epochs", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(tmp_path / "r")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output and r.output.strip().splitlines()[-1].endswith("eval_synth32")
+    r = CliRunner().invoke(main, ["sweep", synth, "--out", str(tmp_path / "s"), "--model", "mlp,frame", "--epochs", "2",
+                                  "--fps", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(tmp_path / "s") and "| rank |" in r.output
+
+    def fails(args, *needles):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, res.output
+        for n in needles:
+            assert n in res.output, res.output
+
+    fails(["train", synth, "--out", str(tmp_path / "x"), "--fps", "12"], "--fps 12", "6 fps", "featseq featurize")
+    fails(["sweep", synth, "--out", str(tmp_path / "y"), "--fps", "1,12"], "6 fps")
+    fails(["train", synth, "--out", str(tmp_path / "x"), "--model", "lsmt"], "unknown model", "conv1d")
+    fails(["train", synth, "--out", str(tmp_path / "x"), "--layers", "0"], "--layers")
+    empty = write_fake_cache(tmp_path / "empty.h5", [])
+    fails(["train", empty, "--out", str(tmp_path / "x")], "no segments")
+    # a class whose only segments all land in the test part
+    lonely = write_fake_cache(tmp_path / "lonely.h5", ["a"] * 6 + ["b"] * 6 + ["c"] * 2, groups=["g1"] * 6 + ["g2"] * 6 + ["g3"] * 2)
+    res = [CliRunner().invoke(main, ["train", lonely, "--out", str(tmp_path / "x"), "--split", "group", "--val-size", "0", "--seed", str(s)])
+           for s in range(10)]
+    assert any(x.exit_code == 2 and "class(es) c have no sample in the training part" in x.output for x in res)
+    other = write_fake_cache(tmp_path / "dim8.h5", ["ascending", "pingpong"])
+    fails(["evaluate", str(tmp_path / "r"), "--cache", other], "feature dimension 8")
+
+
+@needs_gingerbread
+@pytest.mark.slow
+def test_gingerbread_seed_compat(tmp_path):
+    """The original study's split on the real clips: 37 test clips; every output written."""
+    from featurize.pipeline import featurize
+
+    cache = featurize(featurize_cfg(GINGERBREAD, tmp_path / "gb.h5", size=64, fps=1.0)).path
+    res = train(TrainConfig(cache=cache, out=str(tmp_path / "R"), split="seed-compat", fps=1, seq_len=25, model="lstm",
+                            epochs=3))
+    assert res["n_test"] == 37 and res["seq_len"] == 25 and len(res["classes"]) == 3
+    for f in RUN_FILES:
+        assert (tmp_path / "R" / f).is_file(), f
+    assert sum(1 for _ in open(tmp_path / "R" / "predictions.csv")) == 185
