@@ -43,8 +43,9 @@ def render() -> str:
     f = _load("featurize")
     if f:
         parts += ["## Featurize", "",
-                  f"Data: {f['data']}, {f['decode_clips']} clips at 224 px. Decode-only (worker process, 6 fps grid, "
-                  f"frames delivered to the parent): **{f['decode_only_fps']:.0f} frames/s**.", "",
+                  f"Data: {f['data']}, {f['decode_clips']} clips at 224 px. Decode-only (frames delivered by the decode "
+                  f"worker process to the parent, worker already started): **{f['decode_only_fps']['1.0']:.0f} frames/s** "
+                  f"sampling 1 fps, **{f['decode_only_fps']['6.0']:.0f} frames/s** sampling 6 fps.", "",
                   "Backbone-only runs the CNN on pre-decoded frames (the ceiling); featurize is the whole "
                   "decode -> CNN -> HDF5 stream at 1 fps (validation and model building excluded). Goal: ratio >= 0.9.", "",
                   _table(["backbone", "precision", "device", "frames", "backbone-only frames/s", "featurize frames/s", "ratio"],

@@ -145,7 +145,6 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
         "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames),
     }
-    pool = DecodePool(timeout=cfg.decode_timeout)
     done: set[str] = set()
     if os.path.exists(path):  # refuse a mismatched request, or skip finished work, before probing or building a model
         have, ids = published_ids(path)
@@ -160,105 +159,102 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         result.seconds = time.monotonic() - t0
         return result
 
-    _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors, only={s.id for s in todo},
-                          problems=row_problems)
-    result.failures.update(skipped)
-    backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
-    embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
-    attrs = {
-        "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
-        "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
-        "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
-        "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
-                          else "crop: shorter side resized to size, centre crop size x size"),
-    }
-    rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
-    todo = [s for s in todo if s.id not in skipped]
-    frames_total = 0
-    with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
-                     frame_size=cfg.size if cfg.keep_frames else None) as writer:
-        todo = [s for s in todo if s.id not in writer.done_ids]  # another run may have finished some meanwhile
-        by_key = {i: s for i, s in enumerate(todo)}
-        jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
-        pending: OrderedDict[int, dict] = OrderedDict()
-        batch: list[tuple[int, np.ndarray]] = []
-        batched = 0
-
-        def run_batch() -> None:
-            nonlocal batch, batched
-            if not batch:
-                return
-            feats = embed(np.concatenate([b[1] for b in batch]))
-            pos = 0
-            for key, fr in batch:
-                st = pending.get(key)
-                if st is not None:
-                    st["feats"].append(feats[pos:pos + len(fr)])
-                pos += len(fr)
-            batch, batched = [], 0
-
-        def commit_ready() -> None:
-            nonlocal frames_total
-            while pending:
-                key, st = next(iter(pending.items()))
-                if not st["done"] or sum(len(x) for x in st["feats"]) < st["n"]:
-                    return
-                pending.popitem(last=False)
-                seg, info = by_key[key], st["info"]
-                feats = np.concatenate(st["feats"]) if st["feats"] else np.zeros((0, backbone.entry.feature_dim), np.float32)
-                ts = np.concatenate(st["ts"]) if st["ts"] else np.zeros(0)
-                frames = np.concatenate(st["frames"]) if cfg.keep_frames and st["frames"] else None
-                if len(feats) == 0:
-                    result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
-                    continue
-                writer.append({
-                    "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "start": seg.start,
-                    "end": min(seg.end, info["duration"]) if seg.end is not None else info["duration"],
-                    "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
-                    "video_duration": info["duration"], "video_frames": info["n_frames"],
-                    "video_size": info["size_bytes"], "video_mtime": info["mtime"],
-                }, feats.astype(cfg.dtype), ts, frames)
-                result.written += 1
-                frames_total += len(feats)
-                if progress:
-                    el = time.monotonic() - t_start
-                    progress({"done": result.written + len(result.failures), "total": len(todo) + len(skipped),
-                              "frames": frames_total, "elapsed": el, "segment": seg.id})
-
-        t_start = time.monotonic()
-        for msg in pool.run(jobs):
-            kind_, key = msg[0], msg[1]
-            if kind_ == "start":
-                pending[key] = {"info": msg[2], "feats": [], "ts": [], "frames": [], "n": 0, "done": False}
-            elif kind_ == "chunk":
-                st = pending[key]
-                st["ts"].append(msg[3])
-                st["n"] += len(msg[2])
-                if cfg.keep_frames:
-                    st["frames"].append(msg[2])
-                batch.append((key, msg[2]))
-                batched += len(msg[2])
-                if batched >= cfg.batch_size:
-                    run_batch()
-                    commit_ready()
-            elif kind_ == "done":
-                pending[key]["done"] = True
-                if not batch:
-                    commit_ready()
-            elif kind_ == "error":
-                pending.pop(key, None)
-                batch = [b for b in batch if b[0] != key]
-                batched = sum(len(b[1]) for b in batch)
-                result.failures[by_key[key].id] = msg[2]
-                log(f"skipped {by_key[key].id}: {msg[2]}")
-                commit_ready()
-        run_batch()
-        commit_ready()
-        result.frames = frames_total
-        result.stream_seconds = time.monotonic() - t_start
-        result.seconds = time.monotonic() - t0
+    with DecodePool(timeout=cfg.decode_timeout) as pool:  # one worker: probing, then decoding
+        _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
+                              only={s.id for s in todo}, problems=row_problems)
+        result.failures.update(skipped)
+        backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
+        embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
+        attrs = {
+            "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
+            "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
+            "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
+            "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
+                              else "crop: shorter side resized to size, centre crop size x size"),
+        }
+        rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
+        with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
+                         frame_size=cfg.size if cfg.keep_frames else None) as writer:
+            # another run may have finished some meanwhile
+            todo = [s for s in todo if s.id not in skipped and s.id not in writer.done_ids]
+            t_start = time.monotonic()
+            _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
+            result.stream_seconds = time.monotonic() - t_start
+    result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
     return result
+
+
+def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: bb.Embedder, todo: list,
+            result: FeaturizeResult, progress: ProgressFn | None, log: Callable[[str], None], t_start: float) -> None:
+    """Decode (worker) -> batches across segment boundaries -> CNN -> publish each finished segment in order."""
+    by_key = dict(enumerate(todo))
+    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
+    total = len(todo) + len(result.failures)
+    pending: OrderedDict[int, dict] = OrderedDict()  # segments being decoded/embedded, in job order
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def run_batch() -> None:
+        if not batch:
+            return
+        feats = embed(np.concatenate([b[1] for b in batch]))
+        pos = 0
+        for key, fr in batch:
+            if key in pending:
+                pending[key]["feats"].append(feats[pos:pos + len(fr)])
+            pos += len(fr)
+        batch.clear()
+
+    def commit_ready() -> None:
+        while pending:
+            key, st = next(iter(pending.items()))
+            if not st["done"] or sum(len(x) for x in st["feats"]) < st["n"]:
+                return
+            pending.popitem(last=False)
+            seg, info = by_key[key], st["info"]
+            if st["n"] == 0:
+                result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
+                continue
+            writer.append({
+                "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "start": seg.start,
+                "end": min(seg.end, info["duration"]) if seg.end is not None else info["duration"],
+                "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
+                "video_duration": info["duration"], "video_frames": info["n_frames"],
+                "video_size": info["size_bytes"], "video_mtime": info["mtime"],
+            }, np.concatenate(st["feats"]).astype(cfg.dtype), np.concatenate(st["ts"]),
+                np.concatenate(st["frames"]) if cfg.keep_frames else None)
+            result.written += 1
+            result.frames += st["n"]
+            if progress:
+                progress({"done": result.written + len(result.failures), "total": total, "frames": result.frames,
+                          "elapsed": time.monotonic() - t_start, "segment": seg.id})
+
+    for msg in pool.run(jobs):
+        kind, key = msg[0], msg[1]
+        if kind == "start":
+            pending[key] = {"info": msg[2], "feats": [], "ts": [], "frames": [], "n": 0, "done": False}
+        elif kind == "chunk":
+            st = pending[key]
+            st["ts"].append(msg[3])
+            st["n"] += len(msg[2])
+            if cfg.keep_frames:
+                st["frames"].append(msg[2])
+            batch.append((key, msg[2]))
+            if sum(len(b[1]) for b in batch) >= cfg.batch_size:
+                run_batch()
+                commit_ready()
+        elif kind == "done":
+            pending[key]["done"] = True
+            if not batch:
+                commit_ready()
+        elif kind == "error":
+            pending.pop(key, None)
+            batch[:] = [b for b in batch if b[0] != key]
+            result.failures[by_key[key].id] = msg[2]
+            log(f"skipped {by_key[key].id}: {msg[2]}")
+            commit_ready()
+    run_batch()
+    commit_ready()
 
 
 def _write_error_report(path: str, result: FeaturizeResult) -> None:

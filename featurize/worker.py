@@ -119,37 +119,50 @@ class WorkerStartError(RuntimeError):
 
 
 class DecodePool:
-    """Runs probe/decode jobs in one replaceable worker process; see the module docstring."""
+    """Runs probe/decode jobs in one replaceable worker process; see the module docstring.
+
+    The worker is started on first use and kept for later :meth:`run` calls (probe, then decode),
+    so a featurize run pays the process start once. Call :meth:`close` (or use ``with``) at the end.
+    """
 
     def __init__(self, timeout: float = 60.0, queue_chunks: int = 4):
         self.timeout = timeout
         self.queue_chunks = queue_chunks
         self._ctx = mp.get_context("spawn")
+        self._w = None  # (process, job queue, out queue) of the live worker
         self.restarts = 0
         self.worker_pid: int | None = None  # the current worker's pid (tests use it to kill or stop one)
 
-    def _start(self, jobs: list[tuple]):
-        jq = self._ctx.Queue()
-        oq = self._ctx.Queue(maxsize=self.queue_chunks)
-        for j in jobs:
-            jq.put(j)
-        jq.put(None)
-        proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
-        proc.start()
-        self.worker_pid = proc.pid
+    def start(self) -> "DecodePool":
+        """Start the worker now (e.g. so its start overlaps building a model)."""
+        if self._w is None:
+            jq = self._ctx.Queue()
+            oq = self._ctx.Queue(maxsize=self.queue_chunks)
+            proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
+            proc.start()
+            self.worker_pid = proc.pid
+            self._w = (proc, jq, oq)
+            self._ready = False
+        return self
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
+        proc, _, oq = self._w
         try:
             msg = oq.get(timeout=120)
         except queue.Empty:
             msg = None
         if not msg or msg[0] != "ready":
-            self._stop(proc, jq, oq, kill=True)
+            self._stop(kill=True)
             raise WorkerStartError(
                 f"the decode worker process could not start (exit code {proc.exitcode}). featseq starts it with "
                 "multiprocessing 'spawn': a script that calls featurize() must do so under "
                 "`if __name__ == \"__main__\":`; see the traceback above for other causes")
-        return proc, jq, oq
+        self._ready = True
 
-    def _get(self, proc, oq, path: str):
+    def _get(self, path: str):
+        proc, _, oq = self._w
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -164,9 +177,13 @@ class DecodePool:
             if time.monotonic() > deadline:
                 raise _WorkerFailed(f"{path}: the decoder gave no frame for {self.timeout:g} s (hung); it was killed and this video skipped")
 
-    @staticmethod
-    def _stop(proc, jq, oq, kill: bool) -> None:
-        if proc.is_alive() and not kill:
+    def _stop(self, kill: bool) -> None:
+        if self._w is None:
+            return
+        proc, jq, oq = self._w
+        self._w = None
+        if not kill and proc.is_alive():
+            jq.put(None)
             proc.join(timeout=2)
         if proc.is_alive():
             proc.kill()
@@ -175,27 +192,44 @@ class DecodePool:
             q.cancel_join_thread()
             q.close()
 
+    def close(self) -> None:
+        self._stop(kill=False)
+
+    def __enter__(self) -> "DecodePool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
-        """Yield the messages of every job, in job order, replacing the worker when it fails."""
+        """Yield the messages of every job, in job order, replacing the worker when it fails.
+
+        Abandoning the iterator early kills the worker (it may hold queued frames); the next call starts a new one.
+        """
         jobs = list(jobs)
         i = 0
         while i < len(jobs):
-            proc, jq, oq = self._start(jobs[i:])
-            failed = False
+            self.start()
+            self._await_ready()
+            for j in jobs[i:]:
+                self._w[1].put(j)
+            complete = False
             try:
                 while i < len(jobs):
-                    msg = self._get(proc, oq, jobs[i][2])
+                    msg = self._get(jobs[i][2])
                     if msg[0] in ("info", "done", "error"):
                         i += 1
                     yield msg
+                complete = True
             except _WorkerFailed as f:
-                failed = True
                 self.restarts += 1
+                self._stop(kill=True)
                 key = jobs[i][1]
                 i += 1
                 yield ("error", key, str(f))
             finally:
-                self._stop(proc, jq, oq, kill=failed or i < len(jobs))
+                if not complete:
+                    self._stop(kill=True)
 
     def probe(self, paths: Iterable[str]) -> dict[str, dict | str]:
         """path -> info dict, or an error message for a file that cannot be opened."""
