@@ -295,5 +295,48 @@ def evaluate(run_dir, cache_path, out, device):
     click.echo(res["out"])
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False),
+              help="Warm-start from a cached-feature run: its sequence model, options, split and backbone.")
+@click.option("--unfreeze", default="0", show_default=True, help="0: frozen CNN (the original CRNN); N: its last N stages; all.")
+@click.option("--backbone-lr", default=1e-4, show_default=True, type=float, help="Learning rate of the CNN (--lr is the sequence model's).")
+@click.option("--freeze-bn/--train-bn", default=True, show_default=True, help="Keep BatchNorm statistics frozen (small batches).")
+@click.option("--augment", is_flag=True, help="Random resized crop + flip per clip (off: position can carry meaning).")
+@click.option("--accumulate", default=1, show_default=True, type=int, help="Gradient accumulation steps.")
+@click.option("--checkpointing", is_flag=True, help="Gradient checkpointing through the CNN (less memory, more compute).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last.pt.")
+@click.option("--keep-frames", is_flag=True, help="When SOURCE is a video source: featurize it with --keep-frames first.")
+@click.option("--backbone", default=None, help="Without --from, to featurize a video SOURCE: the backbone.")
+@click.option("--weights", default=None, help="Without --from, to featurize a video SOURCE: the weights.")
+@click.option("--size", default=None, type=int, help="Without --from, to featurize a video SOURCE: the input size.")
+@_train_option_decorators(as_lists=False)
+@click.option("-q", "--quiet", is_flag=True, help="No per-epoch lines.")
+@click.pass_context
+def finetune(ctx, source, out, quiet, **opts):
+    """Fine-tune CNN + sequence model end to end on SOURCE (a feature cache, or videos featurized first)."""
+    from click.core import ParameterSource
+
+    from sequence.finetune import FinetuneConfig, finetune as run
+
+    explicit = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    defaults = {"epochs": 5, "batch_size": 8}  # finetune's own defaults where train's differ
+    for k, v in defaults.items():
+        if k not in explicit:
+            opts[k] = v
+    cfg = FinetuneConfig(cache=source, out=out, **opts)
+    try:
+        res = run(cfg, explicit, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+    except _seq_errors() as e:
+        _fail(e)
+    click.echo(f"finetune {res['backbone']} + {res['model']} (unfreeze {res['unfreeze']}): test accuracy "
+               f"{res['test_accuracy']:.3f} ({res['n_test']} test segments), val accuracy {res['val_accuracy']:.3f}, "
+               f"best epoch {res['best_epoch']}, {res['timings']['per_epoch_s']:.1f} s/epoch", err=True)
+    click.echo(out)
+
+
 if __name__ == "__main__":
     main()

@@ -42,24 +42,15 @@ def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> tupl
     return (TIMES, key, path, [float(t) for t in times], size, policy, chunk)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (e.g. a featurize killed with -9)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # elsewhere the parent-pid checks in _worker_main still end the worker
-
-
 def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the child process
     import numpy as np
 
     from .decoder import Decoder
     from .sampling import frame_at, plan_segment
 
-    _die_with_parent()
+    # The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once
+    # a second while idle or blocked on a full queue. (Not PR_SET_PDEATHSIG: that fires when the *thread*
+    # that started the worker ends, and finetune starts it from a prefetch thread.)
     parent = os.getppid()
 
     def put(msg) -> None:  # never block forever on a parent that is gone

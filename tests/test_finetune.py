@@ -1,0 +1,153 @@
+"""End-to-end fine-tuning on synthetic data: warm start, resume after a real kill, unfreeze, frames."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from conftest import ROOT, featurize_cfg
+from featurize import backbones as bb
+from featurize.cache import read_cache
+from featurize.pipeline import featurize
+from sequence import models as M
+from sequence.finetune import CNNSequence, FinetuneConfig, Frames, finetune, set_trainable
+from sequence.reader import ReaderConfig, build
+from sequence.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def ft_data(tmp_path_factory):
+    """48 synthetic clips at 32 px, 2 fps, with frames kept; a cached-feature LSTM run on them."""
+    from featurize.synth import render_dataset
+
+    d = tmp_path_factory.mktemp("ft")
+    src = render_dataset(d / "v", clips_per_class_per_group=4, groups=4, width=32, height=32, duration=(5, 7),
+                         long_videos=0, seed=3)["clips_root"]
+    frames = featurize(featurize_cfg(src, d / "frames.h5", fps=2.0, keep_frames=True)).path
+    plain = featurize(featurize_cfg(src, d / "plain.h5", fps=2.0)).path
+    run = d / "run"
+    res = train(TrainConfig(cache=frames, out=str(run), model="gru", hidden=32, split="group", epochs=15, seq_len=8,
+                            seed=0, plots=False, device="cpu"))
+    return {"src": src, "frames": frames, "plain": plain, "run": str(run), "res": res, "dir": d}
+
+
+def _cfg(data, out, **kw):
+    kw.setdefault("epochs", 2)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("plots", False)
+    return FinetuneConfig(cache=data["frames"], out=str(out), from_run=data["run"], **kw)
+
+
+def test_frames_from_cache_equal_frames_decoded_afresh(ft_data):
+    cache = read_cache(ft_data["frames"], features=False)
+    data = build(cache, ReaderConfig(fps=2, seq_len=8), features=torch.zeros(0, 1))
+    kept = Frames(cache, data, 32, "squash", 60)
+    assert kept.kept
+    plain_cache = read_cache(ft_data["plain"], features=False)
+    decoded = Frames(plain_cache, build(plain_cache, ReaderConfig(fps=2, seq_len=8), features=torch.zeros(0, 1)), 32, "squash", 60)
+    assert not decoded.kept
+    idx = np.arange(6)
+    a, ma = kept.batch(idx, data.rows)
+    b, mb = decoded.batch(idx, data.rows)
+    decoded.close()
+    assert torch.equal(ma, mb) and ma.any()
+    assert torch.equal(a, b)  # the same decoder and resize produced both
+
+
+def test_unfreeze_selects_exactly_which_parameters_get_gradients():
+    x = torch.randint(0, 255, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    m = torch.tensor([[True, True, True], [True, True, False]])
+    for unfreeze, expect in (("0", []), ("1", ["layer4"]), ("2", ["layer3", "layer4"]), ("all", None)):
+        backbone = bb.create_backbone("resnet18", "none")
+        model = CNNSequence(backbone, M.create_model("lstm", 512, 3, hidden=8), channels_last=False)
+        trainable = set_trainable(model, backbone, unfreeze)
+        model.train()
+        model(x, m).sum().backward()
+        got = {n.split(".")[0] for n, p in model.trunk.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        want = {n.split(".")[0] for n, _ in model.trunk.named_parameters()} if expect is None else set(expect)
+        assert got == want, unfreeze
+        assert {id(p) for p in trainable} == {id(p) for n, p in model.trunk.named_parameters() if n.split(".")[0] in want}
+        assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
+    out = tmp_path / "ft"
+    res = finetune(_cfg(ft_data, out, unfreeze="1", epochs=3, plots=True), explicit={"epochs", "batch_size", "device"})
+    for f in ("results.json", "history.csv", "curves.png", "confusion.png", "predictions.csv", "per_class.csv",
+              "classification_report.txt", "checkpoint.pt", "last.pt", "CRNN_epoch_training_loss.npy",
+              "CRNN_epoch_test_accuracy.npy"):
+        assert (out / f).exists(), f
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "complete" and r["mode"] == "finetune" and r["trainable_trunk_params"] > 0
+    assert r["seq_len"] == ft_data["res"]["seq_len"] and r["n_test"] == ft_data["res"]["n_test"]
+    ckpt = torch.load(ft_data["run"] + "/checkpoint.pt", weights_only=False)
+    ft_ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ft_ckpt["split_ids"] == ckpt["split_ids"]  # the warm start's exact split, no test leakage
+    # the warm start is scored first and is the model to beat: the result never falls below it on validation
+    warm = r["warm_start_scores"]
+    assert warm["val_accuracy"] == pytest.approx(ft_data["res"]["val_accuracy"])
+    assert r["val_accuracy"] >= warm["val_accuracy"] - 1e-9
+    # and fine-tuning really trained the last stage: layer4 moved, layer1 did not
+    last = torch.load(out / "last.pt", weights_only=False)["model"]
+    init = bb.create_backbone("resnet18", "none").trunk.state_dict()
+    assert not torch.equal(last["trunk.layer4.1.conv2.weight"], init["layer4.1.conv2.weight"])
+    assert torch.equal(last["trunk.layer1.0.conv1.weight"], init["layer1.0.conv1.weight"])
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert len(lines) == 1 + 48
+
+
+def test_frozen_finetune_reproduces_the_warm_start(ft_data, tmp_path):
+    """--unfreeze 0 with lr ~ 0: the CNN + head pipeline scores exactly like the cached-feature model."""
+    res = finetune(_cfg(ft_data, tmp_path / "f0", unfreeze="0", epochs=1, lr=1e-12), explicit={"lr"})
+    assert res["trainable_trunk_params"] == 0
+    assert abs(res["test_accuracy"] - ft_data["res"]["test_accuracy"]) < 1e-9
+
+
+def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-c", "from cli import main; main()", "finetune", ft_data["plain"], "--from", ft_data["run"],
+           "--out", str(out), "--unfreeze", "1", "--epochs", "4", "--patience", "10", "--device", "cpu", "--no-plots"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+
+    def saved_epoch():
+        try:
+            return torch.load(out / "last.pt", weights_only=False)["epoch"]
+        except Exception:
+            return 0
+    while p.poll() is None and saved_epoch() < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None, p.stderr.read().decode()[-2000:]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed = torch.load(out / "last.pt", weights_only=False)
+    assert 2 <= killed["epoch"] < 4 and not (out / "results.json").exists()
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after epoch {killed['epoch']}" in r.stderr
+    hist = json.loads((out / "results.json").read_text())
+    import csv
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(x["epoch"]) for x in rows] == [1, 2, 3, 4]
+    for h, k in zip(rows, killed["history"]):  # epochs before the kill kept as they were
+        assert float(h["train_loss"]) == pytest.approx(k["train_loss"])
+    assert hist["epochs_run"] == 4
+
+
+def test_finetune_errors(ft_data, tmp_path):
+    r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(tmp_path / "x"),
+                                  "--unfreeze", "lots"])
+    assert r.exit_code == 2 and "--unfreeze" in r.output
+    r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(tmp_path / "x"),
+                                  "--split", "logo"])
+    assert r.exit_code == 2 and "finetune trains one model" in r.output
