@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import GINGERBREAD, ROOT, median, run_with_peak_rss, save  # noqa: E402
+from bench.common import GINGERBREAD, median, run_with_peak_rss, save  # noqa: E402
 from featurize import backbones as bb  # noqa: E402
 from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
 from featurize.worker import DecodePool, decode_job  # noqa: E402
@@ -136,9 +136,6 @@ def main(quick: bool = False) -> dict:
     fps = 1.0
     dec = {f: round(decode_only(paths, f, 224, repeats), 1) for f in (1.0, 6.0)}
     print(f"decode-only (224 px): {dec} frames/s", flush=True)
-    from featurize.decoder import Decoder
-    from featurize.sampling import plan_segment
-
     rows = []
     per_backbone = {"resnet18": 12, "resnet34": 8, "resnet50": 6}  # clips: ~8-20 s per measurement on 2 cores
     for name in (["resnet18"] if quick else list(per_backbone)):

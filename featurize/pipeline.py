@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field

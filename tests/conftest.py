@@ -31,3 +31,14 @@ def featurize_cfg(source, out, **kw):
     kw.setdefault("fps", 6.0)
     kw.setdefault("device", "cpu")
     return FeaturizeConfig(source=str(source), out=str(out), **kw)
+
+
+def published_segments(path) -> int:
+    """Segments a (possibly half-written) cache publishes; 0 while it doesn't exist yet."""
+    from featurize.cache import open_read
+
+    try:
+        with open_read(path) as f:
+            return len(f["segments"])
+    except Exception:
+        return 0

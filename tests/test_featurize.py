@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, featurize_cfg
-from featurize.cache import CacheError, FileLock, open_read, read_cache, read_segment, summary
+from conftest import ROOT, featurize_cfg, published_segments
+from featurize.cache import CacheError, FileLock, read_cache, read_segment, summary
 from featurize.pipeline import featurize
 from featurize.sources import SourceError, load_segments
 from featurize.synth import read_frame_number
@@ -228,14 +228,6 @@ def test_sources(tmp_path, synth_data):
     assert kind == "csv" and all(s.end is not None and Path(s.path).is_file() for s in segs)
 
 
-def _h5_segments(path):
-    try:
-        with open_read(path) as f:
-            return len(f["segments"])
-    except Exception:
-        return 0
-
-
 def test_resume_after_kill_9(synth_data, tmp_path):
     """A real featurize process is SIGKILLed mid-run; the file opens, the rerun completes with no duplicates."""
     out = tmp_path / "k.h5"
@@ -244,7 +236,7 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None and _h5_segments(out) < 2:
+    while time.monotonic() < deadline and p.poll() is None and published_segments(out) < 2:
         time.sleep(0.05)
     assert p.poll() is None, "featurize finished before it could be killed; make the job longer"
     time.sleep(0.1)

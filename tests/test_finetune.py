@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +80,7 @@ def test_unfreeze_selects_exactly_which_parameters_get_gradients():
 
 def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
     out = tmp_path / "ft"
-    res = finetune(_cfg(ft_data, out, unfreeze="1", epochs=3, plots=True), explicit={"epochs", "batch_size", "device"})
+    finetune(_cfg(ft_data, out, unfreeze="1", epochs=3, plots=True), explicit={"epochs", "batch_size", "device"})
     for f in ("results.json", "history.csv", "curves.png", "confusion.png", "predictions.csv", "per_class.csv",
               "classification_report.txt", "checkpoint.pt", "last.pt", "CRNN_epoch_training_loss.npy",
               "CRNN_epoch_test_accuracy.npy"):

@@ -8,16 +8,8 @@ import time
 
 import numpy as np
 
-from conftest import GINGERBREAD, ROOT, needs_gingerbread
-from featurize.cache import open_read, read_cache
-
-
-def _n(path):
-    try:
-        with open_read(path) as f:
-            return len(f["segments"])
-    except Exception:
-        return 0
+from conftest import GINGERBREAD, ROOT, needs_gingerbread, published_segments
+from featurize.cache import read_cache
 
 
 @needs_gingerbread
@@ -28,12 +20,12 @@ def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while p.poll() is None and _n(out) < 60 and time.monotonic() < deadline:
+    while p.poll() is None and published_segments(out) < 60 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert p.poll() is None
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    half = _n(out)
+    half = published_segments(out)
     assert 60 <= half < 184
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
