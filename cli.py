@@ -338,5 +338,86 @@ def finetune(ctx, source, out, quiet, **opts):
     click.echo(out)
 
 
+# ---------------------------------------------------------------- predict, compare, report
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--window", default=None, type=float, help="Sliding window length in seconds [default: the whole video is one window].")
+@click.option("--stride", default=None, type=float, help="Seconds between window starts [default: --window].")
+@click.option("--threshold", default=0.5, show_default=True, type=float, help="Probability the predicted class must reach (above_threshold column).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [default: RUN_DIR/predict].")
+@click.option("--cache", "cache_file", default=None, type=click.Path(dir_okay=False),
+              help="Keep the videos' per-frame features in this .h5 file (resumed on the next call) [default: a temporary file].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per backbone batch.")
+@click.option("--no-plots", is_flag=True, help="No timeline plots.")
+def predict(run_dir, videos, window, stride, threshold, out, cache_file, device, batch_size, no_plots):
+    """Classify VIDEO... (whole clips or sliding windows) with the model of RUN_DIR (a train or finetune run).
+
+    The videos are featurized with the backbone, weights, size and fps recorded in the run. Writes
+    predictions.csv (video, window_start, window_end, p_<class>..., predicted, above_threshold) and
+    timeline_<video>.png per video.
+    """
+    from featurize.worker import WorkerStartError
+    from sequence.predict import PredictConfig, predict as run
+
+    cfg = PredictConfig(run=run_dir, videos=list(videos), window=window, stride=stride, threshold=threshold, out=out,
+                        cache=cache_file, device=device, batch_size=batch_size, plots=not no_plots)
+    try:
+        res = run(cfg, log=lambda s: click.echo(s, err=True))
+    except _seq_errors() as e:
+        _fail(e)
+    except WorkerStartError as e:
+        _fail(e, 1)
+    fps = f"{res['frames_per_s']:.1f} frames/s" if res["frames_per_s"] else "features already cached"
+    click.echo(f"{len(res['videos'])} video(s), {res['windows']} window(s): featurize {res['frames_featurized']} frames "
+               f"in {res['featurize_s']:.1f} s ({fps}), classify {res['windows_per_s'] or 0:.0f} windows/s", err=True)
+    click.echo(res["out"])
+    if res["failed"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("cache_a", type=click.Path(exists=True, dir_okay=False))
+@click.argument("cache_b", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Comparison folder to write.")
+@click.option("--seeds", default=3, show_default=True, type=int, help="Train seeds 0..N-1 of every variant on each cache.")
+@_train_option_decorators(as_lists=True)
+@click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
+def compare(cache_a, cache_b, out, seeds, quiet, **opts):
+    """Compare two caches of the same segments: feature similarity, the same variants trained on each, cross-evaluation.
+
+    Training options take comma lists as in sweep (e.g. --model lstm,conv1d --fps 2); the seed is --seeds.
+    """
+    from sequence.compare import CompareConfig, compare as run
+    from sequence.sweep import parse_list
+
+    try:
+        grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
+        plots = grid.pop("plots", [True])[0]
+        grid.pop("threads", None)
+        cfg = CompareConfig(cache_a=cache_a, cache_b=cache_b, out=out, grid=grid, seeds=seeds, plots=plots)
+        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+    except _seq_errors() as e:
+        _fail(e)
+    click.echo(f"summary: {res['out']}/summary.md", err=True)
+    click.echo(res["out"])
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [default: FOLDER/report.html].")
+def report(folder, out):
+    """One self-contained HTML page (plots embedded) for a run, sweep, compare or predict FOLDER."""
+    from sequence.report import report as run
+
+    try:
+        path = run(folder, out)
+    except _seq_errors() as e:
+        _fail(e)
+    click.echo(path)
+
+
 if __name__ == "__main__":
     main()

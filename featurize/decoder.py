@@ -70,6 +70,20 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
 
 
+def _native_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the container's stream header (PyAV, no decoding); None if it can't tell."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            st = c.streams.video[0]
+            if st.codec_context.width and st.codec_context.height:
+                return int(st.codec_context.width), int(st.codec_context.height)
+    except Exception:  # decord gets its own chance to open (and to report) the file
+        return None
+    return None
+
+
 class Decoder:
     """One open video. ``size=None`` decodes at native resolution.
 
@@ -83,19 +97,25 @@ class Decoder:
         self.size = size
         self.policy = policy
         try:
-            probe = decord.VideoReader(path, num_threads=1)
-            self._native = (probe[0].shape[1], probe[0].shape[0]) if len(probe) else (0, 0)
-            if len(probe) == 0:
-                raise DecodeError(f"{path}: the video has no frames")
+            # one decord reader, opened at the output size: a reader at full resolution would start
+            # decoding ahead at full resolution in its background thread (see release())
+            self._native = _native_size(path)
+            if self._native is None:  # PyAV could not tell: ask decord (decodes one frame)
+                probe = decord.VideoReader(path, num_threads=1)
+                if len(probe) == 0:
+                    raise DecodeError(f"{path}: the video has no frames")
+                self._native = (probe[0].shape[1], probe[0].shape[0])
+                del probe
             self._dims = None  # final (w, h) before the crop, when it differs from what decord gives
-            if size is None or decode_dims(*self._native, size, policy) == self._native:
-                self._vr = probe
-            else:
+            self._open_kw: dict = {"num_threads": 1}
+            if size is not None and decode_dims(*self._native, size, policy) != self._native:
                 w, h = decode_dims(self._native[0], self._native[1], size, policy)
                 aw, ah = (-(-w // DECORD_ALIGN) * DECORD_ALIGN, -(-h // DECORD_ALIGN) * DECORD_ALIGN)
-                del probe
-                self._vr = decord.VideoReader(path, num_threads=1, width=aw, height=ah)
+                self._open_kw.update(width=aw, height=ah)
                 self._dims = (w, h) if (aw, ah) != (w, h) else None
+            self._vr = decord.VideoReader(path, **self._open_kw)
+            if len(self._vr) == 0:
+                raise DecodeError(f"{path}: the video has no frames")
             n = len(self._vr)
             ts = np.asarray(self._vr.get_frame_timestamp(list(range(n))), dtype=np.float64).reshape(n, 2)
             self._fps = float(self._vr.get_avg_fps())
@@ -125,7 +145,6 @@ class Decoder:
 
         Each chunk is (k, S, S, 3) uint8 RGB with S = size (or native H, W when size is None).
         """
-        vr = self._vr
         pos: int | None = None  # index of the frame vr.next() returns
         last_i, last_frame = -1, None
         buf: list[np.ndarray] = []
@@ -134,6 +153,11 @@ class Decoder:
                 if i == last_i:
                     frame = last_frame
                 else:
+                    if self._vr is None:  # released while the consumer was busy: reopen, seek
+                        import decord
+
+                        self._vr, pos = decord.VideoReader(self.path, **self._open_kw), None
+                    vr = self._vr
                     if pos is None or i < pos or i - pos > SEEK_GAP:
                         vr.seek_accurate(i)
                     elif i > pos:
@@ -161,6 +185,15 @@ class Decoder:
             frames = [np.asarray(Image.fromarray(f).resize(self._dims, Image.BILINEAR)) for f in frames]
         arr = np.stack(frames)
         return center_crop(arr, self.size) if self.size is not None and self.policy == "crop" else arr
+
+    def release(self) -> None:
+        """Drop the open reader until the next frame is read (then reopened and seeked).
+
+        decord keeps decoding ahead in a background thread while nobody reads, buffering every frame
+        (about video length x frame size: 0.5 GB for 10 minutes at 10 fps, 224 px), so a reader
+        must not stay open while its consumer is busy. The worker calls this before it would block.
+        """
+        self._vr = None
 
     def close(self) -> None:
         self._vr = None

@@ -25,6 +25,7 @@ import time
 from typing import Iterable, Iterator
 
 PROBE = "probe"
+PROBE_SIZE = 64
 DECODE = "decode"
 TIMES = "times"
 
@@ -74,7 +75,8 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
         kind, key = job[0], job[1]
         try:
             if kind == PROBE:
-                put(("info", key, dataclasses.asdict(Decoder(job[2]).info)))
+                # a small output size: opening a reader starts decoding ahead, keep that cheap
+                put(("info", key, dataclasses.asdict(Decoder(job[2], size=PROBE_SIZE).info)))
                 continue
             if kind == TIMES:
                 _, _, path, times, size, policy, chunk = job
@@ -92,6 +94,8 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
             pos = 0
             for frames in dec.read(idx, chunk):
                 k = len(frames)
+                if out.full():  # the consumer is busy: don't let decord buffer frames meanwhile
+                    dec.release()
                 put(("chunk", key, frames, ftimes[pos:pos + k]))
                 pos += k
             dec.close()

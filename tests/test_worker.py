@@ -50,3 +50,24 @@ def test_probe_reports_unreadable(tmp_path, synth_data):
     out = DecodePool().probe([synth_data["clips"][0]["path"], str(bad)])
     assert isinstance(out[synth_data["clips"][0]["path"]], dict) and out[synth_data["clips"][0]["path"]]["fps"] == 30
     assert isinstance(out[str(bad)], str) and str(bad) in out[str(bad)]
+
+
+def test_decoder_release_between_chunks_reads_the_same_frames(synth_data):
+    """The worker drops a reader while its consumer is busy; reopening + seeking must give the same frames."""
+    import numpy as np
+
+    from featurize.decoder import Decoder
+    from featurize.sampling import plan_segment
+    from featurize.synth import read_frame_number
+
+    path = synth_data["long_csv"].replace("long_segments.csv", "long/long_01.mp4")
+    d = Decoder(path, size=48)
+    idx = plan_segment(d.frame_starts, d.info.duration, 0.0, None, 3.0).indices
+    straight = np.concatenate(list(d.read(idx, 8)))
+    released = []
+    for chunk in d.read(idx, 8):
+        released.append(chunk)
+        d.release()
+    released = np.concatenate(released)
+    assert np.array_equal(straight, released)
+    assert [read_frame_number(f) for f in released] == idx.tolist()

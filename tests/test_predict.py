@@ -1,0 +1,115 @@
+"""featseq predict: sliding windows over a long synthetic video whose class changes halfway."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch  # noqa: F401  (torch before decord)
+from click.testing import CliRunner
+
+from cli import main
+from conftest import featurize_cfg
+from featurize.pipeline import featurize
+from sequence.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def pr_data(tmp_path_factory):
+    from featurize.synth import render_dataset, render_long_video
+
+    d = tmp_path_factory.mktemp("predict")
+    src = render_dataset(d / "v", clips_per_class_per_group=6, groups=4, width=32, height=32, duration=(6, 8),
+                         long_videos=0, seed=0)["clips_root"]
+    cache = featurize(featurize_cfg(src, d / "c.h5", fps=2.0)).path
+    run = d / "run"
+    res = train(TrainConfig(cache=cache, out=str(run), model="conv1d", fps=2, seq_len=8, split="group", epochs=40,
+                            patience=15, plots=False, device="cpu"))
+    long = d / "long.mp4"
+    render_long_video(long, parts=[("ascending", 20.0), ("descending", 20.0)], width=32, height=32, video_fps=30, seed=5)
+    return {"d": d, "src": src, "cache": cache, "run": str(run), "res": res, "long": str(long)}
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_windows_follow_the_class_change(pr_data):
+    out = pr_data["d"] / "pred"
+    keep = pr_data["d"] / "kept.h5"
+    r = CliRunner().invoke(main, ["predict", pr_data["run"], pr_data["long"], "--window", "4", "--stride", "2",
+                                  "--out", str(out), "--cache", str(keep)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(out)
+    assert "windows/s" in r.output and "frames/s" in r.output
+    rows = _rows(out / "predictions.csv")
+    assert list(rows[0])[:3] == ["video", "window_start", "window_end"]
+    assert {"p_ascending", "p_descending", "p_pingpong", "predicted", "above_threshold"} <= set(rows[0])
+    starts = np.array([float(x["window_start"]) for x in rows])
+    assert starts[0] == 0 and np.allclose(np.diff(starts), 2.0) and float(rows[-1]["window_end"]) <= 40.01
+    first = [x["predicted"] for x in rows if float(x["window_end"]) <= 20.0]
+    second = [x["predicted"] for x in rows if float(x["window_start"]) >= 20.0]
+    assert len(first) >= 8 and len(second) >= 8
+    assert np.mean([p == "ascending" for p in first]) >= 0.7, first
+    assert np.mean([p == "descending" for p in second]) >= 0.7, second
+    for x in rows:
+        p = [float(x[f"p_{c}"]) for c in ("ascending", "descending", "pingpong")]
+        assert abs(sum(p) - 1) < 1e-4
+        assert x["above_threshold"] == str(int(max(p) >= 0.5))
+    assert (out / "timeline_long.png").stat().st_size > 1000
+    assert keep.is_file()
+    # rerun with the kept cache: nothing featurized again, the same predictions
+    r2 = CliRunner().invoke(main, ["predict", pr_data["run"], pr_data["long"], "--window", "4", "--stride", "2",
+                                   "--out", str(out), "--cache", str(keep)])
+    assert r2.exit_code == 0, r2.output
+    assert "already cached" in r2.output
+    assert [x["predicted"] for x in _rows(out / "predictions.csv")] == [x["predicted"] for x in rows]
+
+
+def test_whole_clips_and_python_api(pr_data):
+    from sequence.predict import PredictConfig, predict
+
+    clips = sorted(Path(pr_data["src"]).rglob("*.mp4"))[:3]
+    res = predict(PredictConfig(run=pr_data["run"], videos=[str(c) for c in clips], out=str(pr_data["d"] / "whole"),
+                                device="cpu"))
+    rows = _rows(pr_data["d"] / "whole" / "predictions.csv")
+    assert len(rows) == 3 == res["windows"]
+    assert all(float(x["window_start"]) == 0 for x in rows)
+    assert res["frames_per_s"] > 0 and res["windows_per_s"] > 0
+    assert len(res["plots"]) == 3
+
+
+def test_finetune_run(pr_data):
+    from sequence.finetune import FinetuneConfig, finetune
+
+    ft = pr_data["d"] / "ft"
+    finetune(FinetuneConfig(cache=pr_data["cache"], out=str(ft), from_run=pr_data["run"], epochs=1, plots=False,
+                            device="cpu"))
+    out = pr_data["d"] / "ftpred"
+    r = CliRunner().invoke(main, ["predict", str(ft), pr_data["long"], "--window", "4", "--stride", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out / "predictions.csv")
+    assert len(rows) == 10
+    assert (out / "finetuned_trunk.pt").is_file()
+    # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone, so features match the train run's
+    assert {x["predicted"] for x in rows} <= {"ascending", "descending", "pingpong"}
+
+
+def test_refuses_folder_without_checkpoint(pr_data, tmp_path):
+    r = CliRunner().invoke(main, ["predict", str(tmp_path), pr_data["long"]])
+    assert r.exit_code == 2
+    assert "checkpoint.pt" in r.output
+
+
+def test_refuses_inconsistent_run(pr_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pr_data["run"], run)
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck["cache"]["path"] = str(tmp_path / "gone.h5")
+    ck["cache"]["weights"] = "myweights-12345678"
+    torch.save(ck, run / "checkpoint.pt")
+    r = CliRunner().invoke(main, ["predict", str(run), pr_data["long"]])
+    assert r.exit_code == 2
+    assert "gone" in r.output
