@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -240,7 +239,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
             raise PredictError("no video could be decoded: " + "; ".join(failed.values()))
 
         # windows -> reader selections
-        recs, offs, lens, starts, ends, durs = [], [], [], [], [], []
+        recs, offs, lens, starts, ends = [], [], [], [], []
         for v, i in todo:
             k = pos[i]
             s0, e0 = float(seg["start"][k]), float(seg["end"][k])

@@ -51,15 +51,73 @@ CHECKPOINT = "checkpoint.pt"
 _CACHES: dict[str, tuple[float, Cache, torch.Tensor]] = {}
 
 
+def ram_budget_bytes() -> int:
+    """Features larger than this (as float32) are memory-mapped instead of read into RAM.
+
+    ``FEATSEQ_RAM_BUDGET_GB`` sets it; by default half of the memory available now.
+    """
+    if os.environ.get("FEATSEQ_RAM_BUDGET_GB"):
+        return int(float(os.environ["FEATSEQ_RAM_BUDGET_GB"]) * 2**30)
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _memmap_features(path: str) -> np.ndarray:
+    """A float32 copy of the cache's features in a .npy file (made once per cache version), memory-mapped."""
+    import hashlib
+    import tempfile
+
+    import h5py
+
+    st = os.stat(path)
+    tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("FEATSEQ_MMAP_DIR", tempfile.gettempdir())) / "featseq-mmap"
+    folder.mkdir(parents=True, exist_ok=True)
+    npy = folder / f"{Path(path).stem}-{tag}.npy"
+    if not npy.exists():
+        tmp = npy.with_suffix(f".{os.getpid()}.tmp")
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            d = f["features"]
+            cache_rows = read_cache(path, features=False)
+            n = int((cache_rows.segments["offset"] + cache_rows.segments["length"]).max()) if len(cache_rows) else 0
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d.shape[1]))
+            step = max(1, (256 << 20) // (4 * d.shape[1]))
+            for a in range(0, n, step):
+                out[a:a + step] = d[a:min(n, a + step)]
+            out.flush()
+            del out
+        os.replace(tmp, npy)  # atomic: parallel sweep workers may race to make it
+    return np.load(npy, mmap_mode="r")
+
+
 def load_cache(path: str) -> tuple[Cache, torch.Tensor]:
-    """A cache and its float32 features tensor, read once per process (a sweep's variants share them)."""
+    """A cache and its float32 features tensor, read once per process (a sweep's variants share them).
+
+    Features larger than :func:`ram_budget_bytes` are memory-mapped from a float32 copy on disk (the
+    page cache is then shared by the processes of a sweep) instead of read into RAM.
+    """
     key = os.path.abspath(path)
     mtime = os.path.getmtime(key) if os.path.exists(key) else 0.0
     hit = _CACHES.get(key)
     if hit is None or hit[0] != mtime:
-        cache = read_cache(path, dtype=np.float32)
-        feats = torch.from_numpy(np.ascontiguousarray(cache.features)) if cache.features is not None else torch.zeros(0)
         _CACHES.clear()
+        cache = read_cache(path, features=False)
+        dim = int(cache.attrs.get("feature_dim", 0) or 0)
+        if len(cache.timestamps) * dim * 4 > ram_budget_bytes():
+            import warnings
+
+            with warnings.catch_warnings():  # a read-only memory map: the trainer only gathers rows from it
+                warnings.simplefilter("ignore", UserWarning)
+                cache.features = _memmap_features(path)
+                feats = torch.from_numpy(cache.features)
+        else:
+            cache = read_cache(path, dtype=np.float32)
+            feats = torch.from_numpy(np.ascontiguousarray(cache.features)) if cache.features is not None else torch.zeros(0)
         _CACHES[key] = hit = (mtime, cache, feats)
     return hit[1], hit[2]
 
