@@ -19,12 +19,17 @@ test: install
 
 demo: install
 	$(FEATSEQ) synth $(DEMO)/data --clips 8 --groups 4 --width 64 --height 64 --long-videos 0
+	$(FEATSEQ) synth $(DEMO)/data_hi --clips 8 --groups 4 --width 192 --height 192 --long-videos 0
 	$(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5
-	$(FEATSEQ) cache info $(DEMO)/cache/clips_64px.h5
+	$(FEATSEQ) featurize $(DEMO)/data_hi/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_hi_64px.h5
+	$(FEATSEQ) cache list --cache-dir $(DEMO)/cache
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/sweep --model mlp,frame,lstm,gru,conv1d --fps 2 --split group --epochs 40 --patience 15 --jobs 2
-	$(PY) -c "import torch; from featurize.synth import render_long_video as r; r('$(DEMO)/data/long_change.mp4', parts=[('ascending', 20.0), ('descending', 20.0)], width=64, height=64, video_fps=30, seed=5)"
-	$(FEATSEQ) predict $(DEMO)/sweep/model=conv1d $(DEMO)/data/long_change.mp4 --window 6 --stride 3
-	$(FEATSEQ) report $(DEMO)/sweep --out $(DEMO)/report.html
+	$(FEATSEQ) compare $(DEMO)/cache/clips_64px.h5 $(DEMO)/cache/clips_hi_64px.h5 --out $(DEMO)/compare --model conv1d,mlp --seeds 2 --fps 2 --split group --epochs 40 --patience 15
+	BEST=$$(sed -n 2p $(DEMO)/sweep/leaderboard.csv | cut -d, -f2) && \
+	$(FEATSEQ) finetune $(DEMO)/cache/clips_64px.h5 --from "$(DEMO)/sweep/$$BEST" --out $(DEMO)/finetune --unfreeze 1 --epochs 2 -q && \
+	$(PY) -c "import torch; from featurize.synth import render_long_video as r; r('$(DEMO)/data/long_change.mp4', parts=[('ascending', 20.0), ('descending', 20.0)], width=64, height=64, video_fps=30, seed=5)" && \
+	$(FEATSEQ) predict "$(DEMO)/sweep/$$BEST" $(DEMO)/data/long_change.mp4 --window 6 --stride 3 --out $(DEMO)/predict
+	$(FEATSEQ) report $(DEMO)/sweep $(DEMO)/compare $(DEMO)/finetune $(DEMO)/predict --out $(DEMO)/report.html
 	@echo "report: $(DEMO)/report.html"
 
 bench: install

@@ -406,14 +406,14 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
 
 
 @main.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [default: FOLDER/report.html].")
-def report(folder, out):
-    """One self-contained HTML page (plots embedded) for a run, sweep, compare or predict FOLDER."""
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [default: FIRST_FOLDER/report.html].")
+def report(folders, out):
+    """One self-contained HTML page (plots embedded) for run, sweep, compare or predict FOLDERS (one section each)."""
     from sequence.report import report as run
 
     try:
-        path = run(folder, out)
+        path = run(list(folders), out)
     except _seq_errors() as e:
         _fail(e)
     click.echo(path)

@@ -198,17 +198,26 @@ def kind_of(d: Path) -> str:
                       f"featseq train/finetune, sweep, compare or predict")
 
 
-def report(folder: str, out: str | None = None) -> str:
-    """Write the HTML page for ``folder``; returns its path."""
-    d = Path(folder)
-    if not d.is_dir():
-        raise ReportError(f"{d}: no such folder")
-    kind = kind_of(d)
-    body = {"compare": compare_section, "sweep": sweep_section, "run": run_section, "predict": predict_section}[kind](d)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>featseq {kind}: {_esc(d.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>featseq {kind} report</h1>"
-            f"<p><small>{_esc(d.resolve())} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}</small></p>\n{body}</body></html>\n")
-    dest = Path(out) if out else d / "report.html"
+def report(folders: str | list[str], out: str | None = None) -> str:
+    """Write one HTML page for one or several run/sweep/compare/predict folders; returns its path."""
+    dirs = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    if not dirs:
+        raise ReportError("report: give at least one folder")
+    sections, kinds = [], []
+    sectioners = {"compare": compare_section, "sweep": sweep_section, "run": run_section, "predict": predict_section}
+    for d in dirs:
+        if not d.is_dir():
+            raise ReportError(f"{d}: no such folder")
+        kind = kind_of(d)
+        kinds.append(kind)
+        body = sectioners[kind](d)
+        sections.append(body if len(dirs) == 1 else f"<section><h1>{_esc(kind)}: {_esc(d)}</h1>\n{body}</section>")
+    title = f"{kinds[0]}: {dirs[0].name}" if len(dirs) == 1 else f"{len(dirs)} folders"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>featseq {_esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>featseq {_esc(kinds[0] if len(dirs) == 1 else '')} report</h1>"
+            f"<p><small>{_esc(', '.join(str(d.resolve()) for d in dirs))} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            f"</small></p>\n{''.join(sections)}</body></html>\n")
+    dest = Path(out) if out else dirs[0] / "report.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".tmp")
     tmp.write_text(page, encoding="utf-8")
