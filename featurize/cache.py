@@ -105,6 +105,11 @@ def _published(table: np.ndarray) -> np.ndarray:
     return table[:n]
 
 
+def rows_end(table: np.ndarray) -> int:
+    """Rows of /features and /timestamps that published segments use (later rows are a killed writer's)."""
+    return int((table["offset"] + table["length"]).max()) if len(table) else 0
+
+
 def table_to_columns(table: np.ndarray) -> dict[str, np.ndarray]:
     """Segment table -> dict of columns, strings decoded to str."""
     return {name: (np.array([x.decode() for x in table[name]], dtype=object) if name in STR_FIELDS else np.asarray(table[name]))
@@ -142,7 +147,7 @@ def read_cache(path: str | os.PathLike, features: bool = True, dtype=None) -> Ca
     with open_read(path) as f:
         attrs = _decode_attrs(f)
         table = _published(f["segments"][()])
-        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        end = rows_end(table)
         ts = f["timestamps"][:end]
         feats = None
         if features:
@@ -250,7 +255,7 @@ def _recover(path: str) -> None:
     tmp = path + ".recover.tmp"
     with h5py.File(path, "r", swmr=True, locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
         table = _published(src["segments"][()])
-        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        end = rows_end(table)
         for k, v in src.attrs.items():
             dst.attrs[k] = v
         for name in ("features", "timestamps", "frames"):
@@ -320,7 +325,7 @@ class CacheWriter:
             raise
         # drop anything past the last published segment (a killed writer's half segment)
         table = _published(f["segments"][()])
-        end = int((table["offset"] + table["length"]).max()) if len(table) else 0
+        end = rows_end(table)
         f["segments"].resize((len(table),))
         for name in ("features", "timestamps", "frames"):
             if name in f:

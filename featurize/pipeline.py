@@ -92,6 +92,12 @@ def weights_id(weights: str, sha256: str, seed: int) -> str:
     return f"{Path(weights).stem}-{sha256[:8]}"
 
 
+def weights_arg(attrs: dict) -> str:
+    """The --weights value that rebuilds a cache's backbone (the inverse of weights_id): its weights
+    file, 'imagenet' or 'none' (seeded by the cache's ``seed`` attribute)."""
+    return attrs.get("weights_path") or ("imagenet" if attrs.get("weights") == "imagenet" else "none")
+
+
 def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
     src = Path(cfg.source).resolve()
     name = src.stem if src.is_file() else src.name

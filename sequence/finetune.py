@@ -26,6 +26,7 @@ from torch import nn
 
 from featurize import backbones as bb
 from featurize.cache import Cache, CacheError, read_cache
+from featurize.pipeline import weights_arg
 
 from . import models as M
 from .config import TrainConfig
@@ -265,7 +266,7 @@ def _source_cache(cfg: FinetuneConfig, ckpt: dict | None, log) -> str:
     backbone = cfg.backbone or attrs.get("backbone")
     if not backbone:
         raise ValueError("SOURCE is a video source: pass --from RUN or --backbone/--weights/--size/--fps to featurize it")
-    fcfg = FeaturizeConfig(source=cfg.cache, backbone=backbone, weights=cfg.weights or _weights_of(attrs),
+    fcfg = FeaturizeConfig(source=cfg.cache, backbone=backbone, weights=cfg.weights or weights_arg(attrs),
                            seed=int(attrs.get("seed", 0)), size=int(cfg.size or attrs.get("size", 224)),
                            resize=attrs.get("resize", "squash"), fps=float(attrs.get("fps", cfg.fps or 6.0)),
                            keep_frames=cfg.keep_frames, device=cfg.device)
@@ -273,14 +274,9 @@ def _source_cache(cfg: FinetuneConfig, ckpt: dict | None, log) -> str:
     return featurize(fcfg).path
 
 
-def _weights_of(attrs: dict) -> str:
-    """The --weights value that reproduces a cache's backbone: its weights file, 'imagenet' or 'none' (+ its seed)."""
-    return attrs.get("weights_path") or ("imagenet" if attrs.get("weights") == "imagenet" else "none")
-
-
 def _backbone_of(cache: Cache) -> bb.Backbone:
     a = cache.attrs
-    weights = _weights_of(a)
+    weights = weights_arg(a)
     if weights not in ("none", "imagenet") and not os.path.isfile(weights):
         raise bb.WeightsError(f"{cache.path}: its weights file {weights} is gone; put it back to fine-tune from this cache")
     return bb.create_backbone(a["backbone"], weights, int(a.get("seed", 0)))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from featurize.cache import CacheError, published_ids, read_cache
+from featurize.pipeline import weights_arg
 
 from .reader import EPS, select, shifts
 from .train import CHECKPOINT, _json, load_checkpoint, resolve_device
@@ -132,7 +133,7 @@ def run_settings(run_dir: str, out: Path, log=lambda s: None) -> tuple[torch.nn.
             os.replace(tmp, trunk)
         weights, wseed = str(trunk.resolve()), seed
     elif attrs:
-        weights = attrs.get("weights_path") or ("imagenet" if attrs.get("weights") == "imagenet" else "none")
+        weights = weights_arg(attrs)
         wseed = seed
         if weights not in ("none", "imagenet") and not os.path.isfile(weights):
             raise PredictError(f"{run}: the weights file its cache was made with, {weights}, is gone; put it back")

@@ -67,8 +67,9 @@ def ram_budget_bytes() -> int:
     return 8 * 2**30
 
 
-def _memmap_features(path: str) -> np.ndarray:
-    """A float32 copy of the cache's features in a .npy file (made once per cache version), memory-mapped."""
+def _memmap_features(path: str, n: int) -> np.ndarray:
+    """A float32 copy of the first ``n`` rows of the cache's features in a .npy file (made once per cache
+    version), memory-mapped."""
     import hashlib
     import tempfile
 
@@ -83,8 +84,6 @@ def _memmap_features(path: str) -> np.ndarray:
         tmp = npy.with_suffix(f".{os.getpid()}.tmp")
         with h5py.File(path, "r", swmr=True, locking=False) as f:
             d = f["features"]
-            cache_rows = read_cache(path, features=False)
-            n = int((cache_rows.segments["offset"] + cache_rows.segments["length"]).max()) if len(cache_rows) else 0
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d.shape[1]))
             step = max(1, (256 << 20) // (4 * d.shape[1]))
             for a in range(0, n, step):
@@ -113,7 +112,7 @@ def load_cache(path: str) -> tuple[Cache, torch.Tensor]:
 
             with warnings.catch_warnings():  # a read-only memory map: the trainer only gathers rows from it
                 warnings.simplefilter("ignore", UserWarning)
-                cache.features = _memmap_features(path)
+                cache.features = _memmap_features(path, len(cache.timestamps))
                 feats = torch.from_numpy(cache.features)
         else:
             cache = read_cache(path, dtype=np.float32)
