@@ -261,3 +261,22 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     for i, sid in enumerate(ref.ids):
         j = final.ids.index(sid)
         assert np.allclose(ref.segment(i)[0].astype(np.float32), final.segment(j)[0].astype(np.float32), atol=1e-2)
+
+
+def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
+    """On the CPU the Embedder slices a batch into CPU_MICRO_BATCH frames; the features are those of one call."""
+    import torch
+
+    from featurize.backbones import CPU_MICRO_BATCH, Embedder, create_backbone
+
+    emb = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")
+    frames = np.random.default_rng(0).integers(0, 256, (2 * CPU_MICRO_BATCH + 3, 32, 32, 3), dtype=np.uint8)
+    sliced = emb(frames)
+    emb.micro_batch = None
+    whole = emb(frames)
+    assert sliced.shape == (len(frames), 512) and np.allclose(sliced, whole, atol=1e-4)
+    code = "from featurize.allocator import tune_cpu_allocator as t; print(t(), t())"
+    for env, want in (({}, "True True"), ({"FEATSEQ_MALLOC": "default"}, "False False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}, cwd=str(ROOT))
+        assert out.stdout.strip() == (want if sys.platform.startswith("linux") else "False False")
