@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 
 MODEL_NAMES = ("lstm", "gru", "rnn", "conv1d", "transformer", "mlp", "frame")  # tests check this equals models.MODELS
-SPLIT_NAMES = ("random", "seed-compat", "group", "kfold", "logo")             # and splits.SPLITS
+SPLIT_NAMES = ("random", "seed-compat", "group", "kfold", "group-kfold", "logo")  # and splits.SPLITS
 POOLINGS = ("last", "mean", "max", "attention")
 OFFSETS = ("start", "center", "random")
 
@@ -166,10 +166,10 @@ OPTION_HELP = {
     "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",
     "offset": "Where the window starts: start, center, random (temporal jitter in training; center for evaluation).",
     "min_coverage": "Drop segments whose window is covered less than this fraction (0-1); shorter ones are padded and masked.",
-    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, logo.",
+    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, group-kfold (whole groups per fold), logo.",
     "test_size": "Test fraction (random, group).",
     "val_size": "Validation fraction, carved out of the training part (0: no early stopping, last epoch kept).",
-    "folds": "Folds of --split kfold.",
+    "folds": "Folds of --split kfold and group-kfold.",
     "seed": "Seed of the split, the initialisation and the batch order.",
     "epochs": "Maximum epochs.",
     "batch_size": "Batch size.",

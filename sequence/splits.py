@@ -10,6 +10,8 @@ group-level splits (``group``, ``logo``), so it is as honest as the test split.
                   (Gingerbread, 184 clips: 37 test clips)
 * ``group``       no group in both train and test (GroupShuffleSplit, ``--test-size`` of the groups)
 * ``kfold``       stratified k-fold cross-validation (``--folds``)
+* ``group-kfold`` k-fold cross-validation with whole groups per fold, stratified by label as far as the
+                  groups allow (StratifiedGroupKFold; ``--folds``, ``--seed`` shuffles the groups)
 * ``logo``        leave one group out cross-validation
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedKFold, train_test_split)
+from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
+                                     train_test_split)
 
 
 class SplitError(ValueError):
@@ -34,8 +37,8 @@ class Fold:
 
 
 SPLITS: dict[str, Callable] = {}
-GROUP_SPLITS = {"group", "logo"}
-CV_SPLITS = {"kfold", "logo"}
+GROUP_SPLITS = {"group", "group-kfold", "logo"}
+CV_SPLITS = {"kfold", "group-kfold", "logo"}
 
 
 def register(name):
@@ -80,6 +83,15 @@ def split_kfold(idx, labels, groups, test_size, seed, folds):
         raise SplitError(f"--folds {folds}: stratified k-fold needs 2 <= folds <= the smallest class's count ({counts.min()})")
     kf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx]))]
+
+
+@register("group-kfold")
+def split_group_kfold(idx, labels, groups, test_size, seed, folds):
+    n_groups = len(set(groups[idx]))
+    if folds < 2 or n_groups < folds:
+        raise SplitError(f"--folds {folds}: group k-fold needs 2 <= folds <= the number of groups ({n_groups})")
+    kf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx], groups[idx]))]
 
 
 @register("logo")

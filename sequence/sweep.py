@@ -174,9 +174,9 @@ def relevant(cfg: TrainConfig, name: str) -> bool:
         return name in M.get_entry(cfg.model).options
     if name in ("seconds", "percent") and cfg.seq_len is not None:
         return False
-    if name == "folds" and cfg.split not in ("kfold",):
+    if name == "folds" and cfg.split not in ("kfold", "group-kfold"):
         return False
-    if name == "test_size" and cfg.split in ("seed-compat", "kfold", "logo"):
+    if name == "test_size" and cfg.split in ("seed-compat", "kfold", "group-kfold", "logo"):
         return False
     return name not in ("threads", "plots", "device")
 

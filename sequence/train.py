@@ -18,7 +18,7 @@ Run folder (``featseq train CACHE --out RUN``)::
                                  (split: train/val/test, or dropped for segments --min-coverage left out)
     checkpoint.pt                best epoch's weights + model_config, classes, reader settings, config
 
-Cross-validation splits (kfold, logo) write one such folder per fold under ``folds/`` and, at the top,
+Cross-validation splits (kfold, group-kfold, logo) write one such folder per fold under ``folds/`` and, at the top,
 results.json (mean and std over folds), out-of-fold predictions.csv, confusion.png, per_class.csv and
 the classification report.
 """
@@ -450,7 +450,7 @@ def _cross_validate(cfg, data, folds, run, cache, device, log) -> dict:
            "padded": per_fold[0]["padded"], "dropped": per_fold[0]["dropped"], "reader": per_fold[0]["reader"],
            "oof_accuracy": scores["accuracy"], "per_class_accuracy": scores["per_class_accuracy"],
            "confusion": scores["confusion"],
-           "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "test_accuracy",
+           "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "epochs_run", "test_accuracy",
                                             "val_accuracy", "test_loss", "val_loss")} for r in per_fold],
            "cache": _cache_info(cache), "device": str(device), "torch": torch.__version__}
     for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch"):

@@ -57,6 +57,22 @@ def test_kfold_tests_every_segment_once():
         check_partition(f, 184)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_kfold_holds_out_whole_groups(seed):
+    folds = make_folds("group-kfold", LABELS, GROUPS, folds=5, seed=seed, val_size=0.15)
+    assert len(folds) == 5
+    assert sorted(np.concatenate([f.test for f in folds])) == list(range(184))
+    for f in folds:
+        check_partition(f, 184)
+        g = [set(GROUPS[p]) for p in (f.train, f.val, f.test)]
+        assert not (g[0] & g[2]) and not (g[1] & g[2]) and not (g[0] & g[1]) and g[1]
+        assert len(set(LABELS[f.test])) == 3  # stratified: every class in every test fold
+    other = make_folds("group-kfold", LABELS, GROUPS, folds=5, seed=seed + 10)
+    assert [sorted(f.test) for f in folds] != [sorted(f.test) for f in other]  # --seed reshuffles the groups
+    with pytest.raises(SplitError, match="number of groups"):
+        make_folds("group-kfold", LABELS, GROUPS, folds=30)
+
+
 def test_logo_leaves_one_group_out():
     folds = make_folds("logo", LABELS, GROUPS, val_size=0.15)
     assert len(folds) == 23

@@ -112,6 +112,10 @@ def test_training_is_deterministic_and_cv(synth, tmp_path):
     preds = list(csv.DictReader(open(tmp_path / "cv" / "predictions.csv")))
     assert len(preds) == 96 and all(p["split"] == "test" and p["predicted"] for p in preds)  # out-of-fold
     assert len(list((tmp_path / "cv" / "folds").glob("*/checkpoint.pt"))) == 4
+    gk = train(TrainConfig(cache=synth, out=str(tmp_path / "gk"), model="mlp", split="group-kfold", folds=2, fps=1,
+                           epochs=2, plots=False))
+    assert gk["folds"] == 2 and [f["epochs_run"] for f in gk["per_fold"]] == [2, 2]
+    assert sum(f["n_test"] for f in gk["per_fold"]) == 96
 
 
 def test_sweep_grid_file_dedup_and_parallel_jobs(synth, tmp_path):
