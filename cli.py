@@ -55,7 +55,7 @@ def main():
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast precision [default: fp16 on CUDA, fp32 on CPU].")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of the features.")
 @click.option("--batch-size", default=64, show_default=True, type=int,
-              help="Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames: faster there, less memory).")
+              help="Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames at 224 px: faster there, less memory).")
 @click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format.")
 @click.option("--out", default=None, help="Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__<fps>fps__<precision>.h5].")
 @click.option("--cache-dir", default="cache", show_default=True, help="Folder of default cache paths.")

@@ -240,10 +240,11 @@ def preprocess(frames: np.ndarray | torch.Tensor, entry: BackboneEntry, device: 
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-# On the CPU a batch runs through the CNN in slices of this many frames: as fast or faster than one
-# big call (activations stay cache- and allocator-friendly) and it bounds the activations' memory
-# whatever --batch-size is (bench/NOTES.md: ResNet-50 fp32 14.3 -> 17.0 frames/s, peak 1.46 -> 1.01 GB).
-CPU_MICRO_BATCH = 16
+# On the CPU a batch runs through the CNN in slices of at most this many pixels (16 frames at 224 px):
+# as fast or faster than one big call (activations stay cache- and allocator-friendly) and it bounds
+# the activations' memory whatever --batch-size is (bench/NOTES.md: ResNet-50 fp32 at 224 px 14.3 ->
+# 17.0 frames/s, peak 1.46 -> 1.01 GB). Smaller frames get proportionally more per slice.
+CPU_SLICE_PIXELS = 16 * 224 * 224
 
 
 class Embedder:
@@ -257,13 +258,14 @@ class Embedder:
         self.model = backbone.trunk.to(device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.micro_batch = CPU_MICRO_BATCH if device.type == "cpu" else None
+        self.slice_pixels = CPU_SLICE_PIXELS if device.type == "cpu" else None
 
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        step = self.micro_batch or len(frames)
+        """``frames``: uint8 (k, S, S, 3)."""
+        step = max(1, self.slice_pixels // (frames.shape[1] * frames.shape[2])) if self.slice_pixels else len(frames)
         out = []
-        for a in range(0, len(frames), max(1, step)):
+        for a in range(0, len(frames), step):
             x = preprocess(frames[a:a + step], self.backbone.entry, self.device, self.channels_last)
             with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
                 out.append(self.model(x).float().flatten(1).cpu())

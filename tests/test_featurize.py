@@ -264,15 +264,16 @@ def test_resume_after_kill_9(synth_data, tmp_path):
 
 
 def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
-    """On the CPU the Embedder slices a batch into CPU_MICRO_BATCH frames; the features are those of one call."""
+    """On the CPU the Embedder slices a batch into CPU_SLICE_PIXELS; the features are those of one call."""
     import torch
 
-    from featurize.backbones import CPU_MICRO_BATCH, Embedder, create_backbone
+    from featurize.backbones import CPU_SLICE_PIXELS, Embedder, create_backbone
 
     emb = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")
-    frames = np.random.default_rng(0).integers(0, 256, (2 * CPU_MICRO_BATCH + 3, 32, 32, 3), dtype=np.uint8)
+    per_slice = CPU_SLICE_PIXELS // (32 * 32)
+    frames = np.random.default_rng(0).integers(0, 256, (2 * per_slice + 3, 32, 32, 3), dtype=np.uint8)  # 3 slices
     sliced = emb(frames)
-    emb.micro_batch = None
+    emb.slice_pixels = None
     whole = emb(frames)
     assert sliced.shape == (len(frames), 512) and np.allclose(sliced, whole, atol=1e-4)
     code = "from featurize.allocator import tune_cpu_allocator as t; print(t(), t())"
