@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,cache_io,train,sweep] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "cache_io", "train", "sweep"]
+BENCHES = ["featurize", "cpu_slices", "cache_io", "train", "sweep"]
 
 
 def _load(name):
@@ -58,6 +58,12 @@ def render() -> str:
                            r["peak_tree_mib"], r["peak_main_mib"], r["peak_worker_mib"]] for r in f["memory"]]), ""]
         if f.get("notes"):
             parts += [f["notes"], ""]
+    cs = _load("cpu_slices")
+    if cs:
+        parts += ["### The CNN on the CPU: slices and the allocator", "", cs["description"], "",
+                  _table(["backbone", "precision", "allocator", "frames per call", "frames/s", "peak RSS MiB"],
+                         [[r["backbone"], r["precision"], r["allocator"], r["frames_per_call"], r["frames_per_s"],
+                           r["peak_mib"]] for r in cs["rows"]]), ""]
     c = _load("cache_io")
     if c:
         parts += ["## Cache I/O", "",

@@ -155,6 +155,7 @@ def main(quick: bool = False) -> dict:
     orig_total = jpeg_s + EPOCHS * orig_epoch
     fs_total = featurize_s + fs_total_train
     data = {
+        "clips": n, "seq_len": SEQ_LEN,
         "description": (f"{n} {'Gingerbread' if GINGERBREAD.is_dir() else 'synthetic 224x224'} clips, {FPS:g} fps, "
                         f"{SEQ_LEN} frames per clip, {BACKBONE} (random weights) + LSTM(hidden {HIDDEN}), batch {BATCH}, "
                         f"80/20 split; an epoch passes every clip once. Totals are for {EPOCHS} epochs including the "
