@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 FEATSEQ := $(VENV)/bin/featseq
 DEMO   := demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench study clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: install
 
 bench: install
 	$(PY) bench/run.py
+
+# the Gingerbread study from scratch (needs ../shared): caches under cache/gingerbread_study, writes docs/gingerbread.md
+study: install
+	$(PY) bench/gingerbread_study.py --fresh
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

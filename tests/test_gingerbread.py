@@ -40,3 +40,12 @@ def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
     short = c.ids.index("P09_music02")
     assert c.segments["video_duration"][short] < 7 and c.segments["length"][short] <= 7
     assert c.features.shape == (int(c.segments["length"].sum()), 512) and np.isfinite(c.features).all()
+    # the caution of docs/gingerbread.md, on the real clips: clip length alone gives the label away ...
+    from bench.gingerbread_study import duration_baseline
+    from sequence.reader import ReaderConfig, build
+
+    leak = duration_baseline(str(out))
+    assert leak["seed-compat"]["mean"] > 0.6 and leak["group-kfold"]["mean"] > 0.6  # chance is 1/3
+    # ... while the study's fixed-length windows are full for every clip but the 6 s one (padded, masked)
+    seqs = build(c, ReaderConfig(fps=1, seconds=25.9))
+    assert seqs.seq_len == 25 and seqs.mask.all(dim=1).sum() == 183 and not seqs.mask[short].all()
