@@ -59,14 +59,16 @@ CLASSES = ["Classicalmusic", "Instrumentalmusic", "Popmusic"]
 # ---------------------------------------------------------------- steps
 
 def featurize_all(work: Path, log) -> dict:
+    from featurize.backbones import resolve_device
     from featurize.cache import read_cache
     from featurize.pipeline import FeaturizeConfig, featurize
 
+    precision = "bf16" if resolve_device("auto").type == "cpu" else None  # None: fp16 on CUDA
     out = {}
     for key, b in BACKBONES.items():
         t = time.monotonic()
         r = featurize(FeaturizeConfig(source=str(GINGERBREAD), backbone=b["backbone"], weights=b["weights"], size=b["size"],
-                                      fps=CACHE_FPS, precision="bf16" if _cpu() else None, out=str(work / f"{key}.h5")))
+                                      fps=CACHE_FPS, precision=precision, out=str(work / f"{key}.h5")))
         if r.failures:
             raise SystemExit(f"featurize {key}: {len(r.failures)} clip(s) failed: {r.failures}")
         out[key] = {"path": r.path, "seconds": round(time.monotonic() - t, 1), "frames": r.frames,
@@ -74,12 +76,6 @@ def featurize_all(work: Path, log) -> dict:
                     "cached_frames": len(read_cache(r.path, features=False).timestamps)}
         log(f"featurize {key}: {out[key]}")
     return out
-
-
-def _cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def run_sweep(cache: str, out: Path, grid: dict, jobs: int, log) -> tuple[list[dict], float]:
@@ -92,11 +88,12 @@ def run_sweep(cache: str, out: Path, grid: dict, jobs: int, log) -> tuple[list[d
     failed = [r for r in res["rows"] if r.get("status") != "complete"]
     if failed:
         raise SystemExit(f"{out}: {len(failed)} variant(s) failed, e.g. {failed[0]}")
-    log(f"sweep {out.name}: {res['variants']} variants ({res['trained']} trained) in {time.monotonic() - t:.0f} s")
-    return [json.loads((Path(tc.out) / "results.json").read_text()) for _, tc in variants(cfg)], time.monotonic() - t
+    seconds = time.monotonic() - t
+    log(f"sweep {out.name}: {res['variants']} variants ({res['trained']} trained) in {seconds:.0f} s")
+    return [json.loads((Path(tc.out) / "results.json").read_text()) for _, tc in variants(cfg)], seconds
 
 
-def test_scores(r: dict) -> list[float]:
+def fold_scores(r: dict) -> list[float]:
     """Test accuracies a run contributes: one (seed-compat) or one per fold (cross-validation)."""
     return [f["test_accuracy"] for f in fits(r)]
 
@@ -113,11 +110,10 @@ def clip_frames(r: dict) -> int:
 
 def cell_stats(results: list[dict], **match) -> dict:
     rs = [r for r in results if all(_eq(r["config"][k], v) for k, v in match.items())]
-    acc = [a for r in rs for a in test_scores(r)]
+    acc = [a for r in rs for a in fold_scores(r)]
     conf = np.sum([np.asarray(r["confusion"]) for r in rs], axis=0) if rs else None
     return {"n": len(acc), "mean": float(np.mean(acc)) if acc else None, "std": float(np.std(acc)) if acc else None,
-            "confusion": conf.tolist() if conf is not None else None, "seq_len": rs[0]["seq_len"] if rs else None,
-            "val_mean": float(np.mean([r["val_accuracy"] for r in rs])) if rs else None}
+            "confusion": conf.tolist() if conf is not None else None, "seq_len": rs[0]["seq_len"] if rs else None}
 
 
 def _eq(a, b) -> bool:
@@ -358,7 +354,7 @@ def main() -> None:
     d = {"machine": machine(), "timings": {k: round(v, 1) for k, v in timings.items()}, "featurize": feats,
          "cells": cells, "wide": {"variants": len(wide_results), "seconds": timings["wide sweep"], "top": top},
          "duration": duration, "original": original,
-         "fits": sum(len(test_scores(r)) for r in all_results),
+         "fits": sum(len(fold_scores(r)) for r in all_results),
          "epochs": sum(f["epochs_run"] for r in all_results for f in fits(r)),
          "class_counts": {k: int((labels == k).sum()) for k in CLASSES},
          "protocol_n": {proto: cells["effnet"][proto][("lstm", 1.0, 100.0)]["n"] for proto in PROTOCOLS}}

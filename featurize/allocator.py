@@ -1,4 +1,4 @@
-"""glibc malloc settings for processes that move large arrays (the CNN's activations, decoded frames)."""
+"""glibc malloc settings for processes that run a CNN on the CPU (large activations, allocated and freed per batch)."""
 from __future__ import annotations
 
 import ctypes
@@ -16,7 +16,8 @@ def tune_cpu_allocator() -> bool:
     (at most 32 MB) mmap threshold glibc maps each one afresh and unmaps it when freed, so every batch
     page-faults and zeroes the same memory again: featurizing with EfficientNet-Lite0 at 224 px spent 37 %
     of its CPU time in the kernel (bench/NOTES.md). Serving them from the heap, kept at its peak size,
-    made the same forward pass 1.3-2.1x faster; the peak memory stays that of one batch.
+    together with the Embedder's CPU slices, made the forward pass 1.4-3.8x faster with a lower peak
+    (bench/cpu_slices_bench.py); without the slices the fragmented heap would raise the peak.
     ``FEATSEQ_MALLOC=default`` leaves the allocator alone. Returns whether the setting was applied.
     """
     global _ALLOCATOR_TUNED
