@@ -6,7 +6,7 @@ Steps (each timed; a rerun reuses finished caches and runs unless --fresh):
 
 1. featurize ../shared/data/gingerbread/segments at 6 fps (1, 2 and 3 fps are read back exactly) with
    (a) timm:efficientnet_lite0 and the ImageNet weights in ../shared/weights, 224 px, and
-   (b) resnet34 with random weights (an untrained control), 112 px (random features do not gain from pixels).
+   (b) resnet34 with random weights (an untrained control) at 112 px, which keeps the whole study under 30 minutes.
 2. The study's grid, fps 1/2/3 x percent 100/80/50 (the study's counts: floor(25.9 s x fps x percent),
    i.e. 25/20/12, 51/41/25, 77/62/38 frames), with an LSTM and the order-blind mean-pooled MLP, under two
    protocols: ``seed-compat`` (the study's random 80/20 clip split, 37 test clips; several training seeds)
