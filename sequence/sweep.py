@@ -342,8 +342,7 @@ def leaderboard_rows(vs, results: dict, varying: list[str]) -> list[dict]:
 
     def key(row):
         va, vl = row["val_accuracy"], row["val_loss"]
-        return (row["status"] != "complete", -(va if va is not None else -1), vl if vl is not None else float("inf"),
-                -(row["test_accuracy"] or 0))
+        return (row["status"] != "complete", -(va if va is not None else -1), vl if vl is not None else float("inf"))
     rows.sort(key=key)
     for i, row in enumerate(rows, 1):
         row["rank"] = i
