@@ -28,7 +28,9 @@ def child(name: str, precision: str, frames_per_call: int, repeats: int) -> dict
 
     from bench.common import median_time
     from featurize import backbones as bb
+    from featurize.allocator import tune_cpu_allocator
 
+    tune_cpu_allocator()  # as featurize does (FEATSEQ_MALLOC=default leaves glibc alone)
     emb = bb.Embedder(bb.create_backbone(name, "none"), torch.device("cpu"), precision)
     emb.slice_pixels = frames_per_call * SIZE * SIZE
     x = np.random.default_rng(0).integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)

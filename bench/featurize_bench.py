@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, run_with_peak_rss, save  # noqa: E402
 from featurize import backbones as bb  # noqa: E402
+from featurize.allocator import tune_cpu_allocator  # noqa: E402
 from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
 from featurize.worker import DecodePool, decode_job  # noqa: E402
 
@@ -55,6 +56,8 @@ def decode_only(paths: list[str], fps: float, size: int, repeats: int) -> float:
 
 def backbone_only(name: str, precision: str, frames: np.ndarray, batch: int, repeats: int) -> float:
     device = bb.resolve_device("auto")
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as featurize does
     emb = bb.Embedder(bb.create_backbone(name, "none"), device, precision)
     emb(frames[:batch])  # warm-up
     rates = []

@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, save  # noqa: E402
 from featurize import backbones as bb  # noqa: E402
+from featurize.allocator import tune_cpu_allocator  # noqa: E402
 from featurize.decoder import Decoder  # noqa: E402
 from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
 from featurize.sampling import plan_segment  # noqa: E402
@@ -67,6 +68,7 @@ class OriginalCRNN(nn.Module):
 
     def __init__(self, n_classes: int):
         super().__init__()
+        tune_cpu_allocator()  # as featurize and finetune do on the CPU
         self.cnn = bb.create_backbone(BACKBONE, "none").trunk.eval()
         for p in self.cnn.parameters():
             p.requires_grad_(False)

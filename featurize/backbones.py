@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .allocator import tune_cpu_allocator
+from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights could not be found, downloaded or loaded; the message says what to pass instead."""
 
 
@@ -68,7 +68,6 @@ class Backbone:
     weights: str  # 'none', 'imagenet' or the weights file's path
     weights_sha256: str = ""
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def stage_modules(self) -> list[nn.Module]:
         return [_get_stage(self.trunk, s) for s in self.entry.stages]
@@ -121,6 +120,13 @@ def _load_state_dict_file(path: str) -> dict:
 
 def _load_into(model: nn.Module, sd: dict, entry: BackboneEntry, path: str) -> None:
     head_prefix = entry.head + "."
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+              if k in own and not k.startswith(head_prefix) and v.shape != own[k].shape]
+    if shapes:
+        raise WeightsError(f"--weights {path} does not fit {entry.name}: {len(shapes)} tensor(s) of another shape, e.g. "
+                           f"{'; '.join(shapes[:3])}; pass a state dict saved from this architecture")
+    sd = {k: v for k, v in sd.items() if not (k.startswith(head_prefix) and k in own and v.shape != own[k].shape)}
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     unexpected = [k for k in result.unexpected_keys if not k.startswith(head_prefix)]
@@ -157,14 +163,19 @@ def _download_error(name: str, url: str, err: Exception) -> WeightsError:
 def create_backbone(name: str, weights: str = "none", seed: int = 0) -> Backbone:
     """Build the trunk of ``name`` with ``weights`` = 'none' (seeded random init), 'imagenet' or a file path.
 
-    Every path that runs a CNN (featurize, finetune, predict, the benchmarks) builds it here, so this
-    also tunes the CPU allocator for it (:func:`featurize.allocator.tune_cpu_allocator`).
+    The random init draws from its own RNG seeded by ``seed`` (torch's global RNG is left as it was).
+    Process-wide settings (the CPU allocator, threads) are the caller's: featurize's pipeline and
+    finetune set them once (:func:`featurize.allocator.tune_cpu_allocator`).
     Raises ValueError listing the known names for an unknown one, WeightsError for weights problems.
     """
     if weights not in ("none", "imagenet") and not os.path.isfile(weights):
         raise WeightsError(f"--weights {weights}: no such file; use 'none', 'imagenet' or the path of a state dict")
-    tune_cpu_allocator()
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _create(name, weights, seed)
+
+
+def _create(name: str, weights: str, seed: int) -> Backbone:
     sha = ""
     if name.startswith("timm:"):
         try:

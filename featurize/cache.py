@@ -32,6 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 # A request is identified by these attributes; a different request aimed at an existing file is refused.
 IDENTITY_KEYS = ("source", "backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
@@ -42,7 +44,7 @@ _NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"
 STR_FIELDS = ("id", "label", "group", "path")
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache cannot be used as asked; the message names the file and the fix."""
 
 
@@ -91,7 +93,7 @@ def _decode_attrs(f: h5py.File) -> dict:
             v = v.decode()
         elif isinstance(v, np.generic):
             v = v.item()
-        if k in ("versions", "config") and isinstance(v, str):
+        if k in ("versions", "config", "mean", "std") and isinstance(v, str):
             v = json.loads(v)
         out[k] = v
     return out
@@ -176,6 +178,27 @@ def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> 
     return out
 
 
+def features_to_npy(path: str | os.PathLike, dest: str | os.PathLike, rows: int, block_bytes: int = 256 << 20) -> None:
+    """Write the first ``rows`` rows of the features as float32 into the .npy file ``dest``, block by block
+    (bounded memory; for a memory map of a cache larger than RAM)."""
+    with open_read(path) as f:
+        d = f["features"]
+        out = np.lib.format.open_memmap(dest, mode="w+", dtype=np.float32, shape=(rows, d.shape[1]))
+        step = max(1, block_bytes // (4 * d.shape[1]))
+        for a in range(0, rows, step):
+            out[a:a + step] = d[a:min(rows, a + step)]
+        out.flush()
+        del out
+
+
+def read_frames(path: str | os.PathLike, rows: np.ndarray) -> np.ndarray:
+    """uint8 frames (len(rows), S, S, 3) kept with --keep-frames, for sorted unique ``rows`` of /features."""
+    with open_read(path) as f:
+        if "frames" not in f:
+            raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+        return f["frames"][np.asarray(rows)]
+
+
 def summary(path: str | os.PathLike) -> dict:
     """What `featseq cache info/list` shows; reads the table and attributes, not the features."""
     with open_read(path) as f:
@@ -216,7 +239,13 @@ def published_ids(path: str | os.PathLike) -> tuple[dict, list[str]]:
 
 
 class FileLock:
-    """An flock on ``<path>.lock``; released by the OS if the process dies."""
+    """An flock on ``<path>.lock``; released by the OS if the process dies.
+
+    The lock file is removed on release, *while still locked*; so a process that opened the old file
+    before it was unlinked can win the flock on an inode that no longer has a name. ``acquire``
+    therefore checks after flock that the path still names the inode it locked, and starts over
+    (opening the path again) when it does not; otherwise two writers could hold "the" lock at once.
+    """
 
     def __init__(self, path: str):
         self.path = path + ".lock"
@@ -224,15 +253,24 @@ class FileLock:
 
     def acquire(self) -> "FileLock":
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            owner = fh.read().strip()
-            fh.close()
-            raise CacheError(f"{self.path[:-5]}: another featseq process ({owner or 'unknown pid'}) is writing this cache; "
-                             f"wait for it to finish or choose another --out") from None
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                owner = fh.read().strip()
+                fh.close()
+                raise CacheError(f"{self.path[:-5]}: another featseq process ({owner or 'unknown pid'}) is writing this "
+                                 f"cache; wait for it to finish or choose another --out") from None
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            mine = os.fstat(fh.fileno())
+            if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+            fh.close()  # locked a file a releasing holder had already unlinked: try the current one
         fh.truncate(0)
         fh.write(f"pid {os.getpid()}")
         fh.flush()
@@ -242,7 +280,7 @@ class FileLock:
     def release(self) -> None:
         if self._fh:
             try:
-                os.remove(self.path)
+                os.remove(self.path)  # still locked here: see the class docstring
             except OSError:
                 pass
             fcntl.flock(self._fh, fcntl.LOCK_UN)

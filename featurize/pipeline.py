@@ -19,8 +19,11 @@ import numpy as np
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
 from .cache import CacheWriter, check_identity, now_iso, published_ids, string_widths
+from .allocator import tune_cpu_allocator
 from .decoder import RESIZE_POLICIES
-from .sources import SourceError, read_source, validate
+from .files import replaced
+from .sources import Segment, SourceError, read_source, validate
+from .spec import weights_id
 from .worker import DecodePool, decode_job
 
 DEFAULT_CACHE_DIR = "cache"
@@ -84,20 +87,6 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
 
 
-def weights_id(weights: str, sha256: str, seed: int) -> str:
-    if weights == "none":
-        return f"none-seed{seed}"
-    if weights == "imagenet":
-        return "imagenet"
-    return f"{Path(weights).stem}-{sha256[:8]}"
-
-
-def weights_arg(attrs: dict) -> str:
-    """The --weights value that rebuilds a cache's backbone (the inverse of weights_id): its weights
-    file, 'imagenet' or 'none' (seeded by the cache's ``seed`` attribute)."""
-    return attrs.get("weights_path") or ("imagenet" if attrs.get("weights") == "imagenet" else "none")
-
-
 def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
     src = Path(cfg.source).resolve()
     name = src.stem if src.is_file() else src.name
@@ -130,23 +119,30 @@ def _versions() -> dict:
 ProgressFn = Callable[[dict], None]
 
 
-def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Callable[[str], None] = lambda s: None) -> FeaturizeResult:
+def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Callable[[str], None] = lambda s: None,
+              segments: list[Segment] | None = None) -> FeaturizeResult:
     """Cache the features of every segment of ``cfg.source``; resumes an existing cache.
 
+    ``segments``: records to featurize instead of reading ``cfg.source`` (then only a name for the
+    cache's ``source`` attribute), e.g. the videos handed to predict.
     Raises SourceError (bad source, nothing written), CacheError (lock, mismatched request),
     bb.WeightsError / ValueError (options). Per-video decode failures are returned in
     ``FeaturizeResult.failures`` and also written to ``<cache>.errors.json``.
     """
     cfg.validate()
     t0 = time.monotonic()
-    kind, segments, row_problems = read_source(cfg.source)
+    if segments is None:
+        kind, segments, row_problems = read_source(cfg.source)
+        source_id = str(Path(cfg.source).resolve())
+    else:
+        kind, row_problems, source_id = "records", [], cfg.source
     device = bb.resolve_device(cfg.device)
     precision = bb.resolve_precision(cfg.precision, device)
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
     path = cfg.out or default_cache_path(cfg, precision, wid)
     identity = {
-        "source": str(Path(cfg.source).resolve()), "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
+        "source": source_id, "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
         "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
         "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames),
     }
@@ -168,6 +164,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
                               only={s.id for s in todo}, problems=row_problems)
         result.failures.update(skipped)
+        if device.type == "cpu":
+            tune_cpu_allocator()  # once per process, before the CNN's first batch
         backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
         embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
         attrs = {
@@ -265,9 +263,7 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
 def _write_error_report(path: str, result: FeaturizeResult) -> None:
     report = path + ".errors.json"
     if result.failures:
-        tmp = report + ".tmp"
-        with open(tmp, "w") as fh:
+        with replaced(report) as tmp, open(tmp, "w") as fh:
             json.dump({"cache": path, "failed": result.failures}, fh, indent=2)
-        os.replace(tmp, report)
     elif os.path.exists(report):
         os.remove(report)

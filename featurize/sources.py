@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 GINGERBREAD_LABELS = ((range(1, 5), "Classicalmusic"), (range(5, 9), "Instrumentalmusic"), (range(9, 13), "Popmusic"))
 _GB_DIR = re.compile(r"^P\d+$")
@@ -36,7 +38,7 @@ class Segment:
     where: str = ""  # how to find it in the source, for error messages ("row 3", a path)
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """Invalid source; ``problems`` lists every offending row or file."""
 
     def __init__(self, source: str, problems: list[str]):

@@ -226,6 +226,23 @@ class DecodePool:
                 if not complete:
                     self._stop(kill=True)
 
+    def frames_at(self, requests: Iterable[tuple], size: int, policy: str, chunk: int = 64) -> dict:
+        """Frames shown at given times: ``requests`` are (key, path, times); returns key -> uint8 (len(times), S, S, 3)
+        for every request, or key -> an error message (str, naming the file) for one that failed."""
+        import numpy as np
+
+        parts: dict = {}
+        out: dict = {}
+        for kind, key, *payload in self.run([times_job(k, p, t, size, policy, chunk) for k, p, t in requests]):
+            if kind == "chunk":
+                parts.setdefault(key, []).append(payload[0])
+            elif kind == "done":
+                out[key] = np.concatenate(parts.pop(key, [])) if key in parts else np.zeros((0, size, size, 3), np.uint8)
+            elif kind == "error":
+                parts.pop(key, None)
+                out[key] = payload[0]
+        return out
+
     def probe(self, paths: Iterable[str]) -> dict[str, dict | str]:
         """path -> info dict, or an error message for a file that cannot be opened."""
         out: dict[str, dict | str] = {}

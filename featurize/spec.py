@@ -1,0 +1,93 @@
+"""How features were made: the one record that featurize writes into a cache and a run carries in its checkpoint.
+
+A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
+(id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
+the autocast precision and the preprocessing mean/std. predict and finetune rebuild the same
+features from it alone, never from the training cache. The weights-id encoding lives here only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTIN_WEIGHTS = ("none", "imagenet")
+
+
+def weights_id(weights: str, sha256: str, seed: int) -> str:
+    """The cache's ``weights`` attribute: 'none-seedN', 'imagenet' or '<file stem>-<sha256[:8]>'."""
+    if weights == "none":
+        return f"none-seed{seed}"
+    if weights == "imagenet":
+        return "imagenet"
+    return f"{Path(weights).stem}-{sha256[:8]}"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    backbone: str
+    weights: str              # the id (weights_id)
+    weights_path: str         # the state-dict file ('' for none / imagenet)
+    weights_sha256: str
+    seed: int
+    size: int
+    resize: str
+    fps: float
+    precision: str
+    feature_dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "FeatureSpec":
+        """The spec of a cache from its attributes (featurize writes every field)."""
+        missing = [k for k in ("backbone", "weights", "size", "fps") if k not in attrs]
+        if missing:
+            raise UserError(f"{attrs.get('source', 'a cache')}: its attributes lack {', '.join(missing)}; it was not "
+                            f"written by featseq featurize, so how its features were made is unknown")
+        return cls(backbone=str(attrs["backbone"]), weights=str(attrs["weights"]),
+                   weights_path=str(attrs.get("weights_path") or ""), weights_sha256=str(attrs.get("weights_sha256") or ""),
+                   seed=int(attrs.get("seed", 0) or 0), size=int(attrs["size"]), resize=str(attrs.get("resize") or "squash"),
+                   fps=float(attrs["fps"]), precision=str(attrs.get("precision") or "fp32"),
+                   feature_dim=int(attrs.get("feature_dim", 0) or 0),
+                   mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def weights_arg(self) -> str:
+        """The --weights value that rebuilds this backbone: its file, 'imagenet' or 'none' (seeded by ``seed``)."""
+        if self.weights_path:
+            return self.weights_path
+        return "imagenet" if self.weights == "imagenet" else "none"
+
+    def check_weights(self, what: str) -> str:
+        """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
+        arg = self.weights_arg()
+        if arg in BUILTIN_WEIGHTS:
+            return arg
+        if not os.path.isfile(arg):
+            raise UserError(f"{what}: its features were made with the weights file {arg}, which is gone; put that file "
+                            f"back (sha256 {self.weights_sha256[:12]}...) to make the same features")
+        from .backbones import sha256_file
+
+        if self.weights_sha256 and sha256_file(arg) != self.weights_sha256:
+            raise UserError(f"{what}: the weights file {arg} changed since its features were made (sha256 differs from "
+                            f"{self.weights_sha256[:12]}...); restore the original file")
+        return arg
+
+    def same_features(self, other: "FeatureSpec") -> list[str]:
+        """What differs in how two specs embed a frame (fps and precision aside); empty when nothing does."""
+        keys = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "feature_dim")
+        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys if getattr(self, k) != getattr(other, k)]
+
+    def describe(self) -> str:
+        return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
+                f"{self.feature_dim}-dim")
