@@ -10,35 +10,61 @@ import click
 
 
 class Progress:
-    """One status line on stderr: segments, frames/s, ETA (a line every few seconds when not a tty)."""
+    """featurize's progress on stderr (tqdm): a live bar on a terminal; a plain line every few seconds in a log."""
 
     def __init__(self, label: str = "featurize"):
         self.label = label
         self.tty = sys.stderr.isatty()
+        self.bar = None
         self.last = 0.0
 
     def __call__(self, p: dict) -> None:
+        from tqdm import tqdm
+
+        rate = f"{p['frames']} frames, {p['frames'] / max(p['elapsed'], 1e-9):.1f} frames/s"
+        if self.tty:
+            if self.bar is None:
+                self.bar = tqdm(total=p["total"], desc=self.label, unit="seg", file=sys.stderr, dynamic_ncols=True)
+            self.bar.update(p["done"] - self.bar.n)
+            self.bar.set_postfix_str(rate)
+            if p["done"] >= p["total"]:
+                self.bar.close()
+            return
         now = time.monotonic()
-        final = p["done"] >= p["total"]
-        if not final and now - self.last < (0.2 if self.tty else 5.0):
+        if p["done"] < p["total"] and now - self.last < 5.0:
             return
         self.last = now
-        el = max(p["elapsed"], 1e-9)
-        rate = p["done"] / el
-        eta = (p["total"] - p["done"]) / rate if rate > 0 else 0
-        width = 24
-        filled = int(width * p["done"] / max(1, p["total"]))
-        line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {p['done']}/{p['total']} segments  "
-                f"{p['frames']} frames  {p['frames'] / el:.1f} frames/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        click.echo(("\r" + line) if self.tty else line, err=True, nl=not self.tty or final)
+        click.echo(tqdm.format_meter(p["done"], p["total"], p["elapsed"], prefix=self.label, unit="seg", postfix=rate,
+                                     ncols=120), err=True)
 
 
-def _fail(e: Exception, code: int = 2):
-    click.echo(f"error: {e}", err=True)
-    sys.exit(code)
+class Main(click.Group):
+    """The command group. Errors in what the user asked for (featurize.errors.UserError, ValueError from option
+    validation, a missing file) end as ``error: ...`` with exit code 2 here, in one place; a decode worker that
+    cannot start ends with exit code 1."""
+
+    def invoke(self, ctx):
+        from featurize.worker import WorkerStartError
+
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError) as e:  # UserError is a ValueError
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except WorkerStartError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _threads(n: int | None) -> None:
+    """torch's CPU threads for this process (the one place a command sets them)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="featseq")
 def main():
     """featseq: cache per-frame CNN features of video segments once, train sequence models on them."""
@@ -71,22 +97,13 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
     SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
-    from featurize.backbones import WeightsError
-    from featurize.cache import CacheError
     from featurize.pipeline import FeaturizeConfig, featurize as run
-    from featurize.sources import SourceError
-    from featurize.worker import WorkerStartError
 
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
                           channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
                           keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed)
-    try:
-        res = run(cfg, progress=None if quiet else Progress(), log=lambda s: click.echo(s, err=True))
-    except (SourceError, CacheError, WeightsError, ValueError) as e:
-        _fail(e)
-    except WorkerStartError as e:
-        _fail(e, 1)
+    res = run(cfg, progress=None if quiet else Progress(), log=lambda s: click.echo(s, err=True))
     click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
                f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s)", err=True)
     if res.failures:
@@ -129,12 +146,9 @@ def cache_list(cache_dir):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def cache_info(file, as_json):
     """Attributes, segment/frame counts, class and group counts of a cache FILE."""
-    from featurize.cache import CacheError, summary
+    from featurize.cache import summary
 
-    try:
-        s = summary(file)
-    except CacheError as e:
-        _fail(e)
+    s = summary(file)
     if as_json:
         click.echo(json.dumps(s, default=str))
         return
@@ -165,12 +179,9 @@ def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, 
     """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
     from featurize.synth import render_dataset
 
-    try:
-        res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
-                             height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
-                             burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration)
-    except ValueError as e:
-        _fail(e)
+    res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
+                         height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
+                         burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration)
     click.echo(f"{len(res['clips'])} clips in {res['clips_root']} of {len(res['classes'])} classes ({', '.join(res['classes'])})"
                + (f"; long-video segments in {res['long_csv']}" if res.get("long_csv") else ""), err=True)
     click.echo(res["clips_root"])
@@ -179,32 +190,47 @@ def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, 
 
 # ---------------------------------------------------------------- sequence models on a cache
 
-def _train_option_decorators(as_lists: bool):
-    """click options for every TrainConfig field (help in sequence.config.OPTION_HELP). as_lists: comma lists (sweep)."""
+# flags whose name is not simply --field-name
+_FLAGS = {"from_run": "--from", "freeze_bn": "--freeze-bn/--train-bn"}
+_CHOICES = {"precision": ["auto", "fp32", "fp16", "bf16"]}
+
+
+def _config_options(config_name: str, as_lists: bool = False):
+    """click options for every field of a config dataclass of sequence.config but cache and out (help in
+    OPTION_HELP), with the dataclass's defaults: the CLI and the Python API agree. A None default of a field
+    finetune inherits means "the --from run's". as_lists: comma lists (sweep, compare)."""
     import dataclasses
     import typing
 
-    from sequence.config import OPTION_HELP, TrainConfig
+    from sequence import config as C
 
-    hints = typing.get_type_hints(TrainConfig)
+    config_cls = getattr(C, config_name)
+    hints = typing.get_type_hints(config_cls)
+    inherits = config_cls is C.FinetuneConfig
     decos = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls):
         if f.name in ("cache", "out"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         args = typing.get_args(hints[f.name])
         base = next((a for a in args if a is not type(None)), hints[f.name]) if args else hints[f.name]
-        help_ = OPTION_HELP[f.name]
+        help_ = C.OPTION_HELP[f.name]
         if as_lists:
             shown = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
             decos.append(click.option(flag, f.name, default=None, metavar="V[,V...]",
                                       help=f"{help_} Comma list to sweep [default: {shown}]."))
-        elif base is bool:
-            decos.append(click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
-                                      show_default=True, help=help_))
+            continue
+        inherited = inherits and f.name in C.INHERITED
+        if inherited:
+            help_ += " [default: the --from run's, else train's]"
+        if base is bool:
+            if "/" not in flag:
+                flag = f"{flag}/--no-{flag[2:]}"
+            decos.append(click.option(flag, f.name, default=f.default, show_default=not inherited, help=help_))
         else:
-            decos.append(click.option(flag, f.name, default=f.default, type=base, show_default=f.default is not None,
-                                      help=help_))
+            kind = click.Choice(_CHOICES[f.name]) if f.name in _CHOICES else base
+            decos.append(click.option(flag, f.name, default=f.default, type=kind,
+                                      show_default=f.default is not None, help=help_))
 
     def apply(fn):
         for d in reversed(decos):
@@ -213,15 +239,14 @@ def _train_option_decorators(as_lists: bool):
     return apply
 
 
-def _seq_errors():
-    from featurize.cache import CacheError
-    return (CacheError, ValueError, FileNotFoundError)
+def _log(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
 
 
 @main.command()
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@_train_option_decorators(as_lists=False)
+@_config_options("TrainConfig")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch lines.")
 def train(cache, out, quiet, **opts):
     """Train one sequence model on a feature CACHE; write a run folder (results.json, plots, predictions, checkpoint)."""
@@ -229,10 +254,8 @@ def train(cache, out, quiet, **opts):
     from sequence.train import train as run
 
     cfg = TrainConfig(cache=cache, out=out, **opts)
-    try:
-        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
-    except _seq_errors() as e:
-        _fail(e)
+    _threads(cfg.threads)
+    res = run(cfg, log=_log(quiet))
     std = f" ± {res['test_accuracy_std']:.3f} over {res['folds']} folds" if res.get("test_accuracy_std") is not None else ""
     click.echo(f"{cfg.model}: test accuracy {res['test_accuracy']:.3f}{std} "
                f"({res.get('n_test', sum(f['n_test'] for f in res.get('per_fold', [])))} test segments), "
@@ -249,7 +272,7 @@ def train(cache, out, quiet, **opts):
               help="TOML file: option = value or [values]; command-line lists win.")
 @click.option("--jobs", default=1, show_default=True, type=int, help="Variants trained at once (processes).")
 @click.option("--no-resume", is_flag=True, help="Retrain variants that already finished.")
-@_train_option_decorators(as_lists=True)
+@_config_options("TrainConfig", as_lists=True)
 @click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
 def sweep(cache, out, grid_file, jobs, no_resume, quiet, **opts):
     """Train every combination of comma-separated option lists on CACHE; write DIR/<variant>/ runs and a leaderboard.
@@ -258,14 +281,11 @@ def sweep(cache, out, grid_file, jobs, no_resume, quiet, **opts):
     """
     from sequence.sweep import SweepConfig, load_grid, parse_list, sweep as run
 
-    try:
-        grid = load_grid(grid_file) if grid_file else {}
-        grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
-        threads = grid.pop("threads", [None])
-        cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume)
-        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
-    except _seq_errors() as e:
-        _fail(e)
+    grid = load_grid(grid_file) if grid_file else {}
+    grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
+    threads = grid.pop("threads", [None])
+    cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume)
+    res = run(cfg, log=_log(quiet))
     click.echo(res["paths"]["table"])
     bad = [r for r in res["rows"] if r["status"] != "complete"]
     click.echo(f"{res['variants']} variants ({res['trained']} trained, {res['skipped']} already done"
@@ -286,10 +306,7 @@ def evaluate(run_dir, cache_path, out, device):
     """Re-score the saved model of RUN_DIR on its cache or on --cache OTHER (segments it trained on are not scored)."""
     from sequence.train import evaluate as run
 
-    try:
-        res = run(run_dir, cache_path, out=out, device=device)
-    except _seq_errors() as e:
-        _fail(e)
+    res = run(run_dir, cache_path, out=out, device=device)
     acc = res["test_accuracy"]
     click.echo(f"accuracy {acc if acc is not None else float('nan'):.3f} on {res['n_scored']} scored segments"
                + (f" ({res['unknown_label']} with labels the model does not know)" if res["unknown_label"] else ""), err=True)
@@ -299,40 +316,19 @@ def evaluate(run_dir, cache_path, out, device):
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False),
-              help="Warm-start from a cached-feature run: its sequence model, options, split and backbone.")
-@click.option("--unfreeze", default="0", show_default=True, help="0: frozen CNN (the original CRNN); N: its last N stages; all.")
-@click.option("--backbone-lr", default=1e-4, show_default=True, type=float, help="Learning rate of the CNN (--lr is the sequence model's).")
-@click.option("--freeze-bn/--train-bn", default=True, show_default=True, help="Keep BatchNorm statistics frozen (small batches).")
-@click.option("--augment", is_flag=True, help="Random resized crop + flip per clip (off: position can carry meaning).")
-@click.option("--accumulate", default=1, show_default=True, type=int, help="Gradient accumulation steps.")
-@click.option("--checkpointing", is_flag=True, help="Gradient checkpointing through the CNN (less memory, more compute).")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last.pt.")
-@click.option("--keep-frames", is_flag=True, help="When SOURCE is a video source: featurize it with --keep-frames first.")
-@click.option("--backbone", default=None, help="Without --from, to featurize a video SOURCE: the backbone.")
-@click.option("--weights", default=None, help="Without --from, to featurize a video SOURCE: the weights.")
-@click.option("--size", default=None, type=int, help="Without --from, to featurize a video SOURCE: the input size.")
-@_train_option_decorators(as_lists=False)
+@_config_options("FinetuneConfig")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch lines.")
-@click.pass_context
-def finetune(ctx, source, out, quiet, **opts):
-    """Fine-tune CNN + sequence model end to end on SOURCE (a feature cache, or videos featurized first)."""
-    from click.core import ParameterSource
+def finetune(source, out, quiet, **opts):
+    """Fine-tune CNN + sequence model end to end on SOURCE (a feature cache, or videos featurized first).
 
-    from sequence.finetune import FinetuneConfig, finetune as run
+    Options left unset are taken from the --from run (its model, options and split), else train's defaults.
+    """
+    from sequence.config import FinetuneConfig
+    from sequence.finetune import finetune as run
 
-    explicit = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    defaults = {"epochs": 5, "batch_size": 8}  # finetune's own defaults where train's differ
-    for k, v in defaults.items():
-        if k not in explicit:
-            opts[k] = v
     cfg = FinetuneConfig(cache=source, out=out, **opts)
-    try:
-        res = run(cfg, explicit, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
-    except _seq_errors() as e:
-        _fail(e)
+    _threads(cfg.threads)
+    res = run(cfg, log=_log(quiet))
     click.echo(f"finetune {res['backbone']} + {res['model']} (unfreeze {res['unfreeze']}): test accuracy "
                f"{res['test_accuracy']:.3f} ({res['n_test']} test segments), val accuracy {res['val_accuracy']:.3f}, "
                f"best epoch {res['best_epoch']}, {res['timings']['per_epoch_s']:.1f} s/epoch", err=True)
@@ -351,26 +347,22 @@ def finetune(ctx, source, out, quiet, **opts):
 @click.option("--cache", "cache_file", default=None, type=click.Path(dir_okay=False),
               help="Keep the videos' per-frame features in this .h5 file (resumed on the next call) [default: a temporary file].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Autocast precision of the CNN [default: the run's, as its features were made].")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per backbone batch.")
 @click.option("--no-plots", is_flag=True, help="No timeline plots.")
-def predict(run_dir, videos, window, stride, threshold, out, cache_file, device, batch_size, no_plots):
+def predict(run_dir, videos, window, stride, threshold, out, cache_file, device, precision, batch_size, no_plots):
     """Classify VIDEO... (whole clips or sliding windows) with the model of RUN_DIR (a train or finetune run).
 
-    The videos are featurized with the backbone, weights, size and fps recorded in the run. Writes
-    predictions.csv (video, window_start, window_end, p_<class>..., predicted, above_threshold) and
-    timeline_<video>.png per video.
+    The videos are featurized with the backbone, weights, size, resize, fps and precision recorded in the
+    run's checkpoint (the training cache is not needed). Writes predictions.csv (video, window_start,
+    window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video.
     """
-    from featurize.worker import WorkerStartError
     from sequence.predict import PredictConfig, predict as run
 
     cfg = PredictConfig(run=run_dir, videos=list(videos), window=window, stride=stride, threshold=threshold, out=out,
-                        cache=cache_file, device=device, batch_size=batch_size, plots=not no_plots)
-    try:
-        res = run(cfg, log=lambda s: click.echo(s, err=True))
-    except _seq_errors() as e:
-        _fail(e)
-    except WorkerStartError as e:
-        _fail(e, 1)
+                        cache=cache_file, device=device, precision=precision, batch_size=batch_size, plots=not no_plots)
+    res = run(cfg, log=lambda s: click.echo(s, err=True))
     fps = f"{res['frames_per_s']:.1f} frames/s" if res["frames_per_s"] else "features already cached"
     click.echo(f"{len(res['videos'])} video(s), {res['windows']} window(s): featurize {res['frames_featurized']} frames "
                f"in {res['featurize_s']:.1f} s ({fps}), classify {res['windows_per_s'] or 0:.0f} windows/s", err=True)
@@ -384,7 +376,7 @@ def predict(run_dir, videos, window, stride, threshold, out, cache_file, device,
 @click.argument("cache_b", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Comparison folder to write.")
 @click.option("--seeds", default=3, show_default=True, type=int, help="Train seeds 0..N-1 of every variant on each cache.")
-@_train_option_decorators(as_lists=True)
+@_config_options("TrainConfig", as_lists=True)
 @click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
 def compare(cache_a, cache_b, out, seeds, quiet, **opts):
     """Compare two caches of the same segments: feature similarity, the same variants trained on each, cross-evaluation.
@@ -394,14 +386,11 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
     from sequence.compare import CompareConfig, compare as run
     from sequence.sweep import parse_list
 
-    try:
-        grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
-        plots = grid.pop("plots", [True])[0]
-        grid.pop("threads", None)
-        cfg = CompareConfig(cache_a=cache_a, cache_b=cache_b, out=out, grid=grid, seeds=seeds, plots=plots)
-        res = run(cfg, log=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
-    except _seq_errors() as e:
-        _fail(e)
+    grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
+    plots = grid.pop("plots", [True])[0]
+    grid.pop("threads", None)
+    cfg = CompareConfig(cache_a=cache_a, cache_b=cache_b, out=out, grid=grid, seeds=seeds, plots=plots)
+    res = run(cfg, log=_log(quiet))
     click.echo(f"summary: {res['out']}/summary.md", err=True)
     click.echo(res["out"])
 
@@ -413,11 +402,7 @@ def report(folders, out):
     """One self-contained HTML page (plots embedded) for run, sweep, compare or predict FOLDERS (one section each)."""
     from sequence.report import report as run
 
-    try:
-        path = run(list(folders), out)
-    except _seq_errors() as e:
-        _fail(e)
-    click.echo(path)
+    click.echo(run(list(folders), out))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Outputs: ``summary.md`` (tables), ``compare.json``, ``compare.png``, ``similarit
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,13 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize.cache import Cache, CacheError, read_cache
+from featurize.backbones import resolve_device
+from featurize.cache import Cache, read_cache
+from featurize.errors import UserError
 
-from .reader import EPS, ReaderConfig, build, check_fps, resolve_seq_len
-from .train import CHECKPOINT, _json, _softmax_all, load_checkpoint, resolve_device, train
+from . import plots
+from .reader import EPS, check_fps, resolve_seq_len
+from .run import Run, mean_std, write_json
+from .train import train
 
 
-class CompareError(CacheError):
+class CompareError(UserError):
     """The two caches cannot be compared as asked; the message says why."""
 
 
@@ -164,24 +167,15 @@ def similarity(a: Cache, b: Cache) -> dict:
 
 def _cross(run_dir: Path, other: Cache, device) -> float | None:
     """Accuracy of a run's model on ``other``'s features of the run's own test ids."""
-    model, ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    rd = ckpt["reader"]
-    rc = ReaderConfig(fps=rd["fps"], seq_len=rd["seq_len"], offset=rd["offset"], min_coverage=rd["min_coverage"])
-    feats = torch.from_numpy(np.ascontiguousarray(other.features, dtype=np.float32))
-    data = build(other, rc, classes=ckpt["classes"], features=feats)
-    model.to(device)
-    probs = _softmax_all(model, data, device)
+    run = Run(run_dir)
+    data = run.sequences(other)
+    probs = run.probabilities(data, device)
     pos = {s: i for i, s in enumerate(data.ids)}
-    test = [pos[s] for s in ckpt["split_ids"]["test"] if s in pos]
+    test = [pos[s] for s in run.split_ids["test"] if s in pos]
     y = data.labels.numpy()[test]
     p = probs[test]
     ok = ~np.isnan(p).any(1)
     return float((p[ok].argmax(1) == y[ok]).mean()) if ok.any() else None
-
-
-def _ms(vals) -> tuple[float | None, float | None]:
-    v = np.array([x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
-    return (float(v.mean()), float(v.std())) if len(v) else (None, None)
 
 
 def _fmt_ms(m, s) -> str:
@@ -221,6 +215,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     vs = variants(SweepConfig(cache=cfg.cache_a, out=str(out / "runs"), grid=grid))
     device = resolve_device(grid.get("device", ["auto"])[0])
     durations = np.asarray(a.segments["end"], float) - np.asarray(a.segments["start"], float)
+    features = {side: (c, torch.from_numpy(np.ascontiguousarray(c.features, dtype=np.float32))) for side, c in (("A", a), ("B", b))}
     rows = []
     for name, tc in vs:
         vname = name if name != "run" else tc.model
@@ -230,9 +225,9 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
         cross = {"A->B": [], "B->A": []}
         for seed in range(cfg.seeds):
             runs = {}
-            for side, cache, path in (("A", a, cfg.cache_a), ("B", b, cfg.cache_b)):
+            for side, path in (("A", cfg.cache_a), ("B", cfg.cache_b)):
                 run = out / "runs" / side / vname / f"seed{seed}"
-                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots), cache=cache)
+                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots), data=features[side])
                 res[side].append(r)
                 runs[side] = run
             if sim["same_dim"]:
@@ -245,13 +240,12 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
         row = {"variant": vname, "model": tc.model, "fps": tc.fps, "seq_len": tc.seq_len, "split": tc.split,
                "seeds": cfg.seeds, "classes": classes}
         for side in ("A", "B"):
-            acc_key = "test_accuracy"
-            row[f"test_{side}"], row[f"test_{side}_std"] = _ms([r[acc_key] for r in res[side]])
-            row[f"val_{side}"], row[f"val_{side}_std"] = _ms([r["val_accuracy"] for r in res[side]])
-            row[f"per_class_{side}"] = {c: _ms([r["per_class_accuracy"].get(c) for r in res[side]])[0] for c in classes}
+            row[f"test_{side}"], row[f"test_{side}_std"] = mean_std([r["test_accuracy"] for r in res[side]])
+            row[f"val_{side}"], row[f"val_{side}_std"] = mean_std([r["val_accuracy"] for r in res[side]])
+            row[f"per_class_{side}"] = {c: mean_std([r["per_class_accuracy"].get(c) for r in res[side]])[0] for c in classes}
             row[f"runs_{side}"] = [str(out / "runs" / side / vname / f"seed{s}") for s in range(cfg.seeds)]
         for k, v in cross.items():
-            row[f"cross_{k}"], row[f"cross_{k}_std"] = _ms(v) if v else (None, None)
+            row[f"cross_{k}"], row[f"cross_{k}_std"] = mean_std(v)
         rows.append(row)
         log(f"{vname}: A {_fmt_ms(row['test_A'], row['test_A_std'])}  B {_fmt_ms(row['test_B'], row['test_B_std'])}"
             + (f"  A->B {_fmt_ms(row['cross_A->B'], row['cross_A->B_std'])}  B->A "
@@ -260,10 +254,10 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     res = {"status": "complete", "cache_a": _describe(full_a), "cache_b": _describe(full_b), "common_segments": len(ids),
            "fps": grid["fps"], "seeds": cfg.seeds, "grid": grid,
            "similarity": {k: v for k, v in sim.items() if k != "per_segment"}, "variants": rows, "out": str(out)}
-    _json(out / "compare.json", res)
+    write_json(out / "compare.json", res)
     (out / "summary.md").write_text(summary_md(res))
     if cfg.plots:
-        plot_compare(out / "compare.png", res, [p["cosine"] for p in sim["per_segment"] if p["cosine"] is not None])
+        plots.compare(out / "compare.png", res, [p["cosine"] for p in sim["per_segment"] if p["cosine"] is not None])
     return res
 
 
@@ -306,36 +300,3 @@ def summary_md(res: dict) -> str:
         lines.append("")
     lines += ["![compare](compare.png)", ""]
     return "\n".join(lines)
-
-
-def plot_compare(path: Path, res: dict, cosines: list) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = res["variants"]
-    n = 2 if cosines else 1
-    fig, axes = plt.subplots(1, n, figsize=(5 + 2.5 * n, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    x = np.arange(len(rows))
-    w = 0.2
-    bars = [("A", "test_A"), ("B", "test_B"), ("A → B", "cross_A->B"), ("B → A", "cross_B->A")]
-    for k, (lab, key) in enumerate(bars):
-        vals = [r[key] if r[key] is not None else 0 for r in rows]
-        errs = [r.get(key + "_std") or 0 for r in rows]
-        if all(r[key] is None for r in rows):
-            continue
-        ax.bar(x + (k - 1.5) * w, vals, w, yerr=errs, capsize=2, label=lab)
-    ax.set_xticks(x, [r["variant"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"mean ± std over {res['seeds']} seed(s)", fontsize=10)
-    ax.legend(fontsize=8)
-    if cosines:
-        ax2 = axes[0, 1]
-        ax2.hist(cosines, bins=20, color="gray")
-        ax2.set_xlabel("per-segment mean cosine (A vs B)")
-        ax2.set_title(f"linear CKA {res['similarity']['linear_cka']:.3f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -1,11 +1,12 @@
-"""The train command's options: one dataclass, validated up front with messages naming the CLI flag.
+"""The options of train, sweep and finetune: one dataclass per command, validated up front with messages naming
+the CLI flag. Each dataclass owns its defaults; the CLI builds its flags from these fields and
+:data:`OPTION_HELP`, so the Python API and the command line agree.
 
-Kept free of torch imports so the command line starts fast; ``featseq train`` and ``featseq sweep``
-build their options from these fields and :data:`OPTION_HELP`.
+Kept free of torch imports so the command line starts fast.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 
 MODEL_NAMES = ("lstm", "gru", "rnn", "conv1d", "transformer", "mlp", "frame")  # tests check this equals models.MODELS
@@ -42,6 +43,24 @@ class ReaderConfig:
 
 
 CLASS_WEIGHTS = ("none", "balanced")
+# TrainConfig fields that are options of a sequence model: each model uses those its registry entry lists
+# (sequence.models), and the sweep treats the rest as irrelevant to it.
+MODEL_OPTIONS = ("hidden", "layers", "bidirectional", "dropout", "pooling", "kernel", "heads")
+
+
+def model_option_problems(opts: dict) -> list[str]:
+    """What is wrong with sequence-model options (None: the model's default), each naming its flag. The one check,
+    used by TrainConfig.validate and by sequence.models.create_model."""
+    checks = {"hidden": (lambda v: v >= 1, "must be >= 1"), "layers": (lambda v: 1 <= v <= 8, "must be in 1..8"),
+              "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "kernel": (lambda v: v >= 1, "must be >= 1"),
+              "heads": (lambda v: v >= 1, "must be >= 1"),
+              "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}")}
+    return [f"--{k} {text}, got {opts[k]!r}" for k, (ok, text) in checks.items()
+            if opts.get(k) is not None and not ok(opts[k])]
+
+
+# options that change nothing a run computes (how it runs or what it writes)
+RUNTIME_OPTIONS = ("device", "threads", "plots")
 
 
 @dataclass
@@ -88,13 +107,10 @@ class TrainConfig:
                             offset=self.offset, min_coverage=self.min_coverage)
 
     def model_kwargs(self) -> dict:
+        """The options of this config's model (None: the model's default)."""
         from . import models as M
 
-        kw = {"hidden": self.hidden, "layers": self.layers, "bidirectional": self.bidirectional, "dropout": self.dropout,
-              "kernel": self.kernel, "heads": self.heads}
-        if self.pooling is not None:
-            kw["pooling"] = self.pooling
-        return M.model_options(self.model, **kw)
+        return M.model_options(self.model, **{k: getattr(self, k) for k in MODEL_OPTIONS})
 
     def validate(self) -> None:
         problems = []
@@ -102,18 +118,7 @@ class TrainConfig:
             problems.append(f"--model: unknown model {self.model!r}; known models: {', '.join(MODEL_NAMES)}")
         if self.split not in SPLIT_NAMES:
             problems.append(f"--split: unknown split {self.split!r}; known splits: {', '.join(SPLIT_NAMES)}")
-        if self.hidden < 1:
-            problems.append(f"--hidden must be >= 1, got {self.hidden}")
-        if not 1 <= self.layers <= 8:
-            problems.append(f"--layers must be in 1..8, got {self.layers}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            problems.append(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.kernel < 1:
-            problems.append(f"--kernel must be >= 1, got {self.kernel}")
-        if self.heads < 1:
-            problems.append(f"--heads must be >= 1, got {self.heads}")
+        problems += model_option_problems({k: getattr(self, k) for k in MODEL_OPTIONS})
         if not 0 < self.test_size < 1:
             problems.append(f"--test-size must be in (0, 1), got {self.test_size}")
         if not 0 <= self.val_size < 1:
@@ -144,9 +149,91 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# what --from RUN hands down to finetune when the option is left at None
+INHERITED = ("model",) + MODEL_OPTIONS + ("fps", "seconds", "percent", "seq_len", "offset", "min_coverage", "split",
+                                          "test_size", "val_size", "folds", "seed", "weight_decay", "class_weights",
+                                          "label_smoothing", "standardize")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """finetune's options. A field left at None is inherited from ``--from RUN`` (its config and split), or
+    takes train's default without --from; finetune's own defaults (epochs, batch size) are its own."""
+    model: str | None = None
+    hidden: int | None = None
+    layers: int | None = None
+    bidirectional: bool | None = None
+    dropout: float | None = None
+    kernel: int | None = None
+    heads: int | None = None
+    percent: float | None = None
+    offset: str | None = None
+    min_coverage: float | None = None
+    split: str | None = None
+    test_size: float | None = None
+    val_size: float | None = None
+    folds: int | None = None
+    seed: int | None = None
+    weight_decay: float | None = None
+    class_weights: str | None = None
+    label_smoothing: float | None = None
+    standardize: bool | None = None
+    epochs: int = 5
+    batch_size: int = 8
+    from_run: str | None = None
+    unfreeze: str = "0"              # "0" (frozen CNN), N (last N stages), "all"
+    backbone_lr: float = 1e-4
+    freeze_bn: bool = True           # keep BatchNorm statistics (small batches)
+    augment: bool = False            # random resized crop + flip, the same for every frame of a clip
+    accumulate: int = 1              # gradient accumulation steps
+    checkpointing: bool = False      # gradient checkpointing through the trunk
+    precision: str = "auto"          # auto: bf16/fp16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    resume: bool = False
+    keep_frames: bool = False        # when SOURCE is a video source: featurize with --keep-frames
+    # to featurize a video SOURCE without --from (with --from, the run's featurize spec is used)
+    backbone: str | None = None
+    weights: str | None = None
+    size: int | None = None
+    decode_timeout: float = 120.0
+
+    def inherit(self, run_config: dict | None, reader: dict | None) -> "FinetuneConfig":
+        """Every None of :data:`INHERITED` filled from a run's config (or train's defaults without one). With none of
+        --fps/--seconds/--percent/--seq-len given, the run's resolved fps and sequence length are kept."""
+        base = TrainConfig(cache=self.cache, out=self.out)
+        window = ("fps", "seconds", "percent", "seq_len")
+        keep_window = run_config is not None and reader is not None and all(getattr(self, k) is None for k in window)
+        filled = {}
+        for k in INHERITED:
+            if getattr(self, k) is None:
+                filled[k] = run_config[k] if run_config is not None and k in run_config else getattr(base, k)
+        if keep_window:
+            filled.update(fps=reader["fps"], seq_len=reader["seq_len"])
+        return replace(self, **filled)
+
+    def validate(self) -> None:
+        unset = [f"--{k.replace('_', '-')}" for k in INHERITED if getattr(self, k) is None
+                 and getattr(TrainConfig, k, None) is not None]
+        if unset:
+            raise ValueError(f"finetune options {', '.join(unset)} are unset; call FinetuneConfig.inherit() first")
+        super().validate()
+        problems = []
+        if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):
+            problems.append(f"--unfreeze must be 0, a number of stages or 'all', got {self.unfreeze!r}")
+        if self.backbone_lr <= 0:
+            problems.append(f"--backbone-lr must be > 0, got {self.backbone_lr}")
+        if self.accumulate < 1:
+            problems.append(f"--accumulate must be >= 1, got {self.accumulate}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        from .splits import SPLITS
+
+        if SPLITS[self.split].cv:
+            problems.append(f"--split {self.split}: finetune trains one model; use random, seed-compat or group "
+                            f"(cross-validate with cached features: featseq train --split {self.split})")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # ---------------------------------------------------------------- command-line help, shared by train and sweep
@@ -182,4 +269,20 @@ OPTION_HELP = {
     "device": "auto, cpu or cuda.",
     "threads": "torch CPU threads [default: torch's; a sweep uses cores // jobs].",
     "plots": "Write curves.png and confusion.png.",
+    # finetune
+    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings.",
+    "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",
+    "backbone_lr": "Learning rate of the CNN (--lr is the sequence model's).",
+    "freeze_bn": "Keep BatchNorm statistics frozen (small batches).",
+    "augment": "Random resized crop + flip per clip (off: position can carry meaning).",
+    "accumulate": "Gradient accumulation steps.",
+    "checkpointing": "Gradient checkpointing through the CNN (less memory, more compute).",
+    "precision": "Autocast: auto is bf16 (or fp16) on CUDA, fp32 on CPU.",
+    "channels_last": "NHWC memory format for the CNN on CUDA.",
+    "resume": "Continue an interrupted run from its last.pt.",
+    "keep_frames": "When SOURCE is a video source: featurize it with --keep-frames first.",
+    "backbone": "Without --from, to featurize a video SOURCE: the backbone.",
+    "weights": "Without --from, to featurize a video SOURCE: the weights.",
+    "size": "Without --from, to featurize a video SOURCE: the input size.",
+    "decode_timeout": "Seconds without a frame before a decoder is declared hung (frames decoded from video).",
 }

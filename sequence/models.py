@@ -17,9 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .config import POOLINGS
-
-
+from .config import model_option_problems
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -71,8 +69,6 @@ class Pool(nn.Module):
 
     def __init__(self, kind: str, dim: int, bidirectional: bool = False):
         super().__init__()
-        if kind not in POOLINGS:
-            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {kind!r}")
         self.kind, self.bidirectional = kind, bidirectional
         self.score = nn.Linear(dim, 1) if kind == "attention" else None
 
@@ -234,11 +230,8 @@ def create_model(name: str, input_dim: int, n_classes: int, **kw) -> SequenceCla
     """Build model ``name``; options it does not use are ignored (a sweep may vary them for other models)."""
     entry = get_entry(name)
     opts = model_options(name, **kw)
-    if "layers" in opts and not 1 <= int(opts["layers"]) <= 8:
-        raise ValueError(f"--layers must be in 1..8, got {opts['layers']}")
-    if "hidden" in opts and int(opts["hidden"]) < 1:
-        raise ValueError(f"--hidden must be >= 1, got {opts['hidden']}")
-    if "pooling" in opts and opts["pooling"] not in POOLINGS:
-        raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {opts['pooling']!r}")
+    problems = model_option_problems(opts)
+    if problems:
+        raise ValueError("; ".join(problems))
     core = entry.build(input_dim, n_classes, **opts)
     return SequenceClassifier(core, input_dim, {"name": name, "input_dim": input_dim, "n_classes": n_classes, **opts})

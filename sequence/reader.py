@@ -29,20 +29,27 @@ Offsets (snapped to the cache's frame grid so they stay exact):
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurize.cache import Cache, CacheError
+from featurize.cache import Cache, features_to_npy, read_cache
+from featurize.errors import UserError
+from featurize.files import replaced
 
 from .config import OFFSETS, ReaderConfig  # noqa: F401  (re-exported)
 
 EPS = 1e-6
 
 
-class ReaderError(CacheError):
+class ReaderError(UserError):
     """A sequence request the cache cannot serve (the message names the flag and the fix)."""
 
 
@@ -129,7 +136,7 @@ def select(timestamps: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, sta
 class Sequences:
     """A cache's sequences in memory: features stay one (frames, D) tensor; rows/mask index into it."""
 
-    features: torch.Tensor      # (total_frames, D) float32, shared by every variant of a sweep
+    features: torch.Tensor | None  # (total_frames, D) float32, shared by every variant of a sweep; None: selection only
     rows: torch.Tensor          # (N, L) int64
     mask: torch.Tensor          # (N, L) bool
     labels: torch.Tensor        # (N,) int64 index into classes (-1: label unknown to `classes`)
@@ -184,7 +191,8 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
 
     ``classes`` fixes the label order (default: sorted labels of the cache); ``offset`` overrides
     cfg.offset (``random`` becomes ``center`` here: the trainer jitters training rows itself);
-    ``features`` reuses an already converted features tensor; ``seq_len`` overrides the config's.
+    ``features`` reuses an already converted features tensor (default: the cache's, when it was read with
+    them; a cache read without features gives the selection alone); ``seq_len`` overrides the config's.
     """
     cfg.validate()
     if len(cache) == 0:
@@ -211,10 +219,60 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
         classes = sorted(set(labels_str[keep].tolist()))
     lut = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lut.get(x, -1) for x in labels_str], dtype=torch.long)
-    if features is None:
+    if features is None and cache.features is not None:
         features = torch.from_numpy(np.ascontiguousarray(cache.features, dtype=np.float32))
     seg = {"timestamps": cache.timestamps, "offset": s["offset"], "length": s["length"], "start": s["start"], "end": s["end"]}
     return Sequences(features=features, rows=torch.from_numpy(sel.rows), mask=torch.from_numpy(sel.mask), labels=labels,
                      classes=list(classes), ids=list(s["id"]), groups=np.asarray(s["group"]).astype(str),
                      label_names=labels_str, coverage=sel.coverage, keep=keep, fps=fps, seq_len=seq_len, seconds=seconds,
                      cache_fps=cache_fps, durations=durations, _seg=seg)
+
+
+# ---------------------------------------------------------------- features in memory
+
+def ram_budget_bytes() -> int:
+    """Features larger than this (as float32) are memory-mapped instead of read into RAM.
+
+    ``FEATSEQ_RAM_BUDGET_GB`` sets it; by default half of the memory available now.
+    """
+    if os.environ.get("FEATSEQ_RAM_BUDGET_GB"):
+        return int(float(os.environ["FEATSEQ_RAM_BUDGET_GB"]) * 2**30)
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _memmap_features(path: str, rows: int) -> np.ndarray:
+    """A float32 copy of the cache's features in a .npy file (made once per cache version), memory-mapped."""
+    st = os.stat(path)
+    tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("FEATSEQ_MMAP_DIR", tempfile.gettempdir())) / "featseq-mmap"
+    folder.mkdir(parents=True, exist_ok=True)
+    npy = folder / f"{Path(path).stem}-{tag}.npy"
+    if not npy.exists():
+        with replaced(npy) as tmp:  # atomic: parallel sweep workers may race to make it
+            features_to_npy(path, tmp, rows)
+    return np.load(npy, mmap_mode="r")
+
+
+def load_features(path: str) -> tuple[Cache, torch.Tensor]:
+    """A cache and its float32 features tensor (the cache's ``features`` field holds the same data).
+
+    Features larger than :func:`ram_budget_bytes` are memory-mapped from a float32 copy on disk (the
+    page cache is then shared by the processes of a sweep) instead of read into RAM. Callers that
+    train many models on one cache load it once and pass it on (``train(cfg, data=...)``).
+    """
+    cache = read_cache(path, features=False)
+    dim = int(cache.attrs.get("feature_dim", 0) or 0)
+    if len(cache.timestamps) * dim * 4 > ram_budget_bytes():
+        cache.features = _memmap_features(path, len(cache.timestamps))
+        with warnings.catch_warnings():  # a read-only memory map: the trainer only gathers rows from it
+            warnings.simplefilter("ignore", UserWarning)
+            return cache, torch.from_numpy(cache.features)
+    cache = read_cache(path, dtype=np.float32)
+    feats = torch.from_numpy(np.ascontiguousarray(cache.features)) if cache.features is not None else torch.zeros(0)
+    return cache, feats

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from featurize.errors import UserError
 from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
                                      train_test_split)
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """A split that cannot be made on this data (the message names the flag)."""
 
 
@@ -36,14 +38,22 @@ class Fold:
     test: np.ndarray
 
 
-SPLITS: dict[str, Callable] = {}
-GROUP_SPLITS = {"group", "group-kfold", "logo"}
-CV_SPLITS = {"kfold", "group-kfold", "logo"}
+@dataclass(frozen=True)
+class SplitEntry:
+    name: str
+    make: Callable                  # make(idx, labels, groups, test_size, seed, folds) -> [(name, train, test)]
+    uses: tuple[str, ...] = ()      # the options it reads among test_size and folds (seed always)
+    cv: bool = False                # several folds: cross-validation
+    by_group: bool = False          # whole groups per part (validation is then carved by group too)
 
 
-def register(name):
+SPLITS: dict[str, SplitEntry] = {}
+SPLIT_OPTIONS = ("test_size", "folds")  # the options a split may use (SplitEntry.uses)
+
+
+def register(name: str, uses: tuple[str, ...] = (), cv: bool = False, by_group: bool = False):
     def deco(fn):
-        SPLITS[name] = fn
+        SPLITS[name] = SplitEntry(name, fn, uses, cv, by_group)
         return fn
     return deco
 
@@ -55,7 +65,7 @@ def _can_stratify(labels: np.ndarray, n_test: float) -> bool:
     return counts.min() >= 2 and len(counts) <= k <= n - len(counts)
 
 
-@register("random")
+@register("random", uses=("test_size",))
 def split_random(idx, labels, groups, test_size, seed, folds):
     strat = labels[idx] if _can_stratify(labels[idx], test_size) else None
     tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=strat)
@@ -68,7 +78,7 @@ def split_seed_compat(idx, labels, groups, test_size, seed, folds):
     return [("main", tr, te)]
 
 
-@register("group")
+@register("group", uses=("test_size",), by_group=True)
 def split_group(idx, labels, groups, test_size, seed, folds):
     if len(set(groups[idx])) < 2:
         raise SplitError("--split group needs at least 2 groups; this cache has one")
@@ -76,7 +86,7 @@ def split_group(idx, labels, groups, test_size, seed, folds):
     return [("main", idx[tr], idx[te])]
 
 
-@register("kfold")
+@register("kfold", uses=("folds",), cv=True)
 def split_kfold(idx, labels, groups, test_size, seed, folds):
     _, counts = np.unique(labels[idx], return_counts=True)
     if folds < 2 or counts.min() < folds:
@@ -85,7 +95,7 @@ def split_kfold(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx]))]
 
 
-@register("group-kfold")
+@register("group-kfold", uses=("folds",), cv=True, by_group=True)
 def split_group_kfold(idx, labels, groups, test_size, seed, folds):
     n_groups = len(set(groups[idx]))
     if folds < 2 or n_groups < folds:
@@ -94,7 +104,7 @@ def split_group_kfold(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx], groups[idx]))]
 
 
-@register("logo")
+@register("logo", cv=True, by_group=True)
 def split_logo(idx, labels, groups, test_size, seed, folds):
     g = groups[idx]
     if len(set(g)) < 2:
@@ -133,8 +143,9 @@ def make_folds(split: str, labels: np.ndarray, groups: np.ndarray, keep: np.ndar
         raise SplitError(f"only {len(idx)} usable segment(s); a split needs at least 2")
     classes = sorted(set(labels[idx].tolist())) if classes is None else list(classes)
     out = []
-    for name, tr, te in SPLITS[split](idx, labels, groups, test_size, seed, folds):
-        tr, va = carve_validation(np.asarray(tr), labels, groups, val_size, seed, split in GROUP_SPLITS)
+    entry = SPLITS[split]
+    for name, tr, te in entry.make(idx, labels, groups, test_size, seed, folds):
+        tr, va = carve_validation(np.asarray(tr), labels, groups, val_size, seed, entry.by_group)
         missing = [c for c in classes if not (labels[tr] == c).any()]
         if missing:
             raise SplitError(f"--split {split}{'' if name == 'main' else f' ({name})'}: class(es) {', '.join(map(str, missing))} "

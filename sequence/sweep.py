@@ -20,19 +20,22 @@ import math
 import multiprocessing as mp
 import os
 import re
+import sys
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 
 from featurize.cache import read_cache
 
 from . import models as M
-from .reader import build
-from .splits import make_folds
+from . import plots
+from .config import MODEL_OPTIONS, RUNTIME_OPTIONS
+from .reader import build, load_features
+from .run import write_json
+from .splits import SPLIT_OPTIONS, SPLITS, make_folds
 from .train import TrainConfig, train
 
 NOT_SWEPT = {"cache", "out"}
@@ -103,13 +106,13 @@ def parse_list(name: str, text: str) -> list:
 
 def load_grid(path: str) -> dict[str, list]:
     """A TOML grid file: top-level ``option = value`` or ``option = [values]`` (a [grid] table also works)."""
-    text = Path(path).read_text()
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, from PyPI
+        import tomli as tomllib
     try:
-        import tomllib  # Python >= 3.11
-        data = tomllib.loads(text)
-    except ModuleNotFoundError:
-        data = _tiny_toml(text, path)
-    except Exception as e:  # tomllib.TOMLDecodeError
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--grid {path}: not valid TOML ({e})") from None
     if isinstance(data.get("grid"), dict):
         data = data["grid"]
@@ -118,23 +121,6 @@ def load_grid(path: str) -> dict[str, list]:
         name = k.replace("-", "_")
         vals = v if isinstance(v, list) else [v]
         out[name] = [parse_value(name, x) for x in vals]
-    return out
-
-
-def _tiny_toml(text: str, path: str) -> dict:
-    """Python 3.10 fallback: ``key = value`` lines, values in TOML/JSON syntax (strings, numbers, true/false, lists)."""
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = re.sub(r"\s+#.*$", "", line).strip()
-        if not line or line.startswith("#") or re.fullmatch(r"\[\s*grid\s*\]", line):
-            continue
-        m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*(.+)", line)
-        if not m:
-            raise ValueError(f"--grid {path}:{n}: expected `option = value` (Python 3.10 reads a simple TOML subset)")
-        try:
-            out[m.group(1)] = json.loads(m.group(2).replace("'", '"'))
-        except json.JSONDecodeError:
-            raise ValueError(f"--grid {path}:{n}: cannot read value {m.group(2)!r}") from None
     return out
 
 
@@ -168,17 +154,15 @@ def _fmt(v) -> str:
 
 
 def relevant(cfg: TrainConfig, name: str) -> bool:
-    """Does option ``name`` change what this config trains? (model options only matter to models that use them)"""
-    model_fields = {"hidden", "layers", "bidirectional", "dropout", "pooling", "kernel", "heads"}
-    if name in model_fields:
+    """Does option ``name`` change what this config trains? Model options matter only to the models whose registry
+    entry lists them, split options only to the splits whose entry uses them, and runtime options never."""
+    if name in MODEL_OPTIONS:
         return name in M.get_entry(cfg.model).options
+    if name in SPLIT_OPTIONS:
+        return name in SPLITS[cfg.split].uses
     if name in ("seconds", "percent") and cfg.seq_len is not None:
         return False
-    if name == "folds" and cfg.split not in ("kfold", "group-kfold"):
-        return False
-    if name == "test_size" and cfg.split in ("seed-compat", "kfold", "group-kfold", "logo"):
-        return False
-    return name not in ("threads", "plots", "device")
+    return name not in RUNTIME_OPTIONS
 
 
 def variants(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
@@ -221,11 +205,8 @@ def finished(tc: TrainConfig) -> dict | None:
 
 def preflight(cfg: SweepConfig, todo: list[TrainConfig]) -> None:
     """Refuse impossible requests (fps above the cache's, a class missing from training...) before training anything."""
-    import torch
-
     cache = read_cache(cfg.cache, features=False)
     dim = int(cache.attrs.get("feature_dim", 1) or 1)
-    dummy = torch.zeros(1, dim)
     checked = set()
     for tc in todo:
         tc.validate()
@@ -234,13 +215,17 @@ def preflight(cfg: SweepConfig, todo: list[TrainConfig]) -> None:
         if key in checked:
             continue
         checked.add(key)
-        data = build(cache, tc.reader(), features=dummy)
+        data = build(cache, tc.reader())
         make_folds(tc.split, data.label_names, data.groups, data.keep, test_size=tc.test_size, val_size=tc.val_size,
                    seed=tc.seed, folds=tc.folds, classes=data.classes)
         M.create_model(tc.model, dim, max(2, len(data.classes)), **tc.model_kwargs())
 
 
-def _init_worker(threads: int) -> None:
+# The cache a sweep process trains on, loaded once per process by _init_worker (its entry point).
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int, cache: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -248,6 +233,7 @@ def _init_worker(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    _WORKER["data"] = load_features(cache)
 
 
 def _run_one(cfg_dict: dict) -> dict:
@@ -255,7 +241,7 @@ def _run_one(cfg_dict: dict) -> dict:
     tc = TrainConfig(**cfg_dict)
     t0 = time.monotonic()
     try:
-        return train(tc)
+        return train(tc, data=_WORKER["data"])
     except Exception as e:  # one failing variant must not stop the sweep (KeyboardInterrupt still does)
         return {"status": "error", "error": f"{type(e).__name__}: {e}", "config": cfg_dict,
                 "timings": {"total_s": round(time.monotonic() - t0, 3)}}
@@ -281,16 +267,16 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     threads = cfg.threads or max(1, cores // cfg.jobs)
     results = dict(done)
     n = 0
-    if cfg.jobs == 1 or len(todo) <= 1:
-        _init_worker(threads)
+    if len(todo) == 1 or (todo and cfg.jobs == 1):
+        _init_worker(threads, cfg.cache)
         for name, tc in todo:
             results[name] = _run_one(asdict(tc))
             n += 1
             log(_line(n, len(todo), name, results[name]))
-    else:
+    elif todo:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads, cfg.cache)) as pool:
             futs = {pool.submit(_run_one, asdict(tc)): name for name, tc in todo}
             for fut in as_completed(futs):
                 name = futs[fut]
@@ -301,7 +287,7 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     varying = [k for k in cfg.grid if len(cfg.grid[k]) > 1]
     rows = leaderboard_rows(vs, results, varying)
     paths = write_leaderboard(out, rows, varying)
-    _write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": cfg.grid, "jobs": cfg.jobs,
+    write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": cfg.grid, "jobs": cfg.jobs,
                                       "threads": threads, "variants": len(vs), "trained": len(todo),
                                       "skipped": len(done), "seconds": round(seconds, 2)})
     return {"rows": rows, "paths": paths, "seconds": seconds, "trained": len(todo), "skipped": len(done),
@@ -313,12 +299,6 @@ def _line(n, total, name, r) -> str:
         return f"[{n}/{total}] {name}: FAILED {r.get('error')}"
     return (f"[{n}/{total}] {name}: val {r.get('val_accuracy') or float('nan'):.3f} test {r.get('test_accuracy') or float('nan'):.3f} "
             f"({r['timings']['total_s']:.1f} s)")
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _num(v):
@@ -383,30 +363,6 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
     md = "\n".join(lines) + "\n"
     (out / "leaderboard.md").write_text("Sorted by validation accuracy (ties: lower validation loss). "
                                         "Test accuracy is never used for ranking.\n\n" + md)
-    plot_summary(out / "summary.png", rows)
+    plots.sweep_summary(out / "summary.png", rows)
     return {"csv": str(out / "leaderboard.csv"), "md": str(out / "leaderboard.md"), "plot": str(out / "summary.png"),
             "table": md}
-
-
-def plot_summary(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "complete"]
-    h = max(2.5, 0.32 * len(ok) + 1.2)
-    fig, ax = plt.subplots(figsize=(8, h))
-    y = np.arange(len(ok))[::-1]
-    va = [r["val_accuracy"] or 0 for r in ok]
-    te = [r["test_accuracy"] or 0 for r in ok]
-    ax.barh(y + 0.2, va, height=0.4, label="validation", color="tab:blue")
-    ax.barh(y - 0.2, te, height=0.4, label="test", color="tab:orange")
-    ax.set_yticks(y, [r["variant"] + ("" if r["order_aware"] else "  [order-blind]") for r in ok], fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("sweep: sorted by validation accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -1,0 +1,238 @@
+"""The one training loop. train, cross-validation and finetune all call :func:`fit`; only the source of a batch's
+inputs differs: cached features (:class:`FeatureInputs`) or frames through a CNN (finetune's ``FrameInputs``).
+
+An epoch: a permutation of the training part (seeded), batches through the model with the loss (class
+weights, label smoothing), gradient accumulation and autocast when asked; then the validation and test parts
+are scored with a plain loss. Model selection and early stopping (:class:`BestEpoch`) use validation only;
+the test part is scored after every epoch for monitoring. The loop's whole state can be saved after every
+epoch and handed back to continue (finetune's ``last.pt``).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .splits import Fold
+
+
+class Inputs(Protocol):
+    """Model inputs for sequences given by index."""
+
+    eval_batch: int
+
+    def batches(self, index_batches: list[np.ndarray], rows: torch.Tensor | None = None, train: bool = False,
+                gen: torch.Generator | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(indices, x, mask) for each batch of sequence indices; ``rows`` replaces the default frame rows
+        (a new draw of random offsets); ``train`` allows augmentation drawn from ``gen``."""
+
+
+class FeatureInputs:
+    """Cached features: x (B, L, D) gathered from one (frames, D) tensor by a (N, L) rows table, zero at padding."""
+
+    eval_batch = 1024
+
+    def __init__(self, features: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor):
+        self.features, self.rows, self.mask = features, rows, mask
+
+    @classmethod
+    def of(cls, data) -> "FeatureInputs":
+        """For a :class:`sequence.reader.Sequences`."""
+        return cls(data.features, data.rows, data.mask)
+
+    def batches(self, index_batches, rows=None, train=False, gen=None):
+        table = self.rows if rows is None else rows
+        for b in index_batches:
+            bt = torch.as_tensor(b)
+            m = self.mask[bt]
+            yield b, self.features[table[bt]] * m.unsqueeze(-1), m
+
+
+class Amp:
+    """Autocast and gradient scaling for a precision on a device (fp32: both off)."""
+
+    def __init__(self, device: torch.device, precision: str = "fp32"):
+        from featurize.backbones import PRECISIONS
+
+        self.device, self.precision = device, precision
+        self.dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: Inputs, idx: np.ndarray, device: torch.device, amp: Amp | None = None,
+           n_classes: int | None = None) -> torch.Tensor:
+    """Logits (len(idx), C) in eval mode, in chunks of ``inputs.eval_batch``."""
+    model.eval()
+    ctx = amp.autocast if amp is not None else contextlib.nullcontext
+    step = inputs.eval_batch
+    out = []
+    for _, x, m in inputs.batches([idx[a:a + step] for a in range(0, len(idx), step)]):
+        with ctx():
+            out.append(model(x.to(device), m.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, n_classes or 0)
+
+
+def probabilities(model: nn.Module, inputs: Inputs, mask: torch.Tensor | np.ndarray, n_classes: int, device: torch.device,
+                  amp: Amp | None = None) -> np.ndarray:
+    """Softmax (N, C) of every sequence with at least one frame (mask[:, 0]); NaN rows for the others."""
+    first = np.asarray(mask)[:, 0]
+    probs = np.full((len(first), n_classes), np.nan)
+    have = np.nonzero(first)[0]
+    if len(have):
+        probs[have] = torch.softmax(logits(model, inputs, have, device, amp, n_classes), 1).numpy()
+    return probs
+
+
+class BestEpoch:
+    """Model selection and early stopping: the best validation accuracy, ties to the lower validation loss; without a
+    validation part every epoch is the best so far (the last one is kept) and there is no early stop."""
+
+    def __init__(self, has_val: bool, patience: int):
+        self.has_val, self.patience = has_val, patience
+        self.epoch, self.key, self.state, self.stale = 0, None, None, 0
+
+    def offer(self, epoch: int, val_loss: float, val_acc: float, model: nn.Module) -> bool:
+        """Keep ``model``'s weights if this epoch is the best so far; returns whether it is."""
+        key = (val_acc, -val_loss) if self.has_val else (epoch, 0.0)
+        if self.key is not None and key <= self.key:
+            self.stale += 1
+            return False
+        self.epoch, self.key, self.stale = epoch, key, 0
+        self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def should_stop(self) -> bool:
+        return self.has_val and self.key is not None and self.stale >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "key": self.key, "state": self.state, "stale": self.stale}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.key, self.state, self.stale = d["epoch"], d["key"], d["state"], d["stale"]
+
+
+@dataclass
+class FitOptions:
+    epochs: int
+    batch_size: int
+    patience: int
+    seed: int = 0
+    class_weights: str = "none"
+    label_smoothing: float = 0.0
+    accumulate: int = 1
+    offset: str = "start"           # "random": a new draw of window offsets every epoch (from seed and epoch)
+
+    @classmethod
+    def of(cls, cfg) -> "FitOptions":
+        """From a TrainConfig or FinetuneConfig."""
+        return cls(epochs=cfg.epochs, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed,
+                   class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing,
+                   accumulate=getattr(cfg, "accumulate", 1), offset=cfg.offset)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int                 # 0: the starting weights (a warm start) stayed the best
+    start_scores: dict | None       # scores of the starting weights when they were a candidate
+    train_s: float
+
+
+def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Optimizer, opts: FitOptions,
+        device: torch.device, *, amp: Amp | None = None, train_mode: Callable[[], None] | None = None,
+        start_is_candidate: bool = False, resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
+        log: Callable[[str], None] = lambda s: None) -> FitResult:
+    """Train ``model`` on fold.train, select on fold.val, monitor fold.test; leaves the best epoch's weights in it.
+
+    ``data``: the :class:`sequence.reader.Sequences` (labels, classes; random offsets are redrawn from it).
+    ``train_mode``: puts the model in training mode (default ``model.train()``; finetune keeps frozen parts in
+    eval mode). ``start_is_candidate``: score the starting weights first and keep them unless an epoch beats
+    them on validation (a warm start). ``resume``: a state handed to ``on_epoch`` earlier, to continue after.
+    """
+    amp = amp or Amp(device)
+    train_mode = train_mode or model.train
+    y = data.labels
+    n_classes = len(data.classes)
+    weight = None
+    if opts.class_weights == "balanced":
+        counts = torch.bincount(y[fold.train], minlength=n_classes).float()
+        weight = (counts.sum() / (n_classes * counts.clamp(min=1))).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()  # plain loss for comparable curves
+    gen = torch.Generator().manual_seed(opts.seed)
+    best = BestEpoch(len(fold.val) > 0, opts.patience)
+    history: list[dict] = []
+    start_scores, start = None, 1
+
+    def score(idx: np.ndarray) -> tuple[float, float]:
+        if len(idx) == 0:
+            return float("nan"), float("nan")
+        lg = logits(model, inputs, idx, device, amp, n_classes)
+        return float(eval_loss(lg, y[idx])), float((lg.argmax(1) == y[idx]).float().mean())
+
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        amp.scaler.load_state_dict(resume["scaler"])
+        gen.set_state(resume["generator"])
+        best.load_state_dict(resume["best"])
+        history, start_scores, start = resume["history"], resume.get("start_scores"), resume["epoch"] + 1
+        log(f"resuming after epoch {resume['epoch']}")
+    elif start_is_candidate and len(fold.val):
+        (vl, va), (tl, ta) = score(fold.val), score(fold.test)
+        start_scores = {"val_loss": vl, "val_accuracy": va, "test_loss": tl, "test_accuracy": ta,
+                        "train_loss": float("nan"), "train_accuracy": float("nan")}
+        best.offer(0, vl, va, model)
+        log(f"start: val loss {vl:.4f} acc {va:.3f}")
+    t_train = time.monotonic()
+    for epoch in range(start, opts.epochs + 1):
+        if best.should_stop():
+            log(f"early stop: no validation improvement for {opts.patience} epochs; best epoch {best.epoch}")
+            break
+        t0 = time.monotonic()
+        rows = data.resample("random", np.random.default_rng((opts.seed, epoch))) if opts.offset == "random" else None
+        train_mode()
+        perm = fold.train[torch.randperm(len(fold.train), generator=gen).numpy()]
+        batches = [perm[a:a + opts.batch_size] for a in range(0, len(perm), opts.batch_size)]
+        tot_loss, tot_correct, n = 0.0, 0, 0
+        opt.zero_grad(set_to_none=True)
+        for step, (b, x, m) in enumerate(inputs.batches(batches, rows, train=True, gen=gen), start=1):
+            yb = y[b].to(device)
+            with amp.autocast():
+                out = model(x.to(device), m.to(device))
+                loss = loss_fn(out.float(), yb)
+            amp.scaler.scale(loss / opts.accumulate).backward()
+            if step % opts.accumulate == 0 or step == len(batches):
+                amp.scaler.step(opt)
+                amp.scaler.update()
+                opt.zero_grad(set_to_none=True)
+            tot_loss += float(loss.detach()) * len(b)
+            tot_correct += int((out.argmax(1) == yb).sum())
+            n += len(b)
+        (val_loss, val_acc), (test_loss, test_acc) = score(fold.val), score(fold.test)
+        rec = {"epoch": epoch, "train_loss": tot_loss / max(1, n), "train_accuracy": tot_correct / max(1, n),
+               "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+               "seconds": time.monotonic() - t0}
+        history.append(rec)
+        improved = best.offer(epoch, val_loss, val_acc, model)
+        log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.3f}  {rec['seconds']:.1f} s{'  *' if improved else ''}")
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scaler": amp.scaler.state_dict(), "generator": gen.get_state(), "history": history,
+                      "best": best.state_dict(), "start_scores": start_scores})
+    if best.state is not None:
+        model.load_state_dict(best.state)
+    return FitResult(history=history, best_epoch=best.epoch, start_scores=start_scores,
+                     train_s=time.monotonic() - t_train)

@@ -1,0 +1,134 @@
+"""Every PNG featseq writes. Figures are drawn with matplotlib's object API (``Figure`` + its Agg canvas), so no
+pyplot state and no process-wide backend choice is involved: plotting works the same headless, in a notebook
+or inside a GUI program."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _colors() -> list[str]:
+    import matplotlib
+
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def curves(path: Path, history: list[dict]) -> None:
+    """Loss and accuracy per epoch, train vs validation."""
+    ep = [h["epoch"] for h in history]
+    fig = _figure((9, 3.4))
+    ax = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.2)
+    for a, what in zip(ax, ("loss", "accuracy")):
+        a.plot(ep, [h[f"train_{what}"] for h in history], label="train")
+        a.plot(ep, [h[f"val_{what}"] for h in history], label="validation")
+        a.set_xlabel("epoch")
+        a.set_title(what)
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.savefig(path, dpi=80)
+
+
+def confusion(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
+    """Row-normalised confusion matrix with counts."""
+    norm = cm / np.maximum(1, cm.sum(1, keepdims=True))
+    fig = _figure((1.2 * len(classes) + 2.5, 1.0 * len(classes) + 2))
+    ax = fig.subplots()
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def sweep_summary(path: Path, rows: list[dict]) -> None:
+    """Validation and test accuracy of every finished variant, in leaderboard order."""
+    ok = [r for r in rows if r["status"] == "complete"]
+    fig = _figure((8, max(2.5, 0.32 * len(ok) + 1.2)))
+    ax = fig.subplots()
+    y = np.arange(len(ok))[::-1]
+    ax.barh(y + 0.2, [r["val_accuracy"] or 0 for r in ok], height=0.4, label="validation", color="tab:blue")
+    ax.barh(y - 0.2, [r["test_accuracy"] or 0 for r in ok], height=0.4, label="test", color="tab:orange")
+    ax.set_yticks(y, [r["variant"] + ("" if r["order_aware"] else "  [order-blind]") for r in ok], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("sweep: sorted by validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def compare(path: Path, res: dict, cosines: list) -> None:
+    """Accuracy on A and B and cross-evaluated, mean +- std over seeds; histogram of per-segment cosines."""
+    rows = res["variants"]
+    n = 2 if cosines else 1
+    fig = _figure((5 + 2.5 * n, 3.6))
+    axes = fig.subplots(1, n, squeeze=False)
+    ax = axes[0, 0]
+    x = np.arange(len(rows))
+    w = 0.2
+    bars = [("A", "test_A"), ("B", "test_B"), ("A → B", "cross_A->B"), ("B → A", "cross_B->A")]
+    for k, (lab, key) in enumerate(bars):
+        if all(r[key] is None for r in rows):
+            continue
+        vals = [r[key] if r[key] is not None else 0 for r in rows]
+        errs = [r.get(key + "_std") or 0 for r in rows]
+        ax.bar(x + (k - 1.5) * w, vals, w, yerr=errs, capsize=2, label=lab)
+    ax.set_xticks(x, [r["variant"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"mean ± std over {res['seeds']} seed(s)", fontsize=10)
+    ax.legend(fontsize=8)
+    if cosines:
+        ax2 = axes[0, 1]
+        ax2.hist(cosines, bins=20, color="gray")
+        ax2.set_xlabel("per-segment mean cosine (A vs B)")
+        ax2.set_title(f"linear CKA {res['similarity']['linear_cka']:.3f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def timeline(path: Path, video: str, starts, ends, probs: np.ndarray, pred: np.ndarray, classes: list[str],
+             threshold: float) -> None:
+    """Probability of each class over window start; the predicted class shaded behind."""
+    colors = _colors()
+    starts, ends = np.asarray(starts, float), np.asarray(ends, float)
+    fig = _figure((9, 3.2))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.07, right=0.8, bottom=0.16, top=0.88)
+    step = np.diff(starts).min() if len(starts) > 1 else max(ends[0] - starts[0], 1e-3)
+    for r in range(len(starts)):
+        if pred[r] >= 0:
+            ax.axvspan(starts[r], starts[r] + step, color=colors[pred[r] % len(colors)], alpha=0.15, lw=0)
+    for c, name in enumerate(classes):
+        if len(starts) > 1:
+            ax.plot(starts, probs[:, c], marker=".", color=colors[c % len(colors)], label=name)
+        else:
+            ax.bar([c], [probs[0, c]], color=colors[c % len(colors)], label=name)
+    if len(starts) > 1:
+        ax.axhline(threshold, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("window start (s)")
+    else:
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_xlabel(f"whole clip [{starts[0]:.1f}, {ends[0]:.1f}) s")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("probability")
+    ax.set_title(Path(video).name, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="class (shaded: predicted)",
+              title_fontsize=8)
+    fig.savefig(path, dpi=80)

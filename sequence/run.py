@@ -1,0 +1,285 @@
+"""Run folders: the one writer (:func:`write_run`) and the one reader (:class:`Run`).
+
+A run folder (``featseq train`` / ``finetune``)::
+
+    config.json                  the resolved config
+    results.json                 every option, metrics (test_accuracy, val_accuracy, ...), seq_len, params,
+                                 best_epoch, padded/dropped counts, timings; "status": "complete" written last
+    history.csv                  epoch, train/val/test loss and accuracy, seconds
+    CRNN_epoch_training_loss.npy, CRNN_epoch_training_accuracy.npy,
+    CRNN_epoch_test_loss.npy, CRNN_epoch_test_accuracy.npy
+                                 per-epoch arrays named like the original study's; "test" is the held-out
+                                 test part scored after every epoch for monitoring only (model selection and
+                                 early stopping use the validation part, never the test part)
+    curves.png                   loss and accuracy per epoch, train vs validation
+    confusion.png                row-normalized confusion matrix on the test part
+    per_class.csv, classification_report.txt
+    predictions.csv              one row per segment: id,group,split,label,predicted,correct,p_<class>...
+                                 (split: train/val/test, or dropped for segments --min-coverage left out)
+    checkpoint.pt                the best epoch's weights, model_config, classes, reader settings, config,
+                                 split ids and ``features``: the featurize spec of its input features
+                                 (featurize.spec.FeatureSpec), so predict and finetune make the same features
+                                 without the training cache; a finetune run adds its trunk's weights
+
+Cross-validation splits (kfold, group-kfold, logo) write one such folder per fold under ``folds/`` and, at the
+top, results.json (mean and std over folds), out-of-fold predictions.csv, confusion.png, per_class.csv and the
+classification report.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featurize.cache import Cache, CacheError, summary
+from featurize.errors import UserError
+from featurize.files import replaced
+from featurize.spec import FeatureSpec
+
+from . import models as M
+from . import plots
+from .loop import FeatureInputs, FitResult, probabilities
+from .reader import ReaderConfig, Sequences, build
+from .splits import Fold
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- small writers
+
+def write_json(path: Path, obj) -> None:
+    """Atomically: a reader sees the old file or the whole new one."""
+    with replaced(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_default)
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save, atomically."""
+    with replaced(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def nan_to_none(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and std of the values that are numbers (None and NaN left out); (None, None) when none are."""
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
+    return (float(v.mean()), float(v.std())) if len(v) else (None, None)
+
+
+def cache_info(cache: Cache) -> dict:
+    a = cache.attrs
+    return {"path": os.path.abspath(cache.path), "fps": a.get("fps"), "feature_dim": a.get("feature_dim"),
+            "backbone": a.get("backbone"), "weights": a.get("weights"), "size": a.get("size"), "resize": a.get("resize"),
+            "source": a.get("source"), "segments": len(cache)}
+
+
+def split_column(n: int, fold: Fold, keep: np.ndarray) -> np.ndarray:
+    split = np.array(["dropped"] * n, dtype=object)
+    split[keep] = "unused"
+    for name, idx in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
+        split[idx] = name
+    return split
+
+
+def write_history(run: Path, history: list[dict], plot: bool = True) -> None:
+    with open(run / "history.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    for name, col in (("training_loss", "train_loss"), ("training_accuracy", "train_accuracy"),
+                      ("test_loss", "test_loss"), ("test_accuracy", "test_accuracy")):
+        np.save(run / f"CRNN_epoch_{name}.npy", np.array([h[col] for h in history], dtype=np.float64))
+    if plot:
+        plots.curves(run / "curves.png", history)
+
+
+def write_scores(run: Path, data: Sequences, split: np.ndarray, probs: np.ndarray, scored: np.ndarray,
+                 plot: bool = True, title: str = "test") -> dict:
+    """predictions.csv (every segment), per-class accuracy, classification report and confusion on ``scored``.
+
+    split: (N,) str per segment; probs: (N, C) (NaN where not predicted); scored: (N,) bool.
+    """
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    classes = data.classes
+    pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
+    y = data.labels.numpy()
+    with open(run / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "group", "split", "label", "predicted", "correct"] + [f"p_{c}" for c in classes])
+        for i in range(len(data)):
+            p = classes[pred[i]] if pred[i] >= 0 else ""
+            w.writerow([data.ids[i], data.groups[i], split[i], data.label_names[i], p,
+                        int(p == data.label_names[i]) if p else ""] +
+                       [("" if np.isnan(v) else f"{v:.6f}") for v in probs[i]])
+    s = scored & (pred >= 0) & (y >= 0)
+    out = {"n_scored": int(s.sum()), "accuracy": float((pred[s] == y[s]).mean()) if s.any() else float("nan")}
+    labels = list(range(len(classes)))
+    cm = confusion_matrix(y[s], pred[s], labels=labels) if s.any() else np.zeros((len(classes),) * 2, int)
+    per = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)}
+    with open(run / "per_class.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "support", "correct", "accuracy"])
+        for i, c in enumerate(classes):
+            w.writerow([c, int(cm[i].sum()), int(cm[i, i]), "" if per[c] is None else f"{per[c]:.4f}"])
+    report = (classification_report(y[s], pred[s], labels=labels, target_names=classes, zero_division=0, digits=3)
+              if s.any() else "no scored segments\n")
+    (run / "classification_report.txt").write_text(report)
+    if plot:
+        plots.confusion(run / "confusion.png", cm, classes, f"{title} ({int(s.sum())} segments)")
+    out["per_class_accuracy"] = per
+    out["confusion"] = cm.tolist()
+    return out
+
+
+# ---------------------------------------------------------------- the writer
+
+def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceClassifier, fit: FitResult,
+              probs: np.ndarray, spec: FeatureSpec, cache: Cache, device: torch.device, kind: str = "train",
+              extra_checkpoint: dict | None = None, extra_results: dict | None = None) -> tuple[dict, dict]:
+    """Write a finished run's history, scores, checkpoint and (last) results.json; returns (results, checkpoint).
+
+    ``head``: the sequence model (its best weights loaded); ``probs``: (N, C) probabilities of every segment;
+    ``spec``: how the features the head takes were made.
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    history, best = fit.history, fit.best_epoch
+    write_history(run, history, cfg.plots)
+    scored = np.zeros(len(data), bool)
+    scored[fold.test] = True
+    scores = write_scores(run, data, split_column(len(data), fold, data.keep), probs, scored, cfg.plots)
+    ckpt = {"kind": kind, "model": {k: v.cpu() for k, v in head.state_dict().items()}, "model_config": head.config,
+            "classes": data.classes, "config": asdict(cfg),
+            "reader": {"fps": data.fps, "seq_len": data.seq_len, "offset": cfg.offset, "min_coverage": cfg.min_coverage},
+            "features": spec.to_dict(), "cache": cache_info(cache),
+            "split_ids": {k: [data.ids[i] for i in getattr(fold, k)] for k in ("train", "val", "test")},
+            **(extra_checkpoint or {})}
+    save_torch(ckpt, run / CHECKPOINT)
+    b = history[best - 1] if best else fit.start_scores
+    reader = data.summary()
+    res = {
+        "status": "complete", "config": asdict(cfg), "model": head.config["name"], "model_config": head.config,
+        "order_aware": M.MODELS[head.config["name"]].order_aware, "params": M.n_params(head), "classes": data.classes,
+        "fold": fold.name, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
+        "fps": data.fps, "seq_len": data.seq_len, "seconds": data.seconds, "padded": reader["padded"],
+        "dropped": reader["dropped"], "reader": reader, "best_epoch": best, "epochs_run": len(history),
+        "test_accuracy": scores["accuracy"], "test_loss": b["test_loss"], "val_accuracy": b["val_accuracy"],
+        "val_loss": b["val_loss"], "train_accuracy": b["train_accuracy"], "train_loss": b["train_loss"],
+        "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"],
+        "timings": {"train_s": round(fit.train_s, 3),
+                    "per_epoch_s": round(float(np.median([h["seconds"] for h in history])), 4) if history else None},
+        "features": spec.to_dict(), "cache": cache_info(cache), "device": str(device), "torch": torch.__version__,
+        **(extra_results or {}),
+    }
+    res = nan_to_none(res)
+    write_json(run / "results.json", res)
+    return res, ckpt
+
+
+# ---------------------------------------------------------------- the reader
+
+def checkpoint_path(run_dir: str | os.PathLike, what: str = "RUN") -> Path:
+    """RUN/checkpoint.pt, or FileNotFoundError saying what the folder is instead."""
+    run = Path(run_dir)
+    ck = run / CHECKPOINT
+    if not ck.is_file():
+        hint = (" (a cross-validation run keeps one checkpoint per fold under folds/: pass one of those)"
+                if (run / "folds").is_dir() else "")
+        raise FileNotFoundError(f"{what} {run}: no {CHECKPOINT}; not a featseq train or finetune run folder{hint}")
+    return ck
+
+
+class RunError(UserError):
+    """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+class Run:
+    """A saved run: its sequence model, classes, reader settings, split and the featurize spec of its features.
+
+    ``Run(path)`` loads RUN/checkpoint.pt; :meth:`sequences` reads a cache the way the run reads it,
+    :meth:`probabilities` classifies sequences. A finetune run also carries its trunk (:attr:`trunk_state`).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, what: str = "RUN"):
+        self.path = Path(run_dir)
+        ck = checkpoint_path(run_dir, what)
+        try:
+            self.ckpt = torch.load(ck, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise RunError(f"{ck}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+        for key in ("model", "model_config", "classes", "reader", "config"):
+            if key not in self.ckpt:
+                raise RunError(f"{ck}: the checkpoint has no {key!r} entry; it was not written by featseq train/finetune")
+        mc = dict(self.ckpt["model_config"])
+        self.model = M.create_model(mc.pop("name"), mc.pop("input_dim"), mc.pop("n_classes"), **mc)
+        self.model.load_state_dict(self.ckpt["model"])
+        self.model.eval()
+        self.kind: str = self.ckpt.get("kind", "train")
+        self.classes: list[str] = list(self.ckpt["classes"])
+        self.config: dict = self.ckpt["config"]
+        self.split_ids: dict = self.ckpt.get("split_ids", {"train": [], "val": [], "test": []})
+        rd = self.ckpt["reader"]
+        self.reader = ReaderConfig(fps=rd["fps"], seq_len=rd["seq_len"], offset=rd["offset"], min_coverage=rd["min_coverage"])
+        self.cache_path: str | None = (self.ckpt.get("cache") or {}).get("path")
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.ckpt["model_config"]["input_dim"])
+
+    @property
+    def trunk_state(self) -> dict | None:
+        """A finetune run's trained CNN trunk (state dict), else None."""
+        return self.ckpt.get("trunk")
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """How the run's input features were made. Runs written before checkpoints carried it fall back to the
+        attributes of their training cache when it still exists; otherwise RunError (nothing is guessed)."""
+        if "features" in self.ckpt:
+            return FeatureSpec.from_dict(self.ckpt["features"])
+        if self.cache_path and os.path.isfile(self.cache_path):
+            try:
+                return FeatureSpec.from_attrs(summary(self.cache_path)["attrs"])
+            except (CacheError, KeyError) as e:
+                raise RunError(f"{self.path}: written by an older featseq without its featurize settings, and its "
+                               f"cache {self.cache_path} is unreadable ({e}); retrain it with this version") from e
+        raise RunError(f"{self.path}: written by an older featseq, its checkpoint does not record how its features were "
+                       f"made and its training cache {self.cache_path} is gone; restore that cache or retrain the run "
+                       f"(featseq train) with this version")
+
+    def sequences(self, cache: Cache, features: torch.Tensor | None = None) -> Sequences:
+        """A cache's sequences as the run reads them (its fps, length, offset, classes); the feature dims must agree."""
+        dim = int(cache.attrs.get("feature_dim", 0) or 0)
+        if dim != self.input_dim:
+            raise RunError(f"{cache.path}: feature dimension {dim} differs from the model's {self.input_dim} "
+                           f"({self.path}); use a cache made with the same backbone")
+        return build(cache, self.reader, classes=self.classes, features=features)
+
+    def probabilities(self, data: Sequences, device: torch.device) -> np.ndarray:
+        """(N, C) softmax of each sequence (NaN rows for sequences with no frame)."""
+        self.model.to(device)
+        return probabilities(self.model, FeatureInputs.of(data), data.mask, len(self.classes), device)
+
+    def describe(self) -> str:
+        mc = self.ckpt["model_config"]
+        return (f"{self.kind} run {self.path}: {mc['name']} on {self.input_dim}-dim features, {len(self.classes)} classes, "
+                f"seq_len {self.reader.seq_len} at {self.reader.fps:g} fps")
