@@ -5,63 +5,179 @@ its files: ``compare.json`` (compare), ``sweep.json`` or ``leaderboard.csv`` (sw
 (train/finetune run, also cross-validation), ``predict.json`` (predict). A run's ``predict/`` and a
 sweep's best run are included as sections. PNG plots are embedded as base64 data URIs, so the page
 is one file that can be mailed or archived.
+
+The page is rendered from ``templates/report.html.j2`` with autoescaping on. This module only gathers
+plain data; every value shown goes through the template's ``fmt`` filter (:func:`fmt`), which formats
+numbers (also numeric CSV cells) and shows absolute paths relative to the folder the page is written
+into.
 """
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
+import math
+import os
+import re
 import time
 from pathlib import Path
 
+import jinja2
 
-class ReportError(ValueError):
+from featurize.errors import UserError
+from featurize.files import replaced
+
+
+class ReportError(UserError):
     """The folder is not one featseq wrote."""
 
 
-def _esc(x) -> str:
-    return html.escape("" if x is None else str(x))
+# ---------------------------------------------------------------- formatting (the template's fmt filter)
+
+_INT = re.compile(r"[+-]?(0|[1-9]\d*)\Z")
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?\Z")
+SECONDS_KEYS = {"seconds", "window", "stride", "window_start", "window_end", "start", "end"}
 
 
-def _num(v, nd: int = 3) -> str:
+def _kind(key: str | None) -> str:
+    """How a float under this column/metric name is shown: acc (3 decimals), loss (4), sec, rate (1), plain."""
+    k = (key or "").lower()
+    if "per_s" in k:
+        return "rate"
+    if "accuracy" in k or k.startswith("p_") or k.endswith("_acc"):
+        return "acc"
+    if "loss" in k or "cka" in k or "cosine" in k:
+        return "loss"
+    if k in SECONDS_KEYS or k.endswith("_s") or k.startswith("time "):
+        return "sec"
+    return "plain"
+
+
+def _float(v: float, key: str | None, nd: int | None) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    kind = _kind(key)
+    if nd is None:
+        nd = {"acc": 3, "loss": 4, "rate": 1, "sec": 1}.get(kind)
+    if nd is not None:
+        if kind == "sec" and v and abs(v) < 0.05:
+            return f"{v:.1g}"  # 0.002 s, not 0.0
+        return f"{v:.{nd}f}"
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    if abs(v) >= 1e-3:  # 4 significant digits, at most 4 decimals: 0.2, 0.0003, 0.6937, 109.5, 12346
+        s = f"{v:.{max(0, 4 - len(str(int(abs(v)))) if abs(v) >= 1 else 4)}f}"
+        return s.rstrip("0").rstrip(".") if "." in s else s
+    s = f"{v:.4g}"
+    if "e" in s or len(s.split(".")[1]) > 4:
+        s = re.sub(r"\.?0+e", "e", f"{v:.3e}")  # 2.5e-04, 1e-05
+    return s
+
+
+def fmt(v, key: str | None = None, nd: int | None = None, base: str | None = None) -> str:
+    """One value as text for the page: None as a dash, ints as ints, floats (also numeric strings, as in CSV
+    cells) by what ``key`` names (accuracies 3 decimals, losses and similarities 4, seconds and rates 1, others
+    at most 4), absolute paths relative to ``base``, lists and dicts item by item. Other text is unchanged."""
     if v is None:
         return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
     if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return _esc(v)
+        return _float(v, key, nd)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt(x, key, nd, base) for x in v) if v else "[]"
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {fmt(x, k, nd, base)}" for k, x in v.items()) if v else "{}"
+    s = str(v)
+    t = s.strip()
+    if _INT.match(t):
+        return str(int(t))
+    if _FLOAT.match(t):
+        return _float(float(t), key, nd)
+    if base and os.path.isabs(t) and "\n" not in t:
+        return _rel(t, base)
+    return s
 
 
-def _img(path: Path, alt: str) -> str:
+def _rel(path, base: str) -> str:
+    try:
+        return os.path.relpath(os.path.abspath(path), base)
+    except ValueError:  # another drive (Windows): no relative path
+        return os.path.abspath(path)
+
+
+def _numeric(v) -> bool:
+    """A number or a numeric-looking string (a CSV cell): right-aligned, never wrapped."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    return isinstance(v, str) and bool(_FLOAT.match(v.strip()))
+
+
+@jinja2.pass_context
+def _fmt_filter(ctx, v, key=None, nd=None):
+    return fmt(v, key, nd, ctx.get("base"))
+
+
+@jinja2.pass_context
+def _where_filter(ctx, d):
+    """A report folder as a path relative to the page's folder."""
+    rel = _rel(d, ctx["base"])
+    return "(this folder)" if rel == "." else rel
+
+
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                          trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+_ENV.filters["fmt"] = _fmt_filter
+_ENV.filters["where"] = _where_filter
+_ENV.tests["numeric"] = _numeric
+
+
+# ---------------------------------------------------------------- reading the folders
+
+def _img(path: Path, alt: str) -> dict | None:
     if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"><figcaption>{_esc(alt)}</figcaption></figure>'
+        return None
+    return {"alt": alt, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
-def _table(header: list, rows: list[list], cls: str = "") -> str:
-    h = "".join(f"<th>{_esc(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
+def _imgs(*pairs) -> list[dict]:
+    return [f for f in (_img(p, alt) for p, alt in pairs) if f]
 
 
-class _Raw(str):
-    """Cell content that is already HTML."""
+def _blank(x) -> bool:
+    return x is None or (isinstance(x, str) and not x.strip())
 
 
-def _kv(d: dict) -> str:
-    return _table(["option", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in d.items()], "kv")
+def _table(header: list, rows: list[list], cls: str = "", common: bool = False, more: str = "") -> dict:
+    """A table without its empty columns; with ``common`` (and 2+ rows), setting columns (not accuracies, losses,
+    times) holding one value in every row are moved to a line under the table instead."""
+    keep = [i for i in range(len(header)) if any(i < len(r) and not _blank(r[i]) for r in rows)] if rows else \
+        list(range(len(header)))
+    same = []
+    if common and len(rows) > 1:
+        for i in list(keep):
+            vals = {r[i] if i < len(r) else None for r in rows}
+            if len(vals) == 1 and _kind(header[i]) == "plain":
+                same.append((header[i], rows[0][i]))
+                keep.remove(i)
+    return {"header": [header[i] for i in keep], "rows": [[r[i] if i < len(r) else None for i in keep] for r in rows],
+            "cls": cls, "same": same, "more": more}
 
 
-def _csv_table(path: Path, limit: int = 200) -> str:
+def _csv_table(path: Path, limit: int = 200, cls: str = "", common: bool = False) -> dict | None:
     if not path.is_file():
-        return ""
+        return None
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows:
-        return ""
-    more = f"<p>{len(rows) - 1 - limit} more rows in {_esc(path.name)}</p>" if len(rows) - 1 > limit else ""
-    return _table(rows[0], rows[1:limit + 1]) + more
+        return None
+    n = len(rows) - 1
+    more = f"{n - limit} more rows in {path.name}" if n > limit else ""
+    return _table(rows[0], rows[1:limit + 1], cls, common, more)
 
 
 def _load(path: Path) -> dict:
@@ -71,121 +187,91 @@ def _load(path: Path) -> dict:
         raise ReportError(f"{path}: cannot read it ({e})") from e
 
 
-# ---------------------------------------------------------------- sections
-
 METRICS = ("test_accuracy", "test_accuracy_std", "oof_accuracy", "val_accuracy", "val_accuracy_std", "train_accuracy",
            "test_loss", "val_loss", "best_epoch", "epochs_run", "n_train", "n_val", "n_test", "folds", "fps", "seq_len",
            "seconds", "padded", "dropped", "params", "backbone", "unfreeze", "frames_from", "device")
+PREDICT_SETTINGS = ("run", "kind", "window", "stride", "threshold", "fps", "seq_len", "windows", "frames",
+                    "frames_per_s", "windows_per_s")
 
 
-def run_section(run: Path, title: str | None = None, level: int = 2) -> str:
+def run_data(run: Path, title: str | None = None, level: int = 2) -> dict:
     res = _load(run / "results.json")
-    h = f"h{level}"
-    parts = [f"<{h}>{_esc(title or ('Fine-tuned run' if res.get('mode') == 'finetune' else 'Run'))}: "
-             f"{_esc(res.get('model'))} <small>{_esc(run)}</small></{h}>"]
     metrics = {k: res[k] for k in METRICS if res.get(k) is not None}
     for k, v in (res.get("timings") or {}).items():
         metrics[f"time {k}"] = v
-    cards = "".join(f'<div class="card"><div class="v">{_num(res.get(k))}</div><div class="k">{k.replace("_", " ")}</div></div>'
-                    for k in ("test_accuracy", "oof_accuracy", "val_accuracy") if res.get(k) is not None)
-    parts.append(f'<div class="cards">{cards}</div>')
-    parts.append("<h4>Metrics</h4>" + _table(["metric", "value"], [[k, _num(v, 4)] for k, v in metrics.items()], "kv"))
-    cache = res.get("cache") or {}
-    if cache:
-        parts.append("<h4>Cache</h4>" + _kv(cache))
-    if res.get("per_fold"):
-        pf = res["per_fold"]
-        cols = list(pf[0])
-        parts.append("<h4>Folds</h4>" + _table(cols, [[_num(r.get(c), 4) for c in cols] for r in pf]))
-    parts.append('<div class="figs">' + _img(run / "curves.png", "loss and accuracy per epoch")
-                 + _img(run / "confusion.png", "confusion matrix (row-normalised)") + "</div>")
     per = res.get("per_class_accuracy") or {}
+    per_class = None
     if per:
-        parts.append("<h4>Per-class accuracy</h4>" + (_csv_table(run / "per_class.csv") if (run / "per_class.csv").is_file()
-                     else _table(["class", "accuracy"], [[c, _num(v)] for c, v in per.items()])))
-    if (run / "classification_report.txt").is_file():
-        parts.append("<h4>Classification report</h4><pre>" + _esc((run / "classification_report.txt").read_text()) + "</pre>")
-    if res.get("config"):
-        parts.append("<details><summary>Options</summary>" + _kv(res["config"]) + "</details>")
-    if (run / "predict" / "predict.json").is_file():
-        parts.append(predict_section(run / "predict", level + 1))
-    return "\n".join(parts)
+        per_class = _csv_table(run / "per_class.csv") or _table(["class", "accuracy"], [[c, v] for c, v in per.items()])
+    pf = res.get("per_fold") or []
+    report_txt = run / "classification_report.txt"
+    return {
+        "kind": "run", "dir": run, "level": level, "model": res.get("model"),
+        "title": title or ("Fine-tuned run" if res.get("mode") == "finetune" else "Run"),
+        "cards": [(k, res[k]) for k in ("test_accuracy", "oof_accuracy", "val_accuracy") if res.get(k) is not None],
+        "metrics": metrics, "cache": res.get("cache") or {},
+        "folds": _table(list(pf[0]), [[r.get(c) for c in pf[0]] for r in pf]) if pf else None,
+        "figs": _imgs((run / "curves.png", "loss and accuracy per epoch"),
+                      (run / "confusion.png", "confusion matrix (row-normalised)")),
+        "per_class": per_class,
+        "class_report": report_txt.read_text() if report_txt.is_file() else None,
+        "config": res.get("config") or {},
+        "predict": predict_data(run / "predict", level + 1) if (run / "predict" / "predict.json").is_file() else None,
+    }
 
 
-def sweep_section(d: Path) -> str:
-    parts = [f"<h2>Sweep <small>{_esc(d)}</small></h2>"]
+def sweep_data(d: Path) -> dict:
     info = _load(d / "sweep.json") if (d / "sweep.json").is_file() else {}
-    if info:
-        parts.append("<h4>Grid</h4>" + _kv({"cache": info.get("cache"), **{k: v for k, v in (info.get("grid") or {}).items()}}))
-    parts.append("<h4>Leaderboard</h4><p>Sorted by validation accuracy (ties: lower validation loss).</p>"
-                 + _csv_table(d / "leaderboard.csv"))
-    parts.append('<div class="figs">' + _img(d / "summary.png", "sweep summary") + "</div>")
     best = None
     if (d / "leaderboard.csv").is_file():
         with open(d / "leaderboard.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         if rows and rows[0].get("variant") and (d / rows[0]["variant"] / "results.json").is_file():
             best = d / rows[0]["variant"]
-    if best is not None:
-        parts.append(run_section(best, f"Best variant ({best.name})", 3))
-    for p in sorted(d.glob("*/predict/predict.json")):  # predictions made with any variant (the best one's are above)
-        if best is None or p.parent.parent != best:
-            parts.append(predict_section(p.parent, 3))
-    return "\n".join(parts)
+    return {
+        "kind": "sweep", "dir": d,
+        "grid": {"cache": info.get("cache"), **(info.get("grid") or {})} if info else None,
+        "leaderboard": _csv_table(d / "leaderboard.csv", cls="leaderboard", common=True),
+        "figs": _imgs((d / "summary.png", "sweep summary")),
+        "best": run_data(best, f"Best variant ({best.name})", 3) if best is not None else None,
+        # predictions made with any variant (the best one's are in its section)
+        "predicts": [predict_data(p.parent, 3) for p in sorted(d.glob("*/predict/predict.json"))
+                     if best is None or p.parent.parent != best],
+    }
 
 
-def compare_section(d: Path) -> str:
+def compare_data(d: Path) -> dict:
     res = _load(d / "compare.json")
     s = res.get("similarity", {})
-    parts = [f"<h2>Comparison <small>{_esc(d)}</small></h2>"]
-    for tag in ("a", "b"):
-        c = res.get(f"cache_{tag}", {})
-        parts.append(f"<p><b>{tag.upper()}</b>: {_esc(c.get('path'))} — {_esc(c.get('backbone'))} ({_esc(c.get('weights'))}), "
-                     f"{_esc(c.get('size'))} px {_esc(c.get('resize'))}, {_esc(c.get('fps'))} fps, "
-                     f"{_esc(c.get('feature_dim'))}-dim, {_esc(c.get('segments'))} segments</p>")
-    parts.append(f"<p>{_esc(res.get('common_segments'))} common segments; seeds 0..{int(res.get('seeds', 1)) - 1} "
-                 f"on identical splits.</p>")
-    parts.append("<h4>Feature similarity</h4>" + _table(["measure", "value"], [
-        ["matched frames", s.get("matched_frames")], ["linear CKA", _num(s.get("linear_cka"), 4)],
-        ["mean cosine (per segment)", _num(s.get("mean_cosine"), 4)], ["lowest segment cosine", _num(s.get("min_cosine"), 4)]], "kv"))
-
-    def ms(r, k):
-        m, sd = r.get(k), r.get(k + "_std")
-        return "—" if m is None else f"{m:.3f} ± {sd or 0:.3f}"
-
-    rows = res.get("variants", [])
-    parts.append("<h4>Test accuracy (mean ± std over seeds)</h4>" + _table(
-        ["variant", "A", "B", "A → B", "B → A"],
-        [[r["variant"], ms(r, "test_A"), ms(r, "test_B"), ms(r, "cross_A->B"), ms(r, "cross_B->A")] for r in rows]))
-    for r in rows:
-        parts.append(f"<h4>Per-class accuracy: {_esc(r['variant'])}</h4>" + _table(
-            ["class", "A", "B"], [[c, _num(r["per_class_A"].get(c)), _num(r["per_class_B"].get(c))] for c in r["classes"]]))
-    parts.append('<div class="figs">' + _img(d / "compare.png", "accuracy on A and B, cross-evaluation, similarity") + "</div>")
-    return "\n".join(parts)
+    variants = res.get("variants", [])
+    return {
+        "kind": "compare", "dir": d,
+        "caches": [(tag.upper(), res.get(f"cache_{tag}", {})) for tag in ("a", "b")],
+        "common_segments": res.get("common_segments"), "last_seed": int(res.get("seeds", 1)) - 1,
+        "similarity": [("matched frames", s.get("matched_frames")), ("linear CKA", s.get("linear_cka")),
+                       ("mean cosine (per segment)", s.get("mean_cosine")),
+                       ("lowest segment cosine", s.get("min_cosine"))],
+        "variants": [{"name": r["variant"],
+                      "cells": [(r.get(k), r.get(k + "_std"))
+                                for k in ("test_A", "test_B", "cross_A->B", "cross_B->A")],
+                      "per_class": [(c, r["per_class_A"].get(c), r["per_class_B"].get(c)) for c in r["classes"]]}
+                     for r in variants],
+        "figs": _imgs((d / "compare.png", "accuracy on A and B, cross-evaluation, similarity")),
+    }
 
 
-def predict_section(d: Path, level: int = 2) -> str:
+def predict_data(d: Path, level: int = 2) -> dict:
     res = _load(d / "predict.json")
-    h = f"h{level}"
-    parts = [f"<{h}>Predictions <small>{_esc(d)}</small></{h}>",
-             _table(["setting", "value"], [[k, _num(res.get(k), 2)] for k in (
-                 "run", "kind", "window", "stride", "threshold", "fps", "seq_len", "windows", "frames", "frames_per_s",
-                 "windows_per_s")], "kv")]
-    figs = sorted(d.glob("timeline_*.png"))
-    parts.append('<div class="figs">' + "".join(_img(p, p.stem[len("timeline_"):]) for p in figs) + "</div>")
-    parts.append("<details><summary>predictions.csv</summary>" + _csv_table(d / "predictions.csv", 500) + "</details>")
-    return "\n".join(parts)
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}small{color:#888;font-weight:normal;font-size:.6em}
-table{border-collapse:collapse;margin:.5em 0;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}.kv td:first-child{color:#555}figure{display:inline-block;margin:.5em}img{max-width:100%}
-figcaption{font-size:.8em;color:#666}.cards{display:flex;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.5em 1em}
-.card .v{font-size:1.6em;font-weight:600}.card .k{font-size:.8em;color:#666}pre{background:#f7f7f7;padding:.5em;font-size:.8em}"""
+    return {
+        "kind": "predict", "dir": d, "level": level,
+        "settings": [(k, res.get(k)) for k in PREDICT_SETTINGS],
+        "figs": _imgs(*((p, p.stem[len("timeline_"):]) for p in sorted(d.glob("timeline_*.png")))),
+        "predictions": _csv_table(d / "predictions.csv", 500, common=True),
+    }
 
 
 def kind_of(d: Path) -> str:
+    d = Path(d)
     if (d / "compare.json").is_file():
         return "compare"
     if (d / "sweep.json").is_file() or (d / "leaderboard.csv").is_file():
@@ -203,23 +289,17 @@ def report(folders: str | list[str], out: str | None = None) -> str:
     dirs = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
     if not dirs:
         raise ReportError("report: give at least one folder")
-    sections, kinds = [], []
-    sectioners = {"compare": compare_section, "sweep": sweep_section, "run": run_section, "predict": predict_section}
+    readers = {"compare": compare_data, "sweep": sweep_data, "run": run_data, "predict": predict_data}
+    sections = []
     for d in dirs:
         if not d.is_dir():
             raise ReportError(f"{d}: no such folder")
-        kind = kind_of(d)
-        kinds.append(kind)
-        body = sectioners[kind](d)
-        sections.append(body if len(dirs) == 1 else f"<section><h1>{_esc(kind)}: {_esc(d)}</h1>\n{body}</section>")
-    title = f"{kinds[0]}: {dirs[0].name}" if len(dirs) == 1 else f"{len(dirs)} folders"
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>featseq {_esc(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>featseq {_esc(kinds[0] if len(dirs) == 1 else '')} report</h1>"
-            f"<p><small>{_esc(', '.join(str(d.resolve()) for d in dirs))} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
-            f"</small></p>\n{''.join(sections)}</body></html>\n")
+        sections.append(readers[kind_of(d)](d))
     dest = Path(out) if out else dirs[0] / "report.html"
+    page = _ENV.get_template("report.html.j2").render(
+        sections=sections, dirs=dirs, base=os.path.abspath(dest.parent),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(dest)
+    with replaced(dest) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return str(dest)
