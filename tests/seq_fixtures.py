@@ -27,7 +27,9 @@ def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps
     durations = durations if durations is not None else [6.0] * n
     starts = starts if starts is not None else [0.0] * n
     rows = [{"id": f"s{i:03d}", "label": labels[i], "group": groups[i], "path": f"/v/{i}.mp4"} for i in range(n)]
-    with CacheWriter(str(path), {"fps": float(fps)}, {"source": "/fake/source"}, dim, string_widths(rows or [{"id": "x", "label": "x", "group": "x", "path": "x"}])) as w:
+    attrs = {"source": "/fake/source", "backbone": "fake", "weights": "none-seed0", "size": 32, "resize": "squash",
+             "precision": "fp32"}  # what featurize records; no real backbone made these random features
+    with CacheWriter(str(path), {"fps": float(fps)}, attrs, dim, string_widths(rows or [{"id": "x", "label": "x", "group": "x", "path": "x"}])) as w:
         for i in range(n):
             s, d = float(starts[i]), float(durations[i])
             k = np.arange(int(math.ceil(d * fps - 1e-6)))

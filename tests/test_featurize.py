@@ -155,6 +155,74 @@ def test_second_writer_refused(synth_data, tmp_path):
     assert featurize(featurize_cfg(synth_data["clips_root"], out)).written == 6
 
 
+def test_lock_release_race_gives_no_second_holder(tmp_path, monkeypatch):
+    """C opens the lock file while A holds it; A releases (unlinks the file, unlocks); only then does C
+    flock. C must not end up holding the old, nameless inode while B creates and locks a new file: two
+    writers at once. Real file descriptors: flocks of separate open() calls conflict, even in one process."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import featurize.cache as cache_mod
+
+    out = str(tmp_path / "x.h5")
+    a = FileLock(out).acquire()
+    real_flock, armed = fcntl.flock, [True]
+
+    def flock(fh, op):
+        if armed[0] and op & fcntl.LOCK_EX:  # C's first flock, after its open(): A releases right now
+            armed[0] = False
+            a.release()
+            assert not os.path.exists(out + ".lock")
+        return real_flock(fh, op)
+
+    monkeypatch.setattr(cache_mod, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+                                                            LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
+    c = FileLock(out).acquire()
+    assert not armed[0]
+    try:
+        with pytest.raises(CacheError, match=rf"another featseq process \(pid {os.getpid()}\) is writing this cache"):
+            FileLock(out).acquire()  # B
+        # C's lock is on the file that the path names (with C's pid in it), not on an unlinked inode
+        assert os.fstat(c._fh.fileno()).st_ino == os.stat(out + ".lock").st_ino
+    finally:
+        c.release()
+    FileLock(out).acquire().release()  # free again
+
+
+_LOCK_HAMMER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from featurize.cache import CacheError, FileLock
+out, marker, stop = sys.argv[2], sys.argv[2] + ".holder", time.monotonic() + float(sys.argv[3])
+held = clash = 0
+while time.monotonic() < stop:
+    try:
+        lock = FileLock(out).acquire()
+    except CacheError:
+        continue
+    held += 1
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # exists: someone else holds it too
+        os.remove(marker)
+    except FileExistsError:
+        clash += 1
+    lock.release()
+print(held, clash)
+"""
+
+
+def test_lock_holders_never_overlap_across_processes(tmp_path):
+    """Three processes take and release the lock as fast as they can for a second; none ever finds the
+    holder marker of another (a smoke test with real processes; the test above pins the interleaving)."""
+    out = str(tmp_path / "x.h5")
+    procs = [subprocess.Popen([VENV_PY, "-c", _LOCK_HAMMER, str(ROOT), out, "1.0"], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(held > 0 for held, _ in results), results
+    assert sum(clash for _, clash in results) == 0, results
+
+
 def _write_manifest(path, rows, header=("path", "label", "start", "end", "group", "id")):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

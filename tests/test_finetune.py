@@ -16,6 +16,7 @@ from conftest import ROOT, featurize_cfg
 from featurize import backbones as bb
 from featurize.cache import read_cache
 from featurize.pipeline import featurize
+from featurize.spec import FeatureSpec
 from sequence import models as M
 from sequence.finetune import CNNSequence, FinetuneConfig, Frames, finetune, set_trainable
 from sequence.reader import ReaderConfig, build
@@ -48,11 +49,12 @@ def _cfg(data, out, **kw):
 
 def test_frames_from_cache_equal_frames_decoded_afresh(ft_data):
     cache = read_cache(ft_data["frames"], features=False)
-    data = build(cache, ReaderConfig(fps=2, seq_len=8), features=torch.zeros(0, 1))
-    kept = Frames(cache, data, 32, "squash", 60)
+    data = build(cache, ReaderConfig(fps=2, seq_len=8))
+    assert data.features is None  # the selection alone: no features were read
+    kept = Frames(cache, data, FeatureSpec.from_attrs(cache.attrs), 60)
     assert kept.kept
     plain_cache = read_cache(ft_data["plain"], features=False)
-    decoded = Frames(plain_cache, build(plain_cache, ReaderConfig(fps=2, seq_len=8), features=torch.zeros(0, 1)), 32, "squash", 60)
+    decoded = Frames(plain_cache, build(plain_cache, ReaderConfig(fps=2, seq_len=8)), FeatureSpec.from_attrs(plain_cache.attrs), 60)
     assert not decoded.kept
     idx = np.arange(6)
     a, ma = kept.batch(idx, data.rows)
@@ -80,7 +82,7 @@ def test_unfreeze_selects_exactly_which_parameters_get_gradients():
 
 def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
     out = tmp_path / "ft"
-    finetune(_cfg(ft_data, out, unfreeze="1", epochs=3, plots=True), explicit={"epochs", "batch_size", "device"})
+    finetune(_cfg(ft_data, out, unfreeze="1", epochs=3, plots=True))
     for f in ("results.json", "history.csv", "curves.png", "confusion.png", "predictions.csv", "per_class.csv",
               "classification_report.txt", "checkpoint.pt", "last.pt", "CRNN_epoch_training_loss.npy",
               "CRNN_epoch_test_accuracy.npy"):
@@ -106,7 +108,7 @@ def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
 
 def test_frozen_finetune_reproduces_the_warm_start(ft_data, tmp_path):
     """--unfreeze 0 with lr ~ 0: the CNN + head pipeline scores exactly like the cached-feature model."""
-    res = finetune(_cfg(ft_data, tmp_path / "f0", unfreeze="0", epochs=1, lr=1e-12), explicit={"lr"})
+    res = finetune(_cfg(ft_data, tmp_path / "f0", unfreeze="0", epochs=1, lr=1e-12))
     assert res["trainable_trunk_params"] == 0
     assert abs(res["test_accuracy"] - ft_data["res"]["test_accuracy"]) < 1e-9
 
@@ -150,3 +152,61 @@ def test_finetune_errors(ft_data, tmp_path):
     r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(tmp_path / "x"),
                                   "--split", "logo"])
     assert r.exit_code == 2 and "finetune trains one model" in r.output
+
+
+def test_augment_applies_one_crop_and_flip_to_every_frame_of_a_clip():
+    from sequence.finetune import augment_clip
+
+    clip = torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8)
+    changed = 0
+    for seed in range(4):
+        out = augment_clip(clip, torch.Generator().manual_seed(seed))
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        for t in range(len(clip)):  # frame t alone, with the same draws, gets the same transform
+            alone = augment_clip(clip[t:t + 1], torch.Generator().manual_seed(seed))
+            assert torch.equal(out[t], alone[0])
+        changed += not torch.equal(out, clip)
+    assert changed == 4  # a crop of scale < 1 or a flip every time
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 255, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    m = torch.tensor([[True, True, True], [True, True, False]])
+    grads = []
+    for checkpointing in (False, True):
+        backbone = bb.create_backbone("resnet18", "none", 0)
+        torch.manual_seed(0)
+        model = CNNSequence(backbone, M.create_model("lstm", 512, 3, hidden=8, dropout=0.0), channels_last=False,
+                            checkpointing=checkpointing)
+        set_trainable(model, backbone, "1")
+        model.train()
+        for mod in model.trunk.modules():  # frozen BatchNorm, as finetune runs it by default
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.eval()
+        model(x, m).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("trunk.layer4") for k in grads[0])
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
+
+
+def test_cli_finetune_with_augment_accumulate_and_checkpointing(ft_data, tmp_path):
+    out = tmp_path / "aug"
+    r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(out),
+                                  "--unfreeze", "1", "--epochs", "1", "--batch-size", "4", "--augment", "--accumulate", "2",
+                                  "--checkpointing", "--device", "cpu", "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["augment"] and cfg["accumulate"] == 2 and cfg["checkpointing"] and cfg["batch_size"] == 4
+    # inherited from --from: the run's model and options, not train's defaults
+    assert cfg["model"] == "gru" and cfg["hidden"] == 32 and cfg["seq_len"] == 8 and cfg["split"] == "group"
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 1
+
+
+def test_finetune_config_defaults_agree_with_the_cli(ft_data, tmp_path):
+    """finetune's own defaults live in FinetuneConfig: the Python API and the command line get the same."""
+    from sequence.config import FinetuneConfig as F
+
+    assert (F(cache="c", out="o").epochs, F(cache="c", out="o").batch_size) == (5, 8)
+    r = CliRunner().invoke(main, ["finetune", "--help"])
+    assert "--epochs INTEGER" in r.output and "[default: 5]" in r.output and "[default: 8]" in r.output

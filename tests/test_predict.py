@@ -80,19 +80,34 @@ def test_whole_clips_and_python_api(pr_data):
 
 
 def test_finetune_run(pr_data):
+    from featurize.backbones import create_backbone
+    from featurize.cache import read_cache
     from sequence.finetune import FinetuneConfig, finetune
 
     ft = pr_data["d"] / "ft"
     finetune(FinetuneConfig(cache=pr_data["cache"], out=str(ft), from_run=pr_data["run"], epochs=1, plots=False,
-                            device="cpu"))
+                            device="cpu", unfreeze="0"))
     out = pr_data["d"] / "ftpred"
-    r = CliRunner().invoke(main, ["predict", str(ft), pr_data["long"], "--window", "4", "--stride", "4", "--out", str(out)])
+    r = CliRunner().invoke(main, ["predict", str(ft), pr_data["long"], "--window", "4", "--stride", "4", "--out", str(out),
+                                  "--cache", str(pr_data["d"] / "ft_feats.h5")])
     assert r.exit_code == 0, r.output
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 10
-    assert (out / "finetuned_trunk.pt").is_file()
-    # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone, so features match the train run's
     assert {x["predicted"] for x in rows} <= {"ascending", "descending", "pingpong"}
+    # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone (resnet18, random init seed 0,
+    # the cache's), tensor by tensor, BatchNorm statistics included ...
+    trunk = torch.load(out / "finetuned_trunk.pt", map_location="cpu", weights_only=True)
+    orig = create_backbone("resnet18", "none", 0).trunk.state_dict()
+    assert sorted(trunk) == sorted(orig)
+    for k, v in orig.items():
+        assert torch.equal(trunk[k], v), k
+    # ... so predict featurizes the video exactly as it does for the train run: the same features
+    r = CliRunner().invoke(main, ["predict", pr_data["run"], pr_data["long"], "--window", "4", "--stride", "4",
+                                  "--out", str(pr_data["d"] / "trpred"), "--cache", str(pr_data["d"] / "tr_feats.h5")])
+    assert r.exit_code == 0, r.output
+    a, b = read_cache(pr_data["d"] / "ft_feats.h5"), read_cache(pr_data["d"] / "tr_feats.h5")
+    assert a.features.shape == b.features.shape and len(a.features) == 80  # 40 s at 2 fps
+    assert np.array_equal(a.timestamps, b.timestamps) and np.array_equal(a.features, b.features)
 
 
 def test_refuses_folder_without_checkpoint(pr_data, tmp_path):
@@ -102,14 +117,21 @@ def test_refuses_folder_without_checkpoint(pr_data, tmp_path):
 
 
 def test_refuses_inconsistent_run(pr_data, tmp_path):
+    """Nothing is guessed: a checkpoint without its featurize spec whose cache is gone, or whose spec disagrees with
+    its model, is refused with what to do."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(pr_data["run"], run)
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
-    ck["cache"]["path"] = str(tmp_path / "gone.h5")
-    ck["cache"]["weights"] = "myweights-12345678"
+    old = {k: v for k, v in ck.items() if k != "features"}  # as an older featseq wrote it
+    old["cache"] = {**ck["cache"], "path": str(tmp_path / "gone.h5")}
+    torch.save(old, run / "checkpoint.pt")
+    r = CliRunner().invoke(main, ["predict", str(run), pr_data["long"]])
+    assert r.exit_code == 2
+    assert "older featseq" in r.output and "gone.h5" in r.output and "retrain" in r.output
+    ck["features"]["feature_dim"] = 999
     torch.save(ck, run / "checkpoint.pt")
     r = CliRunner().invoke(main, ["predict", str(run), pr_data["long"]])
     assert r.exit_code == 2
-    assert "gone" in r.output
+    assert "999-dim" in r.output and "inconsistent" in r.output

@@ -1,7 +1,7 @@
 """Split properties: seed-compat equals sklearn's, stratification, group disjointness, CV coverage, honest validation."""
 import numpy as np
 import pytest
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from sequence.splits import SplitError, make_folds
 
@@ -84,12 +84,28 @@ def test_logo_leaves_one_group_out():
 
 
 def test_keep_mask_and_class_missing_from_training():
+    # class c lives in group g3 only (a and b are in both g1 and g2): a group split loses c from training
+    # exactly when it puts g3 in the test part, for every seed (which seeds do: sklearn's GroupShuffleSplit,
+    # what --split group is, computed here on its own)
+    lab3 = np.array(["a", "b"] * 8 + ["c"] * 2)
+    grp3 = np.array(["g1"] * 8 + ["g2"] * 8 + ["g3"] * 2)
+    outcomes = set()
+    for seed in range(10):
+        _, te = next(GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=seed).split(grp3, groups=grp3))
+        loses_c = "g3" in set(grp3[te])
+        outcomes.add(loses_c)
+        if loses_c:
+            with pytest.raises(SplitError, match=r"--split group: class\(es\) c have no sample in the training part"):
+                make_folds("group", lab3, grp3, seed=seed, val_size=0)
+        else:
+            (f,) = make_folds("group", lab3, grp3, seed=seed, val_size=0)
+            assert np.array_equal(np.sort(f.test), np.sort(te)) and "c" in set(lab3[f.train])
+    assert outcomes == {True, False}  # both cases were exercised
+    # leave-one-group-out always has the fold that holds out g3
+    with pytest.raises(SplitError, match=r"--split logo \(fold_g3\): class\(es\) c have no sample"):
+        make_folds("logo", lab3, grp3, val_size=0)
     labels = np.array(["a"] * 10 + ["b"] * 10 + ["c"])  # one "c": stratification impossible
     groups = np.array(["g1"] * 11 + ["g2"] * 10)
-    with pytest.raises(SplitError, match="no sample in the training part"):
-        # 'c' is alone in group g1 with the a's; a group split that puts g1 in test loses it
-        for seed in range(20):
-            make_folds("group", labels, groups, seed=seed, val_size=0)
     keep = np.ones(21, bool)
     keep[:3] = False
     (f,) = make_folds("random", labels, groups, keep=keep, seed=0, val_size=0)

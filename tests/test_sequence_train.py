@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
+from sklearn.model_selection import GroupShuffleSplit
 
 from cli import main
 from conftest import GINGERBREAD, featurize_cfg, needs_gingerbread
 from seq_fixtures import synthetic_cache, write_fake_cache
+from sequence.splits import SplitError, make_folds
 from sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
-from sequence.train import TrainConfig, evaluate, load_checkpoint, train
+from sequence.run import Run
+from sequence.train import TrainConfig, evaluate, train
 
 RUN_FILES = ["config.json", "results.json", "history.csv", "CRNN_epoch_training_loss.npy", "CRNN_epoch_training_accuracy.npy",
              "CRNN_epoch_test_loss.npy", "CRNN_epoch_test_accuracy.npy", "curves.png", "confusion.png", "per_class.csv",
@@ -69,8 +72,8 @@ def test_every_output_exists_and_parses(conv_run, synth):
     assert [p["class"] for p in per] == r["classes"] and sum(int(p["support"]) for p in per) == 20
     assert "precision" in (run / "classification_report.txt").read_text()
     # the checkpoint rebuilds the model from its config alone; evaluate re-scores it identically
-    model, ck = load_checkpoint(run / "checkpoint.pt")
-    assert ck["classes"] == r["classes"] and ck["reader"]["seq_len"] == 12
+    saved = Run(run)
+    assert saved.classes == r["classes"] and saved.reader.seq_len == 12 and saved.input_dim == 512
     ev = evaluate(str(run))
     assert ev["test_accuracy"] == pytest.approx(r["test_accuracy"]) and ev["n_scored"] == 20
     assert Path(ev["out"], "predictions.csv").is_file() and Path(ev["out"], "confusion.png").is_file()
@@ -102,10 +105,12 @@ def test_order_aware_models_beat_order_blind_baselines(synth, tmp_path):
 def test_training_is_deterministic_and_cv(synth, tmp_path):
     a = train(TrainConfig(cache=synth, out=str(tmp_path / "a"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
     b = train(TrainConfig(cache=synth, out=str(tmp_path / "b"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
-    assert (tmp_path / "a" / "history.csv").read_text().split("seconds")[1].count(",") > 0
-    ha = [r[:-1] for r in csv.reader(open(tmp_path / "a" / "history.csv"))]
-    hb = [r[:-1] for r in csv.reader(open(tmp_path / "b" / "history.csv"))]
-    assert ha == hb and a["test_accuracy"] == b["test_accuracy"]
+    # same seed, same data: every column of history.csv is identical except the wall-clock seconds
+    ha, hb = (list(csv.DictReader(open(tmp_path / x / "history.csv"))) for x in ("a", "b"))
+    assert len(ha) == len(hb) == 3 and "seconds" in ha[0] and "train_loss" in ha[0]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in ha] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in hb]
+    assert a["test_accuracy"] == b["test_accuracy"]
     cv = train(TrainConfig(cache=synth, out=str(tmp_path / "cv"), model="mlp", split="logo", fps=1, epochs=3,
                            class_weights="balanced", label_smoothing=0.1, offset="random"))
     assert cv["folds"] == 4 and cv["test_accuracy_std"] is not None and len(cv["per_fold"]) == 4
@@ -138,7 +143,8 @@ def test_cli_train_sweep_evaluate_and_errors(synth, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1] == str(tmp_path / "r")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r")])
-    assert r.exit_code == 0, r.output and r.output.strip().splitlines()[-1].endswith("eval_synth32")
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].endswith("eval_synth32"), r.output
     r = CliRunner().invoke(main, ["sweep", synth, "--out", str(tmp_path / "s"), "--model", "mlp,frame", "--epochs", "2",
                                   "--fps", "1", "-q"])
     assert r.exit_code == 0, r.output
@@ -156,11 +162,20 @@ def test_cli_train_sweep_evaluate_and_errors(synth, tmp_path):
     fails(["train", synth, "--out", str(tmp_path / "x"), "--layers", "0"], "--layers")
     empty = write_fake_cache(tmp_path / "empty.h5", [])
     fails(["train", empty, "--out", str(tmp_path / "x")], "no segments")
-    # a class whose only segments all land in the test part
-    lonely = write_fake_cache(tmp_path / "lonely.h5", ["a"] * 6 + ["b"] * 6 + ["c"] * 2, groups=["g1"] * 6 + ["g2"] * 6 + ["g3"] * 2)
-    res = [CliRunner().invoke(main, ["train", lonely, "--out", str(tmp_path / "x"), "--split", "group", "--val-size", "0", "--seed", str(s)])
-           for s in range(10)]
-    assert any(x.exit_code == 2 and "class(es) c have no sample in the training part" in x.output for x in res)
+    # a class whose only segments all land in the test part: class c lives in group g3 only (a and b in g1 and
+    # g2); pick (with sklearn's GroupShuffleSplit, which --split group is) a seed that puts g3 in the test part
+    labels, groups = ["a", "b"] * 6 + ["c"] * 2, ["g1"] * 6 + ["g2"] * 6 + ["g3"] * 2
+    lonely = write_fake_cache(tmp_path / "lonely.h5", labels, groups=groups)
+    g = np.array(groups)
+    test_groups = {s: set(g[next(GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=s).split(g, groups=g))[1]])
+                   for s in range(10)}
+    bad = next(s for s, t in test_groups.items() if t == {"g3"})
+    good = next(s for s, t in test_groups.items() if "g3" not in t)
+    with pytest.raises(SplitError, match="class.es. c have no sample"):
+        make_folds("group", labels, groups, seed=bad, val_size=0)
+    assert "g3" not in set(g[make_folds("group", labels, groups, seed=good, val_size=0)[0].test])
+    fails(["train", lonely, "--out", str(tmp_path / "x"), "--split", "group", "--val-size", "0", "--seed", str(bad)],
+          "class(es) c have no sample in the training part")
     other = write_fake_cache(tmp_path / "dim8.h5", ["ascending", "pingpong"])
     fails(["evaluate", str(tmp_path / "r"), "--cache", other], "feature dimension 8")
 

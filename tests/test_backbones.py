@@ -1,0 +1,198 @@
+"""The backbone registry's contract, weights files and the decoder's resize policies (featurize.backbones, .decoder)."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EFFNET_WEIGHTS
+from featurize.backbones import REGISTRY, WeightsError, create_backbone
+
+# small inputs keep every registered model fast on 2 CPU cores (vgg16 included: its classifier sits
+# behind an adaptive pool, so the input size does not change its 4096-dim output)
+SIZE = 32
+
+
+def _batch(size=SIZE, seed=0):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _embed(backbone, x):
+    return backbone.trunk.eval()(x)
+
+
+def _check_contract(backbone, name):
+    entry = backbone.entry
+    assert entry.name == name and backbone.weights == "none" and backbone.weights_sha256 == ""
+    out = _embed(backbone, _batch())
+    assert tuple(out.shape) == (2, entry.feature_dim), (name, tuple(out.shape))
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    stages = backbone.stage_modules()
+    assert len(stages) == len(entry.stages) >= 2
+    seen = set()
+    for spec, module in zip(entry.stages, stages):
+        params = list(module.parameters())
+        assert params, f"{name}: stage {spec} has no parameters (--unfreeze would train nothing there)"
+        ids = {id(p) for p in params}
+        assert not ids & seen, f"{name}: stage {spec} overlaps an earlier stage"
+        seen |= ids
+    trunk_params = {id(p) for p in backbone.trunk.parameters()}
+    assert seen <= trunk_params  # the stages are parts of the trunk itself, not copies
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registered_backbone_contract(name):
+    """Every registered torchvision backbone: trunk output (N, feature_dim), finite; every declared stage
+    resolves to a distinct, trainable part of the trunk."""
+    _check_contract(create_backbone(name, "none", 0), name)
+
+
+def test_timm_backbone_contract():
+    pytest.importorskip("timm")
+    _check_contract(create_backbone("timm:efficientnet_lite0", "none", 0), "timm:efficientnet_lite0")
+
+
+def test_random_init_is_seeded():
+    a, b, c = (create_backbone("resnet18", "none", s) for s in (0, 0, 1))
+    x = _batch()
+    assert torch.equal(_embed(a, x), _embed(b, x)) and not torch.equal(_embed(a, x), _embed(c, x))
+
+
+def test_torchvision_weights_file(tmp_path):
+    """--weights FILE: a state dict saved from the full torchvision model (classifier included) rebuilds
+    exactly that model's trunk; its sha256 is recorded. 'module.' prefixes and a {'state_dict': ...}
+    wrapper load the same."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        src = torchvision.models.resnet18(weights=None)
+        for m in src.modules():  # non-trivial BatchNorm statistics, so buffers must load too
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    plain, wrapped = tmp_path / "r18.pth", tmp_path / "r18_wrapped.pth"
+    torch.save(src.state_dict(), plain)
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, wrapped)
+    src.fc = torch.nn.Identity()
+    src.eval()
+    x = _batch(64)
+    with torch.no_grad():
+        want = src(x)
+    for f in (plain, wrapped):
+        b = create_backbone("resnet18", str(f), 0)
+        assert b.weights == str(f)
+        assert b.weights_sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert torch.equal(_embed(b, x), want)
+    assert not torch.allclose(_embed(create_backbone("resnet18", "none", 0), x), want)
+
+
+@pytest.fixture
+def r18_file(tmp_path):
+    path = tmp_path / "resnet18_weights.pth"
+    torch.save(create_backbone("resnet18", "none", 0).trunk.state_dict(), path)
+    return path
+
+
+def test_bad_weights_files(tmp_path, r18_file):
+    with pytest.raises(WeightsError, match="does not fit vgg16") as e:  # other parameter names
+        create_backbone("vgg16", str(r18_file), 0)
+    assert str(r18_file) in str(e.value) and "missing key" in str(e.value) and "unexpected key" in str(e.value)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a state dict" * 10)
+    with pytest.raises(WeightsError, match="cannot load it as a PyTorch state dict") as e:
+        create_backbone("resnet18", str(junk), 0)
+    assert str(junk) in str(e.value)
+    with pytest.raises(WeightsError, match="no such file"):
+        create_backbone("resnet18", str(tmp_path / "absent.pth"), 0)
+
+
+def test_weights_file_with_other_shapes(r18_file):
+    """resnet18's file into resnet50: the same parameter names, other shapes."""
+    with pytest.raises(WeightsError, match="does not fit resnet50") as e:
+        create_backbone("resnet50", str(r18_file), 0)
+    assert str(r18_file) in str(e.value)
+
+
+@pytest.mark.skipif(not EFFNET_WEIGHTS.is_file(), reason=f"offline EfficientNet-Lite0 weights not found at {EFFNET_WEIGHTS}")
+def test_timm_weights_file(tmp_path):
+    """The offline ImageNet weights of timm:efficientnet_lite0: loaded, sha256 recorded (in the Backbone and in
+    a cache's attributes), and outputs unlike the random init's."""
+    pytest.importorskip("timm")
+    from conftest import featurize_cfg
+    from featurize.cache import read_cache
+    from featurize.pipeline import featurize
+    from featurize.synth import render_clip
+
+    sha = hashlib.sha256(EFFNET_WEIGHTS.read_bytes()).hexdigest()
+    pre = create_backbone("timm:efficientnet_lite0", str(EFFNET_WEIGHTS), 0)
+    rnd = create_backbone("timm:efficientnet_lite0", "none", 0)
+    assert pre.weights_sha256 == sha and pre.entry.feature_dim == 1280
+    x = _batch(64)
+    a, b = _embed(pre, x), _embed(rnd, x)
+    assert a.shape == b.shape == (2, 1280) and torch.isfinite(a).all()
+    assert (a - b).abs().mean() > 0.1 * b.abs().mean()
+    # through featurize --weights FILE: the cache records the file's sha256
+    (tmp_path / "src" / "ascending").mkdir(parents=True)
+    render_clip(tmp_path / "src" / "ascending" / "v_ascending_g01_c01.mp4", label="ascending", group_index=1,
+                clip_index=1, width=32, height=32, video_fps=10, duration=1.0, seed=0)
+    res = featurize(featurize_cfg(tmp_path / "src", tmp_path / "e.h5", backbone="timm:efficientnet_lite0",
+                                  weights=str(EFFNET_WEIGHTS), fps=2.0))
+    cache = read_cache(res.path)
+    assert cache.attrs["weights_sha256"] == sha and cache.features.shape == (2, 1280)
+
+
+# ---------------------------------------------------------------- resize policies at the decoder
+
+
+@pytest.fixture(scope="module")
+def wide_video(tmp_path_factory):
+    """A real rendered 128x64 (2:1) video with burned-in frame numbers (16 bands across the top rows)."""
+    from featurize.synth import render_clip
+
+    path = tmp_path_factory.mktemp("wide") / "wide.mp4"
+    render_clip(path, label="pingpong", group_index=1, clip_index=1, width=128, height=64, video_fps=10, duration=1.0,
+                seed=0, burn_frame_numbers=True)
+    return str(path)
+
+
+def _resize(frames, w, h):
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]).astype(np.float64)
+
+
+def test_resize_crop_keeps_aspect_squash_does_not(wide_video):
+    """crop = the centre square of the frame, scaled (aspect kept); squash = the whole frame squeezed to a square.
+    References are made here from the natively decoded frames (decord directly, PIL resize)."""
+    import decord
+
+    from featurize.decoder import Decoder
+
+    idx = np.array([0, 4, 9])
+    native = decord.VideoReader(wide_video).get_batch(idx.tolist()).asnumpy()
+    assert native.shape == (3, 64, 128, 3)
+    ref_squash = _resize(native, 32, 32)           # whole frame, horizontally squeezed twice as much
+    ref_crop = _resize(native[:, :, 32:96], 32, 32)  # centre 64x64 square, scaled uniformly
+    got = {}
+    for policy in ("squash", "crop"):
+        dec = Decoder(wide_video, size=32, policy=policy)
+        try:
+            got[policy] = np.concatenate(list(dec.read(idx))).astype(np.float64)
+            assert dec.info.width == 128 and dec.info.height == 64
+        finally:
+            dec.close()
+        assert got[policy].shape == (3, 32, 32, 3)
+
+    def err(a, b):
+        return float(np.abs(a - b).mean())
+
+    assert err(ref_squash, ref_crop) > 8  # the two policies really show different pixels
+    assert err(got["squash"], ref_squash) < 0.3 * err(got["squash"], ref_crop)
+    assert err(got["crop"], ref_crop) < 0.3 * err(got["crop"], ref_squash)
+    # the burned frame numbers span the full width: squash keeps all 16 bands, so they read back; the crop
+    # shows only the middle 8 bands, each twice as wide, so they do not
+    from featurize.synth import read_frame_number
+
+    assert [read_frame_number(f.astype(np.uint8)) for f in got["squash"]] == idx.tolist()
+    assert [read_frame_number(f.astype(np.uint8)) for f in got["crop"]] != idx.tolist()

@@ -1,0 +1,85 @@
+"""The one training loop (sequence.loop) on tiny cached features: accumulation, selection, early stop, resume."""
+import numpy as np
+import pytest
+import torch
+
+from sequence import models as M
+from sequence.loop import BestEpoch, FeatureInputs, FitOptions, fit
+from sequence.reader import ReaderConfig, build
+from sequence.splits import Fold
+
+
+@pytest.fixture(scope="module")
+def seqs(tmp_path_factory):
+    from featurize.cache import read_cache
+    from seq_fixtures import write_fake_cache
+
+    path = write_fake_cache(tmp_path_factory.mktemp("loop") / "c.h5", ["a", "b"] * 12, dim=8, seed=4)
+    return build(read_cache(path, dtype=np.float32), ReaderConfig(seq_len=6))
+
+
+def _fold():
+    return Fold("f", np.arange(16), np.arange(16, 20), np.arange(20, 24))
+
+
+def _fit(seqs, epochs=1, batch_size=8, accumulate=1, resume=None, on_epoch=None, patience=10, fold=None, lr=0.1):
+    torch.manual_seed(0)
+    model = M.create_model("mlp", 8, 2, hidden=16, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opts = FitOptions(epochs=epochs, batch_size=batch_size, patience=patience, seed=3, accumulate=accumulate)
+    res = fit(model, FeatureInputs.of(seqs), seqs, fold or _fold(), opt, opts, torch.device("cpu"), resume=resume,
+              on_epoch=on_epoch)
+    return model, res
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch(seqs):
+    """--accumulate 2 with batch 4 takes the same optimizer steps as batch 8 (dropout 0, 16 training clips)."""
+    a, _ = _fit(seqs, batch_size=8, accumulate=1)
+    b, _ = _fit(seqs, batch_size=4, accumulate=2)
+    c, _ = _fit(seqs, batch_size=4, accumulate=1)
+    for (k, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), k
+    assert any(not torch.allclose(x, z, atol=1e-6) for x, z in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_resume_continues_exactly_where_the_state_was_saved(seqs):
+    """4 epochs in one go equal 2 epochs, the saved loop state, then 2 more: weights, history and best epoch."""
+    full, res_full = _fit(seqs, epochs=4)
+    saved = {}
+    _fit(seqs, epochs=2, on_epoch=lambda st: saved.update(st))
+    resumed, res = _fit(seqs, epochs=4, resume=saved)
+    assert saved["epoch"] == 2
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    for h1, h2 in zip(res.history, res_full.history):
+        assert {k: v for k, v in h1.items() if k != "seconds"} == pytest.approx({k: v for k, v in h2.items() if k != "seconds"})
+    assert res.best_epoch == res_full.best_epoch
+    for x, y in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_best_epoch_keeps_the_best_validation_and_stops_after_patience():
+    model = torch.nn.Linear(1, 1)
+    best = BestEpoch(has_val=True, patience=2)
+    assert best.offer(1, 0.9, 0.5, model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    assert best.offer(2, 0.8, 0.5, model)         # same accuracy, lower loss: better
+    assert not best.offer(3, 0.1, 0.4, model)     # lower accuracy loses whatever its loss
+    assert not best.should_stop()
+    assert not best.offer(4, 0.8, 0.5, model)     # an exact tie is not an improvement
+    assert best.should_stop() and best.epoch == 2 and float(best.state["weight"]) == 7.0
+    no_val = BestEpoch(has_val=False, patience=1)
+    for e in range(1, 5):
+        assert no_val.offer(e, float("nan"), float("nan"), model)
+    assert no_val.epoch == 4 and not no_val.should_stop()
+
+
+def test_early_stop_after_patience_epochs_without_improvement(seqs):
+    """lr 0: every epoch scores exactly like the first, so with patience 2 training stops after epoch 3, best epoch 1;
+    the model left is scored like the best epoch."""
+    model, res = _fit(seqs, epochs=30, patience=2, lr=0.0)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3] and res.best_epoch == 1
+    from sequence.loop import logits
+
+    lg = logits(model, FeatureInputs.of(seqs), _fold().val, torch.device("cpu"))
+    assert float((lg.argmax(1) == seqs.labels[_fold().val]).float().mean()) == pytest.approx(res.history[0]["val_accuracy"])
