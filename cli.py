@@ -89,35 +89,83 @@ def main():
 @click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
+@click.option("--shard", default="auto", show_default=True,
+              help="K/N: featurize shard K of N (0-based) into <out>.part-K-of-N.h5, then `featseq cache merge`; auto: "
+                   "K/N from torchrun (RANK/WORLD_SIZE; rank 0 merges) or a SLURM array, else the whole source; none.")
+@click.option("--slurm", "slurm_jobs", default=None, type=click.IntRange(1), metavar="N",
+              help="Submit N shard jobs as one SLURM job array through submitit (local processes where there is no "
+                   "SLURM), wait, then merge. Needs the slurm extra.")
+@click.option("--slurm-partition", default=None, help="--slurm: the partition.")
+@click.option("--slurm-time", default=240, show_default=True, type=int, help="--slurm: time limit per job, minutes.")
+@click.option("--slurm-gpus", default=None, type=int, help="--slurm: GPUs per job.")
+@click.option("--slurm-cpus", default=None, type=int, help="--slurm: CPUs per job.")
+@click.option("--slurm-logs", default=None, type=click.Path(file_okay=False),
+              help="--slurm: folder of job files and logs (shared with the nodes) [default: <out>.slurm/].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def featurize(source, backbone, weights, size, resize, fps, device, precision, dtype, batch_size, no_channels_last,
-              out, cache_dir, skip_errors, keep_frames, decode_timeout, seed, quiet):
+              out, cache_dir, skip_errors, keep_frames, decode_timeout, seed, shard, slurm_jobs, slurm_partition,
+              slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
     SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
     from featurize.pipeline import FeaturizeConfig, featurize as run
+    from featurize.shard import after_torchrun, submit
 
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
                           channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
-                          keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed)
-    res = run(cfg, progress=None if quiet else Progress(), log=lambda s: click.echo(s, err=True))
+                          keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed, shard=shard)
+    cfg.validate()
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    if slurm_jobs:
+        if not out:
+            raise click.UsageError("--slurm needs --out (a path every job and this process agree on)")
+        params = {k: v for k, v in {"slurm_partition": slurm_partition, "timeout_min": slurm_time,
+                                    "gpus_per_node": slurm_gpus, "cpus_per_task": slurm_cpus}.items() if v is not None}
+        merged = submit(cfg, slurm_jobs, slurm_logs or f"{out}.slurm", params, log)
+        log(f"merged {len(merged.parts)} parts: {merged.segments} segments, {merged.mb:.1f} MB in {merged.seconds:.1f} s")
+        click.echo(merged.path)
+        return
+    res = run(cfg, progress=None if quiet else Progress(), log=log)
+    merged = None
+    if res.path != res.target and shard == "auto":  # a torchrun rank: wait for the others; rank 0 merges
+        merged = after_torchrun(res.target, log, allow_missing=skip_errors)
+        if merged is not None:
+            log(f"merged {len(merged.parts)} parts: {merged.segments} segments, {merged.mb:.1f} MB -> {merged.path}")
     click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
                f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s)", err=True)
     if res.failures:
         click.echo(f"failed segments ({len(res.failures)}), also in {res.path}.errors.json:", err=True)
         for sid, why in res.failures.items():
             click.echo(f"  {sid}: {why}", err=True)
-    click.echo(res.path)
+    click.echo(merged.path if merged is not None else res.path)
     if res.failures and not skip_errors:
         sys.exit(1)
 
 
 @main.group()
 def cache():
-    """Inspect feature caches."""
+    """Inspect and merge feature caches."""
+
+
+@cache.command("merge")
+@click.argument("target", type=click.Path(dir_okay=False))
+@click.argument("parts", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-missing", is_flag=True, help="Merge even when segments of the source are in no part (listed).")
+def cache_merge(target, parts, allow_missing):
+    """Merge shard parts (featurize --shard K/N) into the cache TARGET [default PARTS: TARGET's .part-K-of-N.h5 files].
+
+    Refuses parts of another request or another N, ids in two parts and segments no part holds; copies and verifies
+    every segment, writes under a temporary name and renames. Merging again, or after a crash, is safe.
+    """
+    from featurize.shard import merge
+
+    res = merge(target, list(parts) or None, allow_missing=allow_missing, log=lambda s: click.echo(s, err=True))
+    click.echo(f"{len(res.parts)} parts: {res.copied} segment(s) copied, {res.kept} already in {target}, "
+               f"{len(res.missing)} missing; {res.segments} segments, {res.mb:.1f} MB in {res.seconds:.1f} s", err=True)
+    click.echo(res.path)
 
 
 @cache.command("list")

@@ -35,8 +35,10 @@ import numpy as np
 from .errors import UserError
 
 FORMAT_VERSION = 1
-# A request is identified by these attributes; a different request aimed at an existing file is refused.
-IDENTITY_KEYS = ("source", "backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
+# A cache is identified by what changes its features; a different request aimed at an existing file is refused.
+# The source's path is recorded (attribute "source") but not compared: segments are identified by id, so a
+# dataset folder that moved, or is mounted elsewhere on another node, resumes.
+IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
                  "dtype", "keep_frames")
 _NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"), ("video_width", "i4"),
                ("video_height", "i4"), ("video_fps", "f8"), ("video_duration", "f8"), ("video_frames", "i8"),
@@ -93,7 +95,7 @@ def _decode_attrs(f: h5py.File) -> dict:
             v = v.decode()
         elif isinstance(v, np.generic):
             v = v.item()
-        if k in ("versions", "config", "mean", "std") and isinstance(v, str):
+        if k in ("versions", "config", "mean", "std", "shard_plan", "merged_from") and isinstance(v, str):
             v = json.loads(v)
         out[k] = v
     return out
@@ -232,10 +234,16 @@ def check_identity(path: str, have: dict, identity: dict) -> None:
                          + "\n  Use another --out (or the default path, which is named after these settings).")
 
 
+def read_table(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
+    """(attributes, the published rows of the segment table as stored) without reading features."""
+    with open_read(path) as f:
+        return _decode_attrs(f), _published(f["segments"][()])
+
+
 def published_ids(path: str | os.PathLike) -> tuple[dict, list[str]]:
     """(attributes, ids of published segments) without reading features."""
-    with open_read(path) as f:
-        return _decode_attrs(f), [x.decode() for x in _published(f["segments"][()])["id"]]
+    attrs, table = read_table(path)
+    return attrs, [x.decode() for x in table["id"]]
 
 
 class FileLock:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
 from .cache import CacheWriter, check_identity, now_iso, published_ids, string_widths
 from .allocator import tune_cpu_allocator
 from .decoder import RESIZE_POLICIES
+from . import shard as shard_mod
 from .files import replaced
 from .sources import Segment, SourceError, read_source, validate
 from .spec import weights_id
@@ -48,6 +50,7 @@ class FeaturizeConfig:
     keep_frames: bool = False
     decode_timeout: float = 60.0
     seed: int = 0
+    shard: str | None = "auto"  # "K/N": shard K of N into <out>.part-K-of-N.h5; auto: from torchrun / a SLURM array
 
     def validate(self) -> None:
         problems = []
@@ -63,13 +66,17 @@ class FeaturizeConfig:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.decode_timeout <= 0:
             problems.append(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}")
+        try:
+            shard_mod.parse(self.shard)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 
 
 @dataclass
 class FeaturizeResult:
-    path: str
+    path: str                # the file written: the cache, or a shard's part file
     total: int
     written: int
     skipped_done: int
@@ -77,6 +84,7 @@ class FeaturizeResult:
     frames: int = 0
     seconds: float = 0.0  # the whole call
     stream_seconds: float = 0.0  # decode + embed + write, without validation and model building
+    target: str = ""  # the cache (a shard's parts merge into it)
 
     @property
     def frames_per_s(self) -> float:
@@ -136,45 +144,71 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         source_id = str(Path(cfg.source).resolve())
     else:
         kind, row_problems, source_id = "records", [], cfg.source
+    shard = shard_mod.parse(cfg.shard)
     device = bb.resolve_device(cfg.device)
+    if cfg.device == "auto" and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per torchrun rank
     precision = bb.resolve_precision(cfg.precision, device)
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
-    path = cfg.out or default_cache_path(cfg, precision, wid)
+    target = cfg.out or default_cache_path(cfg, precision, wid)
+    path = shard_mod.part_path(target, *shard) if shard else target
+    # what makes the features (the source's path is recorded, not compared: a moved dataset resumes by segment id)
     identity = {
-        "source": source_id, "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
+        "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
         "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
         "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames),
     }
     done: set[str] = set()
+    mine: set[str] | None = None  # a shard's segment ids (None: every segment)
     if os.path.exists(path):  # refuse a mismatched request, or skip finished work, before probing or building a model
         have, ids = published_ids(path)
         check_identity(path, have, identity)
+        if have.get("source") not in (None, source_id):
+            log(f"note: {path} was made from {have.get('source')}; resuming it from {source_id} by segment id")
         done = set(ids)
-    todo = [s for s in segments if s.id not in done]
-    result = FeaturizeResult(path=path, total=len(segments), written=0, skipped_done=len(segments) - len(todo))
+        if shard and "shard_plan" in have:
+            mine = {i for i, k in have["shard_plan"].items() if k == shard[0]}
+    todo = [s for s in segments if s.id not in done and (mine is None or s.id in mine)]
+    total = len(segments) if mine is None else len(mine)
+    result = FeaturizeResult(path=path, total=total, written=0, skipped_done=total - len(todo), target=target)
     if not todo and row_problems:
         raise SourceError(cfg.source, row_problems)
-    if not todo:
-        log(f"all {len(segments)} segments already cached")
+    if not todo and (mine is not None or not shard):
+        log(f"all {total} segments already cached")
         result.seconds = time.monotonic() - t0
         return result
 
+    plan = None
     with DecodePool(timeout=cfg.decode_timeout) as pool:  # one worker: probing, then decoding
-        _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
-                              only={s.id for s in todo}, problems=row_problems)
+        if shard and mine is None:  # every shard probes every video to make the same balanced plan
+            infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
+                                      problems=row_problems)
+            plan = shard_mod.assign(shard_mod.expected_frames(segments, infos, cfg.fps), shard[1])
+            mine = {s.id for s in segments if plan[s.id] == shard[0]}
+            todo = [s for s in todo if s.id in mine]
+            skipped = {i: why for i, why in skipped.items() if i in mine}
+            result.total, result.skipped_done = len(mine), len(mine) - len(todo)
+            log(f"shard {shard[0]} of {shard[1]}: {len(mine)} of {len(segments)} segments, "
+                f"{sum(shard_mod.expected_frames([s for s in segments if s.id in mine], infos, cfg.fps).values())} frames "
+                f"-> {path}")
+        else:
+            _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
+                                  only={s.id for s in todo}, problems=row_problems)
         result.failures.update(skipped)
         if device.type == "cpu":
             tune_cpu_allocator()  # once per process, before the CNN's first batch
         backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
         embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
         attrs = {
-            "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
+            "source": source_id, "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
             "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
             "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
                               else "crop: shorter side resized to size, centre crop size x size"),
         }
+        if shard:
+            attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
         rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
                          frame_size=cfg.size if cfg.keep_frames else None) as writer:

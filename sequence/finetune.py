@@ -207,11 +207,11 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     if spec is not None:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=spec.backbone, weights=spec.check_weights(f"--from {cfg.from_run}"),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps, precision=spec.precision,
-                               keep_frames=cfg.keep_frames, device=cfg.device)
+                               keep_frames=cfg.keep_frames, device=cfg.device, shard=None)
     elif cfg.backbone:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
                                size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,
-                               device=cfg.device)
+                               device=cfg.device, shard=None)
     else:
         raise UserError("SOURCE is a video source: pass --from RUN or --backbone/--weights/--size/--fps to featurize it")
     log(f"featurizing {cfg.cache} first ({fcfg.backbone}, {fcfg.size}px, {fcfg.fps:g} fps)")

@@ -165,7 +165,8 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
         fcfg = FeaturizeConfig(source="featseq predict", backbone=spec.backbone, weights=spec.weights_arg(),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps,
                                precision=cfg.precision or spec.precision, device=cfg.device, out=str(cache_path),
-                               batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True)
+                               batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True,
+                               shard=None)
         log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"
             f"{' (fine-tuned trunk)' if run.trunk_state is not None else ''}")
         fres = featurize(fcfg, segments=records)

@@ -1,0 +1,187 @@
+"""Featurize in shards (processes, torchrun ranks), merge the parts, resume a moved source."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import ROOT, featurize_cfg, published_segments
+from featurize import shard
+from featurize.cache import read_cache
+from featurize.pipeline import featurize
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+    ENV.pop(_k, None)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-c", "from cli import main; main()", *args]
+
+
+def _featurize_cmd(src, out, *extra) -> list[str]:
+    return _cli("featurize", src, "--size", "32", "--fps", "6", "--device", "cpu", "--out", str(out), "-q", *extra)
+
+
+def _same(a, b, exact=True):
+    """Two caches hold the same segments: ids, labels, timestamps, features (exactly or within float16 noise)."""
+    assert sorted(a.ids) == sorted(b.ids) and len(set(b.ids)) == len(b.ids)
+    for i, sid in enumerate(a.ids):
+        j = b.ids.index(sid)
+        assert a.segments["label"][i] == b.segments["label"][j]
+        fa, ta = a.segment(i)
+        fb, tb = b.segment(j)
+        assert np.array_equal(ta, tb), sid
+        if exact:
+            assert np.array_equal(fa, fb), sid
+        else:
+            assert np.allclose(fa.astype(np.float32), fb.astype(np.float32), atol=1e-2), sid
+
+
+@pytest.fixture(scope="module")
+def reference(synth_data, tmp_path_factory):
+    """The source featurized by one process, the way every shard test featurizes it."""
+    return read_cache(featurize(featurize_cfg(synth_data["clips_root"], tmp_path_factory.mktemp("ref") / "one.h5",
+                                              shard=None)).path)
+
+
+def test_assignment_is_a_balanced_partition_independent_of_row_order():
+    rng = np.random.default_rng(0)
+    frames = {f"seg{i:03d}": int(rng.integers(1, 400)) for i in range(60)}
+    for n in range(1, 9):
+        plan = shard.assign(frames, n)
+        assert set(plan) == set(frames) and set(plan.values()) <= set(range(n))  # every segment in exactly one shard
+        items = list(frames.items())
+        rng.shuffle(items)
+        assert shard.assign(dict(items), n) == plan  # the same plan whatever the row order
+        load = [sum(f for s, f in frames.items() if plan[s] == k) for k in range(n)]
+        assert max(load) - min(load) <= max(frames.values())  # greedy longest-first: within one segment
+
+
+def test_shard_spec_from_the_flag_and_the_environment():
+    assert shard.parse("1/4") == (1, 4) and shard.parse("none") is None and shard.parse(None) is None
+    assert shard.parse("auto", {}) is None
+    assert shard.parse("auto", {"RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)
+    assert shard.parse("auto", {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_COUNT": "4",
+                                "SLURM_ARRAY_TASK_MIN": "10"}) == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            shard.parse(bad)
+    assert shard.part_path("c/X.h5", 2, 5) == "c/X.part-2-of-5.h5"
+
+
+def test_two_shards_one_killed_and_rerun_then_merged_equal_one_process(synth_data, reference, tmp_path):
+    src, out = synth_data["clips_root"], tmp_path / "X.h5"
+    p0 = subprocess.Popen(_featurize_cmd(src, out, "--shard", "0/2"), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    slow = _featurize_cmd(src, out, "--shard", "1/2", "--batch-size", "4")  # one small batch at a time: killable
+    p1 = subprocess.Popen(slow, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    part1 = shard.part_path(str(out), 1, 2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p1.poll() is None and published_segments(part1) < 1:
+        time.sleep(0.02)
+    assert p1.poll() is None, "shard 1 finished before it could be killed"
+    os.kill(p1.pid, signal.SIGKILL)
+    p1.wait()
+    assert p0.wait(timeout=120) == 0, p0.stderr.read()
+    killed = len(read_cache(part1).ids)
+    # merging now refuses: shard 1's segments are not all there, and the message names them
+    r = CliRunner().invoke(main, ["cache", "merge", str(out)])
+    assert r.exit_code == 2 and "segment(s) of the source are in no part" in r.output, r.output
+    r1 = subprocess.run(slow, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r1.returncode == 0, r1.stderr
+    assert f"{killed} already cached" in r1.stderr
+    r = CliRunner().invoke(main, ["cache", "merge", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(out)
+    merged = read_cache(out)
+    assert len(merged) == len(reference) == len(read_cache(shard.part_path(str(out), 0, 2))) + len(read_cache(part1))
+    _same(reference, merged, exact=False)
+    for sid in read_cache(shard.part_path(str(out), 0, 2)).ids:  # the shard that ran through: bit for bit
+        i, j = reference.ids.index(sid), merged.ids.index(sid)
+        assert np.array_equal(reference.segment(i)[0], merged.segment(j)[0])
+    # merging again is safe and changes nothing; a later featurize finds nothing to do
+    r = CliRunner().invoke(main, ["cache", "merge", str(out)])
+    assert r.exit_code == 0 and f"{len(merged)} already in" in r.output, r.output
+    _same(merged, read_cache(out))
+    again = featurize(featurize_cfg(src, out, shard=None))
+    assert again.written == 0 and again.skipped_done == len(merged)
+
+
+def test_merge_refuses_mixed_duplicated_and_missing_parts(synth_data, tmp_path):
+    src = synth_data["clips_root"]
+    a, b = str(tmp_path / "A.h5"), str(tmp_path / "B.h5")
+    featurize(featurize_cfg(src, a, shard="0/2"))
+    featurize(featurize_cfg(src, b, shard="0/2"))
+    featurize(featurize_cfg(src, b, shard="1/2", size=48))
+    a0, b0, b1 = shard.part_path(a, 0, 2), shard.part_path(b, 0, 2), shard.part_path(b, 1, 2)
+
+    def refused(args, *needles):
+        r = CliRunner().invoke(main, ["cache", "merge", *args])
+        assert r.exit_code == 2, r.output
+        for n in needles:
+            assert n in r.output, r.output
+
+    refused([str(tmp_path / "M.h5"), b0, b1], "size: 32 vs 48", b0, b1)
+    refused([str(tmp_path / "M.h5"), a0, b0], "in two parts", a0, b0)
+    refused([a], "shard(s) 1 of 2 have no part file", "in no part")
+    r = CliRunner().invoke(main, ["cache", "merge", a, "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    assert sorted(read_cache(a).ids) == sorted(read_cache(a0).ids)
+    refused([str(tmp_path / "none.h5")], "no parts to merge")
+
+
+def test_a_moved_source_folder_resumes(synth_data, tmp_path):
+    src = tmp_path / "videos"
+    shutil.copytree(synth_data["clips_root"], src)
+    out = tmp_path / "c.h5"
+    first = featurize(featurize_cfg(src, out, shard=None))
+    before = read_cache(out)
+    moved = tmp_path / "mounted" / "elsewhere"
+    moved.parent.mkdir()
+    shutil.move(str(src), moved)
+    notes = []
+    again = featurize(featurize_cfg(moved, out, shard=None), log=notes.append)
+    assert again.written == 0 and again.skipped_done == first.written
+    assert any("resuming it from" in n and str(moved.resolve()) in n for n in notes), notes
+    _same(before, read_cache(out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_give_the_single_process_cache(synth_data, reference, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip(f"torchrun not found next to {sys.executable}")
+    out = tmp_path / "T.h5"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "cli"] + _featurize_cmd(synth_data["clips_root"], out)[3:]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "merged 2 parts" in r.stderr
+    assert str(out) in r.stdout.splitlines()  # rank 0 prints the merged cache
+    _same(reference, read_cache(out))  # same backbone, weights and precision on the CPU: bit for bit
+
+
+def test_slurm_launcher_through_submitit_local_executor(synth_data, reference, tmp_path):
+    """--slurm N submits an array of N shard jobs with submitit; without SLURM its local executor runs them as
+    processes here, then the parts are merged."""
+    pytest.importorskip("submitit", reason="the slurm extra (submitit) is not installed")
+    out = tmp_path / "S.h5"
+    r = CliRunner().invoke(main, ["featurize", synth_data["clips_root"], "--size", "32", "--fps", "6", "--device", "cpu",
+                                  "--out", str(out), "--slurm", "2", "--slurm-logs", str(tmp_path / "logs"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "2 shard job(s) submitted (local)" in r.output and r.output.strip().splitlines()[-1] == str(out)
+    assert sorted(Path(p).name for p in shard.find_parts(str(out))) == ["S.part-0-of-2.h5", "S.part-1-of-2.h5"]
+    _same(reference, read_cache(out))
