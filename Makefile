@@ -20,7 +20,11 @@ test: install
 demo: install
 	$(FEATSEQ) synth $(DEMO)/data --clips 8 --groups 4 --width 64 --height 64 --long-videos 0
 	$(FEATSEQ) synth $(DEMO)/data_hi --clips 8 --groups 4 --width 192 --height 192 --long-videos 0
-	$(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5
+	# two shards in two processes (one thread each), then one verified merge
+	( OMP_NUM_THREADS=1 $(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5 --shard 0/2 -q & \
+	  p=$$!; OMP_NUM_THREADS=1 $(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5 --shard 1/2 -q; \
+	  s=$$?; wait $$p && [ $$s -eq 0 ] )
+	$(FEATSEQ) cache merge $(DEMO)/cache/clips_64px.h5
 	$(FEATSEQ) featurize $(DEMO)/data_hi/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_hi_64px.h5
 	$(FEATSEQ) cache list --cache-dir $(DEMO)/cache
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/sweep --model mlp,frame,lstm,gru,conv1d --fps 2 --split group --epochs 40 --patience 15 --jobs 2

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "cpu_slices", "cache_io", "train", "sweep"]
+BENCHES = ["featurize", "cpu_slices", "cache_io", "train", "sweep", "shard"]
 
 
 def _load(name):
@@ -83,6 +83,31 @@ def render() -> str:
         parts += ["## Sweep", "", s.get("description", ""), "",
                   _table(["jobs", "variants", "epochs", "wall s", "s / variant"],
                          [[r["jobs"], r["variants"], r["epochs"], r["wall_s"], r["per_variant_s"]] for r in s["rows"]]), ""]
+    sh = _load("shard")
+    if sh:
+        mg = sh["merge"]
+        parts += ["## Scaling out: shards, torchrun, merge", "", sh["description"], "",
+                  _table(["how", "wall s", "frames/s", "speedup vs one process"],
+                         [[r["how"], r["wall_s"], r["frames_per_s"], r["speedup"]] for r in sh["rows"]]), "",
+                  f"This machine has 2 cores and no GPU: one process already keeps both busy (the CNN's threads plus the "
+                  f"decode worker), so shards cannot be much faster here; they pay off with one GPU (or machine) each. "
+                  f"torchrun starts every rank with OMP_NUM_THREADS=1, while two plain `--shard` processes each take "
+                  f"torch's default threads and oversubscribe the cores (set OMP_NUM_THREADS yourself when you start "
+                  f"several shards on one machine). "
+                  f"Merge: {mg['segments']} segments, {mg['mb']} MB copied and verified in {mg['seconds']} s "
+                  f"(**{mg['mb_per_s']} MB/s**; the `featseq cache merge` command with process start: {mg['cli_seconds']} s).", ""]
+        if sh.get("ucf101_estimate"):
+            parts += ["UCF-101 (13,320 clips, 27 h of 320x240 video), a paper estimate: the frames to deliver at the "
+                      "sampling fps, divided by this machine's decode-only rate of one worker on the 224 px Gingerbread "
+                      "clips (bench/featurize_bench.py; UCF-101's 25 fps 320x240 costs about the same per source frame), "
+                      "and by NVIDIA's published ResNet-50 mixed-precision throughput of one V100 (3,382 images/s). "
+                      "UCF-101 is small: one decode worker and one GPU each need minutes, so one GPU machine featurizes "
+                      "it well inside an hour; shards matter for Kinetics-sized sets and HD footage.", "",
+                      _table(["fps", "frames", "decode frames/s, one worker", "decode minutes, one worker",
+                              "ResNet-50 minutes, one V100"],
+                             [[r["fps"], r["frames"], r["decode_frames_per_s_per_worker"],
+                               round(r["frames"] / r["decode_frames_per_s_per_worker"] / 60, 1),
+                               round(r["frames"] / 3382 / 60, 1)] for r in sh["ucf101_estimate"]]), ""]
     extra = ROOT / "bench" / "NOTES.md"
     if extra.exists():
         parts += [extra.read_text().strip(), ""]
