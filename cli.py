@@ -318,12 +318,27 @@ def train(cache, out, quiet, **opts):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (one run folder per variant).")
 @click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML file: option = value or [values]; command-line lists win.")
-@click.option("--jobs", default=1, show_default=True, type=int, help="Variants trained at once (processes).")
-@click.option("--no-resume", is_flag=True, help="Retrain variants that already finished.")
+@click.option("--jobs", default=1, show_default=True, type=int,
+              help="Worker processes here (more workers anywhere: run the same command elsewhere on the same study).")
+@click.option("--search", default="grid", show_default=True, type=click.Choice(["grid", "random", "tpe"]),
+              help="grid: every combination of the lists; random or tpe (Optuna's TPE): --trials draws over lists and "
+                   "ranges such as --lr 1e-4..1e-2:log or --hidden 64..512:log:int.")
+@click.option("--trials", default=None, type=int, help="Trials of a random or tpe search (all workers together).")
+@click.option("--prune", default="none", show_default=True, type=click.Choice(["none", "median", "hyperband"]),
+              help="Stop trials whose validation accuracy is unpromising after an epoch (Optuna's pruners).")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (sqlite:///sweep.db, postgresql://...) [default: a journal file OUT/study.journal].")
+@click.option("--study", default="featseq-sweep", show_default=True, help="Study name in the storage.")
+@click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the random / TPE sampler.")
+@click.option("--stale-after", default=600.0, show_default=True, type=float,
+              help="Seconds without an epoch after which a running trial of a dead worker on another host is failed.")
+@click.option("--no-resume", is_flag=True, help="Start the study afresh and retrain variants that already finished.")
 @_config_options("TrainConfig", as_lists=True)
 @click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
-def sweep(cache, out, grid_file, jobs, no_resume, quiet, **opts):
-    """Train every combination of comma-separated option lists on CACHE; write DIR/<variant>/ runs and a leaderboard.
+def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, search_seed, stale_after, no_resume,
+          quiet, **opts):
+    """Search sequence models on CACHE with an Optuna study: a grid, random or TPE search, with pruning and any number
+    of workers; write DIR/<variant>/ runs and a leaderboard.
 
     Example: featseq sweep CACHE --out S --model lstm,gru,rnn --hidden 128,256 --layers 1,2 --bidirectional false,true
     """
@@ -332,12 +347,14 @@ def sweep(cache, out, grid_file, jobs, no_resume, quiet, **opts):
     grid = load_grid(grid_file) if grid_file else {}
     grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
     threads = grid.pop("threads", [None])
-    cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume)
+    cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume,
+                      search=search, trials=trials, prune=prune, storage=storage, study=study, seed=search_seed,
+                      stale_after=stale_after)
     res = run(cfg, log=_log(quiet))
     click.echo(res["paths"]["table"])
-    bad = [r for r in res["rows"] if r["status"] != "complete"]
-    click.echo(f"{res['variants']} variants ({res['trained']} trained, {res['skipped']} already done"
-               + (f", {len(bad)} FAILED" if bad else "") + f") in {res['seconds']:.1f} s", err=True)
+    bad = [r for r in res["rows"] if r["status"] in ("error", "missing")]
+    click.echo(f"{res['variants']} variants ({res['trained']} trained, {res['pruned']} pruned, {res['skipped']} already "
+               f"done" + (f", {len(bad)} FAILED" if bad else "") + f") in {res['seconds']:.1f} s", err=True)
     click.echo(f"leaderboard: {res['paths']['md']}  {res['paths']['csv']}\nplot: {res['paths']['plot']}", err=True)
     click.echo(out)
     if bad:

@@ -83,6 +83,12 @@ def render() -> str:
         parts += ["## Sweep", "", s.get("description", ""), "",
                   _table(["jobs", "variants", "epochs", "wall s", "s / variant"],
                          [[r["jobs"], r["variants"], r["epochs"], r["wall_s"], r["per_variant_s"]] for r in s["rows"]]), ""]
+        if s.get("search"):
+            parts += [s["search_description"], "",
+                      _table(["seed", "grid wall s", "grid best val", "TPE + pruning wall s", "TPE best val", "trials",
+                              "pruned", "wall ratio"],
+                             [[r["seed"], r["grid_wall_s"], r["grid_best_val"], r["tpe_wall_s"], r["tpe_best_val"],
+                               r["tpe_trials"], r["tpe_pruned"], r["wall_ratio"]] for r in s["search"]]), ""]
     sh = _load("shard")
     if sh:
         mg = sh["merge"]

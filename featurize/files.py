@@ -12,7 +12,7 @@ def replaced(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it is renamed over ``path`` (readers
     see the old file or the whole new one), otherwise removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that go by it work
     try:
         yield tmp
         os.replace(tmp, path)

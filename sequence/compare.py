@@ -51,6 +51,12 @@ class CompareConfig:
     def validate(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        from .sweep import Range
+
+        for k, vals in self.grid.items():
+            if any(isinstance(v, Range) for v in vals):
+                raise ValueError(f"--{k.replace('_', '-')} {vals[0]}: compare trains every combination of comma lists; "
+                                 f"search ranges with featseq sweep --search tpe")
 
 
 # ---------------------------------------------------------------- caches restricted to common segments

@@ -20,15 +20,18 @@ import math
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
 import time
 import typing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
 from featurize.cache import read_cache
+from featurize.errors import UserError
+from featurize.files import replaced
 
 from . import models as M
 from . import plots
@@ -99,13 +102,58 @@ def _bad(flag, v, what):
     raise ValueError(f"{flag}: expected {what}, got {v!r}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """A range to search over (--search random / tpe): ``LO..HI[:log][:int]``."""
+    name: str
+    lo: float
+    hi: float
+    log: bool = False
+    integer: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.lo:g}..{self.hi:g}" + (":log" if self.log else "") + (":int" if self.integer else "")
+
+
+def parse_range(name: str, text: str) -> Range:
+    """'64..512:log:int' -> Range; refused (naming the flag) for options that take no range and for bad bounds."""
+    flag = "--" + name.replace("_", "-")
+    if name not in FIELD_TYPES or name in NOT_SWEPT:
+        raise ValueError(f"{flag}: not a sweepable option")
+    base, _ = FIELD_TYPES[name]
+    if base not in (int, float) or base is bool:
+        raise ValueError(f"{flag} {text}: a range needs a numeric option; give a comma list of values")
+    bounds, *flags = str(text).strip().split(":")
+    bad = [f for f in flags if f not in ("log", "int")]
+    lo_hi = bounds.split("..")
+    if bad or len(lo_hi) != 2:
+        raise ValueError(f"{flag} {text}: expected LO..HI[:log][:int], e.g. 1e-4..1e-2:log or 64..512:log:int")
+    try:
+        lo, hi = float(lo_hi[0]), float(lo_hi[1])
+    except ValueError:
+        raise ValueError(f"{flag} {text}: LO and HI must be numbers") from None
+    integer = "int" in flags or base is int
+    if not lo < hi:
+        raise ValueError(f"{flag} {text}: LO must be below HI")
+    if "log" in flags and lo <= 0:
+        raise ValueError(f"{flag} {text}: a log range needs LO > 0")
+    if integer and (not float(lo).is_integer() or not float(hi).is_integer()):
+        raise ValueError(f"{flag} {text}: an integer range needs integer bounds")
+    for v in (lo, hi):  # the bounds must be values the option accepts
+        parse_value(name, int(v) if integer else v)
+    return Range(name, lo, hi, "log" in flags, integer)
+
+
 def parse_list(name: str, text: str) -> list:
-    """'lstm,gru' -> ['lstm', 'gru'] typed by the option."""
+    """'lstm,gru' -> ['lstm', 'gru'] typed by the option; 'LO..HI[:log][:int]' -> [Range]."""
+    if ".." in str(text):
+        return [parse_range(name, text)]
     return [parse_value(name, part) for part in str(text).split(",")]
 
 
 def load_grid(path: str) -> dict[str, list]:
-    """A TOML grid file: top-level ``option = value`` or ``option = [values]`` (a [grid] table also works)."""
+    """A TOML grid file: top-level ``option = value``, ``option = [values]`` or ``option = "LO..HI[:log][:int]"``
+    (a [grid] table also works)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # the same parser, from PyPI
@@ -119,30 +167,60 @@ def load_grid(path: str) -> dict[str, list]:
     out = {}
     for k, v in data.items():
         name = k.replace("-", "_")
+        if isinstance(v, str) and ".." in v:
+            out[name] = [parse_range(name, v)]
+            continue
         vals = v if isinstance(v, list) else [v]
         out[name] = [parse_value(name, x) for x in vals]
     return out
+
+
+SEARCHES = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "hyperband")
 
 
 @dataclass
 class SweepConfig:
     cache: str
     out: str
-    grid: dict[str, list] = field(default_factory=dict)   # option -> values (one value: fixed)
+    grid: dict[str, list] = field(default_factory=dict)   # option -> values (one value: fixed) or [Range]
     jobs: int = 1
     threads: int | None = None   # per job; default: cores // jobs
     resume: bool = True
+    search: str = "grid"         # grid (every combination), random, tpe
+    trials: int | None = None    # random / tpe: trials in the study (all workers together)
+    prune: str = "none"          # none, median, hyperband: stop unpromising trials early
+    storage: str | None = None   # an Optuna storage URL (sqlite:///..., postgresql://...); default: OUT/study.journal
+    study: str = "featseq-sweep"
+    seed: int = 0                # of the sampler (random, tpe)
+    stale_after: float = 600.0   # seconds without a heartbeat after which a RUNNING trial of a dead worker is failed
+
+    def ranges(self) -> dict[str, Range]:
+        return {k: v[0] for k, v in self.grid.items() if len(v) == 1 and isinstance(v[0], Range)}
 
     def validate(self) -> None:
         if self.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.prune not in PRUNERS:
+            raise ValueError(f"--prune must be one of {', '.join(PRUNERS)}, got {self.prune!r}")
+        if self.search == "grid" and self.trials is not None:
+            raise ValueError("--trials: a grid search runs every combination; use --search random or tpe with --trials")
+        if self.search != "grid" and (self.trials is None or self.trials < 1):
+            raise ValueError(f"--search {self.search} needs --trials N (N >= 1)")
+        if self.stale_after <= 0:
+            raise ValueError(f"--stale-after must be > 0 seconds, got {self.stale_after}")
         for k, vals in self.grid.items():
             if k not in SWEEPABLE:
                 raise ValueError(f"--{k.replace('_', '-')}: not a sweepable option")
             if not vals:
                 raise ValueError(f"--{k.replace('_', '-')}: empty list")
+            if any(isinstance(v, Range) for v in vals) and (len(vals) > 1 or self.search == "grid"):
+                raise ValueError(f"--{k.replace('_', '-')} {vals[0]}: a range is searched, not enumerated; use "
+                                 f"--search random or tpe with --trials N (or give a comma list for a grid)")
 
 
 def _fmt(v) -> str:
@@ -221,6 +299,107 @@ def preflight(cfg: SweepConfig, todo: list[TrainConfig]) -> None:
         M.create_model(tc.model, dim, max(2, len(data.classes)), **tc.model_kwargs())
 
 
+# ---------------------------------------------------------------- the Optuna study
+
+def _storage(cfg: SweepConfig):
+    import optuna
+
+    if cfg.storage:
+        return cfg.storage  # optuna opens an RDB URL itself
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(Path(cfg.out) / "study.journal")
+    # an open(O_CREAT|O_EXCL) lock: also correct on NFS, where the symlink lock is not
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _sampler(cfg: SweepConfig):
+    import optuna
+
+    if cfg.search == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)  # random search; grid trials are enqueued, never sampled
+
+
+def _pruner(cfg: SweepConfig):
+    import optuna
+
+    if cfg.prune == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
+    if cfg.prune == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(3, int(max(cfg.grid.get("epochs", [30])))))
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: SweepConfig):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=cfg.study, storage=_storage(cfg), sampler=_sampler(cfg), pruner=_pruner(cfg),
+                               direction="maximize", load_if_exists=True)
+
+
+def _alive(host: str, pid: int) -> bool | None:
+    """Whether a worker process is alive: known only on its own host (None elsewhere)."""
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def reap_stale(study, stale_after: float, log=lambda s: None) -> int:
+    """Mark FAIL the RUNNING trials whose worker is gone: dead on this host, or silent for ``stale_after`` seconds
+    (no epoch reported). Returns how many."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+        beat = t.user_attrs.get("beat") or (t.datetime_start.timestamp() if t.datetime_start else time.time())
+        alive = _alive(host, int(pid)) if host and pid else None
+        if alive is False or (alive is None and time.time() - float(beat) > stale_after):
+            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {host}:{pid} died during the trial")
+            study.tell(t.number, state=TrialState.FAIL)
+            log(f"trial {t.number} ({t.user_attrs.get('variant')}): its worker {host}:{pid} is gone; marked failed")
+            n += 1
+    return n
+
+
+def enqueue_grid(study, cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], log=lambda s: None) -> int:
+    """Enqueue every grid variant that no trial holds, waits for, runs or finished (failed ones are retried), once:
+    under a lock file next to the study, so workers started together enqueue each variant once."""
+    from optuna.trial import TrialState
+
+    from featurize.cache import FileLock
+
+    with_lock = FileLock(str(Path(cfg.out) / "study"))
+    for _ in range(600):  # another worker may be enqueueing: wait for it (at most a minute)
+        try:
+            with_lock.acquire()
+            break
+        except ValueError:
+            time.sleep(0.1)
+    else:
+        raise UserError(f"{cfg.out}: another sweep worker holds {with_lock.path} for over a minute; remove it if no "
+                        f"sweep runs there")
+    try:
+        keep = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        held = {t.user_attrs.get("variant") for t in study.get_trials(deepcopy=False, states=keep)}
+        todo = [name for name, _ in vs if name not in held]
+        for name in todo:
+            study.enqueue_trial({"variant": name}, user_attrs={"variant": name}, skip_if_exists=False)
+        if todo:
+            log(f"{len(todo)} grid variant(s) queued in study {cfg.study!r}")
+        return len(todo)
+    finally:
+        with_lock.release()
+
+
 # The cache a sweep process trains on, loaded once per process by _init_worker (its entry point).
 _WORKER: dict = {}
 
@@ -236,110 +415,251 @@ def _init_worker(threads: int, cache: str) -> None:
     _WORKER["data"] = load_features(cache)
 
 
-def _run_one(cfg_dict: dict) -> dict:
-    """Train one variant (in this process or a worker); errors become a result with status 'error'."""
-    tc = TrainConfig(**cfg_dict)
-    t0 = time.monotonic()
-    try:
-        return train(tc, data=_WORKER["data"])
-    except Exception as e:  # one failing variant must not stop the sweep (KeyboardInterrupt still does)
-        return {"status": "error", "error": f"{type(e).__name__}: {e}", "config": cfg_dict,
-                "timings": {"total_s": round(time.monotonic() - t0, 3)}}
+def _trial_config(trial, cfg: SweepConfig, grid_cfgs: dict[str, TrainConfig]) -> tuple[str, TrainConfig]:
+    """The variant a trial trains: an enqueued grid variant, or the sampler's draw over the lists and ranges."""
+    if cfg.search == "grid":
+        name = trial.suggest_categorical("variant", list(grid_cfgs))
+        return name, grid_cfgs[name]
+    values = {}
+    for k, vals in cfg.grid.items():
+        if len(vals) == 1 and isinstance(vals[0], Range):
+            r = vals[0]
+            v = (trial.suggest_int(k, int(r.lo), int(r.hi), log=r.log) if r.integer
+                 else trial.suggest_float(k, r.lo, r.hi, log=r.log))
+            values[k] = parse_value(k, v)
+        elif len(vals) > 1:
+            values[k] = vals[trial.suggest_categorical(k, list(range(len(vals))))]  # by index: any value type
+        else:
+            values[k] = vals[0]
+    name = f"trial-{trial.number:04d}"
+    return name, TrainConfig(cache=cfg.cache, out=str(Path(cfg.out) / name), **values)
+
+
+def _work(cfg_dict: dict) -> dict:
+    """One sweep worker: take trials from the study until it is done; returns what this worker did."""
+    import optuna
+    from optuna.trial import TrialState
+
+    grid_raw = cfg_dict.pop("_grid_names")
+    cfg = SweepConfig(**cfg_dict)
+    study = open_study(cfg)
+    grid_cfgs = dict(grid_raw)
+    did = {"trained": 0, "skipped": 0, "pruned": 0, "failed": 0}
+    prune = cfg.prune != "none"
+    host, pid = socket.gethostname(), os.getpid()
+    while True:
+        reap_stale(study, cfg.stale_after)
+        if cfg.search == "grid":
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                break
+        else:
+            active = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
+            if len(study.get_trials(deepcopy=False, states=active)) >= cfg.trials:
+                break
+        trial = study.ask()
+        for k, v in (("host", host), ("pid", pid), ("beat", time.time())):  # who runs it, for reap_stale
+            trial.set_user_attr(k, v)
+        if cfg.search == "grid" and "variant" not in trial.user_attrs:
+            # another worker took the last queued variant between our look and our ask: this trial is empty
+            trial.set_user_attr("empty", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        name, tc = _trial_config(trial, cfg, grid_cfgs)
+        trial.set_user_attr("variant", name)
+        t0 = time.monotonic()
+        done = finished(tc) if cfg.resume else None
+        if done is not None:  # the run folder already holds this variant, complete
+            trial.set_user_attr("seconds", (done.get("timings") or {}).get("total_s"))
+            study.tell(trial, float(done.get("val_accuracy") or 0.0))
+            did["skipped"] += 1
+            continue
+        last_beat = [time.time()]
+
+        def on_epoch(state, trial=trial, last_beat=last_beat):
+            rec = state["history"][-1]
+            if time.time() - last_beat[0] > 10:
+                trial.set_user_attr("beat", time.time())
+                last_beat[0] = time.time()
+            if prune and rec["val_accuracy"] == rec["val_accuracy"]:  # not NaN (no validation part)
+                trial.report(rec["val_accuracy"], rec["epoch"])
+                if trial.should_prune():
+                    trial.set_user_attr("epochs", rec["epoch"])
+                    raise optuna.TrialPruned()
+
+        try:
+            res = train(tc, data=_WORKER["data"], on_epoch=on_epoch if not SPLITS[tc.split].cv else None)
+        except optuna.TrialPruned:
+            trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
+            study.tell(trial, state=TrialState.PRUNED)
+            did["pruned"] += 1
+            continue
+        except Exception as e:  # one failing variant must not stop the sweep (KeyboardInterrupt still does)
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
+            study.tell(trial, state=TrialState.FAIL)
+            did["failed"] += 1
+            continue
+        trial.set_user_attr("seconds", res["timings"]["total_s"])
+        study.tell(trial, float(res["val_accuracy"] if res["val_accuracy"] is not None else 0.0))
+        did["trained"] += 1
+    return did
 
 
 def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
-    """Run every variant not finished yet; write the leaderboard. Returns {"rows", "paths", "seconds", ...}."""
+    """Run the sweep's study until done (this process's --jobs workers, and any other worker on the same study);
+    write the leaderboard. Returns {"rows", "paths", "seconds", "trained", "skipped", ...}."""
     cfg.validate()
     t0 = time.monotonic()
     out = Path(cfg.out)
-    vs = variants(cfg)
-    todo, done = [], {}
-    for name, tc in vs:
-        r = finished(tc) if cfg.resume else None
-        if r is not None:
-            done[name] = r
-        else:
-            todo.append((name, tc))
-    preflight(cfg, [tc for _, tc in todo])
     out.mkdir(parents=True, exist_ok=True)
-    log(f"{len(vs)} variant(s): {len(done)} already finished, {len(todo)} to train with {cfg.jobs} job(s)")
+    vs = variants(cfg) if cfg.search == "grid" else []
+    if cfg.search == "grid":
+        preflight(cfg, [tc for _, tc in vs])
+    else:
+        preflight(cfg, [_fixed_config(cfg)])
+    if not cfg.resume:
+        _drop_study(cfg)
+    study = open_study(cfg)
+    from optuna.trial import TrialState
+
+    already = {t.user_attrs.get("variant") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    reap_stale(study, cfg.stale_after, log)  # first: a dead worker's variant is queued again below
+    if cfg.search == "grid":
+        enqueue_grid(study, cfg, vs, log)
     cores = os.cpu_count() or 1
     threads = cfg.threads or max(1, cores // cfg.jobs)
-    results = dict(done)
-    n = 0
-    if len(todo) == 1 or (todo and cfg.jobs == 1):
+    job = {**{f.name: getattr(cfg, f.name) for f in fields(SweepConfig)}, "_grid_names": list(vs)}
+    log(f"study {cfg.study!r} in {cfg.storage or out / 'study.journal'}: {cfg.search} search, "
+        f"{len(vs) if vs else cfg.trials} trial(s), prune {cfg.prune}, {cfg.jobs} worker(s) here")
+    did = {"trained": 0, "skipped": len(already - {None}), "pruned": 0, "failed": 0}  # finished before this run
+    if cfg.jobs == 1:
         _init_worker(threads, cfg.cache)
-        for name, tc in todo:
-            results[name] = _run_one(asdict(tc))
-            n += 1
-            log(_line(n, len(todo), name, results[name]))
-    elif todo:
+        parts = [_work(dict(job))]
+    else:
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(todo)), mp_context=ctx, initializer=_init_worker,
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(threads, cfg.cache)) as pool:
-            futs = {pool.submit(_run_one, asdict(tc)): name for name, tc in todo}
-            for fut in as_completed(futs):
-                name = futs[fut]
-                results[name] = fut.result()
-                n += 1
-                log(_line(n, len(todo), name, results[name]))
+            parts = [f.result() for f in [pool.submit(_work, dict(job)) for _ in range(cfg.jobs)]]
+    for p in parts:
+        for k in did:
+            did[k] += p[k]
     seconds = time.monotonic() - t0
-    varying = [k for k in cfg.grid if len(cfg.grid[k]) > 1]
-    rows = leaderboard_rows(vs, results, varying)
+    rows, varying = leaderboard_rows(cfg, study, vs)
     paths = write_leaderboard(out, rows, varying)
-    write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": cfg.grid, "jobs": cfg.jobs,
-                                      "threads": threads, "variants": len(vs), "trained": len(todo),
-                                      "skipped": len(done), "seconds": round(seconds, 2)})
-    return {"rows": rows, "paths": paths, "seconds": seconds, "trained": len(todo), "skipped": len(done),
-            "variants": len(vs), "out": str(out)}
+    n = len(rows)
+    log(f"{n} trial(s) on the leaderboard: this run trained {did['trained']}, pruned {did['pruned']}, "
+        f"skipped {did['skipped']} finished, {did['failed']} failed")
+    write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": {k: [str(x) if isinstance(x, Range) else x
+                                                                                    for x in v] for k, v in cfg.grid.items()},
+                                     "search": cfg.search, "trials": cfg.trials, "prune": cfg.prune, "study": cfg.study,
+                                     "storage": cfg.storage or "study.journal", "jobs": cfg.jobs, "threads": threads,
+                                     "variants": n, **did, "seconds": round(seconds, 2)})
+    return {"rows": rows, "paths": paths, "seconds": seconds, "variants": n, "out": str(out), **did}
 
 
-def _line(n, total, name, r) -> str:
-    if r.get("status") != "complete":
-        return f"[{n}/{total}] {name}: FAILED {r.get('error')}"
-    return (f"[{n}/{total}] {name}: val {r.get('val_accuracy') or float('nan'):.3f} test {r.get('test_accuracy') or float('nan'):.3f} "
-            f"({r['timings']['total_s']:.1f} s)")
+def _fixed_config(cfg: SweepConfig) -> TrainConfig:
+    """A TrainConfig of the first values, with every range at its low end: checks the fixed options before searching."""
+    values = {k: (parse_value(k, int(v[0].lo) if v[0].integer else v[0].lo) if isinstance(v[0], Range) else v[0])
+              for k, v in cfg.grid.items()}
+    return TrainConfig(cache=cfg.cache, out=cfg.out, **values)
+
+
+def _drop_study(cfg: SweepConfig) -> None:
+    """--no-resume: start the study afresh (and retrain variants whose folders are complete)."""
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=cfg.study, storage=_storage(cfg))
+    except KeyError:
+        pass
 
 
 def _num(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
-def leaderboard_rows(vs, results: dict, varying: list[str]) -> list[dict]:
+def _config_of(cfg: SweepConfig, trial, grid_cfgs: dict) -> TrainConfig | None:
+    """The TrainConfig a finished trial trained (rebuilt from its parameters)."""
+    name = trial.user_attrs.get("variant")
+    if cfg.search == "grid":
+        return grid_cfgs.get(name)
+    values = {}
+    for k, vals in cfg.grid.items():
+        if len(vals) == 1 and isinstance(vals[0], Range):
+            if k not in trial.params:
+                return None
+            values[k] = parse_value(k, trial.params[k])
+        elif len(vals) > 1:
+            if k not in trial.params:
+                return None
+            values[k] = vals[trial.params[k]]
+        else:
+            values[k] = vals[0]
+    return TrainConfig(cache=cfg.cache, out=str(Path(cfg.out) / name), **values)
+
+
+STATUS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "error", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def leaderboard_rows(cfg: SweepConfig, study, vs: list[tuple[str, TrainConfig]]) -> tuple[list[dict], list[str]]:
+    """One row per variant (grid) or trial (search), from the study and the run folders; the varying options."""
+    grid_cfgs = dict(vs)
+    order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "error": 4}
+    latest: dict[str, object] = {}
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get("variant")
+        if not name or t.user_attrs.get("empty"):
+            continue
+        st = STATUS[t.state.name]
+        if name not in latest or order[st] <= order[STATUS[latest[name].state.name]]:
+            latest[name] = t
+    names = [n for n, _ in vs] if cfg.search == "grid" else sorted(latest)
+    varying = [k for k, v in cfg.grid.items() if len(v) > 1 or (len(v) == 1 and isinstance(v[0], Range))]
     rows = []
-    for name, tc in vs:
-        r = results.get(name, {})
-        ok = r.get("status") == "complete"
-        row = {"variant": name, "model": tc.model, **{k: _fmt(getattr(tc, k)) if relevant(tc, k) else "" for k in varying if k != "model"},
+    for name in names:
+        t = latest.get(name)
+        tc = _config_of(cfg, t, grid_cfgs) if t is not None else grid_cfgs.get(name)
+        if tc is None:
+            continue
+        status = STATUS[t.state.name] if t is not None else "missing"
+        r = finished(tc) if status == "complete" else None
+        r = r or {}
+        ok = bool(r)
+        iv = list(t.intermediate_values.values()) if t is not None else []
+        row = {"variant": name, "model": tc.model,
+               **{k: _fmt(getattr(tc, k)) if relevant(tc, k) else "" for k in varying if k != "model"},
                "order_aware": M.MODELS[tc.model].order_aware,
-               "params": r.get("params") if ok else None, "fps": r.get("fps") if ok else None,
-               "seq_len": r.get("seq_len") if ok else None, "best_epoch": r.get("best_epoch") if ok else None,
-               "val_accuracy": _num(r.get("val_accuracy")), "val_loss": _num(r.get("val_loss")),
-               "test_accuracy": _num(r.get("test_accuracy")), "test_accuracy_std": _num(r.get("test_accuracy_std")),
-               "seconds": (r.get("timings") or {}).get("total_s"), "status": r.get("status", "missing"),
-               "error": r.get("error", "")}
+               "params": r.get("params"), "fps": r.get("fps"), "seq_len": r.get("seq_len"), "best_epoch": r.get("best_epoch"),
+               "epochs": r.get("epochs_run") if ok else (t.user_attrs.get("epochs") if t is not None else None),
+               "val_accuracy": _num(r.get("val_accuracy")) if ok else (max(iv) if iv else None),
+               "val_loss": _num(r.get("val_loss")), "test_accuracy": _num(r.get("test_accuracy")),
+               "test_accuracy_std": _num(r.get("test_accuracy_std")),
+               "seconds": (r.get("timings") or {}).get("total_s") if ok else (t.user_attrs.get("seconds") if t else None),
+               "status": status, "error": t.user_attrs.get("error", "") if t is not None else ""}
         rows.append(row)
 
     def key(row):
         va, vl = row["val_accuracy"], row["val_loss"]
-        return (row["status"] != "complete", -(va if va is not None else -1), vl if vl is not None else float("inf"))
+        return (order.get(row["status"], 5), -(va if va is not None else -1), vl if vl is not None else float("inf"))
     rows.sort(key=key)
     for i, row in enumerate(rows, 1):
         row["rank"] = i
-    return rows
+    return rows, varying
 
 
 def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
     cols = ["rank", "variant", "model"] + [k for k in varying if k != "model"] + [
-        "order_aware", "params", "fps", "seq_len", "best_epoch", "val_accuracy", "val_loss", "test_accuracy",
+        "order_aware", "params", "fps", "seq_len", "best_epoch", "epochs", "val_accuracy", "val_loss", "test_accuracy",
         "test_accuracy_std", "seconds", "status", "error"]
-    with open(out / "leaderboard.csv", "w", newline="") as fh:
+    # atomic writes: several workers of one study may write the leaderboard at the same time
+    with replaced(out / "leaderboard.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    md_cols = ["rank", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "val_accuracy",
-                                                                         "val_loss", "test_accuracy", "seconds", "status"]
+    md_cols = ["rank", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "epochs",
+                                                                         "val_accuracy", "val_loss", "test_accuracy",
+                                                                         "seconds", "status"]
 
     def cell(r, k):
         v = r.get(k)
@@ -361,8 +681,10 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
     lines = ["| " + " | ".join(md_cols) + " |", "|" + "|".join("---" for _ in md_cols) + "|"]
     lines += ["| " + " | ".join(cell(r, k) for k in md_cols) + " |" for r in rows]
     md = "\n".join(lines) + "\n"
-    (out / "leaderboard.md").write_text("Sorted by validation accuracy (ties: lower validation loss). "
-                                        "Test accuracy is never used for ranking.\n\n" + md)
-    plots.sweep_summary(out / "summary.png", rows)
+    with replaced(out / "leaderboard.md") as tmp:
+        tmp.write_text("Sorted by validation accuracy (ties: lower validation loss). "
+                       "Test accuracy is never used for ranking.\n\n" + md)
+    with replaced(out / "summary.png") as tmp:
+        plots.sweep_summary(tmp, rows)
     return {"csv": str(out / "leaderboard.csv"), "md": str(out / "leaderboard.md"), "plot": str(out / "summary.png"),
             "table": md}

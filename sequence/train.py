@@ -29,7 +29,7 @@ from .splits import SPLITS, Fold, make_folds
 
 
 def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, device: torch.device,
-               log=lambda s: None) -> tuple[dict, np.ndarray]:
+               log=lambda s: None, on_epoch=None) -> tuple[dict, np.ndarray]:
     """Fit one model on one fold and write its run folder; returns (results, probabilities of every segment).
 
     Initialisation and dropout draw from torch's RNG seeded by ``cfg.seed`` inside a fork of it: the caller's
@@ -43,18 +43,21 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         inputs = FeatureInputs.of(data)
-        result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log)
+        result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
         probs = probabilities(model, inputs, data.mask, len(data.classes), device)
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
                        spec=FeatureSpec.from_attrs(cache.attrs), cache=cache, device=device)
     return res, probs
 
 
-def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor] | None = None) -> dict:
+def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor] | None = None,
+          on_epoch=None) -> dict:
     """Train as configured and write the run folder ``cfg.out``; returns results.json's content.
 
     ``data``: the cache and its float32 features already loaded (:func:`sequence.reader.load_features`), when
-    many runs share one cache (a sweep). Process-wide settings (threads) are the caller's.
+    many runs share one cache (a sweep). ``on_epoch(state)``: called after every epoch with the training loop's
+    state (``state["history"][-1]`` is the epoch's record; an exception it raises stops the run, e.g. a pruned
+    sweep trial); single-split runs only. Process-wide settings (threads) are the caller's.
     Raises ValueError for invalid options, CacheError/ReaderError for caches that cannot serve the
     request, SplitError for impossible splits -- all before any training.
     """
@@ -78,7 +81,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     if not SPLITS[cfg.split].cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
             f"seq_len {seqs.seq_len} at {seqs.fps:g} fps")
-        res, _ = train_fold(cfg, seqs, folds[0], run, cache, device, log)
+        res, _ = train_fold(cfg, seqs, folds[0], run, cache, device, log, on_epoch)
     else:
         res = _cross_validate(cfg, seqs, folds, run, cache, device, log)
     res["timings"]["load_s"] = round(t_load, 3)

@@ -1,0 +1,138 @@
+"""Sweeps on an Optuna study: workers sharing one study, a killed worker, random/TPE search with ranges, pruning."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import ROOT
+from seq_fixtures import synthetic_cache, write_fake_cache
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+GRID12 = ["--model", "mlp,frame,gru", "--hidden", "8,16", "--lr", "0.001,0.01", "--split", "random", "--seq-len", "6",
+          "--device", "cpu", "--plots", "false"]
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    return write_fake_cache(tmp_path_factory.mktemp("sw") / "f.h5", ["a", "b", "c"] * 12, dim=8, seed=1)
+
+
+def _sweep_cmd(cache, out, *extra):
+    return [sys.executable, "-c", "from cli import main; main()", "sweep", cache, "--out", str(out), *extra]
+
+
+def _trials(out, study="featseq-sweep"):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(out / "study.journal")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def _rows(out):
+    with open(out / "leaderboard.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_processes_share_one_study_and_train_each_grid_point_once(fake, tmp_path):
+    out = tmp_path / "s"
+    cmd = _sweep_cmd(fake, out, *GRID12, "--epochs", "4", "--patience", "4")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    trials = [t for t in _trials(out) if not t.user_attrs.get("empty")]
+    done = [t.user_attrs["variant"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(done) == 12 and len(set(done)) == 12  # every grid point exactly once ...
+    assert len(trials) == 12  # ... and nothing else trained
+    trained = [int(o[1].split("this run trained ")[1].split(",")[0]) for o in outs]
+    assert sum(trained) == 12 and min(trained) >= 1, trained  # both processes worked
+    rows = _rows(out)
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"complete"}
+    assert all((out / r["variant"] / "results.json").is_file() for r in rows)
+
+
+def test_a_killed_worker_leaves_a_failed_trial_and_the_rerun_completes(fake, tmp_path):
+    out = tmp_path / "k"
+    cmd = _sweep_cmd(fake, out, *GRID12, "--epochs", "400", "--patience", "400", "-q")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    running = []
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            trials = _trials(out)
+        except Exception:  # the study is not created yet
+            trials = []
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        running = [t for t in trials if t.state.name == "RUNNING" and "pid" in t.user_attrs]
+        if complete and running:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None and running, "the worker finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    victim = running[0].user_attrs["variant"]
+    r = subprocess.run(cmd[:-1], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # not quiet
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is gone; marked failed" in r.stderr
+    trials = [t for t in _trials(out) if not t.user_attrs.get("empty")]
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["variant"] for t in failed] == [victim] and "died" in failed[0].user_attrs["error"]
+    done = [t.user_attrs["variant"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(done) == sorted(set(done)) and len(done) == 12  # the victim was retried, the others not rerun
+    assert {x["status"] for x in _rows(out)} == {"complete"} and len(_rows(out)) == 12
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return synthetic_cache(tmp_path_factory)
+
+
+def test_tpe_search_over_ranges_with_median_pruning(synth, tmp_path):
+    out = tmp_path / "tpe"
+    r = CliRunner().invoke(main, ["sweep", synth, "--out", str(out), "--search", "tpe", "--trials", "20", "--prune",
+                                  "median", "--model", "mlp,conv1d", "--lr", "1e-6..3e-2:log", "--hidden", "8..64:log:int",
+                                  "--fps", "2", "--split", "group", "--epochs", "12", "--patience", "12", "--plots", "false",
+                                  "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out)
+    assert len(rows) == 20 and len({x["variant"] for x in rows}) == 20
+    assert {x["status"] for x in rows} <= {"complete", "pruned"}
+    for x in rows:
+        assert 8 <= int(x["hidden"]) <= 64 and x["model"] in ("mlp", "conv1d")
+        assert 1e-6 <= float(x["lr"]) <= 3e-2
+    pruned = [x for x in rows if x["status"] == "pruned"]
+    assert pruned, "median pruning stopped no trial, although tiny learning rates cannot learn in 12 epochs"
+    assert all(1 <= int(x["epochs"]) < 12 for x in pruned)  # marked with the epochs they ran
+    assert all(int(x["epochs"]) >= 1 for x in rows if x["status"] == "complete")
+    # the study resumes: asking for 20 again trains nothing more
+    r = CliRunner().invoke(main, ["sweep", synth, "--out", str(out), "--search", "tpe", "--trials", "20", "--prune",
+                                  "median", "--model", "mlp,conv1d", "--lr", "1e-6..3e-2:log", "--hidden", "8..64:log:int",
+                                  "--fps", "2", "--split", "group", "--epochs", "12", "--patience", "12", "--plots", "false",
+                                  "--device", "cpu"])
+    assert r.exit_code == 0 and "this run trained 0" in r.output, r.output
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--search", "random", "--trials", "3", "--lr", "0..1:log"], ["--lr", "log range needs LO > 0"]),
+    (["--search", "random", "--trials", "3", "--hidden", "8..4"], ["--hidden", "LO must be below HI"]),
+    (["--search", "random", "--trials", "3", "--bidirectional", "0..1"], ["--bidirectional", "needs a numeric option"]),
+    (["--search", "random", "--trials", "3", "--model", "a..b"], ["--model", "needs a numeric option"]),
+    (["--lr", "1e-4..1e-2:log"], ["--lr", "use --search random or tpe"]),
+    (["--search", "tpe", "--lr", "1e-4..1e-2:log"], ["--search tpe needs --trials"]),
+    (["--search", "random", "--trials", "3", "--hidden", "8..64:cube"], ["--hidden", "LO..HI[:log][:int]"]),
+])
+def test_bad_ranges_are_refused_before_any_training(fake, tmp_path, args, needles):
+    out = tmp_path / "bad"
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(out), *args, "--epochs", "1"])
+    assert r.exit_code == 2, r.output
+    for n in needles:
+        assert n in r.output, r.output
+    assert not out.exists() or not any(out.glob("*/results.json"))
