@@ -69,7 +69,7 @@ def main(quick: bool = False) -> dict:
         print(search[-1], flush=True)
     data = {"description": f"`featseq sweep` over {what}: {' '.join(GRID)} (24 variants), every variant trained for all "
                            f"{epochs} epochs (`--patience {epochs}`), {' '.join(seq)}; wall time of the whole command "
-                           f"(process start, cache load, training, outputs and plots of every run), one run each. With the default early stopping (patience 10) most variants stop "
+                           f"(process start, cache load, training and the outputs of every run, without plots: --plots false), one run each. With the default early stopping (patience 10) most variants stop "
                            "after 12-15 epochs and the sweep takes about two thirds of this.",
             "rows": rows, "search": search,
             "search_description": f"The full grid (24 variants, every one trained {epochs} epochs) against `--search tpe "

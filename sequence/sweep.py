@@ -459,11 +459,14 @@ def _work(cfg_dict: dict) -> dict:
         trial = study.ask()
         for k, v in (("host", host), ("pid", pid), ("beat", time.time())):  # who runs it, for reap_stale
             trial.set_user_attr(k, v)
-        if cfg.search == "grid" and "variant" not in trial.user_attrs:
-            # another worker took the last queued variant between our look and our ask: this trial is empty
+        if cfg.search == "grid" and trial.user_attrs.get("variant") not in grid_cfgs:
+            # another worker took the last queued variant between our look and our ask (an empty trial), or a
+            # variant queued by a sweep with another grid on this study: not ours to train
             trial.set_user_attr("empty", True)
             study.tell(trial, state=TrialState.FAIL)
-            break
+            if "variant" not in trial.user_attrs:
+                break
+            continue
         name, tc = _trial_config(trial, cfg, grid_cfgs)
         trial.set_user_attr("variant", name)
         t0 = time.monotonic()
