@@ -313,12 +313,15 @@ def _storage(cfg: SweepConfig):
     return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def _sampler(cfg: SweepConfig):
+def _sampler(cfg: SweepConfig, seed: int | None = None):
+    """The sampler, seeded by ``seed`` (default: --search-seed). Workers reseed it per trial with the trial's number:
+    workers that share a seed (other processes, other nodes) would otherwise draw the same parameters."""
     import optuna
 
+    seed = cfg.seed if seed is None else seed
     if cfg.search == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)  # random search; grid trials are enqueued, never sampled
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # random search; grid trials are enqueued, never sampled
 
 
 def _pruner(cfg: SweepConfig):
@@ -467,6 +470,8 @@ def _work(cfg_dict: dict) -> dict:
             if "variant" not in trial.user_attrs:
                 break
             continue
+        if cfg.search != "grid":
+            study.sampler = _sampler(cfg, cfg.seed * 100_003 + trial.number)  # unique per trial, reproducible
         name, tc = _trial_config(trial, cfg, grid_cfgs)
         trial.set_user_attr("variant", name)
         t0 = time.monotonic()

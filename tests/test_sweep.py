@@ -136,3 +136,14 @@ def test_bad_ranges_are_refused_before_any_training(fake, tmp_path, args, needle
     for n in needles:
         assert n in r.output, r.output
     assert not out.exists() or not any(out.glob("*/results.json"))
+
+
+def test_parallel_workers_draw_different_parameters(fake, tmp_path):
+    """Workers sharing a sampler seed (two --jobs here, or commands on other nodes) must not draw the same trials."""
+    out = tmp_path / "rnd"
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(out), "--search", "random", "--trials", "8", "--jobs", "2",
+                                  "--model", "mlp", "--hidden", "4..256:log:int", "--lr", "1e-4..1e-1:log", "--seq-len", "6",
+                                  "--epochs", "2", "--plots", "false", "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out)
+    assert len(rows) == 8 and len({(x["hidden"], x["lr"]) for x in rows}) == 8
