@@ -78,7 +78,9 @@ def main():
 @click.option("--resize", default="squash", show_default=True, type=click.Choice(["squash", "crop"]), help="squash: whole frame resized to size x size; crop: shorter side to size, then centre crop.")
 @click.option("--fps", default=6.0, show_default=True, type=float, help="Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast precision [default: fp16 on CUDA, fp32 on CPU].")
+@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="Autocast precision; auto: fp16 on CUDA, bf16 on a CPU that computes it natively (AVX512-BF16/AMX), "
+                   "else fp32 [default: fp16 on CUDA, fp32 on CPU].")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of the features.")
 @click.option("--batch-size", default=64, show_default=True, type=int,
               help="Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames at 224 px: faster there, less memory).")

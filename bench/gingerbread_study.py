@@ -59,11 +59,10 @@ CLASSES = ["Classicalmusic", "Instrumentalmusic", "Popmusic"]
 # ---------------------------------------------------------------- steps
 
 def featurize_all(work: Path, log) -> dict:
-    from featurize.backbones import resolve_device
     from featurize.cache import read_cache
     from featurize.pipeline import FeaturizeConfig, featurize
 
-    precision = "bf16" if resolve_device("auto").type == "cpu" else None  # None: fp16 on CUDA
+    precision = "auto"  # fp16 on CUDA; bf16 on a CPU only where it is native, else fp32
     out = {}
     for key, b in BACKBONES.items():
         t = time.monotonic()

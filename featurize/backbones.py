@@ -231,12 +231,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension).
+
+    Elsewhere torch emulates bf16 on the CPU: ResNet-18 ran 8x slower in bf16 than in fp32 on an AVX2 EPYC
+    (bench/featurize_bench.py), while an EPYC with AVX512-BF16 ran it 1.85x faster. ``cpuinfo``: the text of
+    /proc/cpuinfo (read when None; False where there is none)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """Default: fp16 on CUDA, fp32 on CPU."""
-    if precision in (None, "auto"):
+    """None: fp16 on CUDA, fp32 on CPU. auto: fp16 on CUDA; on the CPU bf16 where it is native
+    (:func:`cpu_bf16_native`), else fp32."""
+    if precision is None or (precision == "auto" and device.type == "cuda"):
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "auto":
+        return "bf16" if cpu_bf16_native() else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"--precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}")
     return precision
 
 

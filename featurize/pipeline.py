@@ -40,7 +40,7 @@ class FeaturizeConfig:
     resize: str = "squash"
     fps: float = 6.0
     device: str = "auto"
-    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU; auto: bf16 on a CPU where it is native
     dtype: str = "float16"
     batch_size: int = 64
     channels_last: bool = True
@@ -149,6 +149,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     if cfg.device == "auto" and device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per torchrun rank
     precision = bb.resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cpu" and not bb.cpu_bf16_native():
+        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): ResNet-18 ran 8x slower than in "
+            "fp32 on such a CPU (bench/featurize_bench.py); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
     target = cfg.out or default_cache_path(cfg, precision, wid)

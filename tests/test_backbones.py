@@ -196,3 +196,30 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video):
 
     assert [read_frame_number(f.astype(np.uint8)) for f in got["squash"]] == idx.tolist()
     assert [read_frame_number(f.astype(np.uint8)) for f in got["crop"]] != idx.tolist()
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", False),                  # an AVX2 CPU: bf16 emulated
+    ("processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_bf16\n", True),  # AVX512-BF16
+    ("flags\t: avx512f amx_tile amx_bf16\n", True),                            # AMX
+    ("Features\t: fp asimd bf16 i8mm\n", True),                                # Arm with the BF16 extension
+    ("Features\t: fp asimd\n", False),
+    ("", False),
+])
+def test_cpu_bf16_detection_from_cpuinfo(cpuinfo, native):
+    from featurize.backbones import cpu_bf16_native
+
+    assert cpu_bf16_native(cpuinfo) is native
+
+
+def test_precision_auto_picks_bf16_on_the_cpu_only_where_native(monkeypatch):
+    import featurize.backbones as bbm
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(bbm, "cpu_bf16_native", lambda cpuinfo=None, native=native: native)
+        assert bbm.resolve_precision("auto", cpu) == want
+        assert bbm.resolve_precision(None, cpu) == "fp32" and bbm.resolve_precision("auto", cuda) == "fp16"
+        assert bbm.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: kept (featurize warns when emulated)
+    with pytest.raises(ValueError, match="--precision"):
+        bbm.resolve_precision("fp8", cpu)

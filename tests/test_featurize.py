@@ -349,3 +349,15 @@ def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, **env}, cwd=str(ROOT))
         assert out.stdout.strip() == (want if sys.platform.startswith("linux") else "False False")
+
+
+def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
+    import featurize.backbones as bbm
+
+    monkeypatch.setattr(bbm, "cpu_bf16_native", lambda cpuinfo=None: False)
+    notes = []
+    res = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "b.h5", size=16, precision="bf16"),
+                    log=notes.append)
+    assert res.written == 6
+    assert any("bf16 is emulated on this CPU" in n and "--precision auto picks fp32" in n for n in notes), notes
+    assert read_cache(res.path, features=False).attrs["precision"] == "bf16"
