@@ -352,6 +352,8 @@ def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, se
     cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume,
                       search=search, trials=trials, prune=prune, storage=storage, study=study, seed=search_seed,
                       stale_after=stale_after)
+    if jobs == 1:
+        _threads(cfg.threads)  # the workers of --jobs N set their own
     res = run(cfg, log=_log(quiet))
     click.echo(res["paths"]["table"])
     bad = [r for r in res["rows"] if r["status"] in ("error", "missing")]

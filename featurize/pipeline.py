@@ -50,7 +50,7 @@ class FeaturizeConfig:
     keep_frames: bool = False
     decode_timeout: float = 60.0
     seed: int = 0
-    shard: str | None = "auto"  # "K/N": shard K of N into <out>.part-K-of-N.h5; auto: from torchrun / a SLURM array
+    shard: str | None = None  # "K/N": shard K of N into <out>.part-K-of-N.h5; "auto": from torchrun / a SLURM array
 
     def validate(self) -> None:
         problems = []
@@ -146,7 +146,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         kind, row_problems, source_id = "records", [], cfg.source
     shard = shard_mod.parse(cfg.shard)
     device = bb.resolve_device(cfg.device)
-    if cfg.device == "auto" and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+    if cfg.device in ("auto", "cuda") and device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per torchrun rank
     precision = bb.resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cpu" and not bb.cpu_bf16_native():
@@ -172,6 +172,10 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         done = set(ids)
         if shard and "shard_plan" in have:
             mine = {i for i, k in have["shard_plan"].items() if k == shard[0]}
+    if shard and os.path.exists(target):  # segments an earlier merge put in the cache itself are done too
+        have, ids = published_ids(target)
+        check_identity(target, have, identity)
+        done |= set(ids)
     todo = [s for s in segments if s.id not in done and (mine is None or s.id in mine)]
     total = len(segments) if mine is None else len(mine)
     result = FeaturizeResult(path=path, total=total, written=0, skipped_done=total - len(todo), target=target)
@@ -204,7 +208,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
         embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
         attrs = {
-            "source": source_id, "source_kind": kind, "weights_path": cfg.weights if cfg.weights not in ("none", "imagenet") else "",
+            "source": source_id, "source_kind": kind,
+            "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
             "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
             "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"

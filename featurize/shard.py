@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -39,11 +38,18 @@ def from_env(env: dict | None = None) -> tuple[int, int] | None:
     """(K, N) from torchrun's RANK / WORLD_SIZE or a SLURM array's task variables; None outside both."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        k, n, what = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK / WORLD_SIZE"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        return k, int(env["SLURM_ARRAY_TASK_COUNT"])
-    return None
+        n, what = int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
+    else:
+        return None
+    if n == 1:
+        return None  # one process: the whole source into the cache itself
+    if not 0 <= k < n:
+        raise UserError(f"--shard auto: {what} gives shard {k} of {n}; shards are numbered 0..N-1, so a SLURM array must "
+                        f"be contiguous with step 1 (e.g. --array=0-{n - 1}); otherwise pass --shard K/N yourself")
+    return k, n
 
 
 def parse(text: str | None, env: dict | None = None) -> tuple[int, int] | None:
@@ -74,13 +80,16 @@ def assign(frames: dict[str, int], n: int) -> dict[str, int]:
 
 
 def expected_frames(segments, infos: dict, fps: float) -> dict[str, int]:
-    """Frames each segment will give at ``fps``, from its bounds and its video's probed duration (0 if unreadable)."""
+    """Frames each segment will give at ``fps`` (featurize.sampling's grid), from its bounds and its video's probed
+    duration (0 if unreadable)."""
+    from .sampling import expected_frames as grid_frames
+
     out = {}
     for s in segments:
         info = infos.get(s.path)
         dur = info["duration"] if isinstance(info, dict) else 0.0
         end = dur if s.end is None else min(s.end, dur)
-        out[s.id] = max(0, math.ceil((end - s.start) * fps - 1e-9))
+        out[s.id] = grid_frames(s.start, end, fps) if end > s.start else 0
     return out
 
 
@@ -180,8 +189,9 @@ def merge(target: str, parts: list[str] | None = None, allow_missing: bool = Fal
                 what.append(f"{len(missing)} segment(s) of the source are in no part, e.g. "
                             + "; ".join(f"{s} ({why})" for s, why in list(missing.items())[:5]))
             if not allow_missing:
-                raise CacheError("; ".join(what) + ". Finish the missing shards (rerun their featurize --shard K/N) "
-                                 "or pass --allow-missing to merge what there is")
+                raise CacheError("; ".join(what) + ". Finish the missing shards (rerun their featurize --shard K/N); "
+                                 "for videos that fail to decode, featurize with --skip-errors or merge with "
+                                 "--allow-missing to merge what there is")
             for line in what:
                 log(f"merging without: {line}")
         res = MergeResult(path=target, parts=[p for p, _, _ in info], missing=missing)
@@ -239,19 +249,19 @@ def _copy(target: str, info: list, kept_ids: set, res: MergeResult, log) -> None
                     else:
                         res.kept += 1
             log(f"copied {path}")
-    # verify: every segment's rows and features read back as they were in its part
-    merged = read_cache(tmp)
-    bad = []
-    for i, sid in enumerate(merged.ids):
-        n, d = digests[sid]
-        feats, _ = merged.segment(i)
-        if len(feats) != n or _digest(feats) != d:
-            bad.append(sid)
-    if bad or len(merged) != len(digests):
+    # verify, one segment at a time: every segment's rows and features read back as they were in its part
+    _, table = read_table(tmp)
+    bad = [sid for sid in digests if sid not in {x.decode() for x in table["id"]}]
+    with open_read(tmp) as f:
+        for row in table:
+            sid, o, n = row["id"].decode(), int(row["offset"]), int(row["length"])
+            if digests.get(sid) != (n, _digest(f["features"][o:o + n])):
+                bad.append(sid)
+    if bad or len(table) != len(digests):
         raise CacheError(f"{tmp}: verification failed for {len(bad)} segment(s), e.g. {bad[:3]}; the parts are kept, "
                          f"rerun the merge")
     os.replace(tmp, target)
-    res.segments = len(merged)
+    res.segments = len(table)
     res.mb = os.path.getsize(target) / 1e6
 
 

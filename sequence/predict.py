@@ -4,7 +4,7 @@
 
 1. The backbone, weights, seed, input size, resize policy, fps and precision come from the featurize
    spec recorded in the run's checkpoint (sequence.run.Run.spec), never from its training cache. A
-   finetune run's trained trunk is written once to ``OUT/finetuned_trunk.pt`` and used as the weights
+   finetune run's trained trunk is written (on every call) to ``OUT/finetuned_trunk.pt`` and used as the weights
    file, so featurize rebuilds exactly that trunk. A run whose weights file is gone or changed is
    refused with the fix.
 2. The videos are featurized by :func:`featurize.pipeline.featurize` itself (same decoder worker,
@@ -91,10 +91,9 @@ def featurize_spec(run: Run, out: Path) -> FeatureSpec:
     if run.trunk_state is None:
         spec.check_weights(str(run.path))
         return spec
-    trunk = out / "finetuned_trunk.pt"
-    if not trunk.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        save_torch(run.trunk_state, trunk)
+    trunk = out / "finetuned_trunk.pt"  # written on every call: OUT may hold another (or an older) run's trunk
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch(run.trunk_state, trunk)
     from featurize.backbones import sha256_file
 
     sha = sha256_file(str(trunk))

@@ -1,14 +1,19 @@
-"""Sweeps: every combination of option lists is one run folder; a leaderboard ranks them by validation.
+"""Sweeps on an Optuna study: a grid, random or TPE search over option lists and ranges, with pruning, any
+number of workers, and a leaderboard ranked by validation.
 
 ``featseq sweep CACHE --out DIR --model lstm,gru --hidden 128,256 ...`` or ``--grid FILE.toml``
-(top-level keys are option names, each a value or a list of values; options given on the command
-line win). Combinations that differ only in options a model does not use (e.g. ``--kernel`` for an
-LSTM) are one variant. A variant whose folder already holds a complete results.json with the same
-config is skipped on rerun. ``--jobs N`` trains N variants at a time in spawned processes; each
-process opens and reads the cache itself (never an h5py object across processes), once.
+(top-level keys are option names, each a value, a list of values or a range "LO..HI[:log][:int]";
+options given on the command line win). The study lives in ``DIR/study.journal`` (or ``--storage URL``).
+Grid search: every distinct combination (those that differ only in options a model or split does not
+use are one variant) is queued once as a trial and trained by whichever worker takes it, into
+``DIR/<variant>/``; a variant whose folder already holds a complete results.json with the same config is
+not retrained. Random / TPE search: ``--trials N`` drawn trials, ``DIR/trial-NNNN/``. ``--jobs N`` workers
+here (spawned processes, each reading the cache once) and any number of the same command elsewhere share
+the study; a worker that dies mid-trial is detected by the next (its pid on the same host, its heartbeat
+elsewhere) and its grid variant is queued again when a sweep command starts.
 
-Outputs: ``DIR/<variant>/`` run folders, ``leaderboard.csv``, ``leaderboard.md`` (sorted by
-validation accuracy, then validation loss), ``summary.png`` and ``sweep.json``.
+Outputs: run folders, ``leaderboard.csv``, ``leaderboard.md`` (sorted by validation accuracy, then
+validation loss; pruned and failed trials marked), ``summary.png`` and ``sweep.json``.
 """
 from __future__ import annotations
 
@@ -330,16 +335,28 @@ def _pruner(cfg: SweepConfig):
     if cfg.prune == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
     if cfg.prune == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(3, int(max(cfg.grid.get("epochs", [30])))))
+        epochs = [v.hi if isinstance(v, Range) else v for v in cfg.grid.get("epochs", [TrainConfig.epochs])]
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(3, int(max(epochs))))
     return optuna.pruners.NopPruner()
+
+
+def shown_storage(cfg: SweepConfig) -> str:
+    """The storage for logs and sweep.json: a database URL without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", cfg.storage) if cfg.storage else "study.journal"
 
 
 def open_study(cfg: SweepConfig):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=cfg.study, storage=_storage(cfg), sampler=_sampler(cfg), pruner=_pruner(cfg),
-                               direction="maximize", load_if_exists=True)
+    try:
+        return optuna.create_study(study_name=cfg.study, storage=_storage(cfg), sampler=_sampler(cfg),
+                                   pruner=_pruner(cfg), direction="maximize", load_if_exists=True)
+    except ImportError:
+        raise
+    except Exception as e:  # sqlalchemy: a malformed URL, a database that cannot be reached
+        raise UserError(f"--storage {shown_storage(cfg)}: cannot open the study ({type(e).__name__}: {e}); give an "
+                        f"Optuna storage URL such as sqlite:///sweep.db or postgresql://user@host/db") from e
 
 
 def _alive(host: str, pid: int) -> bool | None:
@@ -366,8 +383,11 @@ def reap_stale(study, stale_after: float, log=lambda s: None) -> int:
         beat = t.user_attrs.get("beat") or (t.datetime_start.timestamp() if t.datetime_start else time.time())
         alive = _alive(host, int(pid)) if host and pid else None
         if alive is False or (alive is None and time.time() - float(beat) > stale_after):
-            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {host}:{pid} died during the trial")
-            study.tell(t.number, state=TrialState.FAIL)
+            try:  # another worker may be marking it at the same moment
+                study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {host}:{pid} died during the trial")
+                study.tell(t.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):
+                continue
             log(f"trial {t.number} ({t.user_attrs.get('variant')}): its worker {host}:{pid} is gone; marked failed")
             n += 1
     return n
@@ -388,8 +408,8 @@ def enqueue_grid(study, cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], log
         except ValueError:
             time.sleep(0.1)
     else:
-        raise UserError(f"{cfg.out}: another sweep worker holds {with_lock.path} for over a minute; remove it if no "
-                        f"sweep runs there")
+        raise UserError(f"{cfg.out}: another sweep worker has held {with_lock.path} for over a minute; wait for it, or "
+                        f"stop the sweep process that holds it")
     try:
         keep = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         held = {t.user_attrs.get("variant") for t in study.get_trials(deepcopy=False, states=keep)}
@@ -421,7 +441,7 @@ def _init_worker(threads: int, cache: str) -> None:
 def _trial_config(trial, cfg: SweepConfig, grid_cfgs: dict[str, TrainConfig]) -> tuple[str, TrainConfig]:
     """The variant a trial trains: an enqueued grid variant, or the sampler's draw over the lists and ranges."""
     if cfg.search == "grid":
-        name = trial.suggest_categorical("variant", list(grid_cfgs))
+        name = trial.user_attrs["variant"]  # queued with the trial (not a parameter: grids may change between runs)
         return name, grid_cfgs[name]
     values = {}
     for k, vals in cfg.grid.items():
@@ -431,11 +451,19 @@ def _trial_config(trial, cfg: SweepConfig, grid_cfgs: dict[str, TrainConfig]) ->
                  else trial.suggest_float(k, r.lo, r.hi, log=r.log))
             values[k] = parse_value(k, v)
         elif len(vals) > 1:
-            values[k] = vals[trial.suggest_categorical(k, list(range(len(vals))))]  # by index: any value type
+            values[k] = trial.suggest_categorical(k, vals)  # option values are None, bool, int, float or str
         else:
             values[k] = vals[0]
     name = f"trial-{trial.number:04d}"
     return name, TrainConfig(cache=cfg.cache, out=str(Path(cfg.out) / name), **values)
+
+
+def _tell(study, trial, state, value: float | None = None) -> None:
+    """study.tell, tolerating a trial another worker already finished (it took this worker for dead)."""
+    try:
+        study.tell(trial, value if state.name == "COMPLETE" else None, state=state)
+    except (RuntimeError, ValueError):
+        pass
 
 
 def _work(cfg_dict: dict) -> dict:
@@ -456,8 +484,8 @@ def _work(cfg_dict: dict) -> dict:
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 break
         else:
-            active = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
-            if len(study.get_trials(deepcopy=False, states=active)) >= cfg.trials:
+            # failed trials count too: a variant that always fails must not make the search go on forever
+            if len([t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("empty")]) >= cfg.trials:
                 break
         trial = study.ask()
         for k, v in (("host", host), ("pid", pid), ("beat", time.time())):  # who runs it, for reap_stale
@@ -466,19 +494,24 @@ def _work(cfg_dict: dict) -> dict:
             # another worker took the last queued variant between our look and our ask (an empty trial), or a
             # variant queued by a sweep with another grid on this study: not ours to train
             trial.set_user_attr("empty", True)
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, TrialState.FAIL)
             if "variant" not in trial.user_attrs:
                 break
             continue
         if cfg.search != "grid":
             study.sampler = _sampler(cfg, cfg.seed * 100_003 + trial.number)  # unique per trial, reproducible
-        name, tc = _trial_config(trial, cfg, grid_cfgs)
+        try:
+            name, tc = _trial_config(trial, cfg, grid_cfgs)
+        except ValueError as e:  # e.g. a list changed since the study began: Optuna refuses another value space
+            _tell(study, trial, TrialState.FAIL)
+            raise UserError(f"study {cfg.study!r} in {shown_storage(cfg)} was started with "
+                            f"other options ({e}); use another --study or --out, or --no-resume") from None
         trial.set_user_attr("variant", name)
         t0 = time.monotonic()
         done = finished(tc) if cfg.resume else None
         if done is not None:  # the run folder already holds this variant, complete
             trial.set_user_attr("seconds", (done.get("timings") or {}).get("total_s"))
-            study.tell(trial, float(done.get("val_accuracy") or 0.0))
+            _tell(study, trial, TrialState.COMPLETE, float(done.get("val_accuracy") or 0.0))
             did["skipped"] += 1
             continue
         last_beat = [time.time()]
@@ -488,27 +521,28 @@ def _work(cfg_dict: dict) -> dict:
             if time.time() - last_beat[0] > 10:
                 trial.set_user_attr("beat", time.time())
                 last_beat[0] = time.time()
-            if prune and rec["val_accuracy"] == rec["val_accuracy"]:  # not NaN (no validation part)
+            if prune and not cv and rec["val_accuracy"] == rec["val_accuracy"]:  # not NaN (no validation part)
                 trial.report(rec["val_accuracy"], rec["epoch"])
                 if trial.should_prune():
                     trial.set_user_attr("epochs", rec["epoch"])
                     raise optuna.TrialPruned()
 
+        cv = SPLITS[tc.split].cv  # cross-validation: the epochs of every fold beat, none is pruned
         try:
-            res = train(tc, data=_WORKER["data"], on_epoch=on_epoch if not SPLITS[tc.split].cv else None)
+            res = train(tc, data=_WORKER["data"], on_epoch=on_epoch)
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
-            study.tell(trial, state=TrialState.PRUNED)
+            _tell(study, trial, TrialState.PRUNED)
             did["pruned"] += 1
             continue
         except Exception as e:  # one failing variant must not stop the sweep (KeyboardInterrupt still does)
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, TrialState.FAIL)
             did["failed"] += 1
             continue
         trial.set_user_attr("seconds", res["timings"]["total_s"])
-        study.tell(trial, float(res["val_accuracy"] if res["val_accuracy"] is not None else 0.0))
+        _tell(study, trial, TrialState.COMPLETE, float(res["val_accuracy"] if res["val_accuracy"] is not None else 0.0))
         did["trained"] += 1
     return did
 
@@ -537,17 +571,26 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     cores = os.cpu_count() or 1
     threads = cfg.threads or max(1, cores // cfg.jobs)
     job = {**{f.name: getattr(cfg, f.name) for f in fields(SweepConfig)}, "_grid_names": list(vs)}
-    log(f"study {cfg.study!r} in {cfg.storage or out / 'study.journal'}: {cfg.search} search, "
+    log(f"study {cfg.study!r} in {shown_storage(cfg) if cfg.storage else out / 'study.journal'}: {cfg.search} search, "
         f"{len(vs) if vs else cfg.trials} trial(s), prune {cfg.prune}, {cfg.jobs} worker(s) here")
     did = {"trained": 0, "skipped": len(already - {None}), "pruned": 0, "failed": 0}  # finished before this run
-    if cfg.jobs == 1:
-        _init_worker(threads, cfg.cache)
-        parts = [_work(dict(job))]
+    if cfg.jobs == 1:  # in this process: its threads are the caller's (the CLI sets --threads)
+        _WORKER["data"] = load_features(cfg.cache)
+        try:
+            parts = [_work(dict(job))]
+        finally:
+            _WORKER.clear()
     else:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(threads, cfg.cache)) as pool:
-            parts = [f.result() for f in [pool.submit(_work, dict(job)) for _ in range(cfg.jobs)]]
+            futures = [pool.submit(_work, dict(job)) for _ in range(cfg.jobs)]
+            parts = []
+            for f in futures:  # a worker that died (OOM killer...) must not cost the others' leaderboard
+                try:
+                    parts.append(f.result())
+                except Exception as e:
+                    log(f"a worker stopped: {type(e).__name__}: {e}; its running trial is failed by the next sweep")
     for p in parts:
         for k in did:
             did[k] += p[k]
@@ -560,7 +603,7 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": {k: [str(x) if isinstance(x, Range) else x
                                                                                     for x in v] for k, v in cfg.grid.items()},
                                      "search": cfg.search, "trials": cfg.trials, "prune": cfg.prune, "study": cfg.study,
-                                     "storage": cfg.storage or "study.journal", "jobs": cfg.jobs, "threads": threads,
+                                     "storage": shown_storage(cfg), "jobs": cfg.jobs, "threads": threads,
                                      "variants": n, **did, "seconds": round(seconds, 2)})
     return {"rows": rows, "paths": paths, "seconds": seconds, "variants": n, "out": str(out), **did}
 
@@ -600,7 +643,7 @@ def _config_of(cfg: SweepConfig, trial, grid_cfgs: dict) -> TrainConfig | None:
         elif len(vals) > 1:
             if k not in trial.params:
                 return None
-            values[k] = vals[trial.params[k]]
+            values[k] = trial.params[k]
         else:
             values[k] = vals[0]
     return TrainConfig(cache=cfg.cache, out=str(Path(cfg.out) / name), **values)

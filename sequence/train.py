@@ -28,8 +28,8 @@ from .run import Run, cache_info, mean_std, nan_to_none, write_json, write_run, 
 from .splits import SPLITS, Fold, make_folds
 
 
-def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, device: torch.device,
-               log=lambda s: None, on_epoch=None) -> tuple[dict, np.ndarray]:
+def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, spec: FeatureSpec,
+               device: torch.device, log=lambda s: None, on_epoch=None) -> tuple[dict, np.ndarray]:
     """Fit one model on one fold and write its run folder; returns (results, probabilities of every segment).
 
     Initialisation and dropout draw from torch's RNG seeded by ``cfg.seed`` inside a fork of it: the caller's
@@ -46,7 +46,7 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
         probs = probabilities(model, inputs, data.mask, len(data.classes), device)
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
-                       spec=FeatureSpec.from_attrs(cache.attrs), cache=cache, device=device)
+                       spec=spec, cache=cache, device=device)
     return res, probs
 
 
@@ -57,13 +57,14 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     ``data``: the cache and its float32 features already loaded (:func:`sequence.reader.load_features`), when
     many runs share one cache (a sweep). ``on_epoch(state)``: called after every epoch with the training loop's
     state (``state["history"][-1]`` is the epoch's record; an exception it raises stops the run, e.g. a pruned
-    sweep trial); single-split runs only. Process-wide settings (threads) are the caller's.
+    sweep trial), in every fold of a cross-validation. Process-wide settings (threads) are the caller's.
     Raises ValueError for invalid options, CacheError/ReaderError for caches that cannot serve the
     request, SplitError for impossible splits -- all before any training.
     """
     cfg.validate()
     t0 = time.monotonic()
     cache, feats = data if data is not None else load_features(cfg.cache)
+    spec = FeatureSpec.from_attrs(cache.attrs)  # a cache featurize did not write is refused now, not after training
     seqs = build(cache, cfg.reader(), features=feats)
     M.create_model(cfg.model, seqs.features.shape[1], max(2, len(seqs.classes)), **cfg.model_kwargs())  # option errors now
     folds = make_folds(cfg.split, seqs.label_names, seqs.groups, seqs.keep, test_size=cfg.test_size, val_size=cfg.val_size,
@@ -81,21 +82,21 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     if not SPLITS[cfg.split].cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
             f"seq_len {seqs.seq_len} at {seqs.fps:g} fps")
-        res, _ = train_fold(cfg, seqs, folds[0], run, cache, device, log, on_epoch)
+        res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log, on_epoch)
     else:
-        res = _cross_validate(cfg, seqs, folds, run, cache, device, log)
+        res = _cross_validate(cfg, seqs, folds, run, cache, spec, device, log, on_epoch)
     res["timings"]["load_s"] = round(t_load, 3)
     res["timings"]["total_s"] = round(time.monotonic() - t0, 3)
     write_json(run / "results.json", res)
     return res
 
 
-def _cross_validate(cfg, data, folds, run, cache, device, log) -> dict:
+def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=None) -> dict:
     per_fold = []
     probs_oof = np.full((len(data), len(data.classes)), np.nan)
     for fold in folds:
         log(f"{fold.name}: {len(fold.train)} train / {len(fold.val)} val / {len(fold.test)} test")
-        r, probs = train_fold(cfg, data, fold, run / "folds" / fold.name, cache, device)
+        r, probs = train_fold(cfg, data, fold, run / "folds" / fold.name, cache, spec, device, on_epoch=on_epoch)
         probs_oof[fold.test] = probs[fold.test]
         per_fold.append(r)
         log(f"{fold.name}: test accuracy {r['test_accuracy']:.3f}")

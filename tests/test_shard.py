@@ -185,3 +185,29 @@ def test_slurm_launcher_through_submitit_local_executor(synth_data, reference, t
     assert "2 shard job(s) submitted (local)" in r.output and r.output.strip().splitlines()[-1] == str(out)
     assert sorted(Path(p).name for p in shard.find_parts(str(out))) == ["S.part-0-of-2.h5", "S.part-1-of-2.h5"]
     _same(reference, read_cache(out))
+
+
+def test_shard_numbers_from_a_slurm_array_are_checked():
+    with pytest.raises(ValueError, match="--array=0-2"):
+        shard.from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"})
+    assert shard.from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: the cache itself, no part
+
+
+def test_merge_refuses_a_copy_that_does_not_read_back(synth_data, tmp_path, monkeypatch):
+    """The verification compares every merged segment with its part; a damaged copy is never renamed into place."""
+    out = str(tmp_path / "V.h5")
+    for k in (0, 1):
+        featurize(featurize_cfg(synth_data["clips_root"], out, shard=f"{k}/2"))
+    real = shard._digest
+    calls = []
+
+    def flaky(x):  # the read-back of the third segment differs from what was written
+        calls.append(1)
+        return real(x) if len(calls) != 6 + 3 else "damaged"
+
+    monkeypatch.setattr(shard, "_digest", flaky)
+    with pytest.raises(ValueError, match="verification failed for 1 segment"):
+        shard.merge(out)
+    assert not os.path.exists(out) and len(shard.find_parts(out)) == 2
+    monkeypatch.setattr(shard, "_digest", real)
+    assert shard.merge(out).segments == 6

@@ -147,3 +147,36 @@ def test_parallel_workers_draw_different_parameters(fake, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _rows(out)
     assert len(rows) == 8 and len({(x["hidden"], x["lr"]) for x in rows}) == 8
+
+
+def test_a_search_whose_trials_all_fail_stops_at_its_trial_count(fake, tmp_path, monkeypatch):
+    import sequence.sweep as S
+
+    def broken(*a, **k):
+        raise RuntimeError("always fails")
+
+    monkeypatch.setattr(S, "train", broken)
+    res = S.sweep(S.SweepConfig(cache=fake, out=str(tmp_path / "f"), search="random", trials=3,
+                                grid={"model": ["mlp"], "hidden": [S.parse_range("hidden", "4..64:int")],
+                                      "seq_len": [6], "plots": [False]}))
+    assert res["failed"] == 3 and len(res["rows"]) == 3
+    assert {r["status"] for r in res["rows"]} == {"error"} and all("always fails" in r["error"] for r in res["rows"])
+
+
+def test_a_grid_changed_between_runs_resumes_and_a_changed_search_space_is_refused(fake, tmp_path):
+    out = str(tmp_path / "g")
+    base = ["--seq-len", "6", "--epochs", "2", "--plots", "false", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", out, "--model", "mlp,frame", *base])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", out, "--model", "mlp,frame,gru", *base])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "g")
+    assert sorted(x["model"] for x in rows) == ["frame", "gru", "mlp"] and {x["status"] for x in rows} == {"complete"}
+    done = [t.user_attrs["variant"] for t in _trials(tmp_path / "g") if t.state.name == "COMPLETE"]
+    assert sorted(done) == sorted(set(done)) and len(done) == 3  # mlp and frame were not trained again
+    search = ["--search", "random", "--trials", "2", *base]
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(tmp_path / "r"), "--model", "mlp,frame", *search])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(tmp_path / "r"), "--model", "mlp,gru", "--search", "random",
+                                  "--trials", "3", *base])
+    assert r.exit_code == 2 and "was started with other options" in r.output, r.output
