@@ -90,6 +90,14 @@ def main():
 @click.option("--skip-errors", is_flag=True, help="Skip unreadable/undecodable videos (reported) and exit 0.")
 @click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pyav", "decord", "torchcodec"]),
+              help="Video decoder. auto: pyav on the CPU (torchcodec with --decode-device cuda); resuming a cache, the "
+                   "decoder that made it.")
+@click.option("--decode-device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Where frames are decoded: cuda decodes on the GPU (NVDEC) with --decoder torchcodec.")
+@click.option("--decode-workers", default=None, type=click.IntRange(1), metavar="N",
+              help="Decoder processes feeding the CNN [default: cores - 1 when the CNN runs on CUDA, 2 when decoding "
+                   "on CUDA, 1 when the CNN shares the CPU].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
 @click.option("--shard", default="auto", show_default=True,
               help="K/N: featurize shard K of N (0-based) into <out>.part-K-of-N.h5, then `featseq cache merge`; auto: "
@@ -105,7 +113,8 @@ def main():
               help="--slurm: folder of job files and logs (shared with the nodes) [default: <out>.slurm/].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def featurize(source, backbone, weights, size, resize, fps, device, precision, dtype, batch_size, no_channels_last,
-              out, cache_dir, skip_errors, keep_frames, decode_timeout, seed, shard, slurm_jobs, slurm_partition,
+              out, cache_dir, skip_errors, keep_frames, decode_timeout, decoder, decode_device, decode_workers, seed, shard,
+              slurm_jobs, slurm_partition,
               slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
@@ -118,7 +127,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
                           channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
-                          keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed, shard=shard)
+                          keep_frames=keep_frames, decode_timeout=decode_timeout, decoder=decoder,
+                          decode_device=decode_device, decode_workers=decode_workers, seed=seed, shard=shard)
     cfg.validate()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if slurm_jobs:

@@ -122,10 +122,10 @@ def memory(tmp: Path, minutes_list, backbone="resnet50", batch=64, fps=1.0) -> l
 
 
 def _decode(path: str, fps: float):
-    from featurize.decoder import Decoder
+    from featurize.decoder import open_decoder
     from featurize.sampling import plan_segment
 
-    d = Decoder(path, size=224)
+    d = open_decoder(path, size=224)
     return list(d.read(plan_segment(d.frame_starts, d.info.duration, 0, None, fps).indices, 64))
 
 

@@ -32,14 +32,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .decoder import LEGACY_DECODER
 from .errors import UserError
 
 FORMAT_VERSION = 1
+# identity attributes added after format 1 caches were written, and what an older cache without one means
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER}
 # A cache is identified by what changes its features; a different request aimed at an existing file is refused.
 # The source's path is recorded (attribute "source") but not compared: segments are identified by id, so a
 # dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
-                 "dtype", "keep_frames")
+                 "dtype", "keep_frames", "decoder")
 _NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"), ("video_width", "i4"),
                ("video_height", "i4"), ("video_fps", "f8"), ("video_duration", "f8"), ("video_frames", "i8"),
                ("video_size", "i8"), ("video_mtime", "f8")]
@@ -228,6 +231,7 @@ def summary(path: str | os.PathLike) -> dict:
 
 def check_identity(path: str, have: dict, identity: dict) -> None:
     """Refuse a request whose identity attributes differ from those of the cache at ``path``."""
+    have = {**IDENTITY_DEFAULTS, **have}
     diff = [f"{k}: cache has {have.get(k)!r}, request has {v!r}" for k, v in identity.items() if have.get(k) != v]
     if diff:
         raise CacheError(f"{path} holds a different request, refusing to mix them in:\n  " + "\n  ".join(diff)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, FileLock, open_read, read_cache, read_table
+from .cache import IDENTITY_DEFAULTS, IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, FileLock, open_read, read_cache, read_table
 from .errors import UserError
 
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)\.h5$")
@@ -121,6 +121,7 @@ class MergeResult:
 
 def _identity_diff(a: dict, b: dict) -> list[str]:
     keys = list(IDENTITY_KEYS) + ["feature_dim", "format_version"]
+    a, b = {**IDENTITY_DEFAULTS, **a}, {**IDENTITY_DEFAULTS, **b}
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -133,10 +133,11 @@ class Frames:
             want = np.unique(r[m])
             out[m] = read_frames(self.cache.path, want)[np.searchsorted(want, r[m])]
         else:
+            from featurize.decoder import resolve_decoder
             from featurize.worker import DecodePool
 
-            if self._pool is None:
-                self._pool = DecodePool(timeout=self.timeout).start()
+            if self._pool is None:  # the decoder that made the cache's features
+                self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder)).start()
             paths = self.cache.segments["path"]
             got = self._pool.frames_at([(j, paths[i], self.cache.timestamps[r[j][m[j]]]) for j, i in enumerate(idx)
                                         if m[j].any()], size, self.spec.resize)
@@ -210,7 +211,7 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     if spec is not None:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=spec.backbone, weights=spec.check_weights(f"--from {cfg.from_run}"),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps, precision=spec.precision,
-                               keep_frames=cfg.keep_frames, device=cfg.device, shard=None)
+                               decoder=spec.decoder, keep_frames=cfg.keep_frames, device=cfg.device, shard=None)
     elif cfg.backbone:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
                                size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,
