@@ -3,6 +3,7 @@ prints the result path last. Errors in the user's input exit with code 2 and a c
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -418,7 +419,17 @@ def finetune(source, out, quiet, **opts):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("videos", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--stream", "stream_source", default=None, metavar="SOURCE",
+              help="Classify a live stream instead of VIDEO files: /dev/videoN, rtsp://, http://, udp://..., - (a "
+                   "container on standard input) or a file; one line per window on stdout.")
+@click.option("--realtime", is_flag=True, help="--stream FILE: play the file at its own rate (as a live source).")
+@click.option("--positive-windows", default=0, show_default=True, type=click.IntRange(0),
+              help="--stream: print an alert when this many consecutive windows predict one class at p >= --threshold (0: off).")
+@click.option("--stall-timeout", default=10.0, show_default=True, type=float,
+              help="--stream: stop (exit 1, predictions kept) when the source sends nothing for this many seconds.")
+@click.option("--save-features", default=None, type=click.Path(dir_okay=False),
+              help="--stream: also write every embedded frame's stream time and features to this .npz file.")
 @click.option("--window", default=None, type=float, help="Sliding window length in seconds [default: the whole video is one window].")
 @click.option("--stride", default=None, type=float, help="Seconds between window starts [default: --window].")
 @click.option("--threshold", default=0.5, show_default=True, type=float, help="Probability the predicted class must reach (above_threshold column).")
@@ -430,13 +441,37 @@ def finetune(source, out, quiet, **opts):
               help="Autocast precision of the CNN [default: the run's, as its features were made].")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per backbone batch.")
 @click.option("--no-plots", is_flag=True, help="No timeline plots.")
-def predict(run_dir, videos, window, stride, threshold, out, cache_file, device, precision, batch_size, no_plots):
-    """Classify VIDEO... (whole clips or sliding windows) with the model of RUN_DIR (a train or finetune run).
+def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_timeout, save_features, window, stride,
+            threshold, out, cache_file, device, precision, batch_size, no_plots):
+    """Classify VIDEO... (whole clips or sliding windows), or a live --stream, with the model of RUN_DIR.
 
     The videos are featurized with the backbone, weights, size, resize, fps and precision recorded in the
     run's checkpoint (the training cache is not needed). Writes predictions.csv (video, window_start,
-    window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video.
+    window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video. With --stream,
+    windows of the run's length are classified every --stride seconds as the stream plays (RUN_DIR/predict_stream).
     """
+    if stream_source is not None:
+        from sequence.stream import StreamConfig, stream
+
+        if videos or window is not None or cache_file:
+            raise click.UsageError("--stream classifies one live source: give no VIDEO, --window or --cache with it")
+        res = stream(StreamConfig(run=run_dir, source=stream_source, stride=stride, threshold=threshold,
+                                  positive_windows=positive_windows, realtime=realtime, stall_timeout=stall_timeout,
+                                  out=out, device=device, precision=precision, batch_size=min(batch_size, 16),
+                                  save_features=save_features),
+                     log=lambda s: click.echo(s, err=True), echo=click.echo)
+        lat = res["latency_s"] or {}
+        click.echo(f"{res['windows']} window(s), {res['windows_per_s'] or 0:.2f} windows/s; frames: {res['frames_sampled']} "
+                   f"sampled, {res['frames_dropped']} dropped; latency p50 {lat.get('p50', 0) * 1000:.0f} ms, p95 "
+                   f"{lat.get('p95', 0) * 1000:.0f} ms, max {lat.get('max', 0) * 1000:.0f} ms; stopped: {res['stop']}", err=True)
+        click.echo(res["out"], err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the reader thread may still be blocked reading the source (a stalled pipe holds stdin's lock): end now,
+        # everything is written
+        os._exit(res["exit_code"])
+    if not videos:
+        raise click.UsageError("give VIDEO... or --stream SOURCE")
     from sequence.predict import PredictConfig, predict as run
 
     cfg = PredictConfig(run=run_dir, videos=list(videos), window=window, stride=stride, threshold=threshold, out=out,

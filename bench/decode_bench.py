@@ -1,7 +1,7 @@
 """Feeding the CNN: decode-only frames/s per decoder backend x source x sampling fps x decode workers, the pipeline
 against that ceiling (featurize with a negligible CNN, same workers), and how many workers are fastest when the CNN
-shares the CPU (the CPU default of --decode-workers). The pipeline's own cost is measured with the CNN replaced by a
-global average pool (a proxy for a GPU that embeds faster than the CPU decodes).
+shares the CPU (the CPU default of --decode-workers). The pipeline's own cost is measured with the CNN and its
+preprocessing replaced by a stand-in that costs nothing (a proxy for a GPU that embeds faster than the CPU decodes).
 
     .venv/bin/python bench/decode_bench.py [--quick]
 
@@ -21,8 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, save  # noqa: E402
 from bench.featurize_bench import long_video  # noqa: E402
-import torch  # noqa: E402
-
 from featurize import backbones as bb  # noqa: E402
 from featurize.decoder import BACKENDS, unavailable  # noqa: E402
 from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
@@ -70,20 +68,26 @@ def manifest(tmp: Path, name: str, segments) -> str:
     return str(m)
 
 
+class NegligibleEmbedder(bb.Embedder):
+    """A stand-in for a GPU that embeds faster than the CPU decodes: no preprocessing, no CNN, one number a frame
+    (each frame's first pixel), so what featurize measures with it is the pipeline's own cost on the host."""
+
+    def __call__(self, frames):
+        return frames.reshape(len(frames), -1)[:, :1].astype("float32")
+
+    def submit(self, frames):
+        return self(frames)
+
+
 @contextlib.contextmanager
 def negligible_cnn():
-    """featurize's backbone replaced by a global average pool (3 features a frame): the pipeline's own cost."""
-    real = bb.create_backbone
-
-    def create(name, weights="none", seed=0):
-        entry = bb.BackboneEntry("negligible", 3, "", ())
-        return bb.Backbone(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), entry, weights)
-
-    bb.create_backbone = create
+    """featurize with :class:`NegligibleEmbedder` (the cache still records resnet18's spec: bench files only)."""
+    real = bb.Embedder
+    bb.Embedder = NegligibleEmbedder
     try:
         yield
     finally:
-        bb.create_backbone = real
+        bb.Embedder = real
 
 
 def featurize_fps(source: str, tmp: Path, fps: float, size: int, workers: int, repeats: int, precision: str | None = None,

@@ -14,6 +14,15 @@ import numpy as np
 from ..decoder import SEEK_GAP, DecodeError, Decoder, chunked
 
 
+def to_rgb(reformatter, frame, width: int, height: int) -> np.ndarray:
+    """One decoded frame scaled to (height, width, 3) uint8 RGB: scaling and conversion in one swscale call, bilinear.
+    The one place this backend (and the live-stream reader, sequence/stream.py) turns a frame into pixels."""
+    from av.video.reformatter import Interpolation
+
+    return reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                interpolation=Interpolation.BILINEAR).to_ndarray()
+
+
 class PyAVDecoder(Decoder):
     name = "pyav"
 
@@ -25,13 +34,13 @@ class PyAVDecoder(Decoder):
 
     def _open(self) -> None:
         import av
-        from av.video.reformatter import Interpolation, VideoReformatter
+        from av.video.reformatter import VideoReformatter
 
         self._c = av.open(self.path)
         self._st = self._c.streams.video[0]
         self._st.thread_type = "NONE"  # one core per worker: parallelism comes from --decode-workers
         self._st.codec_context.thread_count = 1
-        self._ref, self._interp = VideoReformatter(), Interpolation.BILINEAR
+        self._ref = VideoReformatter()
         t = self.table
         self._index = None if t.pts is None else {int(p): i for i, p in enumerate(t.pts)}
         self._it = None  # the frame iterator
@@ -85,7 +94,7 @@ class PyAVDecoder(Decoder):
                     self._restart(i)
                 f = self._decode_to(i, fresh)
                 last_i = i
-                last = self._ref.reformat(f, width=w, height=h, format="rgb24", interpolation=self._interp).to_ndarray()
+                last = to_rgb(self._ref, f, w, h)
             yield last
 
     def _chunks(self, indices: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
