@@ -84,6 +84,41 @@ def _native_size(path: str) -> tuple[int, int] | None:
     return None
 
 
+def _avi_fourcc(path: str) -> str:
+    """The FourCC of an AVI file's first video stream (its strh chunk), '' when there is none to read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return ""
+    i = head.find(b"strh")
+    while i >= 0:
+        if head[i + 8:i + 12] == b"vids":
+            return head[i + 12:i + 16].decode("latin-1").strip("\x00 ")
+        i = head.find(b"strh", i + 4)
+    return ""
+
+
+def codec_problem(path: str) -> str:
+    """Why a video's codec may be what stops the decoder, as a sentence ('' when PyAV can't tell or sees nothing
+    wrong): the codec and container PyAV finds, or that FFmpeg knows no codec for the stream's FourCC."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            if not c.streams.video:
+                return "it has no video stream"
+            cc = c.streams.video[0].codec_context
+            if cc is None:
+                tag = _avi_fourcc(path)
+                return (f"its video codec{f' (FourCC {tag})' if tag else ''} is unknown to this FFmpeg build, so "
+                        f"there is no decoder for it: transcode it, e.g. `ffmpeg -i {path} -c:v libx264 out.mp4`")
+            tag = f", FourCC {cc.codec_tag}" if cc.codec_tag.strip("\x00 ") else ""
+            return f"its video stream is {cc.name} ({cc.codec.long_name}{tag}) in {c.format.name}"
+    except Exception:  # not a container PyAV can open either: decord's message says enough
+        return ""
+
+
 class Decoder:
     """One open video. ``size=None`` decodes at native resolution.
 
@@ -123,7 +158,9 @@ class Decoder:
         except DecodeError:
             raise
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
-            raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})") from e
+            why = codec_problem(path)
+            raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})"
+                              + (f"; {why}" if why else "")) from e
         self.frame_starts = ts[:, 0]
         self._frame_ends = ts[:, 1]
 
