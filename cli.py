@@ -109,7 +109,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
               slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
-    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
+    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4 (.avi, .mkv, .webm, .mov ...), a CSV manifest
+    (path,label[,start,end,group,id,split])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
     from featurize.pipeline import FeaturizeConfig, featurize as run
