@@ -119,7 +119,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
               slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
-    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
+    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4 (.avi, .mkv, .webm, .mov ...), a CSV manifest
+    (path,label[,start,end,group,id,split])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
     from featurize.pipeline import FeaturizeConfig, featurize as run
@@ -234,15 +235,19 @@ def cache_info(file, as_json):
 @click.option("--long-videos", default=1, show_default=True, help="Long videos with a CSV of labelled segments.")
 @click.option("--long-duration", default=40.0, show_default=True)
 @click.option("--burn-frame-numbers", is_flag=True, help="Burn each frame's index into its top rows (for exactness tests).")
+@click.option("--container", default="mp4", show_default=True, type=click.Choice(["mp4", "avi", "mkv", "webm", "mov"]),
+              help="Container of the clips: avi holds MPEG-4 Part 2 (Xvid, like UCF-101 and HMDB-51), webm VP9, "
+                   "the others H.264.")
 @click.option("--seed", default=0, show_default=True)
 def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, min_duration, max_duration,
-          long_videos, long_duration, burn_frame_numbers, seed):
+          long_videos, long_duration, burn_frame_numbers, container, seed):
     """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
     from featurize.synth import render_dataset
 
     res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
                          height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
-                         burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration)
+                         burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration,
+                         container=f".{container}")
     click.echo(f"{len(res['clips'])} clips in {res['clips_root']} of {len(res['classes'])} classes ({', '.join(res['classes'])})"
                + (f"; long-video segments in {res['long_csv']}" if res.get("long_csv") else ""), err=True)
     click.echo(res["clips_root"])

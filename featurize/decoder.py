@@ -109,7 +109,9 @@ def _frame_table(path: str, size: int, mtime_ns: int) -> FrameTable:
     except DecodeError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, FileNotFoundError, ...)
-        raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})") from e
+        why = codec_problem(path)
+        raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})"
+                          + (f"; {why}" if why else "")) from e
     n = len(pts)
     if n == 0 or not width or not height:
         raise DecodeError(f"{path}: the video has no frames")
@@ -173,6 +175,41 @@ def chunked(frames: Iterable[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
         yield np.stack(buf)
 
 
+def _avi_fourcc(path: str) -> str:
+    """The FourCC of an AVI file's first video stream (its strh chunk), '' when there is none to read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return ""
+    i = head.find(b"strh")
+    while i >= 0:
+        if head[i + 8:i + 12] == b"vids":
+            return head[i + 12:i + 16].decode("latin-1").strip("\x00 ")
+        i = head.find(b"strh", i + 4)
+    return ""
+
+
+def codec_problem(path: str) -> str:
+    """Why a video's codec may be what stops the decoder, as a sentence ('' when PyAV can't tell or sees nothing
+    wrong): the codec and container PyAV finds, or that FFmpeg knows no codec for the stream's FourCC."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            if not c.streams.video:
+                return "it has no video stream"
+            cc = c.streams.video[0].codec_context
+            if cc is None:
+                tag = _avi_fourcc(path)
+                return (f"its video codec{f' (FourCC {tag})' if tag else ''} is unknown to this FFmpeg build, so "
+                        f"there is no decoder for it: transcode it, e.g. `ffmpeg -i {path} -c:v libx264 out.mp4`")
+            tag = f", FourCC {cc.codec_tag}" if cc.codec_tag.strip("\x00 ") else ""
+            return f"its video stream is {cc.name} ({cc.codec.long_name}{tag}) in {c.format.name}"
+    except Exception:  # not a container PyAV can open either: decord's message says enough
+        return ""
+
+
 class Decoder:
     """One open video; a backend implements :meth:`_chunks` (and :meth:`_open`, :meth:`release`, :meth:`close`).
 
@@ -192,7 +229,9 @@ class Decoder:
         except DecodeError:
             raise
         except Exception as e:
-            raise DecodeError(f"{path}: cannot open video with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})") from e
+            why = codec_problem(path)
+            raise DecodeError(f"{path}: cannot open video with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})"
+                              + (f"; {why}" if why else "")) from e
 
     @property
     def info(self) -> VideoInfo:
@@ -213,7 +252,9 @@ class Decoder:
         except DecodeError:
             raise
         except Exception as e:
-            raise DecodeError(f"{self.path}: decoding failed with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})") from e
+            why = codec_problem(self.path)
+            raise DecodeError(f"{self.path}: decoding failed with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})"
+                              + (f"; {why}" if why else "")) from e
 
     def _open(self) -> None:
         raise NotImplementedError

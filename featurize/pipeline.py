@@ -18,7 +18,7 @@ import torch
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
-from .cache import CacheWriter, check_identity, now_iso, published_ids, string_widths
+from .cache import CacheError, CacheWriter, check_identity, now_iso, published_ids, string_widths
 from .allocator import tune_cpu_allocator
 from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
 from . import shard as shard_mod
@@ -244,11 +244,14 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         }
         if shard:
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
-        rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
+        rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path, "split": s.split} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
                          frame_size=cfg.size if cfg.keep_frames else None) as writer:
             # another run may have finished some meanwhile
             todo = [s for s in todo if s.id not in skipped and s.id not in writer.done_ids]
+            if not writer.holds("split") and any(s.split for s in todo):
+                raise CacheError(f"{path} is a format-1 cache, whose segment table has no split column, and the source "
+                                 f"gives splits ({cfg.source}); featurize into a new --out to keep them")
             t_start = time.monotonic()
             _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
             result.stream_seconds = time.monotonic() - t_start
@@ -292,7 +295,8 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
                 continue
             writer.append({
-                "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "start": seg.start,
+                "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "split": seg.split,
+                "start": seg.start,
                 "end": min(seg.end, info["duration"]) if seg.end is not None else info["duration"],
                 "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
                 "video_duration": info["duration"], "video_frames": info["n_frames"],

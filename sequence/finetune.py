@@ -34,7 +34,7 @@ from .config import FinetuneConfig  # noqa: F401  (re-exported)
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
 from .run import Run, save_torch, write_json, write_run
-from .splits import Fold, make_folds
+from .splits import Fold, folds_for
 
 LAST = "last.pt"
 
@@ -275,8 +275,7 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
             head, fold = warm.model, _fold_from_ids(data, warm.split_ids)
         else:
             head = M.create_model(cfg.model, backbone.entry.feature_dim, len(data.classes), **cfg.model_kwargs())
-            fold = make_folds(cfg.split, data.label_names, data.groups, data.keep, test_size=cfg.test_size,
-                              val_size=cfg.val_size, seed=cfg.seed, folds=cfg.folds, classes=data.classes)[0]
+            fold = folds_for(cfg, data, cache, log)[0]
         model = CNNSequence(backbone, head, cfg.channels_last and device.type == "cuda", cfg.checkpointing).to(device)
         trunk_params = set_trainable(model, backbone, str(cfg.unfreeze))
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
