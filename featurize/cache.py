@@ -31,7 +31,8 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -39,6 +40,7 @@ import numpy as np
 
 from .decoder import LEGACY_DECODER
 from .errors import UserError
+from .files import DiskFullError, disk_full, quiet_unraisable, writing
 
 FORMAT_VERSION = 2              # what this featseq writes
 READABLE_VERSIONS = (1, 2)      # what it reads (and resumes): 1 lacks the segments' split column
@@ -55,6 +57,11 @@ _NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"
 STR_FIELDS = ("id", "label", "group", "path", "split")
 SPLIT_VALUES = ("train", "val", "test")  # a segment's split: one of these, or empty (none given)
 _MIN_WIDTH = {"path": 256, "split": 8}   # bytes; the others 64
+
+
+# Set when a write failed inside HDF5 (the space ran out in spite of CacheWriter's check): the library can then not
+# shut down cleanly, so the CLI ends such a process with os._exit after its error message (cli.Main).
+HDF5_WRITE_FAILED = False
 
 
 class CacheError(UserError):
@@ -82,7 +89,7 @@ def open_read(path: str | os.PathLike) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        if "already open for write" not in str(e) and "lock" not in str(e).lower():
+        if not _left_open(e):
             raise CacheError(f"{path}: not a readable HDF5 cache ({e})") from e
         try:
             f = h5py.File(path, "r", swmr=True, locking=False)
@@ -98,6 +105,13 @@ def open_read(path: str | os.PathLike) -> h5py.File:
                          f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-run featseq featurize or "
                          f"upgrade featseq")
     return f
+
+
+def _left_open(e: OSError) -> bool:
+    """Does this error opening a file mean a writer has it open, or was killed or ran out of space while writing it
+    (then a SWMR read still opens it with every published segment)?"""
+    text = str(e).lower()
+    return "already open for write" in text or "lock" in text or "truncated file" in text
 
 
 def _decode_attrs(f: h5py.File) -> dict:
@@ -313,35 +327,67 @@ class FileLock:
             self._fh = None
 
 
-def _recover(path: str) -> None:
-    """Rewrite a cache left by a killed writer: published segments only, flags cleared. Atomic."""
+@contextmanager
+def _removed_on_error(tmp: str):
+    try:
+        yield
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
+    """Rewrite a cache with its published segments but those in ``drop``, under a temporary name, then rename it over
+    ``path``: a writer killed before the rename leaves the old file as it was, after it the new one, both whole.
+    Used for a cache whose writer was killed or ran out of space (its flags are cleared) and by ``--refresh`` (the
+    stale segments' rows go, the others keep their features). Returns the ids dropped."""
     tmp = path + ".recover.tmp"
-    with h5py.File(path, "r", swmr=True, locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
-        table = _published(src["segments"][()])
-        end = rows_end(table)
-        for k, v in src.attrs.items():
-            dst.attrs[k] = v
-        for name in ("features", "timestamps", "frames"):
-            if name in src:
-                d = src[name]
-                out = dst.create_dataset(name, shape=(end,) + d.shape[1:], maxshape=(None,) + d.shape[1:],
-                                         chunks=d.chunks, dtype=d.dtype, compression=d.compression)
-                step = max(1, (64 << 20) // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
-                for a in range(0, end, step):
-                    out[a:min(end, a + step)] = d[a:min(end, a + step)]
-        dst.create_dataset("segments", data=table, maxshape=(None,), chunks=src["segments"].chunks)
-    os.replace(tmp, path)
+    gone = []
+    with _removed_on_error(tmp), writing(path, kept=f"{path} is unchanged"):
+        with h5py.File(path, "r", swmr=True, locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            table = _published(src["segments"][()])
+            keep = np.array([x.decode() not in drop for x in table["id"]], dtype=bool)
+            gone = [x.decode() for x in table["id"][~keep]]
+            table = table[keep]
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+            new = table.copy()
+            new["offset"] = np.concatenate([[0], np.cumsum(table["length"])[:-1]]).astype(new["offset"].dtype) \
+                if len(table) else new["offset"]
+            end = int(table["length"].sum())
+            for name in ("features", "timestamps", "frames"):
+                if name in src:
+                    d = src[name]
+                    out = dst.create_dataset(name, shape=(end,) + d.shape[1:], maxshape=(None,) + d.shape[1:],
+                                             chunks=d.chunks, dtype=d.dtype, compression=d.compression,
+                                             fletcher32=d.fletcher32)
+                    step = max(1, (64 << 20) // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
+                    # segment by segment (in runs of adjacent ones), from their old rows to their new ones
+                    for o, n, no in zip(table["offset"], table["length"], new["offset"]):
+                        for a in range(0, int(n), step):
+                            b = min(int(n), a + step)
+                            out[int(no) + a:int(no) + b] = d[int(o) + a:int(o) + b]
+            dst.create_dataset("segments", data=new, maxshape=(None,), chunks=src["segments"].chunks,
+                               fletcher32=src["segments"].fletcher32)
+        os.replace(tmp, path)
+    return gone
 
 
 class CacheWriter:
     """Appends segments to a cache under the commit protocol above. Use as a context manager."""
 
     def __init__(self, path: str, identity: dict, attrs: dict, feature_dim: int, widths: dict[str, int],
-                 dtype: str = "float16", frame_size: int | None = None):
+                 dtype: str = "float16", frame_size: int | None = None, drop: set[str] = frozenset()):
+        """``drop``: ids of published segments to remove first (featurize --refresh: their videos changed); the cache is
+        rewritten without them (:func:`_rewrite`), so they are gone whole or not at all."""
         self.path = str(path)
         self.lock = FileLock(self.path).acquire()
+        self.dropped: list[str] = []
         try:
             if os.path.exists(self.path):
+                if drop and drop & set(published_ids(self.path)[1]):
+                    self.dropped = _rewrite(self.path, set(drop))
                 self.f = self._open_existing(identity, feature_dim)
             else:
                 self.f = self._create(identity, attrs, feature_dim, widths, dtype, frame_size)
@@ -361,16 +407,19 @@ class CacheWriter:
     def _create(self, identity, attrs, feature_dim, widths, dtype, frame_size) -> h5py.File:
         tmp = self.path + ".new.tmp"
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with writing(self.path, kept="nothing was written"), h5py.File(tmp, "w", libver="latest") as f:
             for k, v in {**attrs, **identity, "format_version": FORMAT_VERSION, "feature_dim": feature_dim}.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
             rows = max(1, min(1024, (1 << 20) // (feature_dim * np.dtype(dtype).itemsize)))
-            f.create_dataset("features", shape=(0, feature_dim), maxshape=(None, feature_dim), chunks=(rows, feature_dim), dtype=dtype)
-            f.create_dataset("timestamps", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="f8")
-            f.create_dataset("segments", shape=(0,), maxshape=(None,), chunks=(256,), dtype=segment_dtype(widths))
+            # fletcher32: every chunk carries a checksum, so bits that rot on disk fail the read (cache verify)
+            f.create_dataset("features", shape=(0, feature_dim), maxshape=(None, feature_dim), chunks=(rows, feature_dim),
+                             dtype=dtype, fletcher32=True)
+            f.create_dataset("timestamps", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="f8", fletcher32=True)
+            f.create_dataset("segments", shape=(0,), maxshape=(None,), chunks=(256,), dtype=segment_dtype(widths),
+                             fletcher32=True)
             if frame_size:
                 f.create_dataset("frames", shape=(0, frame_size, frame_size, 3), maxshape=(None, frame_size, frame_size, 3),
-                                 chunks=(1, frame_size, frame_size, 3), dtype="u1", compression="lzf")
+                                 chunks=(1, frame_size, frame_size, 3), dtype="u1", compression="lzf", fletcher32=True)
         os.replace(tmp, self.path)
         return h5py.File(self.path, "a", libver="latest")
 
@@ -378,9 +427,9 @@ class CacheWriter:
         try:
             f = h5py.File(self.path, "a", libver="latest")
         except OSError as e:
-            if "already open for write" not in str(e):
+            if not _left_open(e):
                 raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({e}); move it away or choose another --out") from e
-            _recover(self.path)  # a writer was killed: keep its published segments
+            _rewrite(self.path)  # a writer was killed or ran out of space: keep its published segments
             f = h5py.File(self.path, "a", libver="latest")
         have = _decode_attrs(f)
         if have.get("format_version") not in READABLE_VERSIONS:
@@ -417,6 +466,41 @@ class CacheWriter:
                 raise CacheError(f"{self.path}: {k} {row[k]!r} is longer than this cache's {self._widths[k]}-byte {k} "
                                  f"column; shorten it or write a new cache (--out)")
             enc[k] = b
+        kept = f"every segment published before {row['id']!r} is kept"
+        short = self._space_short(len(features))
+        if short:  # refused before HDF5 writes a byte: a write that fails inside HDF5 leaves its library unable to
+            raise DiskFullError(f"{self.path}: {short}, so segment {row['id']!r} was not written; {kept}. Free space "
+                                f"(or raise the file-size limit, ulimit -f) and rerun the same command")
+        global HDF5_WRITE_FAILED
+        try:
+            with quiet_unraisable(), writing(self.path, kept=kept):
+                self._append(row, enc, features, timestamps, frames)
+        except DiskFullError:
+            HDF5_WRITE_FAILED = True
+            raise
+
+    def _space_short(self, n: int) -> str:
+        """Why ``n`` more rows may not fit (the free space of the file system, or the file-size limit), '' when they
+        will: every chunk they add counted whole (a chunk is allocated whole), plus room for HDF5's metadata."""
+        need = 256 << 10
+        for name in ("features", "timestamps", "frames"):
+            if name in self.f:
+                d = self.f[name]
+                rows, chunk_bytes = d.chunks[0], int(np.prod(d.chunks)) * d.dtype.itemsize
+                need += (-(-(d.shape[0] + n) // rows) - -(-d.shape[0] // rows)) * chunk_bytes  # chunks it adds
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            return f"the file system has {free / 1e6:.1f} MB free and the next segment needs up to {need / 1e6:.1f} MB"
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.path.getsize(self.path) + need > limit:
+            return (f"the file-size limit (ulimit -f: {limit / 1e6:.1f} MB) leaves {max(0, limit - os.path.getsize(self.path)) / 1e6:.1f} MB "
+                    f"and the next segment needs up to {need / 1e6:.1f} MB")
+        return ""
+
+    def _append(self, row: dict, enc: dict, features: np.ndarray, timestamps: np.ndarray, frames: np.ndarray | None):
         n = len(features)
         feats, ts = self.f["features"], self.f["timestamps"]
         o = feats.shape[0]
@@ -439,16 +523,165 @@ class CacheWriter:
         self.done_ids.add(row["id"])
 
     def close(self) -> None:
-        if getattr(self, "f", None) is not None:
-            self.f.close()
-            self.f = None
-        self.lock.release()
+        try:
+            if getattr(self, "f", None) is not None:
+                f, self.f, self._seg = self.f, None, None  # datasets released before their file (h5py)
+                try:
+                    with quiet_unraisable():
+                        f.close()
+                except (OSError, RuntimeError) as e:  # a full disk: what is published stays readable (SWMR)
+                    if disk_full(e) is None:
+                        raise
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> "CacheWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def source_changes(table: np.ndarray, paths: dict[str, str] | None = None) -> dict[str, str]:
+    """id -> what changed, for the published segments whose video's size or mtime differ from those recorded when it
+    was featurized. ``paths``: id -> the video to check (a source's current path for the id; default the recorded
+    one); ids not in ``paths`` are not checked. A video that is gone is not "changed" here (its features stand; a
+    source may be archived once cached); rows that recorded no size (0) are not checked."""
+    out = {}
+    for row in table:
+        sid = row["id"].decode()
+        path = row["path"].decode() if paths is None else paths.get(sid)
+        if path is None or int(row["video_size"]) <= 0:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        what = []
+        if st.st_size != int(row["video_size"]):
+            what.append(f"size {int(row['video_size'])} -> {st.st_size} bytes")
+        if float(st.st_mtime) != float(row["video_mtime"]):
+            what.append(f"modified {_when(row['video_mtime'])} -> {_when(st.st_mtime)}")
+        if what:
+            out[sid] = f"{path}: {', '.join(what)}"
+    return out
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t))) + f".{int(round(float(t) % 1 * 1e6)):06d}"
+
+
+@dataclass
+class Verdict:
+    """What :func:`verify` found: ``problems`` (each names the segment or object), ``notes`` (no fault, worth
+    saying), and what was read."""
+
+    path: str
+    segments: int = 0
+    frames: int = 0
+    checksums: bool = False
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | os.PathLike, sources: bool = False, block_bytes: int = 64 << 20) -> Verdict:
+    """Read a whole cache back and check it (``featseq cache verify``): every chunk of every dataset is read (HDF5
+    checks each chunk's fletcher32 checksum on caches that have them), the segment table (ids unique, offsets and
+    lengths contiguous, inside the arrays), timestamps (finite, non-decreasing within each segment), features
+    (finite); with ``sources`` that every segment's video is there with the size and mtime recorded. Damage is named
+    by segment id."""
+    path = str(path)
+    v = Verdict(path)
+    with open_read(path) as f:
+        try:
+            raw = f["segments"][()]
+        except (OSError, RuntimeError) as e:
+            v.problems.append(f"/segments: the segment table cannot be read ({e}); the cache is lost, re-featurize it")
+            return v
+        table = _published(raw)
+        ids = [x.decode(errors="replace") for x in table["id"]]
+        v.segments, v.frames = len(table), int(table["length"].sum()) if len(table) else 0
+        v.checksums = bool(f["features"].fletcher32)
+        if not v.checksums:
+            v.notes.append("written without chunk checksums (by a featseq before fletcher32 was on): bit rot inside "
+                           "the features is caught only where it makes them non-finite")
+        seen: dict[str, int] = {}
+        for i, sid in enumerate(ids):
+            if sid in seen:
+                v.problems.append(f"segment {sid!r}: duplicate id (rows {seen[sid]} and {i} of /segments)")
+            seen.setdefault(sid, i)
+        offset, length = table["offset"].astype(np.int64), table["length"].astype(np.int64)
+        expect = np.concatenate([[0], np.cumsum(length)[:-1]]) if len(table) else offset
+        for i in np.nonzero((offset != expect) | (length < 0))[0]:
+            v.problems.append(f"segment {ids[i]!r}: offset {offset[i]}, length {length[i]}: the table is not "
+                              f"contiguous (expected offset {expect[i]})")
+        n = {name: f[name].shape[0] for name in ("features", "timestamps", "frames") if name in f}
+        for name, rows in n.items():
+            if rows < v.frames:
+                v.problems.append(f"/{name}: {rows} rows, but the segments use {v.frames}")
+            elif rows > v.frames:
+                v.notes.append(f"/{name}: {rows - v.frames} rows after the last published segment (a stopped writer's; "
+                               f"the next featurize drops them)")
+        ends = offset + length
+
+        nonfinite = np.zeros(len(ids), dtype=np.int64)  # rows with NaN / Inf per segment
+        for name in n:
+            d = f[name]
+            end = min(n[name], v.frames)
+            step = max(d.chunks[0], (block_bytes // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
+                       // d.chunks[0] * d.chunks[0])
+            bad_rows: list[tuple[int, int]] = []
+            for a in range(0, end, step):
+                b = min(end, a + step)
+                try:
+                    block = d[a:b]
+                except (OSError, RuntimeError):  # find the chunks that fail
+                    block = None
+                    for c in range(a, b, d.chunks[0]):
+                        try:
+                            d[c:min(b, c + d.chunks[0])]
+                        except (OSError, RuntimeError):
+                            bad_rows.append((c, min(b, c + d.chunks[0])))
+                if block is None:
+                    continue
+                if name == "features":
+                    bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0] + a
+                    np.add.at(nonfinite, owner_rows(bad, ends), 1)
+            for a, b in bad_rows:
+                hit = sorted({ids[j] for j in owner_rows(np.arange(a, b), ends) if j < len(ids)})
+                v.problems.append(f"/{name} rows {a}-{b - 1}: unreadable (checksum or read error), segment(s) "
+                                  f"{', '.join(repr(s) for s in hit)}; re-featurize into a new --out (or restore the "
+                                  f"file from a copy)")
+        for i in np.nonzero(nonfinite)[0]:
+            v.problems.append(f"segment {ids[i]!r}: {nonfinite[i]} feature row(s) with NaN or Inf")
+        try:
+            ts = f["timestamps"][:v.frames]
+        except (OSError, RuntimeError):
+            ts = None  # reported above
+        if ts is not None:
+            for i, sid in enumerate(ids):
+                t = ts[offset[i]:offset[i] + length[i]]
+                if not np.isfinite(t).all():
+                    v.problems.append(f"segment {sid!r}: {int((~np.isfinite(t)).sum())} timestamp(s) NaN or Inf")
+                elif (np.diff(t) < 0).any():
+                    j = int(np.nonzero(np.diff(t) < 0)[0][0])
+                    v.problems.append(f"segment {sid!r}: timestamps decrease at row {j + 1} ({t[j]:.6f} -> {t[j + 1]:.6f} s)")
+    if sources:
+        for sid, what in source_changes(table).items():
+            v.problems.append(f"segment {sid!r}: its video changed since it was featurized: {what}")
+        for sid, row in zip(ids, table):
+            if not os.path.isfile(row["path"].decode()):
+                v.problems.append(f"segment {sid!r}: its video is gone: {row['path'].decode()}")
+    return v
+
+
+def owner_rows(rows: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The index of the segment each row of /features belongs to (``ends``: offset + length, ascending)."""
+    return np.searchsorted(ends, rows, side="right")
 
 
 def list_caches(cache_dir: str | os.PathLike) -> list[dict]:

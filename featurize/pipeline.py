@@ -18,11 +18,13 @@ import torch
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
-from .cache import CacheError, CacheWriter, check_identity, now_iso, published_ids, string_widths
+from .cache import (CacheError, CacheWriter, check_identity, now_iso, published_ids, read_table, source_changes,
+                    string_widths)
 from .allocator import tune_cpu_allocator
 from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
 from . import shard as shard_mod
 from .files import replaced
+from .errors import UserError
 from .sources import Segment, SourceError, read_source, validate
 from .spec import weights_id
 from .worker import DecodePool, decode_job, default_workers
@@ -53,6 +55,7 @@ class FeaturizeConfig:
     decode_workers: int | None = None  # None: worker.default_workers
     seed: int = 0
     shard: str | None = None  # "K/N": shard K of N into <out>.part-K-of-N.h5; "auto": from torchrun / a SLURM array
+    refresh: bool = False  # re-featurize cached segments whose video changed (size or mtime) instead of refusing
 
     def validate(self) -> None:
         problems = []
@@ -185,19 +188,26 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames), "decoder": decoder,
     }
     done: set[str] = set()
+    stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
+    paths = {s.id: s.path for s in segments}
     if os.path.exists(path):  # refuse a mismatched request, or skip finished work, before probing or building a model
-        have, ids = published_ids(path)
+        have, table = read_table(path)
         check_identity(path, have, identity)
         if have.get("source") not in (None, source_id):
             log(f"note: {path} was made from {have.get('source')}; resuming it from {source_id} by segment id")
-        done = set(ids)
+        done = {x.decode() for x in table["id"]}
+        stale = _changed(path, source_changes(table, paths), cfg.refresh, log)
+        done -= set(stale)
         if shard and "shard_plan" in have:
             mine = {i for i, k in have["shard_plan"].items() if k == shard[0]}
     if shard and os.path.exists(target):  # segments an earlier merge put in the cache itself are done too
-        have, ids = published_ids(target)
+        have, table = read_table(target)
         check_identity(target, have, identity)
-        done |= set(ids)
+        if changed := source_changes(table, paths):
+            raise SourceChangedError(target, changed, "refresh the merged cache in one process: featurize --shard none "
+                                                      "--refresh --out " + target)
+        done |= {x.decode() for x in table["id"]}
     todo = [s for s in segments if s.id not in done and (mine is None or s.id in mine)]
     total = len(segments) if mine is None else len(mine)
     result = FeaturizeResult(path=path, total=total, written=0, skipped_done=total - len(todo), target=target)
@@ -246,7 +256,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
         rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path, "split": s.split} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
-                         frame_size=cfg.size if cfg.keep_frames else None) as writer:
+                         frame_size=cfg.size if cfg.keep_frames else None, drop=set(stale)) as writer:
+            if writer.dropped:
+                log(f"--refresh: removed the {len(writer.dropped)} stale segment(s) from {path}; featurizing them again")
             # another run may have finished some meanwhile
             todo = [s for s in todo if s.id not in skipped and s.id not in writer.done_ids]
             if not writer.holds("split") and any(s.split for s in todo):
@@ -258,6 +270,28 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
     return result
+
+
+class SourceChangedError(UserError):
+    """Cached segments whose videos changed since (size or mtime); the message lists them and the fix."""
+
+    def __init__(self, path: str, changed: dict[str, str], fix: str):
+        shown = [f"{sid}: {why}" for sid, why in list(changed.items())[:50]]
+        more = f"\n  ... and {len(changed) - 50} more" if len(changed) > 50 else ""
+        super().__init__(f"{path}: {len(changed)} cached segment(s) have videos that changed since they were featurized "
+                         f"(size or modification time differ from those recorded), so their features may be stale:\n  "
+                         + "\n  ".join(shown) + more + f"\n  {fix}")
+        self.changed = changed
+
+
+def _changed(path: str, changed: dict[str, str], refresh: bool, log: Callable[[str], None]) -> dict[str, str]:
+    """Refuse cached segments whose videos changed, or (``refresh``) return them to be featurized again."""
+    if changed and not refresh:
+        raise SourceChangedError(path, changed, "Pass --refresh to featurize them again (their old rows are removed), "
+                                                "or restore the videos that were cached.")
+    for sid, why in changed.items():
+        log(f"--refresh: {sid} changed ({why})")
+    return changed
 
 
 def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: bb.Embedder, todo: list,
@@ -294,6 +328,8 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
             if st["n"] == 0:
                 result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
                 continue
+            feats = np.concatenate(st["feats"])
+            check_range(feats, cfg.dtype, seg.id, writer.path)
             writer.append({
                 "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "split": seg.split,
                 "start": seg.start,
@@ -301,7 +337,7 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
                 "video_duration": info["duration"], "video_frames": info["n_frames"],
                 "video_size": info["size_bytes"], "video_mtime": info["mtime"],
-            }, np.concatenate(st["feats"]).astype(cfg.dtype), np.concatenate(st["ts"]),
+            }, feats.astype(cfg.dtype), np.concatenate(st["ts"]),
                 np.concatenate(st["frames"]) if cfg.keep_frames else None)
             result.written += 1
             result.frames += st["n"]
@@ -334,6 +370,30 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
             commit_ready()
     run_batch(flush=True)
     commit_ready()
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+class FeatureRangeError(UserError):
+    """Features that can't be stored as asked (NaN / Inf from the CNN, or beyond float16's range)."""
+
+
+def check_range(feats: np.ndarray, dtype: str, seg_id: str, path: str) -> None:
+    """Refuse features that would be written as NaN or Inf: non-finite from the CNN (an fp16 autocast overflow), or
+    finite but beyond float16's +-65504 when stored as float16 (VGG16 or an untrained backbone can reach that)."""
+    finite = np.isfinite(feats)
+    if not finite.all():
+        raise FeatureRangeError(
+            f"{path}: segment {seg_id!r}: the backbone gave {int((~finite).sum())} NaN or Inf feature value(s), so "
+            f"nothing of it was written (segments before it are kept). With --precision fp16 or bf16 the CNN's "
+            f"activations may overflow: featurize with --precision fp32 into a new --out")
+    peak = float(np.abs(feats).max()) if feats.size else 0.0
+    if dtype == "float16" and peak > FLOAT16_MAX:
+        raise FeatureRangeError(
+            f"{path}: segment {seg_id!r}: features reach {peak:.4g}, beyond float16's range (+-{FLOAT16_MAX:g}): stored "
+            f"as float16 they would become Inf, so nothing of it was written (segments before it are kept). Featurize "
+            f"with --dtype float32 into a new --out (a cache keeps one dtype)")
 
 
 def _write_error_report(path: str, result: FeaturizeResult) -> None:

@@ -166,7 +166,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
                                precision=cfg.precision or spec.precision, decoder=spec.decoder, device=cfg.device,
                                out=str(cache_path),
                                batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True,
-                               shard=None)
+                               shard=None, refresh=True)  # a video changed since --cache kept it: its features now
         log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"
             f"{' (fine-tuned trunk)' if run.trunk_state is not None else ''}")
         fres = featurize(fcfg, segments=records)
