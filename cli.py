@@ -41,16 +41,28 @@ class Progress:
 
 class Main(click.Group):
     """The command group. Errors in what the user asked for (featurize.errors.UserError, ValueError from option
-    validation, a missing file) end as ``error: ...`` with exit code 2 here, in one place; a decode worker that
-    cannot start ends with exit code 1."""
+    validation, a missing file) and a full disk (featurize.files.DiskFullError, a UserError) end as ``error: ...``
+    with exit code 2 here, in one place; a decode worker that cannot start ends with exit code 1. SIGTERM and SIGINT
+    stop every command cleanly (featurize.stop): finished work is kept, exit code 143 or 130."""
 
     def invoke(self, ctx):
+        from featurize.stop import Interrupted, on_signals
         from featurize.worker import WorkerStartError
 
         try:
-            return super().invoke(ctx)
+            with on_signals():
+                return super().invoke(ctx)
+        except Interrupted as e:
+            click.echo(f"stopped by {e.name}: finished work is kept; rerun the same command to go on", err=True)
+            ctx.exit(e.exit_code)
         except (ValueError, FileNotFoundError) as e:  # UserError is a ValueError
             click.echo(f"error: {e}", err=True)
+            import featurize.cache
+
+            if featurize.cache.HDF5_WRITE_FAILED:  # HDF5 would crash shutting down after a failed write (files.py)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             ctx.exit(2)
         except WorkerStartError as e:
             click.echo(f"error: {e}", err=True)
@@ -100,6 +112,9 @@ def main():
               help="Decoder processes feeding the CNN [default: cores - 1 when the CNN runs on CUDA, 2 when decoding "
                    "on CUDA, 1 when the CNN shares the CPU].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
+@click.option("--refresh", is_flag=True,
+              help="Featurize again the cached segments whose video changed since (size or mtime differ from those "
+                   "recorded); without it such a cache is refused, listing them.")
 @click.option("--shard", default="auto", show_default=True,
               help="K/N: featurize shard K of N (0-based) into <out>.part-K-of-N.h5, then `featseq cache merge`; auto: "
                    "K/N from torchrun (RANK/WORLD_SIZE; rank 0 merges) or a SLURM array, else the whole source; none.")
@@ -114,8 +129,8 @@ def main():
               help="--slurm: folder of job files and logs (shared with the nodes) [default: <out>.slurm/].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def featurize(source, backbone, weights, size, resize, fps, device, precision, dtype, batch_size, no_channels_last,
-              out, cache_dir, skip_errors, keep_frames, decode_timeout, decoder, decode_device, decode_workers, seed, shard,
-              slurm_jobs, slurm_partition,
+              out, cache_dir, skip_errors, keep_frames, decode_timeout, decoder, decode_device, decode_workers, seed, refresh,
+              shard, slurm_jobs, slurm_partition,
               slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
@@ -130,7 +145,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
                           channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
                           keep_frames=keep_frames, decode_timeout=decode_timeout, decoder=decoder,
-                          decode_device=decode_device, decode_workers=decode_workers, seed=seed, shard=shard)
+                          decode_device=decode_device, decode_workers=decode_workers, seed=seed, shard=shard,
+                          refresh=refresh)
     cfg.validate()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if slurm_jobs:
@@ -180,6 +196,32 @@ def cache_merge(target, parts, allow_missing):
     click.echo(f"{len(res.parts)} parts: {res.copied} segment(s) copied, {res.kept} already in {target}, "
                f"{len(res.missing)} missing; {res.segments} segments, {res.mb:.1f} MB in {res.seconds:.1f} s", err=True)
     click.echo(res.path)
+
+
+@cache.command("verify")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sources", is_flag=True, help="Also check that every segment's video is there, unchanged (size, mtime).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def cache_verify(file, sources, as_json):
+    """Read a cache FILE back whole and check it: chunk checksums, the segment table, timestamps, finite features
+    (and with --sources the videos). Exit 0 when all is well, 1 with the list of what is wrong."""
+    from dataclasses import asdict
+
+    from featurize.cache import verify
+
+    v = verify(file, sources=sources)
+    if as_json:
+        click.echo(json.dumps({**asdict(v), "ok": v.ok}))
+    else:
+        for note in v.notes:
+            click.echo(f"note: {note}", err=True)
+        for p in v.problems:
+            click.echo(p)
+        click.echo(f"{file}: {v.segments} segments, {v.frames} frames read back"
+                   f"{' with checksums' if v.checksums else ''}: "
+                   + ("OK" if v.ok else f"{len(v.problems)} problem(s)"), err=True)
+    if not v.ok:
+        sys.exit(1)
 
 
 @cache.command("list")

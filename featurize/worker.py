@@ -65,6 +65,9 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
 
     from .decoder import open_decoder, video_info
     from .sampling import frame_at, plan_segment
+    from .stop import ignore_interrupts
+
+    ignore_interrupts()  # Ctrl-C reaches the whole process group: the parent stops its workers
 
     # The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once a
     # second while idle or blocked on a full queue, and a send into a closed pipe ends it too. (Not
@@ -214,15 +217,16 @@ class DecodePool:
         if w is not None:
             w.stop(kill)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers: let them finish (``kill``: at once, e.g. when the run stops on an error or a signal)."""
         for i in range(self.n):
-            self._retire(i, kill=False)
+            self._retire(i, kill=kill)
 
     def __enter__(self) -> "DecodePool":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)
 
     def _failed(self, w: _Worker) -> str | None:
         """Why a busy worker is declared lost (naming its job's file), or None while it is fine."""

@@ -289,8 +289,8 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         state_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "epochs", "out", "device", "threads")}
         resume = _resume_state(cfg, run, state_cfg)
-        if resume is None and (run / "results.json").exists():
-            (run / "results.json").unlink()
+        if (run / "results.json").exists():
+            (run / "results.json").unlink()  # written last: until then the folder is not a complete run
         write_json(run / "config.json", asdict(cfg))
         frames = Frames(cache, data, spec, cfg.decode_timeout)
         log(f"finetune {backbone.entry.name} (unfreeze {cfg.unfreeze}: {sum(p.numel() for p in trunk_params)} trunk "

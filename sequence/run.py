@@ -28,6 +28,7 @@ classification report.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import torch
 
 from featurize.cache import Cache, CacheError, summary
 from featurize.errors import UserError
-from featurize.files import replaced
+from featurize.files import replaced, writing
 from featurize.spec import FeatureSpec
 
 from . import models as M
@@ -60,9 +61,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as "unexpected
+    pos", a plain write as the OSError it is (featurize.files.DiskFullError naming ``path``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with replaced(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def _default(o):
@@ -161,6 +165,13 @@ def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceCl
     ``head``: the sequence model (its best weights loaded); ``probs``: (N, C) probabilities of every segment;
     ``spec``: how the features the head takes were made.
     """
+    with writing(run, kept=f"{run} has no results.json, so it is not a complete run"):
+        return _write_run(run, cfg=cfg, data=data, fold=fold, head=head, fit=fit, probs=probs, spec=spec, cache=cache,
+                          device=device, kind=kind, extra_checkpoint=extra_checkpoint, extra_results=extra_results)
+
+
+def _write_run(run: Path, *, cfg, data, fold, head, fit, probs, spec, cache, device, kind, extra_checkpoint,
+               extra_results) -> tuple[dict, dict]:
     run.mkdir(parents=True, exist_ok=True)
     history, best = fit.history, fit.best_epoch
     write_history(run, history, cfg.plots)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from featurize.cache import read_cache
 from featurize.errors import UserError
-from featurize.files import replaced
+from featurize.files import DiskFullError, replaced
 
 from . import models as M
 from . import plots
@@ -429,12 +429,43 @@ _WORKER: dict = {}
 def _init_worker(threads: int, cache: str) -> None:
     import torch
 
+    from featurize import stop
+
+    stop.install()  # SIGTERM / SIGINT: the trial is marked failed, then the worker ends (see _pool_work)
+
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
     _WORKER["data"] = load_features(cache)
+
+
+def _pool_work(job: dict) -> dict:
+    """:func:`_work` in a pool worker process: stopped by a signal, it ends the process (with 128 + the signal's
+    number) rather than wait for another trial."""
+    from featurize.stop import Interrupted
+
+    try:
+        return _work(job)
+    except Interrupted as e:
+        os._exit(e.exit_code)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace: float = 10.0) -> None:
+    """SIGTERM to every worker of ``pool`` (each fails its running trial and ends), SIGKILL to any left after
+    ``grace`` seconds."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _trial_config(trial, cfg: SweepConfig, grid_cfgs: dict[str, TrainConfig]) -> tuple[str, TrainConfig]:
@@ -534,6 +565,13 @@ def _work(cfg_dict: dict) -> dict:
             _tell(study, trial, TrialState.PRUNED)
             did["pruned"] += 1
             continue
+        except (KeyboardInterrupt, DiskFullError) as e:  # the sweep stops: the next sweep command retrains this one
+            try:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+                _tell(study, trial, TrialState.FAIL)
+            except Exception:  # the study's journal may be on the full disk too
+                pass
+            raise
         except Exception as e:  # one failing variant must not stop the sweep (KeyboardInterrupt still does)
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
@@ -581,15 +619,22 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
             _WORKER.clear()
     else:
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads, cfg.cache)) as pool:
-            futures = [pool.submit(_work, dict(job)) for _ in range(cfg.jobs)]
+        pool = ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(threads, cfg.cache))
+        try:
+            futures = [pool.submit(_pool_work, dict(job)) for _ in range(cfg.jobs)]
             parts = []
             for f in futures:  # a worker that died (OOM killer...) must not cost the others' leaderboard
                 try:
                     parts.append(f.result())
+                except DiskFullError:
+                    raise
                 except Exception as e:
                     log(f"a worker stopped: {type(e).__name__}: {e}; its running trial is failed by the next sweep")
+        except BaseException:  # a signal, a full disk: stop the workers (each fails its trial), then go
+            _stop_workers(pool)
+            raise
+        pool.shutdown()
     for p in parts:
         for k in did:
             did[k] += p[k]
