@@ -57,6 +57,7 @@ class VideoInfo:
     height: int
     size_bytes: int
     mtime: float
+    rotation: int = 0  # degrees of the display matrix (a phone's portrait video); frames are decoded as stored
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class FrameTable:
     height: int
     pts: np.ndarray | None
     time_base: float
+    rotation: int = 0
 
 
 def frame_table(path: str) -> FrameTable:
@@ -106,6 +108,7 @@ def _frame_table(path: str, size: int, mtime_ns: int) -> FrameTable:
                 pts.append(pk.pts)
                 dts.append(pk.dts)
                 dur.append(pk.duration or 0)
+            rotation = _rotation(c, st) if pts else 0
     except DecodeError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, FileNotFoundError, ...)
@@ -125,18 +128,29 @@ def _frame_table(path: str, size: int, mtime_ns: int) -> FrameTable:
         ends = np.where(d > 0, (p + d) * tb, starts + period)
         if fps == 0.0 and period:
             fps = 1.0 / period
-        return FrameTable(starts, ends, fps, width, height, p, tb)
+        return FrameTable(starts, ends, fps, width, height, p, tb, rotation)
     if not fps:
         raise DecodeError(f"{path}: the video has neither timestamps nor a frame rate")
     starts = np.arange(n, dtype=np.float64) / fps  # no pts (e.g. some AVI): frames are evenly spaced by definition
-    return FrameTable(starts, starts + 1.0 / fps, fps, width, height, None, tb)
+    return FrameTable(starts, starts + 1.0 / fps, fps, width, height, None, tb, rotation)
+
+
+def _rotation(container, stream) -> int:
+    """The rotation (degrees) of the display matrix on the first frame, 0 when there is none or it can't be read."""
+    try:
+        container.seek(0, stream=stream)
+        frame = next(container.decode(stream))
+        return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    except Exception:  # a stream that can't be decoded is reported by the decoder, not here
+        return 0
 
 
 def video_info(path: str, table: FrameTable | None = None) -> VideoInfo:
     t = table or frame_table(path)
     st = os.stat(path)
     return VideoInfo(path=path, n_frames=len(t.starts), fps=t.fps, duration=video_duration(t.starts, t.ends, t.fps),
-                     width=t.width, height=t.height, size_bytes=int(st.st_size), mtime=float(st.st_mtime))
+                     width=t.width, height=t.height, size_bytes=int(st.st_size), mtime=float(st.st_mtime),
+                     rotation=t.rotation)
 
 
 def decode_dims(width: int, height: int, size: int, policy: str) -> tuple[int, int]:

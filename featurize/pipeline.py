@@ -224,6 +224,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         f"{workers} worker process{'es' if workers > 1 else ''}")
     with DecodePool(timeout=cfg.decode_timeout, workers=workers, decoder=decoder,
                     decode_device=cfg.decode_device) as pool:  # the same workers probe, then decode
+        t_valid = time.monotonic()
         if shard and mine is None:  # every shard probes every video to make the same balanced plan
             infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
                                       problems=row_problems)
@@ -236,8 +237,15 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
                 f"{sum(shard_mod.expected_frames([s for s in segments if s.id in mine], infos, cfg.fps).values())} frames "
                 f"-> {path}")
         else:
-            _, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
-                                  only={s.id for s in todo}, problems=row_problems)
+            infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
+                                      only={s.id for s in todo}, problems=row_problems)
+        log(f"validated {len(segments)} segment(s) of {len({s.path for s in segments})} video(s) in "
+            f"{time.monotonic() - t_valid:.1f} s (reading the source and the cache before: {t_valid - t0:.1f} s)")
+        rotated = {p: i["rotation"] for p, i in infos.items() if i.get("rotation")}
+        for p, deg in list(rotated.items())[:20]:
+            log(f"note: {p} asks players to rotate it by {deg} degrees; featseq decodes frames as stored (every "
+                f"backend alike), so they reach the CNN unrotated; to featurize them upright, rotate the file first "
+                f"(ffmpeg -i IN -c:v libx264 OUT rotates by its metadata)")
         result.failures.update(skipped)
         if device.type == "cpu":
             tune_cpu_allocator()  # once per process, before the CNN's first batch

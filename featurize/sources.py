@@ -136,18 +136,38 @@ def _num(value: str, col: str, where: str, problems: list[str]) -> float | None:
 
 
 def _from_csv(path: Path) -> list[Segment]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in CSV_REQUIRED if c not in cols]
-        if missing:
-            raise SourceError(str(path), [f"missing column(s) {', '.join(missing)}; found {', '.join(cols) or 'no header'}; "
-                                          f"required: {', '.join(CSV_REQUIRED)}, optional: {', '.join(CSV_OPTIONAL)}"])
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    # utf-8-sig drops a byte-order mark; the csv module reads CRLF and LF line ends and quoted fields (commas, line
+    # breaks); blank lines are skipped, and a row is named by the line it ends on (its line, unless a quoted field
+    # spans lines)
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in CSV_REQUIRED if c not in cols]
+            if missing:
+                raise SourceError(str(path), [f"missing column(s) {', '.join(missing)}; found {', '.join(cols) or 'no header'}; "
+                                              f"required: {', '.join(CSV_REQUIRED)}, optional: {', '.join(CSV_OPTIONAL)}"])
+            for r in reader:
+                extra = r.pop(None, None)
+                rows.append((reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in r.items()}, extra))
+    except UnicodeDecodeError as e:
+        raise SourceError(str(path), [f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start}); save the "
+                                      f"manifest as UTF-8"]) from None
+    except csv.Error as e:
+        raise SourceError(str(path), [f"line {reader.line_num}: not a CSV row ({e}); quote fields with commas or line "
+                                      f"breaks in double quotes"]) from None
     segs, problems = [], []
     base = path.parent
-    for n, r in enumerate(rows, start=2):
+    for n, r, extra in rows:
         where = f"{path.name} line {n}"
+        if any("\x00" in v for v in r.values()):
+            problems.append(f"{where}: a NUL byte in the row; the manifest is not a text CSV (save it as UTF-8 text)")
+            continue
+        if extra:
+            problems.append(f"{where}: {len(extra)} more field(s) than the header has columns ({extra[0]!r} ...); quote "
+                            f"a field that contains a comma")
+            continue
         if not r.get("path") or not r.get("label"):
             problems.append(f"{where}: empty {'path' if not r.get('path') else 'label'}")
             continue
@@ -193,11 +213,17 @@ def validate(source: str, segments: list[Segment], probe: Callable[[list[str]], 
     skipped: dict[str, str] = {}
     problems = list(problems or [])
     seen: dict[str, str] = {}
+    folded: dict[str, tuple[str, str]] = {}  # ids compared without case and inner whitespace -> (id, where)
     for s in segments:
+        key = " ".join(s.id.split()).casefold()
         if s.id in seen:
             problems.append(f"{s.where}: duplicate id {s.id!r} (first at {seen[s.id]}); give each segment its own id")
+        elif key in folded:
+            problems.append(f"{s.where}: id {s.id!r} differs from {folded[key][0]!r} ({folded[key][1]}) only in case or "
+                            f"whitespace; split lists and file systems may not tell them apart: give distinct ids")
         else:
             seen[s.id] = s.where
+            folded[key] = (s.id, s.where)
     present = []
     if only is not None:
         segments = [s for s in segments if s.id in only]
