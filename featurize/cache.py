@@ -21,6 +21,9 @@ if the writer is killed; such a file then carries HDF5's "open for write" flag, 
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
 it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
 
+Checksums: datasets created by this version carry HDF5's fletcher32 filter (readers check it transparently; older
+files without it stay readable); :func:`verify` reads everything back and names damaged segments.
+
 Versions: 2 added the ``split`` column. Version 1 files (no ``split`` column) are read as if every split
 were empty, and featurize resumes them as version 1 files (refusing segments that carry a split, which
 such a table cannot hold); a version 1 featseq refuses version 2 files rather than drop their splits.
