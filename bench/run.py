@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "cpu_slices", "cache_io", "train", "sweep", "shard"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard"]
 
 
 def _load(name):
@@ -78,6 +78,17 @@ def render() -> str:
                   "default `--decode-workers` there:", "",
                   _table(["workers", "featurize frames/s"], [[r["workers"], r["featurize_fps"]] for r in d["cnn_shares_cpu"]]),
                   ""]
+    st = _load("stream")
+    if st:
+        parts += ["## Live streams", "",
+                  f"`bench/stream_bench.py`: `featseq predict RUN --stream FILE --realtime`, a {st['video']}; windows: "
+                  f"{st['windows']}; ResNet-18 untrained (`--weights none`), on this CPU. Latency: from a frame's "
+                  "arrival to the prediction of the first window that includes it.", "",
+                  _table(["size", "precision", "run fps", "windows", "windows/s", "frames sampled", "dropped",
+                          "latency p50 ms", "p95 ms", "max ms"],
+                         [[r["size"], r["precision"], f"{r['run_fps']:g}", r["windows"], r["windows_per_s"],
+                           r["frames_sampled"], r["frames_dropped"], r["latency_p50_ms"], r["latency_p95_ms"],
+                           r["latency_max_ms"]] for r in st["rows"]]), ""]
     cs = _load("cpu_slices")
     if cs:
         parts += ["### The CNN on the CPU: slices and the allocator", "", cs["description"], "",
