@@ -15,9 +15,9 @@ needs_gingerbread = pytest.mark.skipif(
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# the environment of featseq processes the tests start: this checkout's code, and none of the torchrun or SLURM
+# the environment of featseq processes the tests start: this checkout's code first, and none of the torchrun or SLURM
 # variables of the shell that runs pytest
-CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
     CHILD_ENV.pop(_k, None)
 
