@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,24 @@ def test_distributed_options_are_checked_before_any_work(ddp_data, tmp_path, mon
         finetune(FinetuneConfig(cache=ddp_data["cache"], out=str(tmp_path / "x"), from_run=ddp_data["run"],
                                 batch_size=8, freeze_bn=False, **base))
     assert not (tmp_path / "x").exists()
+
+
+def test_augmentation_of_a_clip_does_not_depend_on_its_batch_or_rank(ddp_data):
+    """A clip's random crop and flip come from (seed, epoch, its index): the same whichever rank's share or batch
+    holds it, and another epoch draws anew."""
+    from featurize.cache import read_cache
+    from featurize.spec import FeatureSpec
+    from sequence.finetune import FrameInputs, Frames
+    from sequence.reader import ReaderConfig, build
+
+    cache = read_cache(ddp_data["cache"], features=False)
+    data = build(cache, ReaderConfig(fps=2, seq_len=8))
+    inputs = FrameInputs(Frames(cache, data, FeatureSpec.from_attrs(cache.attrs), 60), 4, augment=True)
+
+    def clips(batches, seed):
+        return {int(i): x for b, xs, _ in inputs.batches([np.array(b) for b in batches], train=True, seed=seed)
+                for i, x in zip(b, xs)}
+    one = clips([[0, 1, 2, 3]], (0, 1))
+    split = clips([[2], [3, 0, 1]], (0, 1))  # as two ranks would hold them
+    assert all(torch.equal(one[i], split[i]) for i in range(4))
+    assert not all(torch.equal(one[i], x) for i, x in clips([[0, 1, 2, 3]], (0, 2)).items())
