@@ -1,7 +1,7 @@
 """finetune on several ranks: seconds per epoch in one process and with torchrun (DistributedDataParallel), and the
 scaling efficiency (one process's seconds / (N x N ranks' seconds)).
 
-    .venv/bin/python bench/finetune_ddp_bench.py [--quick]
+    .venv/bin/python bench/finetune_ddp_bench.py [--quick] [--note TEXT]
 
 On a machine with GPUs: the whole Gingerbread seed-compat split (124 train + 60 evaluated clips x 25 frames at 1 fps),
 ResNet-18 at 224 px, --unfreeze 1, frames decoded from the videos: 1 GPU vs all of them. On a CPU: the same settings
@@ -30,7 +30,7 @@ def _epochs(run: Path) -> list[float]:
     return [float(r["seconds"]) for r in csv.DictReader(open(run / "history.csv"))]
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, note: str | None = None) -> dict:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -100,7 +100,8 @@ def main(quick: bool = False) -> dict:
                            f"BatchNorm, {seq_len} frames per clip at 1 fps decoded from the videos, global batch 8, "
                            f"--split seed-compat, {epochs} epochs; seconds per epoch (training, then scoring the "
                            f"validation and test parts) from history.csv, median over the epochs.",
-            "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "rows": rows}
+            "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "rows": rows,
+            "note": note}
     print(json.dumps(data, indent=1), flush=True)
     save("finetune_ddp", data)
     return data
@@ -109,4 +110,6 @@ def main(quick: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    main(quick=ap.parse_args().quick)
+    ap.add_argument("--note", default=None, help="a remark shown with the table (e.g. the machine was shared)")
+    a = ap.parse_args()
+    main(quick=a.quick, note=a.note)

@@ -120,6 +120,8 @@ def render() -> str:
                   _table(["how", "device", "s / epoch (median)", "epochs s", "speedup", "scaling efficiency", "wall s"],
                          [[r["how"], fd["device"], r["median_epoch_s"], ", ".join(map(str, r["epoch_s"])), r["speedup"],
                            r["efficiency"], r["wall_s"]] for r in fd["rows"]]), ""]
+        if fd.get("note"):
+            parts += [fd["note"], ""]
         if not fd["gpus"]:
             parts += ["No GPU here: on a 2-core CPU one process already keeps both cores busy (torch's threads), and "
                       "torchrun starts each of the 2 ranks with one thread, so about 1x is what to expect; the figure "
