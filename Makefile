@@ -25,7 +25,8 @@ demo: install
 	  p=$$!; OMP_NUM_THREADS=1 $(FEATSEQ) featurize $(DEMO)/data/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_64px.h5 --shard 1/2 -q; \
 	  s=$$?; wait $$p && [ $$s -eq 0 ] )
 	$(FEATSEQ) cache merge $(DEMO)/cache/clips_64px.h5
-	$(FEATSEQ) featurize $(DEMO)/data_hi/clips --backbone resnet18 --weights none --size 64 --fps 6 --out $(DEMO)/cache/clips_hi_64px.h5
+	# two decode worker processes feed the CNN
+	$(FEATSEQ) featurize $(DEMO)/data_hi/clips --backbone resnet18 --weights none --size 64 --fps 6 --decode-workers 2 --out $(DEMO)/cache/clips_hi_64px.h5
 	$(FEATSEQ) cache list --cache-dir $(DEMO)/cache
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/sweep --model mlp,frame,lstm,gru,conv1d --fps 2 --split group --epochs 40 --patience 15 --jobs 2
 	# a TPE search over ranges with median pruning (an Optuna study, two workers)

@@ -3,6 +3,7 @@ prints the result path last. Errors in the user's input exit with code 2 and a c
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -91,6 +92,14 @@ def main():
 @click.option("--skip-errors", is_flag=True, help="Skip unreadable/undecodable videos (reported) and exit 0.")
 @click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pyav", "decord", "torchcodec"]),
+              help="Video decoder. auto: pyav on the CPU (torchcodec with --decode-device cuda); resuming a cache, the "
+                   "decoder that made it.")
+@click.option("--decode-device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Where frames are decoded: cuda decodes on the GPU (NVDEC) with --decoder torchcodec.")
+@click.option("--decode-workers", default=None, type=click.IntRange(1), metavar="N",
+              help="Decoder processes feeding the CNN [default: cores - 1 when the CNN runs on CUDA, 2 when decoding "
+                   "on CUDA, 1 when the CNN shares the CPU].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
 @click.option("--shard", default="auto", show_default=True,
               help="K/N: featurize shard K of N (0-based) into <out>.part-K-of-N.h5, then `featseq cache merge`; auto: "
@@ -106,11 +115,13 @@ def main():
               help="--slurm: folder of job files and logs (shared with the nodes) [default: <out>.slurm/].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def featurize(source, backbone, weights, size, resize, fps, device, precision, dtype, batch_size, no_channels_last,
-              out, cache_dir, skip_errors, keep_frames, decode_timeout, seed, shard, slurm_jobs, slurm_partition,
+              out, cache_dir, skip_errors, keep_frames, decode_timeout, decoder, decode_device, decode_workers, seed, shard,
+              slurm_jobs, slurm_partition,
               slurm_time, slurm_gpus, slurm_cpus, slurm_logs, quiet):
     """Decode SOURCE's segments, embed frames with a CNN, write an HDF5 cache (resumable).
 
-    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4, a CSV manifest (path,label[,start,end,group,id])
+    SOURCE is a folder-per-class tree ROOT/<label>/<clip>.mp4 (.avi, .mkv, .webm, .mov ...), a CSV manifest
+    (path,label[,start,end,group,id,split])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
     from featurize.pipeline import FeaturizeConfig, featurize as run
@@ -119,7 +130,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
                           channels_last=not no_channels_last, out=out, cache_dir=cache_dir, skip_errors=skip_errors,
-                          keep_frames=keep_frames, decode_timeout=decode_timeout, seed=seed, shard=shard)
+                          keep_frames=keep_frames, decode_timeout=decode_timeout, decoder=decoder,
+                          decode_device=decode_device, decode_workers=decode_workers, seed=seed, shard=shard)
     cfg.validate()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if slurm_jobs:
@@ -224,15 +236,19 @@ def cache_info(file, as_json):
 @click.option("--long-videos", default=1, show_default=True, help="Long videos with a CSV of labelled segments.")
 @click.option("--long-duration", default=40.0, show_default=True)
 @click.option("--burn-frame-numbers", is_flag=True, help="Burn each frame's index into its top rows (for exactness tests).")
+@click.option("--container", default="mp4", show_default=True, type=click.Choice(["mp4", "avi", "mkv", "webm", "mov"]),
+              help="Container of the clips: avi holds MPEG-4 Part 2 (Xvid, like UCF-101 and HMDB-51), webm VP9, "
+                   "the others H.264.")
 @click.option("--seed", default=0, show_default=True)
 def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, min_duration, max_duration,
-          long_videos, long_duration, burn_frame_numbers, seed):
+          long_videos, long_duration, burn_frame_numbers, container, seed):
     """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
     from featurize.synth import render_dataset
 
     res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
                          height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
-                         burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration)
+                         burn_frame_numbers=burn_frame_numbers, long_videos=long_videos, long_duration=long_duration,
+                         container=f".{container}")
     click.echo(f"{len(res['clips'])} clips in {res['clips_root']} of {len(res['classes'])} classes ({', '.join(res['classes'])})"
                + (f"; long-video segments in {res['long_csv']}" if res.get("long_csv") else ""), err=True)
     click.echo(res["clips_root"])
@@ -425,7 +441,17 @@ def finetune(source, out, quiet, **opts):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("videos", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--stream", "stream_source", default=None, metavar="SOURCE",
+              help="Classify a live stream instead of VIDEO files: /dev/videoN, rtsp://, http://, udp://..., - (a "
+                   "container on standard input) or a file; one line per window on stdout.")
+@click.option("--realtime", is_flag=True, help="--stream FILE: play the file at its own rate (as a live source).")
+@click.option("--positive-windows", default=0, show_default=True, type=click.IntRange(0),
+              help="--stream: print an alert when this many consecutive windows predict one class at p >= --threshold (0: off).")
+@click.option("--stall-timeout", default=10.0, show_default=True, type=float,
+              help="--stream: stop (exit 1, predictions kept) when the source sends nothing for this many seconds.")
+@click.option("--save-features", default=None, type=click.Path(dir_okay=False),
+              help="--stream: also write every embedded frame's stream time and features to this .npz file.")
 @click.option("--window", default=None, type=float, help="Sliding window length in seconds [default: the whole video is one window].")
 @click.option("--stride", default=None, type=float, help="Seconds between window starts [default: --window].")
 @click.option("--threshold", default=0.5, show_default=True, type=float, help="Probability the predicted class must reach (above_threshold column).")
@@ -437,13 +463,37 @@ def finetune(source, out, quiet, **opts):
               help="Autocast precision of the CNN [default: the run's, as its features were made].")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per backbone batch.")
 @click.option("--no-plots", is_flag=True, help="No timeline plots.")
-def predict(run_dir, videos, window, stride, threshold, out, cache_file, device, precision, batch_size, no_plots):
-    """Classify VIDEO... (whole clips or sliding windows) with the model of RUN_DIR (a train or finetune run).
+def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_timeout, save_features, window, stride,
+            threshold, out, cache_file, device, precision, batch_size, no_plots):
+    """Classify VIDEO... (whole clips or sliding windows), or a live --stream, with the model of RUN_DIR.
 
     The videos are featurized with the backbone, weights, size, resize, fps and precision recorded in the
     run's checkpoint (the training cache is not needed). Writes predictions.csv (video, window_start,
-    window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video.
+    window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video. With --stream,
+    windows of the run's length are classified every --stride seconds as the stream plays (RUN_DIR/predict_stream).
     """
+    if stream_source is not None:
+        from sequence.stream import StreamConfig, stream
+
+        if videos or window is not None or cache_file:
+            raise click.UsageError("--stream classifies one live source: give no VIDEO, --window or --cache with it")
+        res = stream(StreamConfig(run=run_dir, source=stream_source, stride=stride, threshold=threshold,
+                                  positive_windows=positive_windows, realtime=realtime, stall_timeout=stall_timeout,
+                                  out=out, device=device, precision=precision, batch_size=min(batch_size, 16),
+                                  save_features=save_features),
+                     log=lambda s: click.echo(s, err=True), echo=click.echo)
+        lat = res["latency_s"] or {}
+        click.echo(f"{res['windows']} window(s), {res['windows_per_s'] or 0:.2f} windows/s; frames: {res['frames_sampled']} "
+                   f"sampled, {res['frames_dropped']} dropped; latency p50 {lat.get('p50', 0) * 1000:.0f} ms, p95 "
+                   f"{lat.get('p95', 0) * 1000:.0f} ms, max {lat.get('max', 0) * 1000:.0f} ms; stopped: {res['stop']}", err=True)
+        click.echo(res["out"], err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the reader thread may still be blocked reading the source (a stalled pipe holds stdin's lock): end now,
+        # everything is written
+        os._exit(res["exit_code"])
+    if not videos:
+        raise click.UsageError("give VIDEO... or --stream SOURCE")
     from sequence.predict import PredictConfig, predict as run
 
     cfg = PredictConfig(run=run_dir, videos=list(videos), window=window, stride=stride, threshold=threshold, out=out,

@@ -32,12 +32,12 @@ def machine() -> dict:
     except (OSError, ValueError, IndexError):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    import decord, h5py, numpy, torchvision  # noqa: E401
+    import av, decord, h5py, numpy, torchvision  # noqa: E401
 
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": mem, "gpu": gpu,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            "h5py": h5py.__version__, "decord": decord.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "h5py": h5py.__version__, "decord": decord.__version__, "av": av.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def median_time(fn, repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:

@@ -122,17 +122,18 @@ def memory(tmp: Path, minutes_list, backbone="resnet50", batch=64, fps=1.0) -> l
 
 
 def _decode(path: str, fps: float):
-    from featurize.decoder import Decoder
+    from featurize.decoder import open_decoder
     from featurize.sampling import plan_segment
 
-    d = Decoder(path, size=224)
+    d = open_decoder(path, size=224)
     return list(d.read(plan_segment(d.frame_starts, d.info.duration, 0, None, fps).indices, 64))
 
 
 def main(quick: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="featseq-bench-"))
     device = bb.resolve_device("auto")
-    precisions = ["fp32", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+    # fp32 and what --precision auto picks here (bf16 only on a CPU that computes it natively)
+    precisions = list(dict.fromkeys(["fp32", bb.resolve_precision("auto", device)]))
     n_clips = 2 if quick else 12
     repeats = 1 if quick else 3
     paths = clips(tmp, n_clips)

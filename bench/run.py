@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "cpu_slices", "cache_io", "train", "sweep", "shard", "finetune_ddp"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard", "finetune_ddp"]
 
 
 def _load(name):
@@ -58,6 +58,37 @@ def render() -> str:
                            r["peak_tree_mib"], r["peak_main_mib"], r["peak_worker_mib"]] for r in f["memory"]]), ""]
         if f.get("notes"):
             parts += [f["notes"], ""]
+    d = _load("decode")
+    if d:
+        parts += ["## Feeding the CNN: decoder backends and decode workers", "",
+                  "`bench/decode_bench.py`. Decode-only: frames/s delivered to the parent process by the decode "
+                  "worker processes (`DecodePool`, workers started and warmed up, 224 px output, one thread per "
+                  f"worker). Sources: {', '.join(f'{k} ({v} segments)' for k, v in d['sources'].items())}. Installed "
+                  f"backends: {', '.join(d['installed'])}.", "",
+                  _table(["source", "backend", "sampling fps", "1 worker frames/s", "2 workers frames/s", "2 vs 1"],
+                         [[r["source"], r["backend"], f"{r['fps']:g}", r["workers_1"], r["workers_2"], r["speedup"]]
+                          for r in d["decode"]]), "",
+                  "The pipeline against that ceiling: featurize (decode -> batches -> embed -> HDF5 commits) with the "
+                  "CNN and its preprocessing replaced by a stand-in that costs nothing (a proxy for a GPU that embeds "
+                  "faster than the CPU decodes), the default decoder (pyav), the same workers. Goal: ratio >= 0.9.", "",
+                  _table(["source", "sampling fps", "workers", "decode-only frames/s", "featurize frames/s", "ratio"],
+                         [[r["source"], f"{r['fps']:g}", r["workers"], r["decode_only_fps"], r["featurize_fps"], r["ratio"]]
+                          for r in d["pipeline"]]), "",
+                  "When the CNN runs on the same CPU (ResNet-18, 224 px, `--precision auto`, 1 fps), which is the "
+                  "default `--decode-workers` there:", "",
+                  _table(["workers", "featurize frames/s"], [[r["workers"], r["featurize_fps"]] for r in d["cnn_shares_cpu"]]),
+                  ""]
+    st = _load("stream")
+    if st:
+        parts += ["## Live streams", "",
+                  f"`bench/stream_bench.py`: `featseq predict RUN --stream FILE --realtime`, a {st['video']}; windows: "
+                  f"{st['windows']}; ResNet-18 untrained (`--weights none`), on this CPU. Latency: from a frame's "
+                  "arrival to the prediction of the first window that includes it.", "",
+                  _table(["size", "precision", "run fps", "windows", "windows/s", "frames sampled", "dropped",
+                          "latency p50 ms", "p95 ms", "max ms"],
+                         [[r["size"], r["precision"], f"{r['run_fps']:g}", r["windows"], r["windows_per_s"],
+                           r["frames_sampled"], r["frames_dropped"], r["latency_p50_ms"], r["latency_p95_ms"],
+                           r["latency_max_ms"]] for r in st["rows"]]), ""]
     cs = _load("cpu_slices")
     if cs:
         parts += ["### The CNN on the CPU: slices and the allocator", "", cs["description"], "",

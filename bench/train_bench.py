@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, save  # noqa: E402
 from featurize import backbones as bb  # noqa: E402
 from featurize.allocator import tune_cpu_allocator  # noqa: E402
-from featurize.decoder import Decoder  # noqa: E402
+from featurize.decoder import open_decoder  # noqa: E402
 from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
 from featurize.sampling import plan_segment  # noqa: E402
 
@@ -51,7 +51,7 @@ def extract_jpegs(clips, root: Path) -> float:
 
     t = time.perf_counter()
     for i, (path, _) in enumerate(clips):
-        d = Decoder(path)
+        d = open_decoder(path)
         plan = plan_segment(d.frame_starts, d.info.duration, 0.0, None, FPS)
         out = root / f"clip{i:03d}"
         out.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,13 @@ CPU_SLICE_PIXELS = 16 * 224 * 224
 
 
 class Embedder:
-    """Frozen inference: uint8 frames -> float32 numpy embeddings (k, feature_dim)."""
+    """Frozen inference: uint8 frames -> float32 numpy embeddings (k, feature_dim).
+
+    ``embed(frames)`` waits for the result. ``submit(frames)`` / ``result(handle)`` let a caller keep a batch in
+    flight: on CUDA the frames are copied from pinned host memory on a copy stream (non-blocking), so the next
+    batch's copy runs while the current one is in the CNN, and the features come back into pinned memory without
+    blocking; the host thread gathers the next batch meanwhile. On the CPU ``submit`` computes at once.
+    """
 
     def __init__(self, backbone: Backbone, device: torch.device, precision: str, channels_last: bool = True):
         self.backbone = backbone
@@ -294,14 +300,44 @@ class Embedder:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.slice_pixels = CPU_SLICE_PIXELS if device.type == "cpu" else None
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = preprocess(x, self.backbone.entry, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+            return self.model(x).float().flatten(1)
 
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """``frames``: uint8 (k, S, S, 3)."""
+        if self.device.type == "cuda":
+            return self.result(self.submit(frames))
         step = max(1, self.slice_pixels // (frames.shape[1] * frames.shape[2])) if self.slice_pixels else len(frames)
-        out = []
-        for a in range(0, len(frames), step):
-            x = preprocess(frames[a:a + step], self.backbone.entry, self.device, self.channels_last)
-            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
-                out.append(self.model(x).float().flatten(1).cpu())
+        out = [self._forward(frames[a:a + step]).cpu() for a in range(0, len(frames), step)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.entry.feature_dim), np.float32)
+
+    @torch.inference_mode()
+    def submit(self, frames: np.ndarray):
+        """Start embedding ``frames``; :meth:`result` returns the features."""
+        if self.device.type != "cuda" or len(frames) == 0:
+            return self(frames)
+        host = torch.from_numpy(np.ascontiguousarray(frames)).pin_memory()
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            x = host.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        x.record_stream(compute)  # the caching allocator must not reuse x's memory before the CNN has read it
+        y = self._forward(x)
+        out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(y, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return out, done, host  # host stays referenced until the copy has run
+
+    @staticmethod
+    def result(handle) -> np.ndarray:
+        if isinstance(handle, np.ndarray):
+            return handle
+        out, done, _host = handle
+        done.synchronize()
+        return out.numpy()

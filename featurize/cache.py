@@ -1,13 +1,14 @@
 """The HDF5 feature cache: schema, crash-safe writer, fast reader. The schema is a contract (README).
 
-Layout of one file (format_version 1):
+Layout of one file (format_version 2):
 
     /features    (total_frames, D)  float16 (or float32), chunked, grown by appending
     /timestamps  (total_frames,)    float64, presentation time (s) of each sampled frame in its video
     /segments    (n_segments,)      compound table, one row per *published* segment:
-                 id, label, group, path (fixed-width UTF-8 bytes), offset, length (rows in
-                 /features), start, end (segment bounds, s), video_width, video_height,
-                 video_fps, video_duration, video_frames, video_size (bytes), video_mtime
+                 id, label, group, path, split (fixed-width UTF-8 bytes; split: train, val, test or
+                 empty, from a manifest's split column), offset, length (rows in /features), start,
+                 end (segment bounds, s), video_width, video_height, video_fps, video_duration,
+                 video_frames, video_size (bytes), video_mtime
     /frames      (total_frames, S, S, 3) uint8, lzf-compressed  -- only with --keep-frames
     attributes   format_version, backbone, weights, weights_sha256, seed, size, resize, fps,
                  precision, dtype, feature_dim, keep_frames, source, source_kind, created,
@@ -19,6 +20,10 @@ is never visible. The writer runs in SWMR mode (libver "latest"), which keeps th
 if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
 it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
+
+Versions: 2 added the ``split`` column. Version 1 files (no ``split`` column) are read as if every split
+were empty, and featurize resumes them as version 1 files (refusing segments that carry a split, which
+such a table cannot hold); a version 1 featseq refuses version 2 files rather than drop their splits.
 """
 from __future__ import annotations
 
@@ -32,18 +37,24 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .decoder import LEGACY_DECODER
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # what this featseq writes
+READABLE_VERSIONS = (1, 2)      # what it reads (and resumes): 1 lacks the segments' split column
+# identity attributes older caches lack, and what their absence means
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER}
 # A cache is identified by what changes its features; a different request aimed at an existing file is refused.
 # The source's path is recorded (attribute "source") but not compared: segments are identified by id, so a
 # dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision",
-                 "dtype", "keep_frames")
+                 "dtype", "keep_frames", "decoder")
 _NUM_FIELDS = [("offset", "i8"), ("length", "i8"), ("start", "f8"), ("end", "f8"), ("video_width", "i4"),
                ("video_height", "i4"), ("video_fps", "f8"), ("video_duration", "f8"), ("video_frames", "i8"),
                ("video_size", "i8"), ("video_mtime", "f8")]
-STR_FIELDS = ("id", "label", "group", "path")
+STR_FIELDS = ("id", "label", "group", "path", "split")
+SPLIT_VALUES = ("train", "val", "test")  # a segment's split: one of these, or empty (none given)
+_MIN_WIDTH = {"path": 256, "split": 8}   # bytes; the others 64
 
 
 class CacheError(UserError):
@@ -55,11 +66,11 @@ def segment_dtype(widths: dict[str, int]) -> np.dtype:
 
 
 def string_widths(rows: list[dict]) -> dict[str, int]:
-    """Generous fixed widths so later rows of the same source fit too."""
+    """Generous fixed widths so later rows of the same source fit too (a field a row lacks is empty)."""
     w = {}
     for f in STR_FIELDS:
-        longest = max((len(str(r[f]).encode()) for r in rows), default=1)
-        w[f] = max(256 if f == "path" else 64, 2 * longest)
+        longest = max((len(str(r.get(f, "")).encode()) for r in rows), default=1)
+        w[f] = max(_MIN_WIDTH.get(f, 64), 2 * longest)
     return w
 
 
@@ -81,10 +92,11 @@ def open_read(path: str | os.PathLike) -> h5py.File:
     if version is None or "segments" not in f:
         f.close()
         raise CacheError(f"{path}: not a featseq cache (no format_version attribute / segments table)")
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in READABLE_VERSIONS:
         f.close()
         raise CacheError(f"{path}: cache format version {int(version)} is not supported by this featseq "
-                         f"(reads version {FORMAT_VERSION}); re-run featseq featurize or upgrade featseq")
+                         f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-run featseq featurize or "
+                         f"upgrade featseq")
     return f
 
 
@@ -115,9 +127,13 @@ def rows_end(table: np.ndarray) -> int:
 
 
 def table_to_columns(table: np.ndarray) -> dict[str, np.ndarray]:
-    """Segment table -> dict of columns, strings decoded to str."""
-    return {name: (np.array([x.decode() for x in table[name]], dtype=object) if name in STR_FIELDS else np.asarray(table[name]))
+    """Segment table -> dict of columns, strings decoded to str; a string column the table lacks (``split`` of a
+    version 1 cache) reads as empty strings."""
+    cols = {name: (np.array([x.decode() for x in table[name]], dtype=object) if name in STR_FIELDS else np.asarray(table[name]))
             for name in table.dtype.names}
+    for name in STR_FIELDS:
+        cols.setdefault(name, np.array([""] * len(table), dtype=object))
+    return cols
 
 
 @dataclass
@@ -228,6 +244,7 @@ def summary(path: str | os.PathLike) -> dict:
 
 def check_identity(path: str, have: dict, identity: dict) -> None:
     """Refuse a request whose identity attributes differ from those of the cache at ``path``."""
+    have = {**IDENTITY_DEFAULTS, **have}
     diff = [f"{k}: cache has {have.get(k)!r}, request has {v!r}" for k, v in identity.items() if have.get(k) != v]
     if diff:
         raise CacheError(f"{path} holds a different request, refusing to mix them in:\n  " + "\n  ".join(diff)
@@ -334,7 +351,12 @@ class CacheWriter:
             raise
         self._seg = self.f["segments"]
         self.done_ids = {x.decode() for x in self._seg["id"]} if len(self._seg) else set()
-        self._widths = {f: self._seg.dtype[f].itemsize for f in STR_FIELDS}
+        # string columns of this table (a version 1 table has no split) and their widths
+        self._widths = {f: self._seg.dtype[f].itemsize for f in STR_FIELDS if f in self._seg.dtype.names}
+
+    def holds(self, field: str) -> bool:
+        """Does this cache's segment table have the column ``field`` (a version 1 table lacks ``split``)?"""
+        return field in self._seg.dtype.names
 
     def _create(self, identity, attrs, feature_dim, widths, dtype, frame_size) -> h5py.File:
         tmp = self.path + ".new.tmp"
@@ -361,9 +383,10 @@ class CacheWriter:
             _recover(self.path)  # a writer was killed: keep its published segments
             f = h5py.File(self.path, "a", libver="latest")
         have = _decode_attrs(f)
-        if have.get("format_version") != FORMAT_VERSION:
+        if have.get("format_version") not in READABLE_VERSIONS:
             f.close()
-            raise CacheError(f"{self.path}: format version {have.get('format_version')} differs from {FORMAT_VERSION}; choose another --out")
+            raise CacheError(f"{self.path}: format version {have.get('format_version')} is not one this featseq writes "
+                             f"({', '.join(map(str, READABLE_VERSIONS))}); choose another --out")
         try:
             check_identity(self.path, have, identity)
         except CacheError:
@@ -384,8 +407,12 @@ class CacheWriter:
         if row["id"] in self.done_ids:
             raise CacheError(f"{self.path}: segment {row['id']!r} is already cached")
         enc = {}
-        for k in STR_FIELDS:
-            b = str(row[k]).encode()
+        missing = [k for k in STR_FIELDS if k not in self._widths and row.get(k)]
+        if missing:
+            raise CacheError(f"{self.path}: this version-1 cache has no {', '.join(missing)} column for segment "
+                             f"{row['id']!r}; featurize into a new --out to keep it")
+        for k in self._widths:
+            b = str(row.get(k, "")).encode()
             if len(b) > self._widths[k]:
                 raise CacheError(f"{self.path}: {k} {row[k]!r} is longer than this cache's {self._widths[k]}-byte {k} "
                                  f"column; shorten it or write a new cache (--out)")

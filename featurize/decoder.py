@@ -1,32 +1,45 @@
-"""A narrow wrapper around decord: open a video, report its frames' times, read frames at indices.
+"""The decoder interface: open a video at an output size and resize policy, tell every frame's start time,
+read frames by index in bounded chunks, release, close. One module per backend in featurize/decoders/.
 
-Frames come out as uint8 RGB arrays of shape (k, H, W, 3), already resized to the cache's input
-size by the decoder itself (so a 1280x720 video never exists in memory at full size beyond one
-frame inside FFmpeg) and centre-cropped when the resize policy asks for it.
+Frames come out as uint8 RGB arrays of shape (k, S, S, 3) (native (k, H, W, 3) when ``size`` is None), scaled
+by the backend itself so a 1280x720 frame never exists in memory beyond the one inside the decoder, and
+centre-cropped when the resize policy asks for it.
 
-decord's known traps (see DESIGN.md) and what this module does about them:
-- torch must be imported before decord in a process that uses CUDA: this module is only imported
-  by the decode worker process (featurize/worker.py), which never imports torch;
-- ``get_batch`` on scattered indices has been nondeterministic and leaky: frames are read
-  sequentially instead (an accurate seek to the first, then ``skip_frames`` between targets);
-- ``len(vr)`` can exceed the decodable frames and decoding can hang or abort the process: callers
-  run this inside a worker process that is timed out and replaced (featurize/worker.py).
+**One time axis for every backend.** A video's frame start times come from one place, :func:`frame_table`: the
+presentation timestamps of its packets, read by PyAV's demuxer (no decoding) and kept in float64. Frame ``i`` is
+the ``i``-th frame in presentation order for every backend, so the same timestamp selects the same frame whatever
+decodes it (tests/test_decoders.py checks it with burned-in frame numbers). Backends differ only in how they scale
+pixels, which is why the backend is part of a cache's identity.
+
+Backends (``BACKENDS``) and what ``auto`` picks (:func:`resolve_decoder`):
+- ``pyav``: PyAV (a dependency; FFmpeg in its wheel). ``auto`` on the CPU: at least as fast as decord on this
+  project's measurements (bench/decode_bench.py, BENCHMARKS.md), and no decode-ahead thread to tame;
+- ``decord``: the original decoder, kept for caches made with it (a cache without a ``decoder`` attribute was);
+- ``torchcodec``: optional (`pip install 'featseq[torchcodec]'` plus FFmpeg 4 to 7 from the system); on the CPU or
+  on CUDA (NVDEC) with ``--decode-device cuda``, which is what ``auto`` picks then.
+
+Every backend runs inside a decode worker process (featurize/worker.py) that is timed out and replaced: hangs and
+aborts are not only decord's.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
+from .errors import UserError
 from .sampling import video_duration
 
 RESIZE_POLICIES = ("squash", "crop")
-# decord's scaler returns malformed arrays (wrong channel count) for some output widths, e.g. 16, 24
-# and 48; multiples of 32 are safe. We ask decord for the next multiple of 32 and finish with PIL.
-DECORD_ALIGN = 32
-# Beyond this many frames between two targets, seek instead of decoding through the gap.
+BACKENDS = ("pyav", "decord", "torchcodec")
+DECODERS = ("auto",) + BACKENDS
+DECODE_DEVICES = ("cpu", "cuda")
+LEGACY_DECODER = "decord"  # what made a cache that records no decoder
+# Beyond this many frames between two wanted frames, seek instead of decoding through the gap.
 SEEK_GAP = 300
 
 
@@ -44,6 +57,86 @@ class VideoInfo:
     height: int
     size_bytes: int
     mtime: float
+
+
+@dataclass(frozen=True)
+class FrameTable:
+    """Every frame's presentation time (seconds, float64, presentation order) and the stream's header facts.
+
+    ``pts``: the frames' timestamps in the stream's time base, or None when the container has none (some AVI
+    files): then backends count frames from the start instead of seeking.
+    """
+    starts: np.ndarray
+    ends: np.ndarray
+    fps: float
+    width: int
+    height: int
+    pts: np.ndarray | None
+    time_base: float
+
+
+def frame_table(path: str) -> FrameTable:
+    """Demux ``path`` (no decoding) into its :class:`FrameTable`; DecodeError naming the file when it can't.
+
+    Kept for the last few files (keyed by size and mtime), so the segments of one long video demux it once."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {e.strerror})") from e
+    return _frame_table(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _frame_table(path: str, size: int, mtime_ns: int) -> FrameTable:
+    import av
+
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise DecodeError(f"{path}: the file has no video stream")
+            st = c.streams.video[0]
+            cc = st.codec_context
+            width, height = int(cc.width or 0), int(cc.height or 0)
+            rate = st.average_rate or st.guessed_rate or st.base_rate
+            tb = float(st.time_base) if st.time_base else 0.0
+            pts, dts, dur = [], [], []
+            for pk in c.demux(st):
+                if pk.size == 0 and pk.pts is None and pk.dts is None:  # the flushing packet
+                    continue
+                pts.append(pk.pts)
+                dts.append(pk.dts)
+                dur.append(pk.duration or 0)
+    except DecodeError:
+        raise
+    except Exception as e:  # av.error.* (InvalidDataError, FileNotFoundError, ...)
+        why = codec_problem(path)
+        raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})"
+                          + (f"; {why}" if why else "")) from e
+    n = len(pts)
+    if n == 0 or not width or not height:
+        raise DecodeError(f"{path}: the video has no frames")
+    fps = float(rate) if rate else 0.0
+    if tb and all(p is not None for p in pts):
+        order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+        p = np.asarray(pts, dtype=np.int64)[order]
+        d = np.asarray(dur, dtype=np.int64)[order]
+        starts = p * tb
+        period = (1.0 / fps) if fps else (float(np.median(np.diff(starts))) if n > 1 else 0.0)
+        ends = np.where(d > 0, (p + d) * tb, starts + period)
+        if fps == 0.0 and period:
+            fps = 1.0 / period
+        return FrameTable(starts, ends, fps, width, height, p, tb)
+    if not fps:
+        raise DecodeError(f"{path}: the video has neither timestamps nor a frame rate")
+    starts = np.arange(n, dtype=np.float64) / fps  # no pts (e.g. some AVI): frames are evenly spaced by definition
+    return FrameTable(starts, starts + 1.0 / fps, fps, width, height, None, tb)
+
+
+def video_info(path: str, table: FrameTable | None = None) -> VideoInfo:
+    t = table or frame_table(path)
+    st = os.stat(path)
+    return VideoInfo(path=path, n_frames=len(t.starts), fps=t.fps, duration=video_duration(t.starts, t.ends, t.fps),
+                     width=t.width, height=t.height, size_bytes=int(st.st_size), mtime=float(st.st_mtime))
 
 
 def decode_dims(width: int, height: int, size: int, policy: str) -> tuple[int, int]:
@@ -70,132 +163,143 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
 
 
-def _native_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the container's stream header (PyAV, no decoding); None if it can't tell."""
+def chunked(frames: Iterable[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
+    """Stack single (H, W, 3) frames into arrays of at most ``chunk`` frames."""
+    buf: list[np.ndarray] = []
+    for f in frames:
+        buf.append(f)
+        if len(buf) == chunk:
+            yield np.stack(buf)
+            buf = []
+    if buf:
+        yield np.stack(buf)
+
+
+def _avi_fourcc(path: str) -> str:
+    """The FourCC of an AVI file's first video stream (its strh chunk), '' when there is none to read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return ""
+    i = head.find(b"strh")
+    while i >= 0:
+        if head[i + 8:i + 12] == b"vids":
+            return head[i + 12:i + 16].decode("latin-1").strip("\x00 ")
+        i = head.find(b"strh", i + 4)
+    return ""
+
+
+def codec_problem(path: str) -> str:
+    """Why a video's codec may be what stops the decoder, as a sentence ('' when PyAV can't tell or sees nothing
+    wrong): the codec and container PyAV finds, or that FFmpeg knows no codec for the stream's FourCC."""
     try:
         import av
 
         with av.open(path) as c:
-            st = c.streams.video[0]
-            if st.codec_context.width and st.codec_context.height:
-                return int(st.codec_context.width), int(st.codec_context.height)
-    except Exception:  # decord gets its own chance to open (and to report) the file
-        return None
-    return None
+            if not c.streams.video:
+                return "it has no video stream"
+            cc = c.streams.video[0].codec_context
+            if cc is None:
+                tag = _avi_fourcc(path)
+                return (f"its video codec{f' (FourCC {tag})' if tag else ''} is unknown to this FFmpeg build, so "
+                        f"there is no decoder for it: transcode it, e.g. `ffmpeg -i {path} -c:v libx264 out.mp4`")
+            tag = f", FourCC {cc.codec_tag}" if cc.codec_tag.strip("\x00 ") else ""
+            return f"its video stream is {cc.name} ({cc.codec.long_name}{tag}) in {c.format.name}"
+    except Exception:  # not a container PyAV can open either: decord's message says enough
+        return ""
 
 
 class Decoder:
-    """One open video. ``size=None`` decodes at native resolution.
+    """One open video; a backend implements :meth:`_chunks` (and :meth:`_open`, :meth:`release`, :meth:`close`).
 
-    Use in the process that created it only (decord readers are not fork-safe).
+    Use in the process that created it only (decoders are not fork-safe).
     """
 
-    def __init__(self, path: str, size: int | None = None, policy: str = "squash"):
-        import decord  # imported here: the worker process owns decord
+    name = ""
 
-        self.path = path
-        self.size = size
-        self.policy = policy
+    def __init__(self, path: str, size: int | None = None, policy: str = "squash", device: str = "cpu"):
+        self.path, self.size, self.policy, self.device = path, size, policy, device
+        self.table = frame_table(path)
+        self.frame_starts = self.table.starts
+        native = (self.table.width, self.table.height)
+        self.out_dims = decode_dims(*native, size, policy) if size is not None else native  # (w, h) before the crop
         try:
-            # one decord reader, opened at the output size: a reader at full resolution would start
-            # decoding ahead at full resolution in its background thread (see release())
-            self._native = _native_size(path)
-            if self._native is None:  # PyAV could not tell: ask decord (decodes one frame)
-                probe = decord.VideoReader(path, num_threads=1)
-                if len(probe) == 0:
-                    raise DecodeError(f"{path}: the video has no frames")
-                self._native = (probe[0].shape[1], probe[0].shape[0])
-                del probe
-            self._dims = None  # final (w, h) before the crop, when it differs from what decord gives
-            self._open_kw: dict = {"num_threads": 1}
-            if size is not None and decode_dims(*self._native, size, policy) != self._native:
-                w, h = decode_dims(self._native[0], self._native[1], size, policy)
-                aw, ah = (-(-w // DECORD_ALIGN) * DECORD_ALIGN, -(-h // DECORD_ALIGN) * DECORD_ALIGN)
-                self._open_kw.update(width=aw, height=ah)
-                self._dims = (w, h) if (aw, ah) != (w, h) else None
-            self._vr = decord.VideoReader(path, **self._open_kw)
-            self._parked = False  # release() seeked the reader away: the next read seeks accurately
-            if len(self._vr) == 0:
-                raise DecodeError(f"{path}: the video has no frames")
-            n = len(self._vr)
-            ts = np.asarray(self._vr.get_frame_timestamp(list(range(n))), dtype=np.float64).reshape(n, 2)
-            self._fps = float(self._vr.get_avg_fps())
-        except DecodeError:
-            raise
-        except Exception as e:  # decord raises its own DECORDError and RuntimeError
-            raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {str(e).strip()[:300]})") from e
-        self.frame_starts = ts[:, 0]
-        self._frame_ends = ts[:, 1]
-
-    @property
-    def info(self) -> VideoInfo:
-        st = os.stat(self.path)
-        return VideoInfo(
-            path=self.path,
-            n_frames=len(self.frame_starts),
-            fps=self._fps,
-            duration=video_duration(self.frame_starts, self._frame_ends, self._fps),
-            width=int(self._native[0]),
-            height=int(self._native[1]),
-            size_bytes=int(st.st_size),
-            mtime=float(st.st_mtime),
-        )
-
-    def read(self, indices: np.ndarray, chunk: int = 32) -> Iterator[np.ndarray]:
-        """Frames at non-decreasing ``indices``, yielded in chunks of at most ``chunk`` frames.
-
-        Each chunk is (k, S, S, 3) uint8 RGB with S = size (or native H, W when size is None).
-        """
-        pos: int | None = None  # index of the frame vr.next() returns
-        last_i, last_frame = -1, None
-        buf: list[np.ndarray] = []
-        try:
-            for i in np.asarray(indices, dtype=np.int64).tolist():
-                if i == last_i:
-                    frame = last_frame
-                else:
-                    if self._parked:  # released while the consumer was busy
-                        self._parked, pos = False, None
-                    vr = self._vr
-                    if pos is None or i < pos or i - pos > SEEK_GAP:
-                        vr.seek_accurate(i)
-                    elif i > pos:
-                        vr.skip_frames(i - pos)
-                    frame = vr.next().asnumpy()
-                    pos = i + 1
-                    last_i, last_frame = i, frame
-                buf.append(frame)
-                if len(buf) == chunk:
-                    yield self._finish(buf)
-                    buf = []
-            if buf:
-                yield self._finish(buf)
+            self._open()
         except DecodeError:
             raise
         except Exception as e:
-            raise DecodeError(f"{self.path}: decoding failed near frame {pos} ({type(e).__name__}: {str(e).strip()[:300]})") from e
+            why = codec_problem(path)
+            raise DecodeError(f"{path}: cannot open video with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})"
+                              + (f"; {why}" if why else "")) from e
 
-    def _finish(self, frames: list[np.ndarray]) -> np.ndarray:
-        if frames[0].ndim != 3 or frames[0].shape[2] != 3:
-            raise DecodeError(f"{self.path}: the decoder returned malformed frames of shape {frames[0].shape}")
-        if self._dims is not None:
-            from PIL import Image
+    @property
+    def info(self) -> VideoInfo:
+        return video_info(self.path, self.table)
 
-            frames = [np.asarray(Image.fromarray(f).resize(self._dims, Image.BILINEAR)) for f in frames]
-        arr = np.stack(frames)
-        return center_crop(arr, self.size) if self.size is not None and self.policy == "crop" else arr
+    def read(self, indices: np.ndarray, chunk: int = 32) -> Iterator[np.ndarray]:
+        """Frames at non-decreasing ``indices`` in chunks of at most ``chunk``: (k, S, S, 3) uint8 RGB."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.frame_starts) or (np.diff(idx) < 0).any()):
+            raise ValueError(f"{self.path}: frame indices must be non-decreasing within [0, {len(self.frame_starts)})")
+        w, h = self.out_dims
+        try:
+            for arr in self._chunks(idx, chunk):
+                if arr.ndim != 4 or arr.shape[1:] != (h, w, 3) or arr.dtype != np.uint8:
+                    raise DecodeError(f"{self.path}: {self.name} returned malformed frames of shape {arr.shape} "
+                                      f"({arr.dtype}), expected (k, {h}, {w}, 3) uint8")
+                yield center_crop(arr, self.size) if self.size is not None and self.policy == "crop" else arr
+        except DecodeError:
+            raise
+        except Exception as e:
+            why = codec_problem(self.path)
+            raise DecodeError(f"{self.path}: decoding failed with {self.name} ({type(e).__name__}: {str(e).strip()[:300]})"
+                              + (f"; {why}" if why else "")) from e
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _chunks(self, indices: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
 
     def release(self) -> None:
-        """Stop decord's read-ahead until the next frame is read (that read seeks accurately).
-
-        After ``next()`` decord keeps decoding ahead in a background thread while nobody reads,
-        buffering frames (about video length x frame size: 0.4 GB for 10 minutes at 10 fps, 224 px),
-        so a reader must not sit idle while its consumer is busy. A seek flushes that buffer and stops
-        the thread (dmlc/decord#197, #208); the worker calls this before it would block.
-        """
-        if self._vr is not None:
-            self._vr.seek(0)
-            self._parked = True
+        """Called by the worker before it would block on a busy consumer; backends that decode ahead stop here."""
 
     def close(self) -> None:
-        self._vr = None
+        """Free the backend's resources."""
+
+
+_MODULES = {"pyav": "pyav_decoder", "decord": "decord_decoder", "torchcodec": "torchcodec_decoder"}
+
+
+def backend_class(name: str) -> type[Decoder]:
+    return importlib.import_module(f"featurize.decoders.{_MODULES[name]}").DECODER
+
+
+def unavailable(name: str, device: str = "cpu") -> str | None:
+    """Why backend ``name`` can't decode on ``device`` here (with the fix), or None when it can."""
+    if name not in BACKENDS:
+        return f"--decoder must be one of {', '.join(DECODERS)}, got {name!r}"
+    if device not in DECODE_DEVICES:
+        return f"--decode-device must be cpu or cuda, got {device!r}"
+    try:
+        cls = backend_class(name)
+    except ImportError as e:
+        return f"--decoder {name}: {e}"
+    return cls.unavailable(device)
+
+
+def resolve_decoder(name: str, device: str = "cpu") -> str:
+    """The backend ``--decoder NAME --decode-device DEVICE`` means here; UserError with the fix when it can't run."""
+    if name == "auto":
+        name = "torchcodec" if device == "cuda" else "pyav"
+    why = unavailable(name, device)
+    if why:
+        raise UserError(why)
+    return name
+
+
+def open_decoder(path: str, size: int | None = None, policy: str = "squash", backend: str = "pyav",
+                 device: str = "cpu") -> Decoder:
+    """Open ``path`` with ``backend`` (a name from BACKENDS) on ``device``."""
+    return backend_class(backend)(path, size=size, policy=policy, device=device)

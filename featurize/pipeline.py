@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,14 +17,14 @@ import numpy as np
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
-from .cache import CacheWriter, check_identity, now_iso, published_ids, string_widths
+from .cache import CacheError, CacheWriter, check_identity, now_iso, published_ids, string_widths
 from .allocator import tune_cpu_allocator
-from .decoder import RESIZE_POLICIES
+from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
 from . import shard as shard_mod
 from .files import replaced
 from .sources import Segment, SourceError, read_source, validate
 from .spec import weights_id
-from .worker import DecodePool, decode_job
+from .worker import DecodePool, decode_job, default_workers
 
 DEFAULT_CACHE_DIR = "cache"
 
@@ -48,6 +47,9 @@ class FeaturizeConfig:
     skip_errors: bool = False
     keep_frames: bool = False
     decode_timeout: float = 60.0
+    decoder: str = "auto"  # auto | pyav | decord | torchcodec (featurize/decoder.py says what auto picks)
+    decode_device: str = "cpu"
+    decode_workers: int | None = None  # None: worker.default_workers
     seed: int = 0
     shard: str | None = None  # "K/N": shard K of N into <out>.part-K-of-N.h5; "auto": from torchrun / a SLURM array
 
@@ -63,6 +65,12 @@ class FeaturizeConfig:
             problems.append(f"--dtype must be float16 or float32, got {self.dtype!r}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.decoder not in DECODERS:
+            problems.append(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decode_device not in DECODE_DEVICES:
+            problems.append(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            problems.append(f"--decode-workers must be >= 1, got {self.decode_workers}")
         if self.decode_timeout <= 0:
             problems.append(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}")
         try:
@@ -106,21 +114,34 @@ def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
     return str(Path(cfg.cache_dir) / ("__".join(_slug(p) for p in parts) + ".h5"))
 
 
-def _versions() -> dict:
-    import decord
+def _versions(decoder: str) -> dict:
+    import importlib.metadata as md
+
     import h5py
     import torch
     import torchvision
 
     v = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__, "decord": decord.__version__}
-    try:
-        import timm
-
-        v["timm"] = timm.__version__
-    except ImportError:
-        pass
+         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__}
+    for name, dist in (("av", ["av"]), ("decord", ["decord", "decord2"]), ("torchcodec", ["torchcodec"]), ("timm", ["timm"])):
+        if name in ("av", "timm", decoder):
+            for d in dist:
+                try:
+                    v[name] = f"{md.version(d)} ({d})" if name == "decord" else md.version(d)
+                    break
+                except md.PackageNotFoundError:
+                    pass
     return v
+
+
+def _decoder_for(cfg: FeaturizeConfig, caches: list[str]) -> str:
+    """The backend to decode with: --decoder auto resumes a cache with the decoder that made it (decord for a cache
+    that records none), since backends scale pixels differently; an explicit --decoder must match (identity)."""
+    if cfg.decoder == "auto":
+        for p in caches:
+            if os.path.exists(p):
+                return resolve_decoder(published_ids(p)[0].get("decoder") or LEGACY_DECODER, cfg.decode_device)
+    return resolve_decoder(cfg.decoder, cfg.decode_device)
 
 
 ProgressFn = Callable[[dict], None]
@@ -153,11 +174,12 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     wid = weights_id(cfg.weights, sha, cfg.seed)
     target = cfg.out or default_cache_path(cfg, precision, wid)
     path = shard_mod.part_path(target, *shard) if shard else target
+    decoder = _decoder_for(cfg, [path, target])
     # what makes the features (the source's path is recorded, not compared: a moved dataset resumes by segment id)
     identity = {
         "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
         "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
-        "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames),
+        "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames), "decoder": decoder,
     }
     done: set[str] = set()
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
@@ -184,7 +206,11 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         return result
 
     plan = None
-    with DecodePool(timeout=cfg.decode_timeout) as pool:  # one worker: probing, then decoding
+    workers = cfg.decode_workers or default_workers(cfg.decode_device, device.type)
+    log(f"decoding with {decoder} on the {cfg.decode_device.upper() if cfg.decode_device == 'cuda' else 'CPU'}, "
+        f"{workers} worker process{'es' if workers > 1 else ''}")
+    with DecodePool(timeout=cfg.decode_timeout, workers=workers, decoder=decoder,
+                    decode_device=cfg.decode_device) as pool:  # the same workers probe, then decode
         if shard and mine is None:  # every shard probes every video to make the same balanced plan
             infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
                                       problems=row_problems)
@@ -208,17 +234,21 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             "source": source_id, "source_kind": kind,
             "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
-            "versions": _versions(), "config": {**asdict(cfg), "precision": precision, "device": str(device)},
+            "versions": _versions(decoder), "config": {**asdict(cfg), "precision": precision, "device": str(device),
+                                                  "decoder": decoder, "decode_workers": workers},
             "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
                               else "crop: shorter side resized to size, centre crop size x size"),
         }
         if shard:
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
-        rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path} for s in segments]
+        rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path, "split": s.split} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
                          frame_size=cfg.size if cfg.keep_frames else None) as writer:
             # another run may have finished some meanwhile
             todo = [s for s in todo if s.id not in skipped and s.id not in writer.done_ids]
+            if not writer.holds("split") and any(s.split for s in todo):
+                raise CacheError(f"{path} is a format-1 cache, whose segment table has no split column, and the source "
+                                 f"gives splits ({cfg.source}); featurize into a new --out to keep them")
             t_start = time.monotonic()
             _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
             result.stream_seconds = time.monotonic() - t_start
@@ -229,36 +259,41 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
 
 def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: bb.Embedder, todo: list,
             result: FeaturizeResult, progress: ProgressFn | None, log: Callable[[str], None], t_start: float) -> None:
-    """Decode (worker) -> batches across segment boundaries -> CNN -> publish each finished segment in order."""
+    """Decode (workers) -> batches across segment boundaries -> CNN -> publish each segment as it completes.
+
+    With several decode workers segments complete in any order; the cache's segment table is the truth."""
     by_key = dict(enumerate(todo))
     jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
     total = len(todo) + len(result.failures)
-    pending: OrderedDict[int, dict] = OrderedDict()  # segments being decoded/embedded, in job order
+    pending: dict[int, dict] = {}  # segments being decoded/embedded
     batch: list[tuple[int, np.ndarray]] = []
 
-    def run_batch() -> None:
-        if not batch:
-            return
-        feats = embed(np.concatenate([b[1] for b in batch]))
-        pos = 0
-        for key, fr in batch:
-            if key in pending:
-                pending[key]["feats"].append(feats[pos:pos + len(fr)])
-            pos += len(fr)
-        batch.clear()
+    inflight: list[tuple] = []  # (embedder handle, [(key, frames)]) submitted, oldest first
+
+    def run_batch(flush: bool = False) -> None:
+        """Submit the gathered batch; collect every submitted batch but the newest (all when ``flush``), so on a GPU
+        one batch is in the CNN while the next is gathered and copied."""
+        if batch:
+            inflight.append((embed.submit(np.concatenate([b[1] for b in batch])), [(k, len(fr)) for k, fr in batch]))
+            batch.clear()
+        while len(inflight) > (1 if embed.device.type == "cuda" and not flush else 0):
+            handle, parts = inflight.pop(0)
+            feats, pos = embed.result(handle), 0
+            for key, n in parts:
+                if key in pending:
+                    pending[key]["feats"].append(feats[pos:pos + n])
+                pos += n
 
     def commit_ready() -> None:
-        while pending:
-            key, st = next(iter(pending.items()))
-            if not st["done"] or sum(len(x) for x in st["feats"]) < st["n"]:
-                return
-            pending.popitem(last=False)
+        for key in [k for k, st in pending.items() if st["done"] and sum(len(x) for x in st["feats"]) == st["n"]]:
+            st = pending.pop(key)
             seg, info = by_key[key], st["info"]
             if st["n"] == 0:
                 result.failures[seg.id] = f"{seg.path}: no frame sampled in [{seg.start:g}, {seg.end if seg.end is not None else 'end'})"
                 continue
             writer.append({
-                "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "start": seg.start,
+                "id": seg.id, "label": seg.label, "group": seg.group, "path": seg.path, "split": seg.split,
+                "start": seg.start,
                 "end": min(seg.end, info["duration"]) if seg.end is not None else info["duration"],
                 "video_width": info["width"], "video_height": info["height"], "video_fps": info["fps"],
                 "video_duration": info["duration"], "video_frames": info["n_frames"],
@@ -287,15 +322,14 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 commit_ready()
         elif kind == "done":
             pending[key]["done"] = True
-            if not batch:
-                commit_ready()
+            commit_ready()
         elif kind == "error":
             pending.pop(key, None)
             batch[:] = [b for b in batch if b[0] != key]
             result.failures[by_key[key].id] = msg[2]
             log(f"skipped {by_key[key].id}: {msg[2]}")
             commit_ready()
-    run_batch()
+    run_batch(flush=True)
     commit_ready()
 
 

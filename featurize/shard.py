@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, FileLock, open_read, read_cache, read_table
+from .cache import IDENTITY_DEFAULTS, IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, FileLock, open_read, read_cache, read_table
 from .errors import UserError
 
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)\.h5$")
@@ -170,6 +170,7 @@ class MergeResult:
 
 def _identity_diff(a: dict, b: dict) -> list[str]:
     keys = list(IDENTITY_KEYS) + ["feature_dim", "format_version"]
+    a, b = {**IDENTITY_DEFAULTS, **a}, {**IDENTITY_DEFAULTS, **b}
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -267,7 +268,9 @@ def _copy(target: str, info: list, kept_ids: set, res: MergeResult, log) -> None
     with open_read(p0) as f:
         dim, dtype = f["features"].shape[1], f["features"].dtype
         frame_size = f["frames"].shape[1] if "frames" in f else None
-    widths = {k: max(read_table(path)[1].dtype[k].itemsize for path in sources) for k in STR_FIELDS}  # every string fits
+    tables = [read_table(path)[1] for path in sources]
+    # every string fits (a version 1 target has no split column: its segments' splits are empty)
+    widths = {k: max((t.dtype[k].itemsize for t in tables if k in t.dtype.names), default=8) for k in STR_FIELDS}
     identity = {k: a0[k] for k in IDENTITY_KEYS if k in a0}
     attrs = {k: v for k, v in a0.items() if k not in identity and k not in ("shard_index", "shard_count", "shard_plan",
                                                                             "format_version", "feature_dim")}

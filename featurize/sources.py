@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cache import SPLIT_VALUES
 from .errors import UserError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -22,7 +23,10 @@ _GB_DIR = re.compile(r"^P\d+$")
 _GB_FILE = re.compile(r"^music(\d+)\.mp4$", re.IGNORECASE)
 _UCF_GROUP = re.compile(r"_(g\d+)(?:_|$)")
 CSV_REQUIRED = ("path", "label")
-CSV_OPTIONAL = ("start", "end", "group", "id")
+CSV_OPTIONAL = ("start", "end", "group", "id", "split")
+# a manifest's split column: the cache's values (featurize.cache.SPLIT_VALUES) and the spellings datasets use for them
+SPLIT_SPELLINGS = {**{v: v for v in SPLIT_VALUES}, "training": "train", "valid": "val", "validation": "val",
+                   "dev": "val", "testing": "test"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Segment:
     group: str
     start: float = 0.0
     end: float | None = None
+    split: str = ""  # train, val or test from a manifest's split column; empty: none given
     where: str = ""  # how to find it in the source, for error messages ("row 3", a path)
 
 
@@ -62,7 +67,7 @@ def detect_kind(source: str | os.PathLike) -> str:
     if p.is_file():
         if p.suffix.lower() == ".csv":
             return "csv"
-        raise SourceError(str(p), ["a source file must be a CSV manifest (columns path,label[,start,end,group,id])"])
+        raise SourceError(str(p), ["a source file must be a CSV manifest (columns path,label[,start,end,group,id,split])"])
     if not p.is_dir():
         raise SourceError(str(p), ["no such file or folder"])
     subdirs = [d for d in p.iterdir() if d.is_dir()]
@@ -153,10 +158,16 @@ def _from_csv(path: Path) -> list[Segment]:
         if start is not None and end is not None and end <= start:
             problems.append(f"{where}: end {end:g} <= start {start:g}")
             continue
+        split = SPLIT_SPELLINGS.get(r.get("split", "").lower(), None if r.get("split") else "")
+        if split is None:
+            problems.append(f"{where}: split {r['split']!r} is not one of {', '.join(SPLIT_VALUES)} (or "
+                            f"{', '.join(k for k in SPLIT_SPELLINGS if k not in SPLIT_VALUES)}); leave it empty for a "
+                            f"segment in no part")
+            continue
         cut = start is not None or end is not None
         seg_id = r.get("id") or (f"{r['path']}@{start or 0:g}-{'end' if end is None else f'{end:g}'}" if cut else r["path"])
         segs.append(Segment(id=seg_id, path=str(video), label=r["label"], group=r.get("group") or video.stem,
-                            start=start or 0.0, end=end, where=where))
+                            start=start or 0.0, end=end, split=split, where=where))
     if not segs and not problems:
         raise SourceError(str(path), ["the manifest has no rows"])
     return segs, problems

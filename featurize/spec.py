@@ -2,7 +2,7 @@
 
 A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
 (id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
-the autocast precision and the preprocessing mean/std. predict and finetune rebuild the same
+the autocast precision, the preprocessing mean/std and the decoder backend. predict and finetune rebuild the same
 features from it alone, never from the training cache. The weights-id encoding lives here only.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .decoder import LEGACY_DECODER
 from .errors import UserError
 
 BUILTIN_WEIGHTS = ("none", "imagenet")
@@ -39,6 +40,7 @@ class FeatureSpec:
     feature_dim: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -52,7 +54,8 @@ class FeatureSpec:
                    seed=int(attrs.get("seed", 0) or 0), size=int(attrs["size"]), resize=str(attrs.get("resize") or "squash"),
                    fps=float(attrs["fps"]), precision=str(attrs.get("precision") or "fp32"),
                    feature_dim=int(attrs.get("feature_dim", 0) or 0),
-                   mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())))
+                   mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
+                   decoder=str(attrs.get("decoder") or LEGACY_DECODER))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -85,9 +88,9 @@ class FeatureSpec:
 
     def same_features(self, other: "FeatureSpec") -> list[str]:
         """What differs in how two specs embed a frame (fps and precision aside); empty when nothing does."""
-        keys = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "feature_dim")
+        keys = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "feature_dim", "decoder")
         return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys if getattr(self, k) != getattr(other, k)]
 
     def describe(self) -> str:
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
-                f"{self.feature_dim}-dim")
+                f"{self.feature_dim}-dim, decoded by {self.decoder}")

@@ -36,7 +36,7 @@ the three classes differ *only* in temporal order / rhythm:
 
 Layout written by :func:`render_dataset`::
 
-    OUT/clips/<label>/v_<label>_gNN_cMM.mp4  short clips, one folder per class (a folder source)
+    OUT/clips/<label>/v_<label>_gNN_cMM.mp4  short clips, one folder per class (a folder source; .avi etc. too)
     OUT/long/long_NN.mp4                   long videos with several segments
     OUT/long_segments.csv                  path,label,start,end,group,id
 """
@@ -78,6 +78,17 @@ _STREAM_LONG = 3
 _STREAM_LONG_SEED = 4
 
 _CODEC_CACHE: str | None = None
+
+#: What a file's suffix makes :func:`render_clip` write: (PyAV container format, video codec, FourCC or None).
+#: UCF-101 and HMDB-51 ship as .avi with MPEG-4 Part 2 tagged Xvid; .webm holds VP9; the others H.264
+#: (MPEG-4 Part 2 where this FFmpeg has no libx264).
+CONTAINERS = {
+    ".mp4": ("mp4", "libx264", None),
+    ".mkv": ("matroska", "libx264", None),
+    ".mov": ("mov", "libx264", None),
+    ".avi": ("avi", "mpeg4", "XVID"),
+    ".webm": ("webm", "libvpx-vp9", None),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -295,19 +306,27 @@ def _codec() -> str:
 def _write_video(path, frames_iter, width: int, height: int, rate: Fraction) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    codec = _codec()
+    suffix = path.suffix.lower() or ".mp4"
+    if suffix not in CONTAINERS:
+        raise ValueError(f"{path}: synth writes {', '.join(CONTAINERS)} files, not {suffix}")
+    fmt, codec, fourcc = CONTAINERS[suffix]
+    if codec == "libx264":
+        codec = _codec()
     tmp = path.with_name(path.name + ".part")
-    suffix = path.suffix.lower()
-    fmt = {"": "mp4", ".mkv": "matroska"}.get(suffix, suffix[1:])
     container = av.open(str(tmp), mode="w", format=fmt)
     try:
         if codec == "libx264":
             options = {"crf": "18", "preset": "superfast", "threads": "1"}
             stream = container.add_stream(codec, rate=rate, options=options)
-        else:  # pragma: no cover - fallback
+        elif codec == "libvpx-vp9":
+            options = {}
+            stream = container.add_stream(codec, rate=rate, options=options)
+        else:  # MPEG-4 Part 2
             stream = container.add_stream(codec, rate=rate)
             stream.bit_rate = max(4_000_000, int(width * height * float(rate) * 4))
             stream.codec_context.thread_count = 1
+        if fourcc:
+            stream.codec_context.codec_tag = fourcc
         stream.width = width
         stream.height = height
         stream.pix_fmt = "yuv420p"
@@ -375,7 +394,7 @@ def render_clip(
     seed,
     burn_frame_numbers=False,
 ) -> None:
-    """Render one short clip of class ``label`` to ``path`` (an .mp4 file).
+    """Render one short clip of class ``label`` to ``path`` (its suffix picks the container and codec: CONTAINERS).
 
     ``duration`` is either seconds or a ``(min, max)`` range from which the
     length is drawn (seeded by ``seed, label, group_index, clip_index``).  The
@@ -526,8 +545,10 @@ def render_dataset(
     burn_frame_numbers=False,
     long_videos=1,
     long_duration=40.0,
+    container=".mp4",
 ) -> dict:
-    """Render the whole synthetic dataset under ``out_dir``.
+    """Render the whole synthetic dataset under ``out_dir``; the clips as ``container`` files (a key of
+    :data:`CONTAINERS`, e.g. ``".avi"`` for MPEG-4 Part 2 like UCF-101), the long videos as .mp4.
 
     Returns ``{"root", "clips", "long_csv", "classes"}`` where ``clips`` is a
     list of ``{"path", "label", "group", "clip", "duration", "n_frames"}`` (path
@@ -538,6 +559,8 @@ def render_dataset(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(long_videos, bool) or not isinstance(long_videos, numbers.Integral) or long_videos < 0:
         raise ValueError(f"long_videos must be a non-negative integer, got {long_videos!r}")
+    if container not in CONTAINERS:
+        raise ValueError(f"container must be one of {', '.join(CONTAINERS)}, got {container!r}")
     if groups > 99 or clips_per_class_per_group > 99 or long_videos > 99:
         raise ValueError("groups, clips_per_class_per_group and long_videos must be <= 99")
     width = _even_size(width, "width")
@@ -554,7 +577,7 @@ def render_dataset(
     for label in CLASSES:
         for g in range(1, groups + 1):
             for c in range(1, clips_per_class_per_group + 1):
-                path = root / "clips" / label / f"v_{label}_g{g:02d}_c{c:02d}.mp4"
+                path = root / "clips" / label / f"v_{label}_g{g:02d}_c{c:02d}{container}"
                 _, n, _, _, _ = _clip_plan(
                     label=label, group_index=g, clip_index=c,
                     video_fps=rate, duration=duration, seed=seed,

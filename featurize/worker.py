@@ -1,14 +1,17 @@
-"""Decoding in a separate process that can be timed out and replaced.
+"""Decoding in worker processes that can be timed out and replaced.
 
-decord can hang (holding the GIL) or abort the whole process on some files. Every decode and
-probe therefore runs in a worker process started with ``spawn``; the parent waits for each
-message with a timeout. A worker that stops answering is killed, one that died is noted, the
-job it was on is reported as failed, and a fresh worker carries on with the remaining jobs.
+A decoder can hang (holding the GIL) or abort the whole process on some files, whichever backend it is. Every
+probe and decode therefore runs in a worker process started with ``spawn``; a :class:`DecodePool` runs N of them
+(``--decode-workers``). Jobs are dealt out as workers free up (two at a time per worker, so one is always
+waiting); messages come back in the order workers produce them, each job's own messages in order. A worker that
+gives no message for ``timeout`` seconds of the parent's waiting is killed, one that died is noted; the job it
+was on is reported as failed, the job queued behind it goes back to the others, and a fresh worker takes its
+place. The other workers' work is untouched.
 
-The worker also decodes ahead of the consumer (bounded by the queue size), so decoding overlaps
-the backbone's compute in the parent.
+Memory stays bounded: each worker decodes ahead of the consumer by at most ``queue_chunks`` chunks (a bounded
+queue in the worker, drained into a pipe by a sender thread), so decoding overlaps the backbone's compute.
 
-Messages, in job order:
+Messages of a job:
   ("info",  key, info_dict)                       reply to a probe job
   ("start", key, info_dict)                       a decode job opened its video
   ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))
@@ -21,13 +24,17 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
+from collections import deque
+from multiprocessing.connection import wait
 from typing import Iterable, Iterator
 
 PROBE = "probe"
-PROBE_SIZE = 64
 DECODE = "decode"
 TIMES = "times"
+JOBS_PER_WORKER = 2  # the one decoding and the next, so a worker never waits for the parent between jobs
+START_TIMEOUT = 120.0
 
 
 def probe_job(key, path: str) -> tuple:
@@ -43,18 +50,48 @@ def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> tupl
     return (TIMES, key, path, [float(t) for t in times], size, policy, chunk)
 
 
-def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the child process
+def default_workers(decode_device: str, cnn_device: str) -> int:
+    """``--decode-workers`` when not given: the cores minus one for a GPU's CNN (CUDA decoding: 2, NVDEC is one
+    engine); one on a CPU that also runs the CNN (bench/decode_bench.py: more workers only take cores from it)."""
+    if decode_device == "cuda":
+        return 2
+    if cnn_device == "cuda":
+        return max(1, len(os.sched_getaffinity(0)) - 1)
+    return 1
+
+
+def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: int) -> None:  # the child process
     import numpy as np
 
-    from .decoder import Decoder
+    from .decoder import open_decoder, video_info
     from .sampling import frame_at, plan_segment
 
-    # The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once
-    # a second while idle or blocked on a full queue. (Not PR_SET_PDEATHSIG: that fires when the *thread*
-    # that started the worker ends, and finetune starts it from a prefetch thread.)
+    # The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once a
+    # second while idle or blocked on a full queue, and a send into a closed pipe ends it too. (Not
+    # PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends, and finetune starts it from a
+    # prefetch thread.)
     parent = os.getppid()
+    out: queue.Queue = queue.Queue(maxsize=queue_chunks)
+    jobs: queue.Queue = queue.Queue()
 
-    def put(msg) -> None:  # never block forever on a parent that is gone
+    def send() -> None:  # pickling and writing happen here, while the main thread decodes the next chunk
+        while True:
+            msg = out.get()
+            try:
+                out_conn.send(msg)
+            except OSError:  # the parent closed its end
+                os._exit(0)
+            out.task_done()
+
+    def receive() -> None:  # jobs are read as they come, so the parent never blocks on a busy worker
+        while True:
+            try:
+                jobs.put(jobs_conn.recv())
+            except (EOFError, OSError):
+                jobs.put(None)
+                return
+
+    def put(msg) -> None:
         while True:
             try:
                 return out.put(msg, timeout=1.0)
@@ -62,27 +99,28 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
                 if os.getppid() != parent:
                     os._exit(0)
 
+    threading.Thread(target=send, daemon=True).start()
+    threading.Thread(target=receive, daemon=True).start()
     put(("ready", None, None))
     while True:
         try:
             job = jobs.get(timeout=1.0)
         except queue.Empty:
             if os.getppid() != parent:
-                return
+                os._exit(0)
             continue
         if job is None:
-            return
+            break
         kind, key = job[0], job[1]
         try:
             if kind == PROBE:
-                # a small output size: opening a reader starts decoding ahead, keep that cheap
-                put(("info", key, dataclasses.asdict(Decoder(job[2], size=PROBE_SIZE).info)))
+                put(("info", key, dataclasses.asdict(video_info(job[2]))))
                 continue
             if kind == TIMES:
                 _, _, path, times, size, policy, chunk = job
             else:
                 _, _, path, start, end, fps, size, policy, chunk = job
-            dec = Decoder(path, size=size, policy=policy)
+            dec = open_decoder(path, size=size, policy=policy, backend=backend, device=device)
             info = dec.info
             put(("start", key, dataclasses.asdict(info)))
             if kind == TIMES:
@@ -94,7 +132,7 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
             pos = 0
             for frames in dec.read(idx, chunk):
                 k = len(frames)
-                if out.full():  # the consumer is busy: don't let decord buffer frames meanwhile
+                if out.full():  # the consumer is busy: a backend that decodes ahead stops meanwhile
                     dec.release()
                 put(("chunk", key, frames, ftimes[pos:pos + k]))
                 pos += k
@@ -103,92 +141,82 @@ def _worker_main(jobs: "mp.Queue", out: "mp.Queue") -> None:  # runs in the chil
         except Exception as e:  # reported per job; the worker goes on with the next one
             msg = str(e) if str(e).startswith(str(job[2])) else f"{job[2]}: {type(e).__name__}: {e}"
             put(("error", key, msg))
-
-
-class _WorkerFailed(Exception):
-    pass
+    out.join()  # every message sent before the process ends
 
 
 class WorkerStartError(RuntimeError):
-    """The decode worker process could not start at all (not the fault of any video)."""
+    """A decode worker process could not start at all (not the fault of any video)."""
+
+
+class _Worker:
+    def __init__(self, ctx, backend: str, device: str, queue_chunks: int):
+        jobs_r, self.jobs = ctx.Pipe(duplex=False)
+        self.out, out_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_worker_main, args=(jobs_r, out_w, backend, device, queue_chunks),
+                                daemon=True, name="featseq-decoder")
+        self.proc.start()
+        jobs_r.close()  # the child holds its own ends: EOF reaches it when we go
+        out_w.close()
+        self.assigned: deque = deque()  # jobs sent and not finished, in order; the first is the one being decoded
+        self.ready = False
+        self.eof = False  # its pipe reached end-of-file: the process is gone
+        self.silent = 0.0  # seconds the parent has waited since this worker's last message
+
+    def stop(self, kill: bool) -> None:
+        if not kill and self.proc.is_alive():
+            try:
+                self.jobs.send(None)
+            except OSError:
+                pass
+            self.proc.join(timeout=2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.jobs.close()
+        self.out.close()
 
 
 class DecodePool:
-    """Runs probe/decode jobs in one replaceable worker process; see the module docstring.
+    """Runs probe/decode jobs in ``workers`` replaceable worker processes; see the module docstring.
 
-    The worker is started on first use and kept for later :meth:`run` calls (probe, then decode),
-    so a featurize run pays the process start once. Call :meth:`close` (or use ``with``) at the end.
+    Workers are started on first use and kept for later :meth:`run` calls (probe, then decode), so a featurize
+    run pays the process start once. Call :meth:`close` (or use ``with``) at the end.
     """
 
-    def __init__(self, timeout: float = 60.0, queue_chunks: int = 4):
-        self.timeout = timeout
-        self.queue_chunks = queue_chunks
+    def __init__(self, timeout: float = 60.0, queue_chunks: int = 4, workers: int = 1, decoder: str = "pyav",
+                 decode_device: str = "cpu"):
+        if workers < 1:
+            raise ValueError(f"--decode-workers must be >= 1, got {workers}")
+        self.timeout, self.queue_chunks, self.n = timeout, queue_chunks, workers
+        self.decoder, self.decode_device = decoder, decode_device
         self._ctx = mp.get_context("spawn")
-        self._w = None  # (process, job queue, out queue) of the live worker
+        self._w: list[_Worker | None] = [None] * workers
         self.restarts = 0
-        self.worker_pid: int | None = None  # the current worker's pid (tests use it to kill or stop one)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._w if w is not None]
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The first live worker's pid (tests use it to kill or stop one)."""
+        return next(iter(self.worker_pids), None)
 
     def start(self) -> "DecodePool":
-        """Start the worker now (e.g. so its start overlaps building a model)."""
-        if self._w is None:
-            jq = self._ctx.Queue()
-            oq = self._ctx.Queue(maxsize=self.queue_chunks)
-            proc = self._ctx.Process(target=_worker_main, args=(jq, oq), daemon=True, name="featseq-decoder")
-            proc.start()
-            self.worker_pid = proc.pid
-            self._w = (proc, jq, oq)
-            self._ready = False
+        """Start the workers now (e.g. so their start overlaps building a model)."""
+        for i, w in enumerate(self._w):
+            if w is None:
+                self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks)
         return self
 
-    def _await_ready(self) -> None:
-        if self._ready:
-            return
-        proc, _, oq = self._w
-        try:
-            msg = oq.get(timeout=120)
-        except queue.Empty:
-            msg = None
-        if not msg or msg[0] != "ready":
-            self._stop(kill=True)
-            raise WorkerStartError(
-                f"the decode worker process could not start (exit code {proc.exitcode}). featseq starts it with "
-                "multiprocessing 'spawn': a script that calls featurize() must do so under "
-                "`if __name__ == \"__main__\":`; see the traceback above for other causes")
-        self._ready = True
-
-    def _get(self, path: str):
-        proc, _, oq = self._w
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return oq.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                pass
-            if not proc.is_alive():
-                try:  # it may have put its last message just before exiting
-                    return oq.get(timeout=0.5)
-                except queue.Empty:
-                    raise _WorkerFailed(f"{path}: the decoder process died (exit code {proc.exitcode}) while decoding this video") from None
-            if time.monotonic() > deadline:
-                raise _WorkerFailed(f"{path}: the decoder gave no frame for {self.timeout:g} s (hung); it was killed and this video skipped")
-
-    def _stop(self, kill: bool) -> None:
-        if self._w is None:
-            return
-        proc, jq, oq = self._w
-        self._w = None
-        if not kill and proc.is_alive():
-            jq.put(None)
-            proc.join(timeout=2)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-        for q in (jq, oq):
-            q.cancel_join_thread()
-            q.close()
+    def _retire(self, i: int, kill: bool) -> None:
+        w, self._w[i] = self._w[i], None
+        if w is not None:
+            w.stop(kill)
 
     def close(self) -> None:
-        self._stop(kill=False)
+        for i in range(self.n):
+            self._retire(i, kill=False)
 
     def __enter__(self) -> "DecodePool":
         return self.start()
@@ -196,35 +224,78 @@ class DecodePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
-        """Yield the messages of every job, in job order, replacing the worker when it fails.
+    def _failed(self, w: _Worker) -> str | None:
+        """Why a busy worker is declared lost (naming its job's file), or None while it is fine."""
+        path = w.assigned[0][2]
+        if w.eof or (not w.proc.is_alive() and not w.out.poll()):
+            w.proc.join(timeout=5)
+            if not w.ready:
+                raise WorkerStartError(
+                    f"a decode worker process could not start (exit code {w.proc.exitcode}). featseq starts it with "
+                    "multiprocessing 'spawn': a script that calls featurize() must do so under "
+                    "`if __name__ == \"__main__\":`; see the traceback above for other causes")
+            return f"{path}: the decoder process died (exit code {w.proc.exitcode}) while decoding this video"
+        if not w.ready and w.silent > START_TIMEOUT:
+            raise WorkerStartError(f"a decode worker process gave no sign of life in {START_TIMEOUT:g} s")
+        if w.ready and w.silent > self.timeout:
+            return f"{path}: the decoder gave no frame for {self.timeout:g} s (hung); it was killed and this video skipped"
+        return None
 
-        Abandoning the iterator early kills the worker (it may hold queued frames); the next call starts a new one.
+    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
+        """Yield the messages of every job as the workers produce them, replacing workers that fail.
+
+        Abandoning the iterator early kills the workers (they may hold queued frames); the next call starts new ones.
         """
-        jobs = list(jobs)
-        i = 0
-        while i < len(jobs):
-            self.start()
-            self._await_ready()
-            for j in jobs[i:]:
-                self._w[1].put(j)
-            complete = False
-            try:
-                while i < len(jobs):
-                    msg = self._get(jobs[i][2])
+        pending = deque(jobs)
+        complete = False
+        try:
+            while True:
+                for i in range(self.n):  # deal jobs to free workers, starting (re)placements as needed
+                    if self._w[i] is None and pending:
+                        self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks)
+                    w = self._w[i]
+                    while w is not None and pending and len(w.assigned) < JOBS_PER_WORKER:
+                        job = pending.popleft()
+                        w.assigned.append(job)
+                        try:
+                            w.jobs.send(job)
+                        except OSError:  # it died: noticed below
+                            break
+                busy = [w for w in self._w if w is not None and w.assigned]
+                if not busy:
+                    break
+                t = time.monotonic()
+                ready = wait([w.out for w in busy], timeout=0.5)
+                waited = time.monotonic() - t
+                for w in busy:
+                    if w.out not in ready:
+                        w.silent += waited
+                        continue
+                    try:
+                        msg = w.out.recv()
+                    except (EOFError, OSError):
+                        w.eof = True  # died: noticed below
+                        continue
+                    w.silent = 0.0
+                    if msg[0] == "ready":
+                        w.ready = True
+                        continue
                     if msg[0] in ("info", "done", "error"):
-                        i += 1
+                        w.assigned.popleft()
                     yield msg
-                complete = True
-            except _WorkerFailed as f:
-                self.restarts += 1
-                self._stop(kill=True)
-                key = jobs[i][1]
-                i += 1
-                yield ("error", key, str(f))
-            finally:
-                if not complete:
-                    self._stop(kill=True)
+                for i, w in enumerate(self._w):
+                    if w is None or not w.assigned or (why := self._failed(w)) is None:
+                        continue
+                    job = w.assigned.popleft()
+                    pending.extendleft(reversed(w.assigned))  # its next job goes back to the others
+                    self.restarts += 1
+                    self._retire(i, kill=True)
+                    yield ("error", job[1], why)
+            complete = True
+        finally:
+            if not complete:
+                for i in range(self.n):
+                    self._retire(i, kill=True)
 
     def frames_at(self, requests: Iterable[tuple], size: int, policy: str, chunk: int = 64) -> dict:
         """Frames shown at given times: ``requests`` are (key, path, times); returns key -> uint8 (len(times), S, S, 3)
@@ -237,7 +308,7 @@ class DecodePool:
             if kind == "chunk":
                 parts.setdefault(key, []).append(payload[0])
             elif kind == "done":
-                out[key] = np.concatenate(parts.pop(key, [])) if key in parts else np.zeros((0, size, size, 3), np.uint8)
+                out[key] = np.concatenate(parts.pop(key)) if key in parts else np.zeros((0, size, size, 3), np.uint8)
             elif kind == "error":
                 parts.pop(key, None)
                 out[key] = payload[0]

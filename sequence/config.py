@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 
 
 MODEL_NAMES = ("lstm", "gru", "rnn", "conv1d", "transformer", "mlp", "frame")  # tests check this equals models.MODELS
-SPLIT_NAMES = ("random", "seed-compat", "group", "kfold", "group-kfold", "logo")  # and splits.SPLITS
+SPLIT_NAMES = ("random", "seed-compat", "group", "kfold", "group-kfold", "logo", "predefined", "ucf101",
+               "hmdb51")  # and splits.SPLITS
+SPLIT_LISTS = {"ucf101": 3, "hmdb51": 3}  # splits read from a dataset's official lists: --split NAME:K, K in 1..this
 POOLINGS = ("last", "mean", "max", "attention")
 OFFSETS = ("start", "center", "random")
 
@@ -40,6 +42,23 @@ class ReaderConfig:
             problems.append(f"--min-coverage must be in [0, 1], got {self.min_coverage}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def parse_split(split: str) -> tuple[str, int | None]:
+    """--split -> (name, K): 'ucf101:1' -> ('ucf101', 1), 'group' -> ('group', None). ValueError naming --split."""
+    name, sep, k = str(split).partition(":")
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"unknown --split {split!r}; known splits: "
+                         f"{', '.join(n + ':K' if n in SPLIT_LISTS else n for n in SPLIT_NAMES)}")
+    if name not in SPLIT_LISTS:
+        if sep:
+            raise ValueError(f"--split {split}: {name} takes no :K (only {', '.join(SPLIT_LISTS)} do)")
+        return name, None
+    n = SPLIT_LISTS[name]
+    if not (k.isdigit() and 1 <= int(k) <= n):
+        raise ValueError(f"--split {split}: give {name}:K with K in 1..{n}, the official split number "
+                         f"(e.g. --split {name}:1)")
+    return name, int(k)
 
 
 CLASS_WEIGHTS = ("none", "balanced")
@@ -85,6 +104,7 @@ class TrainConfig:
     min_coverage: float = 0.0
     # split
     split: str = "random"
+    split_dir: str | None = None     # ucf101:K / hmdb51:K: the folder of the official lists (None: next to the source)
     test_size: float = 0.2
     val_size: float = 0.15
     folds: int = 5
@@ -116,8 +136,10 @@ class TrainConfig:
         problems = []
         if self.model not in MODEL_NAMES:
             problems.append(f"--model: unknown model {self.model!r}; known models: {', '.join(MODEL_NAMES)}")
-        if self.split not in SPLIT_NAMES:
-            problems.append(f"--split: unknown split {self.split!r}; known splits: {', '.join(SPLIT_NAMES)}")
+        try:
+            parse_split(self.split)
+        except ValueError as e:
+            problems.append(str(e))
         problems += model_option_problems({k: getattr(self, k) for k in MODEL_OPTIONS})
         if not 0 < self.test_size < 1:
             problems.append(f"--test-size must be in (0, 1), got {self.test_size}")
@@ -152,7 +174,7 @@ class TrainConfig:
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # what --from RUN hands down to finetune when the option is left at None
 INHERITED = ("model",) + MODEL_OPTIONS + ("fps", "seconds", "percent", "seq_len", "offset", "min_coverage", "split",
-                                          "test_size", "val_size", "folds", "seed", "weight_decay", "class_weights",
+                                          "split_dir", "test_size", "val_size", "folds", "seed", "weight_decay", "class_weights",
                                           "label_smoothing", "standardize")
 
 
@@ -230,9 +252,9 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from .splits import SPLITS
+        from .splits import split_entry
 
-        if SPLITS[self.split].cv:
+        if split_entry(self.split).cv:
             problems.append(f"--split {self.split}: finetune trains one model; use random, seed-compat or group "
                             f"(cross-validate with cached features: featseq train --split {self.split})")
         if problems:
@@ -256,7 +278,11 @@ OPTION_HELP = {
     "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",
     "offset": "Where the window starts: start, center, random (temporal jitter in training; center for evaluation).",
     "min_coverage": "Drop segments whose window is covered less than this fraction (0-1); shorter ones are padded and masked.",
-    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, group-kfold (whole groups per fold), logo.",
+    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
+             "group-kfold (whole groups per fold), logo, predefined (the manifest's split column), ucf101:K or "
+             "hmdb51:K (the dataset's official split K from its lists, see --split-dir).",
+    "split_dir": "Folder of the official split lists of --split ucf101:K (classInd.txt, trainlist0K.txt, "
+                 "testlist0K.txt) or hmdb51:K (<class>_test_splitK.txt) [default: found next to the source].",
     "test_size": "Test fraction (random, group).",
     "val_size": "Validation fraction, carved out of the training part (0: no early stopping, last epoch kept).",
     "folds": "Folds of --split kfold and group-kfold.",

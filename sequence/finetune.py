@@ -40,7 +40,7 @@ from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
 from .run import Run, save_torch, write_json, write_run
-from .splits import Fold, make_folds
+from .splits import Fold, folds_for
 
 LAST = "last.pt"
 
@@ -145,10 +145,11 @@ class Frames:
             want = np.unique(r[m])
             out[m] = read_frames(self.cache.path, want)[np.searchsorted(want, r[m])]
         else:
+            from featurize.decoder import resolve_decoder
             from featurize.worker import DecodePool
 
-            if self._pool is None:
-                self._pool = DecodePool(timeout=self.timeout).start()
+            if self._pool is None:  # the decoder that made the cache's features
+                self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder)).start()
             paths = self.cache.segments["path"]
             got = self._pool.frames_at([(j, paths[i], self.cache.timestamps[r[j][m[j]]]) for j, i in enumerate(idx)
                                         if m[j].any()], size, self.spec.resize)
@@ -226,7 +227,7 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     if spec is not None:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=spec.backbone, weights=spec.check_weights(f"--from {cfg.from_run}"),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps, precision=spec.precision,
-                               keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
+                               decoder=spec.decoder, keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
     elif cfg.backbone:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
                                size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,
@@ -330,8 +331,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
             head, fold = warm.model, _fold_from_ids(data, warm.split_ids)
         else:
             head = M.create_model(cfg.model, backbone.entry.feature_dim, len(data.classes), **cfg.model_kwargs())
-            fold = make_folds(cfg.split, data.label_names, data.groups, data.keep, test_size=cfg.test_size,
-                              val_size=cfg.val_size, seed=cfg.seed, folds=cfg.folds, classes=data.classes)[0]
+            fold = folds_for(cfg, data, cache, log)[0]
         model = CNNSequence(backbone, head, cfg.channels_last and device.type == "cuda", cfg.checkpointing)
         trunk_params = set_trainable(model, backbone, str(cfg.unfreeze))
         if rk.world > 1 and not cfg.freeze_bn and model.trunk_trainable:  # the same parameters, synchronised stats

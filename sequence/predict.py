@@ -163,7 +163,8 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
                    for v, i in zip(cfg.videos, ids)]
         fcfg = FeaturizeConfig(source="featseq predict", backbone=spec.backbone, weights=spec.weights_arg(),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps,
-                               precision=cfg.precision or spec.precision, device=cfg.device, out=str(cache_path),
+                               precision=cfg.precision or spec.precision, decoder=spec.decoder, device=cfg.device,
+                               out=str(cache_path),
                                batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True,
                                shard=None)
         log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"

@@ -185,6 +185,7 @@ def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceCl
         "test_accuracy": scores["accuracy"], "test_loss": b["test_loss"], "val_accuracy": b["val_accuracy"],
         "val_loss": b["val_loss"], "train_accuracy": b["train_accuracy"], "train_loss": b["train_loss"],
         "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"],
+        **({"split_report": fold.report} if fold.report else {}),
         "timings": {"train_s": round(fit.train_s, 3),
                     "per_epoch_s": round(float(np.median([h["seconds"] for h in history])), 4) if history else None},
         "features": spec.to_dict(), "cache": cache_info(cache), "device": str(device), "torch": torch.__version__,

@@ -13,14 +13,22 @@ group-level splits (``group``, ``logo``), so it is as honest as the test split.
 * ``group-kfold`` k-fold cross-validation with whole groups per fold, stratified by label as far as the
                   groups allow (StratifiedGroupKFold; ``--folds``, ``--seed`` shuffles the groups)
 * ``logo``        leave one group out cross-validation
+* ``predefined``  the parts the cache's split column gives (a manifest's ``split`` column): exactly those; validation
+                  from its ``val`` rows, else carved out of train by group
+* ``ucf101:K``    UCF-101's official split K (trainlist0K.txt / testlist0K.txt), ``hmdb51:K`` HMDB-51's
+                  (<class>_test_splitK.txt): as ``predefined``, the parts from the lists (sequence.split_lists)
+
+:func:`folds_for` is the one place a train / finetune config's ``--split`` becomes folds over a cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from .config import parse_split
+from featurize.cache import Cache
 from featurize.errors import UserError
 from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
                                      train_test_split)
@@ -36,26 +44,37 @@ class Fold:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    report: dict = field(default_factory=dict)  # predefined parts: what the lists or the column did not cover
 
 
 @dataclass(frozen=True)
 class SplitEntry:
     name: str
-    make: Callable                  # make(idx, labels, groups, test_size, seed, folds) -> [(name, train, test)]
-    uses: tuple[str, ...] = ()      # the options it reads among test_size and folds (seed always)
+    make: Callable                  # make(idx, labels, groups, test_size, seed, folds) -> [(name, train, test)];
+                                    # predefined: make(idx, parts) -> (train, val, test)
+    uses: tuple[str, ...] = ()      # the options it reads among SPLIT_OPTIONS (seed always)
     cv: bool = False                # several folds: cross-validation
     by_group: bool = False          # whole groups per part (validation is then carved by group too)
+    predefined: bool = False        # the parts are given per segment (sequence.split_lists)
 
 
 SPLITS: dict[str, SplitEntry] = {}
-SPLIT_OPTIONS = ("test_size", "folds")  # the options a split may use (SplitEntry.uses)
+SPLIT_OPTIONS = ("test_size", "folds", "split_dir")  # the options a split may use (SplitEntry.uses)
 
 
-def register(name: str, uses: tuple[str, ...] = (), cv: bool = False, by_group: bool = False):
+def register(name: str, uses: tuple[str, ...] = (), cv: bool = False, by_group: bool = False, predefined: bool = False):
     def deco(fn):
-        SPLITS[name] = SplitEntry(name, fn, uses, cv, by_group)
+        SPLITS[name] = SplitEntry(name, fn, uses, cv, by_group, predefined)
         return fn
     return deco
+
+
+def split_entry(split: str) -> SplitEntry:
+    """The registry entry of a --split value ('ucf101:1' -> ucf101's); ValueError naming --split if unknown."""
+    try:
+        return SPLITS[parse_split(split)[0]]
+    except ValueError as e:
+        raise SplitError(str(e)) from None
 
 
 def _can_stratify(labels: np.ndarray, n_test: float) -> bool:
@@ -112,6 +131,13 @@ def split_logo(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{g[te][0]}", idx[tr], idx[te]) for tr, te in LeaveOneGroupOut().split(idx, groups=g)]
 
 
+@register("hmdb51", uses=("split_dir",), by_group=True, predefined=True)  # (decorators apply bottom-up)
+@register("ucf101", uses=("split_dir",), by_group=True, predefined=True)
+@register("predefined", by_group=True, predefined=True)
+def split_predefined(idx, parts):
+    return tuple(idx[parts[idx] == p] for p in ("train", "val", "test"))
+
+
 def carve_validation(train: np.ndarray, labels: np.ndarray, groups: np.ndarray, val_size: float, seed: int,
                      by_group: bool) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) from a training part; empty val when val_size is 0."""
@@ -127,11 +153,11 @@ def carve_validation(train: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
 
 def make_folds(split: str, labels: np.ndarray, groups: np.ndarray, keep: np.ndarray | None = None, *,
                test_size: float = 0.2, val_size: float = 0.15, seed: int = 0, folds: int = 5,
-               classes: list | None = None) -> list[Fold]:
+               classes: list | None = None, parts: np.ndarray | None = None) -> list[Fold]:
     """Folds over the segments with ``keep`` True (all by default). Refuses a fold whose training part
-    lacks a class (a model cannot learn a class it never sees)."""
-    if split not in SPLITS:
-        raise SplitError(f"unknown --split {split!r}; known splits: {', '.join(SPLITS)}")
+    lacks a class (a model cannot learn a class it never sees). ``parts``: (N,) train / val / test / "" per
+    segment, for the predefined splits (``predefined``, ``ucf101:K``, ``hmdb51:K``)."""
+    entry = split_entry(split)
     labels, groups = np.asarray(labels), np.asarray(groups)
     n = len(labels)
     keep = np.ones(n, bool) if keep is None else np.asarray(keep, bool)
@@ -143,13 +169,62 @@ def make_folds(split: str, labels: np.ndarray, groups: np.ndarray, keep: np.ndar
         raise SplitError(f"only {len(idx)} usable segment(s); a split needs at least 2")
     classes = sorted(set(labels[idx].tolist())) if classes is None else list(classes)
     out = []
-    entry = SPLITS[split]
-    for name, tr, te in entry.make(idx, labels, groups, test_size, seed, folds):
-        tr, va = carve_validation(np.asarray(tr), labels, groups, val_size, seed, entry.by_group)
+    if entry.predefined:
+        made = [("main",) + _given_parts(split, idx, parts)]
+    else:
+        made = [(name, tr, idx[:0], te) for name, tr, te in entry.make(idx, labels, groups, test_size, seed, folds)]
+    for name, tr, va, te in made:
+        if not len(va):
+            tr, va = carve_validation(np.asarray(tr), labels, groups, val_size, seed, entry.by_group)
         missing = [c for c in classes if not (labels[tr] == c).any()]
         if missing:
             raise SplitError(f"--split {split}{'' if name == 'main' else f' ({name})'}: class(es) {', '.join(map(str, missing))} "
                              f"have no sample in the training part; use more data, another --split, a smaller "
                              f"--test-size/--val-size, or drop those segments")
         out.append(Fold(name, np.asarray(tr), np.asarray(va), np.asarray(te)))
+    return out
+
+
+def _given_parts(split: str, idx: np.ndarray, parts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) of a predefined split: exactly the given parts of the usable segments ``idx``."""
+    if parts is None:
+        raise SplitError(f"--split {split}: the segments' parts were not given (use folds_for, which reads them)")
+    parts = np.asarray(parts, dtype=object)
+    tr, va, te = split_predefined(idx, parts)
+    if not len(tr) or not len(te):
+        have = ", ".join(f"{int((parts[idx] == p).sum())} {p}" for p in ("train", "val", "test"))
+        fix = {"predefined": "give rows split=train and split=test in the manifest's split column and featurize it "
+                             "into a new --out (a cache keeps the splits it was made with)",
+               "ucf101": "check that the cache holds UCF-101's videos (folders <Class>/v_<Class>_gXX_cYY.avi) and "
+                         "that --split-dir holds that split's lists",
+               "hmdb51": "check that the cache holds HMDB-51's videos (folders <class>/<video>.avi) and that "
+                         "--split-dir holds that split's lists"}[parse_split(split)[0]]
+        raise SplitError(f"--split {split}: the {'training' if not len(tr) else 'test'} part is empty (usable "
+                         f"segments: {have}, {int((parts[idx] == '').sum())} in no part); {fix}")
+    return tr, va, te
+
+
+def folds_for(cfg, data, cache: Cache, log=lambda s: None) -> list[Fold]:
+    """The folds of a TrainConfig / FinetuneConfig ``cfg`` over ``data`` (sequence.reader.Sequences of ``cache``,
+    in cache order): the one place a --split option becomes folds. A predefined split reads its parts from the
+    cache's split column or the official lists, and logs what they did not cover."""
+    from .split_lists import ListError, segment_parts
+
+    try:
+        given = segment_parts(cfg.split, cfg.split_dir, cache)
+    except ListError as e:
+        raise SplitError(f"--split {cfg.split}: {e}") from None
+    out = make_folds(cfg.split, data.label_names, data.groups, data.keep, test_size=cfg.test_size,
+                     val_size=cfg.val_size, seed=cfg.seed, folds=cfg.folds, classes=data.classes,
+                     parts=None if given is None else given.parts)
+    if given is not None:
+        r = given.report
+        for f in out:
+            f.report = r
+        if r.get("listed_not_in_cache"):
+            log(f"--split {cfg.split}: {r['listed_not_in_cache']} listed video(s) are not in the cache, e.g. "
+                f"{', '.join(r['listed_not_in_cache_examples'])}")
+        if r.get("segments_not_listed"):
+            log(f"--split {cfg.split}: {r['segments_not_listed']} cache segment(s) are in no part, e.g. "
+                f"{', '.join(r['segments_not_listed_examples'])}")
     return out

@@ -43,7 +43,7 @@ from . import plots
 from .config import MODEL_OPTIONS, RUNTIME_OPTIONS
 from .reader import build, load_features
 from .run import write_json
-from .splits import SPLIT_OPTIONS, SPLITS, make_folds
+from .splits import SPLIT_OPTIONS, folds_for, split_entry
 from .train import TrainConfig, train
 
 NOT_SWEPT = {"cache", "out"}
@@ -242,7 +242,7 @@ def relevant(cfg: TrainConfig, name: str) -> bool:
     if name in MODEL_OPTIONS:
         return name in M.get_entry(cfg.model).options
     if name in SPLIT_OPTIONS:
-        return name in SPLITS[cfg.split].uses
+        return name in split_entry(cfg.split).uses
     if name in ("seconds", "percent") and cfg.seq_len is not None:
         return False
     return name not in RUNTIME_OPTIONS
@@ -293,14 +293,13 @@ def preflight(cfg: SweepConfig, todo: list[TrainConfig]) -> None:
     checked = set()
     for tc in todo:
         tc.validate()
-        key = (tc.fps, tc.seconds, tc.percent, tc.seq_len, tc.offset, tc.min_coverage, tc.split, tc.test_size,
-               tc.val_size, tc.seed, tc.folds)
+        key = (tc.fps, tc.seconds, tc.percent, tc.seq_len, tc.offset, tc.min_coverage, tc.split, tc.split_dir,
+               tc.test_size, tc.val_size, tc.seed, tc.folds)
         if key in checked:
             continue
         checked.add(key)
         data = build(cache, tc.reader())
-        make_folds(tc.split, data.label_names, data.groups, data.keep, test_size=tc.test_size, val_size=tc.val_size,
-                   seed=tc.seed, folds=tc.folds, classes=data.classes)
+        folds_for(tc, data, cache)
         M.create_model(tc.model, dim, max(2, len(data.classes)), **tc.model_kwargs())
 
 
@@ -527,7 +526,7 @@ def _work(cfg_dict: dict) -> dict:
                     trial.set_user_attr("epochs", rec["epoch"])
                     raise optuna.TrialPruned()
 
-        cv = SPLITS[tc.split].cv  # cross-validation: the epochs of every fold beat, none is pruned
+        cv = split_entry(tc.split).cv  # cross-validation: the epochs of every fold beat, none is pruned
         try:
             res = train(tc, data=_WORKER["data"], on_epoch=on_epoch)
         except optuna.TrialPruned:

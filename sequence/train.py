@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
 from .run import Run, cache_info, mean_std, nan_to_none, write_json, write_run, write_scores
-from .splits import SPLITS, Fold, make_folds
+from .splits import Fold, folds_for, split_entry
 
 
 def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, spec: FeatureSpec,
@@ -67,8 +67,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     spec = FeatureSpec.from_attrs(cache.attrs)  # a cache featurize did not write is refused now, not after training
     seqs = build(cache, cfg.reader(), features=feats)
     M.create_model(cfg.model, seqs.features.shape[1], max(2, len(seqs.classes)), **cfg.model_kwargs())  # option errors now
-    folds = make_folds(cfg.split, seqs.label_names, seqs.groups, seqs.keep, test_size=cfg.test_size, val_size=cfg.val_size,
-                       seed=cfg.seed, folds=cfg.folds, classes=seqs.classes)
+    folds = folds_for(cfg, seqs, cache, log)
     if len(seqs.classes) < 2:
         raise UserError(f"{cfg.cache}: only one class ({', '.join(seqs.classes)}) among the usable segments; "
                         f"classification needs at least 2")
@@ -79,7 +78,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     if (run / "results.json").exists():
         (run / "results.json").unlink()  # a rerun: results.json is written last, so its presence means "complete"
     write_json(run / "config.json", asdict(cfg))
-    if not SPLITS[cfg.split].cv:
+    if not split_entry(cfg.split).cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
             f"seq_len {seqs.seq_len} at {seqs.fps:g} fps")
         res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log, on_epoch)

@@ -66,3 +66,18 @@ def published_segments(path) -> int:
             return len(f["segments"])
     except Exception:
         return 0
+
+
+def small_run(d):
+    """A conv1d run on synthetic 32 px clips featurized at 2 fps (8 frames = 4 s windows): (clips root, cache, run)."""
+    from featurize.pipeline import featurize
+    from featurize.synth import render_dataset
+    from sequence.train import TrainConfig, train
+
+    src = render_dataset(d / "v", clips_per_class_per_group=6, groups=4, width=32, height=32, duration=(6, 8),
+                         long_videos=0, seed=0)["clips_root"]
+    cache = featurize(featurize_cfg(src, d / "c.h5", fps=2.0)).path
+    run = d / "run"
+    res = train(TrainConfig(cache=cache, out=str(run), model="conv1d", fps=2, seq_len=8, split="group", epochs=40,
+                            patience=15, plots=False, device="cpu"))
+    return src, cache, str(run), res

@@ -162,12 +162,16 @@ def _resize(frames, w, h):
     return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]).astype(np.float64)
 
 
-def test_resize_crop_keeps_aspect_squash_does_not(wide_video):
-    """crop = the centre square of the frame, scaled (aspect kept); squash = the whole frame squeezed to a square.
-    References are made here from the natively decoded frames (decord directly, PIL resize)."""
+@pytest.mark.parametrize("backend", ["pyav", "decord", "torchcodec"])
+def test_resize_crop_keeps_aspect_squash_does_not(wide_video, backend):
+    """crop = the centre square of the frame, scaled (aspect kept); squash = the whole frame squeezed to a square,
+    with every decoder backend. References are made here from the natively decoded frames (decord directly, PIL resize)."""
     import decord
 
-    from featurize.decoder import Decoder
+    from featurize.decoder import open_decoder, unavailable
+
+    if why := unavailable(backend):
+        pytest.skip(why)
 
     idx = np.array([0, 4, 9])
     native = decord.VideoReader(wide_video).get_batch(idx.tolist()).asnumpy()
@@ -176,7 +180,7 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video):
     ref_crop = _resize(native[:, :, 32:96], 32, 32)  # centre 64x64 square, scaled uniformly
     got = {}
     for policy in ("squash", "crop"):
-        dec = Decoder(wide_video, size=32, policy=policy)
+        dec = open_decoder(wide_video, size=32, policy=policy, backend=backend)
         try:
             got[policy] = np.concatenate(list(dec.read(idx))).astype(np.float64)
             assert dec.info.width == 128 and dec.info.height == 64

@@ -101,11 +101,11 @@ def test_schema_round_trip_and_cli_equals_api(synth_data, tmp_path):
     assert np.array_equal(one["features"], a.segment(3)[0]) and one["label"] == a.segments["label"][3]
     # features equal a fresh embedding of freshly decoded frames (same decoder + preprocessing path)
     from featurize.backbones import Embedder, create_backbone
-    from featurize.decoder import Decoder
+    from featurize.decoder import open_decoder
     from featurize.sampling import plan_segment
     import torch
 
-    dec = Decoder(a.segments["path"][0], size=32)
+    dec = open_decoder(a.segments["path"][0], size=32, backend=a.attrs["decoder"])
     plan = plan_segment(dec.frame_starts, dec.info.duration, 0.0, None, 6)
     emb = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")
     fresh = np.concatenate([emb(c) for c in dec.read(plan.indices, 64)]).astype(np.float16)
@@ -135,7 +135,8 @@ def test_noop_rerun_and_refusal_of_mismatched_request(synth_data, tmp_path):
     again = featurize(featurize_cfg(synth_data["clips_root"], out))
     assert again.written == 0 and again.skipped_done == first.written == 6
     assert os.path.getmtime(out) == before[0]
-    for change in ({"fps": 3.0}, {"size": 64}, {"backbone": "resnet34"}, {"seed": 1}, {"dtype": "float32"}):
+    for change in ({"fps": 3.0}, {"size": 64}, {"backbone": "resnet34"}, {"seed": 1}, {"dtype": "float32"},
+                   {"decoder": "decord"}):
         with pytest.raises(CacheError, match="different request"):
             featurize(featurize_cfg(synth_data["clips_root"], out, **change))
     r = CliRunner().invoke(main, ["featurize", synth_data["clips_root"], "--size", "32", "--fps", "3", "--out", str(out)])
@@ -297,10 +298,11 @@ def test_sources(tmp_path, synth_data):
 
 
 def test_resume_after_kill_9(synth_data, tmp_path):
-    """A real featurize process is SIGKILLed mid-run; the file opens, the rerun completes with no duplicates."""
+    """A real featurize process with two decode workers is SIGKILLed mid-run; the file opens, the rerun completes
+    with no duplicates, and the features equal a one-worker run's."""
     out = tmp_path / "k.h5"
     cmd = [VENV_PY, "-c", "from cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
-           "--fps", "6", "--batch-size", "4", "--out", str(out), "-q"]
+           "--fps", "6", "--batch-size", "4", "--decode-workers", "2", "--out", str(out), "-q"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None and published_segments(out) < 2:
@@ -328,6 +330,29 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     for i, sid in enumerate(ref.ids):
         j = final.ids.index(sid)
         assert np.allclose(ref.segment(i)[0].astype(np.float32), final.segment(j)[0].astype(np.float32), atol=1e-2)
+
+
+def test_a_cache_without_a_decoder_attribute_resumes_with_decord(synth_data, tmp_path):
+    """Caches written before decoders were selectable record none: decord made them. --decoder auto resumes them
+    with decord (backends scale pixels differently); asking for another decoder is refused."""
+    out = tmp_path / "old.h5"
+    featurize(featurize_cfg(synth_data["clips_root"], out, decoder="decord"))
+    full = read_cache(out)
+    with h5py.File(out, "a") as f:  # make it look like a cache from before: no decoder, fewer segments
+        del f.attrs["decoder"]
+        seg = f["segments"][()]
+        n = int(seg["offset"][2])
+        f["segments"].resize((2,))
+        for name in ("features", "timestamps"):
+            f[name].resize((n,) + f[name].shape[1:])
+    res = featurize(featurize_cfg(synth_data["clips_root"], out))  # auto
+    assert res.written == len(full) - 2
+    resumed = read_cache(out)
+    assert "decoder" not in resumed.attrs or resumed.attrs["decoder"] == "decord"
+    for i, sid in enumerate(full.ids):
+        assert np.array_equal(full.segment(i)[0], resumed.segment(resumed.ids.index(sid))[0])  # decord's features
+    with pytest.raises(CacheError, match="decoder: cache has 'decord', request has 'pyav'"):
+        featurize(featurize_cfg(synth_data["clips_root"], out, decoder="pyav"))
 
 
 def test_cpu_micro_batches_equal_one_call_and_allocator_switch():

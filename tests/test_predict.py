@@ -8,22 +8,15 @@ import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
 from cli import main
-from conftest import featurize_cfg
-from featurize.pipeline import featurize
-from sequence.train import TrainConfig, train
+from conftest import small_run
 
 
 @pytest.fixture(scope="module")
 def pr_data(tmp_path_factory):
-    from featurize.synth import render_dataset, render_long_video
+    from featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("predict")
-    src = render_dataset(d / "v", clips_per_class_per_group=6, groups=4, width=32, height=32, duration=(6, 8),
-                         long_videos=0, seed=0)["clips_root"]
-    cache = featurize(featurize_cfg(src, d / "c.h5", fps=2.0)).path
-    run = d / "run"
-    res = train(TrainConfig(cache=cache, out=str(run), model="conv1d", fps=2, seq_len=8, split="group", epochs=40,
-                            patience=15, plots=False, device="cpu"))
+    src, cache, run, res = small_run(d)
     long = d / "long.mp4"
     render_long_video(long, parts=[("ascending", 20.0), ("descending", 20.0)], width=32, height=32, video_fps=30, seed=5)
     return {"d": d, "src": src, "cache": cache, "run": str(run), "res": res, "long": str(long)}

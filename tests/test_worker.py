@@ -2,6 +2,8 @@
 import os
 import signal
 
+import pytest
+
 from featurize.worker import DecodePool, decode_job
 
 
@@ -52,16 +54,18 @@ def test_probe_reports_unreadable(tmp_path, synth_data):
     assert isinstance(out[str(bad)], str) and str(bad) in out[str(bad)]
 
 
-def test_decoder_release_between_chunks_reads_the_same_frames(synth_data):
-    """The worker drops a reader while its consumer is busy; reopening + seeking must give the same frames."""
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decoder_release_between_chunks_reads_the_same_frames(synth_data, backend):
+    """The worker releases a reader while its consumer is busy (decord stops decoding ahead and seeks back on the
+    next read); the frames must be the same as read straight through."""
     import numpy as np
 
-    from featurize.decoder import Decoder
+    from featurize.decoder import open_decoder
     from featurize.sampling import plan_segment
     from featurize.synth import read_frame_number
 
     path = synth_data["long_csv"].replace("long_segments.csv", "long/long_01.mp4")
-    d = Decoder(path, size=48)
+    d = open_decoder(path, size=48, backend=backend)
     idx = plan_segment(d.frame_starts, d.info.duration, 0.0, None, 3.0).indices
     straight = np.concatenate(list(d.read(idx, 8)))
     released = []
@@ -71,3 +75,48 @@ def test_decoder_release_between_chunks_reads_the_same_frames(synth_data):
     released = np.concatenate(released)
     assert np.array_equal(straight, released)
     assert [read_frame_number(f) for f in released] == idx.tolist()
+
+
+def test_two_workers_decode_every_job_once_with_the_same_frames(synth_data):
+    import numpy as np
+
+    jobs = _jobs(synth_data, n=6)
+
+    def frames(workers):
+        got, done = {}, []
+        with DecodePool(workers=workers) as pool:
+            for msg in pool.run(jobs):
+                if msg[0] == "chunk":
+                    got.setdefault(msg[1], []).append(msg[2])
+                elif msg[0] == "done":
+                    done.append(msg[1])
+            assert len(set(pool.worker_pids)) == workers
+        assert sorted(done) == list(range(6))
+        return {k: np.concatenate(v) for k, v in got.items()}
+
+    one, two = frames(1), frames(2)
+    assert all(np.array_equal(one[k], two[k]) for k in range(6))
+
+
+@pytest.mark.parametrize("sig, why", [(signal.SIGSTOP, "hung"), (signal.SIGKILL, "died")])
+def test_a_failed_worker_among_two_loses_only_its_own_job(synth_data, sig, why):
+    """One of two workers stops answering (or dies) on its first job: that job is reported, the job queued behind it
+    goes to the other worker or the replacement, and every other job completes exactly once."""
+    jobs = _jobs(synth_data, n=6)
+    pool = DecodePool(timeout=3.0, queue_chunks=1, workers=2)
+    done, errors, victim = [], {}, {}
+    for msg in pool.run(jobs):
+        if msg[0] == "start" and not victim:
+            pid = pool.worker_pids[0]
+            victim.update(pid=pid)
+            os.kill(pid, sig)
+        elif msg[0] == "done":
+            done.append(msg[1])
+        elif msg[0] == "error":
+            errors[msg[1]] = msg[2]
+    pool.close()
+    assert len(errors) == 1 and why in next(iter(errors.values()))
+    (lost,) = errors
+    assert jobs[lost][2] in errors[lost]
+    assert sorted(done + [lost]) == list(range(6)) and len(done) == 5
+    assert pool.restarts == 1

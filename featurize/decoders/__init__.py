@@ -1,0 +1,1 @@
+"""Decoder backends, one module each, behind the interface in featurize/decoder.py."""
