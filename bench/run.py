@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard,finetune_ddp] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard", "finetune_ddp"]
 
 
 def _load(name):
@@ -145,6 +145,20 @@ def render() -> str:
                              [[r["fps"], r["frames"], r["decode_frames_per_s_per_worker"],
                                round(r["frames"] / r["decode_frames_per_s_per_worker"] / 60, 1),
                                round(r["frames"] / 3382 / 60, 1)] for r in sh["ucf101_estimate"]]), ""]
+    fd = _load("finetune_ddp")
+    if fd:
+        parts += ["## Fine-tuning on several ranks: torchrun and DistributedDataParallel", "", fd["description"], "",
+                  _table(["how", "device", "s / epoch (median)", "epochs s", "speedup", "scaling efficiency", "wall s"],
+                         [[r["how"], fd["device"], r["median_epoch_s"], ", ".join(map(str, r["epoch_s"])), r["speedup"],
+                           r["efficiency"], r["wall_s"]] for r in fd["rows"]]), ""]
+        if fd.get("note"):
+            parts += [fd["note"], ""]
+        if not fd["gpus"]:
+            parts += ["No GPU here: on a 2-core CPU one process already keeps both cores busy (torch's threads), and "
+                      "torchrun starts each of the 2 ranks with one thread, so about 1x is what to expect; the figure "
+                      "shows what DDP costs (gradient averaging over gloo, sharded evaluation), not what it gains. "
+                      "Ranks pay off with a GPU each: run this benchmark on a machine with several GPUs for the "
+                      "seconds per epoch with 1 and N GPUs on the whole seed-compat split.", ""]
     extra = ROOT / "bench" / "NOTES.md"
     if extra.exists():
         parts += [extra.read_text().strip(), ""]
