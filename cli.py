@@ -449,13 +449,23 @@ def finetune(source, out, quiet, **opts):
     """Fine-tune CNN + sequence model end to end on SOURCE (a feature cache, or videos featurized first).
 
     Options left unset are taken from the --from run (its model, options and split), else train's defaults.
+    On several GPUs or nodes: torchrun --nproc-per-node N $(which featseq) finetune ... (DistributedDataParallel;
+    --batch-size is the global batch; rank 0 writes the run folder).
     """
     from sequence.config import FinetuneConfig
+    from sequence.ddp import Stopped
     from sequence.finetune import finetune as run
 
     cfg = FinetuneConfig(cache=source, out=out, **opts)
     _threads(cfg.threads)
-    res = run(cfg, log=_log(quiet))
+
+    try:  # a lost rank, or SIGTERM/SIGINT (featurize.stop), end as Stopped saying how to resume
+        res = run(cfg, log=_log(quiet))
+    except Stopped as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.code)
+    if res is None:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     click.echo(f"finetune {res['backbone']} + {res['model']} (unfreeze {res['unfreeze']}): test accuracy "
                f"{res['test_accuracy']:.3f} ({res['n_test']} test segments), val accuracy {res['val_accuracy']:.3f}, "
                f"best epoch {res['best_epoch']}, {res['timings']['per_epoch_s']:.1f} s/epoch", err=True)

@@ -56,6 +56,15 @@ def median(xs):
     return statistics.median(xs)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (torchrun's --master-port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def save(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{name}.json"

@@ -132,7 +132,8 @@ def _decode(path: str, fps: float):
 def main(quick: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="featseq-bench-"))
     device = bb.resolve_device("auto")
-    precisions = ["fp32", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+    # fp32 and what --precision auto picks here (bf16 only on a CPU that computes it natively)
+    precisions = list(dict.fromkeys(["fp32", bb.resolve_precision("auto", device)]))
     n_clips = 2 if quick else 12
     repeats = 1 if quick else 3
     paths = clips(tmp, n_clips)

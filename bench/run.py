@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard,finetune_ddp] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "cpu_slices", "cache_io", "train", "sweep", "shard"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard", "finetune_ddp"]
 
 
 def _load(name):
@@ -78,6 +78,17 @@ def render() -> str:
                   "default `--decode-workers` there:", "",
                   _table(["workers", "featurize frames/s"], [[r["workers"], r["featurize_fps"]] for r in d["cnn_shares_cpu"]]),
                   ""]
+    st = _load("stream")
+    if st:
+        parts += ["## Live streams", "",
+                  f"`bench/stream_bench.py`: `featseq predict RUN --stream FILE --realtime`, a {st['video']}; windows: "
+                  f"{st['windows']}; ResNet-18 untrained (`--weights none`), on this CPU. Latency: from a frame's "
+                  "arrival to the prediction of the first window that includes it.", "",
+                  _table(["size", "precision", "run fps", "windows", "windows/s", "frames sampled", "dropped",
+                          "latency p50 ms", "p95 ms", "max ms"],
+                         [[r["size"], r["precision"], f"{r['run_fps']:g}", r["windows"], r["windows_per_s"],
+                           r["frames_sampled"], r["frames_dropped"], r["latency_p50_ms"], r["latency_p95_ms"],
+                           r["latency_max_ms"]] for r in st["rows"]]), ""]
     cs = _load("cpu_slices")
     if cs:
         parts += ["### The CNN on the CPU: slices and the allocator", "", cs["description"], "",
@@ -134,6 +145,20 @@ def render() -> str:
                              [[r["fps"], r["frames"], r["decode_frames_per_s_per_worker"],
                                round(r["frames"] / r["decode_frames_per_s_per_worker"] / 60, 1),
                                round(r["frames"] / 3382 / 60, 1)] for r in sh["ucf101_estimate"]]), ""]
+    fd = _load("finetune_ddp")
+    if fd:
+        parts += ["## Fine-tuning on several ranks: torchrun and DistributedDataParallel", "", fd["description"], "",
+                  _table(["how", "device", "s / epoch (median)", "epochs s", "speedup", "scaling efficiency", "wall s"],
+                         [[r["how"], fd["device"], r["median_epoch_s"], ", ".join(map(str, r["epoch_s"])), r["speedup"],
+                           r["efficiency"], r["wall_s"]] for r in fd["rows"]]), ""]
+        if fd.get("note"):
+            parts += [fd["note"], ""]
+        if not fd["gpus"]:
+            parts += ["No GPU here: on a 2-core CPU one process already keeps both cores busy (torch's threads), and "
+                      "torchrun starts each of the 2 ranks with one thread, so about 1x is what to expect; the figure "
+                      "shows what DDP costs (gradient averaging over gloo, sharded evaluation), not what it gains. "
+                      "Ranks pay off with a GPU each: run this benchmark on a machine with several GPUs for the "
+                      "seconds per epoch with 1 and N GPUs on the whole seed-compat split.", ""]
     extra = ROOT / "bench" / "NOTES.md"
     if extra.exists():
         parts += [extra.read_text().strip(), ""]

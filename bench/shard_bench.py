@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,18 +15,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import GINGERBREAD, RESULTS, ROOT, save  # noqa: E402
+from bench.common import GINGERBREAD, RESULTS, ROOT, free_port, save  # noqa: E402
 
 # UCF-101 (Soomro et al. 2012): 13,320 clips, 27 hours of 320x240 video at 25 fps -> 7.3 s per clip on average
 UCF_CLIPS, UCF_SECONDS = 13320, 27 * 3600
 # NVIDIA's published PyTorch ResNet-50 mixed-precision inference throughput on one V100 at batch 256 (images/s)
 GPU_RESNET50_FPS = 3382
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(quick: bool = False) -> dict:
@@ -68,7 +61,7 @@ def main(quick: bool = False) -> dict:
     torchrun = Path(sys.executable).with_name("torchrun")
     t = time.perf_counter()
     subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                    str(_free_port()), "-m", "cli", "featurize", src, "--out", str(tmp / "tr.h5")] + args,
+                    str(free_port()), "-m", "cli", "featurize", src, "--out", str(tmp / "tr.h5")] + args,
                    cwd=ROOT, env=env, check=True, capture_output=True)
     torchrun_s = time.perf_counter() - t
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
@@ -169,9 +168,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     else:
         kind, row_problems, source_id = "records", [], cfg.source
     shard = shard_mod.parse(cfg.shard)
-    device = bb.resolve_device(cfg.device)
-    if cfg.device in ("auto", "cuda") and device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per torchrun rank
+    device = shard_mod.rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
     precision = bb.resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cpu" and not bb.cpu_bf16_native():
         log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): ResNet-18 ran 8x slower than in "

@@ -12,6 +12,8 @@
 * Under torchrun every rank featurizes its shard, waits at a barrier (torch.distributed, gloo) and rank 0 merges
   (:func:`after_torchrun`). Correctness never relies on the collective: a
   rank that dies leaves its part resumable, and rerunning the command (or ``featseq cache merge``) completes it.
+* What a torchrun rank is (:func:`torchrun_env`), which GPU it takes (:func:`rank_device`) and its process group
+  (:func:`process_group`) are defined here once; finetune's DistributedDataParallel (sequence.ddp) uses them too.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,21 +37,67 @@ _PART = re.compile(r"\.part-(\d+)-of-(\d+)\.h5$")
 
 # ---------------------------------------------------------------- which shard
 
+def torchrun_env(env: dict | None = None) -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) of a torchrun rank (any launcher that sets both, as torchrun does); None outside one, or
+    for a world of one process."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) < 2:
+        return None
+    return int(env["RANK"]), int(env["WORLD_SIZE"])
+
+
+def rank_device(asked: str, device):
+    """The torch device of this process: a torchrun rank that asked for ``auto`` or ``cuda`` and got a GPU takes
+    ``cuda:LOCAL_RANK`` (one GPU per rank); otherwise ``device`` (featurize.backbones.resolve_device's) as it is."""
+    import torch
+
+    if asked in ("auto", "cuda") and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return device
+
+
+@contextmanager
+def process_group(backend: str = "gloo", timeout_s: float = 24 * 3600.0):
+    """torch.distributed among torchrun's ranks for the block; yields the group to pass to collectives.
+
+    Without a default process group, one is initialized on ``backend`` (rendezvous from torchrun's environment) and
+    destroyed after the block; the group yielded is None (the default). Where one exists already (finetune's), a new
+    group of every rank on ``backend`` with its own timeout is made instead: a default group cannot be reliably
+    initialized twice in one process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        group = dist.new_group(backend=backend, timeout=timeout)
+        try:
+            yield group
+        finally:
+            dist.destroy_process_group(group)
+        return
+    dist.init_process_group(backend, timeout=timeout)
+    try:
+        yield None
+    finally:
+        dist.destroy_process_group()
+
+
 def from_env(env: dict | None = None) -> tuple[int, int] | None:
     """(K, N) from torchrun's RANK / WORLD_SIZE or a SLURM array's task variables; None outside both."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        k, n, what = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK / WORLD_SIZE"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n, what = int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
-    else:
+        return torchrun_env(env)  # torchrun numbers its ranks 0..N-1; one process: the whole source into the cache
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
         return None
+    k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    n = int(env["SLURM_ARRAY_TASK_COUNT"])
     if n == 1:
         return None  # one process: the whole source into the cache itself
     if not 0 <= k < n:
-        raise UserError(f"--shard auto: {what} gives shard {k} of {n}; shards are numbered 0..N-1, so a SLURM array must "
-                        f"be contiguous with step 1 (e.g. --array=0-{n - 1}); otherwise pass --shard K/N yourself")
+        raise UserError(f"--shard auto: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN gives shard {k} of {n}; shards are "
+                        f"numbered 0..N-1, so a SLURM array must be contiguous with step 1 (e.g. --array=0-{n - 1}); "
+                        f"otherwise pass --shard K/N yourself")
     return k, n
 
 
@@ -276,21 +325,16 @@ def after_torchrun(target: str, log: Callable[[str], None] = lambda s: None,
 
     The barrier runs on gloo also on GPU machines: it moves no tensors, and gloo needs no CUDA device bound to the
     rank (nccl would add nothing but that setup)."""
-    import datetime
-
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if torchrun_env() is None:
         return None
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))  # shards may take hours apart
-    try:
+    with process_group("gloo", 24 * 3600.0) as group:  # shards may take hours apart
         log(f"rank {dist.get_rank()}: shard done, waiting for the others")
-        dist.barrier()
+        dist.barrier(group=group)
         res = merge(target, log=log, allow_missing=allow_missing) if dist.get_rank() == 0 else None
-        dist.barrier()  # the merged cache exists when every rank returns
+        dist.barrier(group=group)  # the merged cache exists when every rank returns
         return res
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- SLURM through submitit

@@ -219,6 +219,7 @@ class FinetuneConfig(TrainConfig):
     weights: str | None = None
     size: int | None = None
     decode_timeout: float = 120.0
+    dist_timeout: float = 1800.0     # under torchrun: seconds a rank waits for the others in a collective
 
     def inherit(self, run_config: dict | None, reader: dict | None) -> "FinetuneConfig":
         """Every None of :data:`INHERITED` filled from a run's config (or train's defaults without one). With none of
@@ -247,6 +248,8 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--backbone-lr must be > 0, got {self.backbone_lr}")
         if self.accumulate < 1:
             problems.append(f"--accumulate must be >= 1, got {self.accumulate}")
+        if self.dist_timeout <= 0:
+            problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         from .splits import split_entry
@@ -285,7 +288,7 @@ OPTION_HELP = {
     "folds": "Folds of --split kfold and group-kfold.",
     "seed": "Seed of the split, the initialisation and the batch order.",
     "epochs": "Maximum epochs.",
-    "batch_size": "Batch size.",
+    "batch_size": "Batch size (finetune under torchrun: the global batch, shared out among the ranks).",
     "lr": "AdamW learning rate.",
     "weight_decay": "AdamW weight decay.",
     "patience": "Early stopping: epochs without validation improvement.",
@@ -299,7 +302,7 @@ OPTION_HELP = {
     "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings.",
     "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",
     "backbone_lr": "Learning rate of the CNN (--lr is the sequence model's).",
-    "freeze_bn": "Keep BatchNorm statistics frozen (small batches).",
+    "freeze_bn": "Keep BatchNorm statistics frozen (small batches); --train-bn on several GPUs: SyncBatchNorm.",
     "augment": "Random resized crop + flip per clip (off: position can carry meaning).",
     "accumulate": "Gradient accumulation steps.",
     "checkpointing": "Gradient checkpointing through the CNN (less memory, more compute).",
@@ -311,4 +314,5 @@ OPTION_HELP = {
     "weights": "Without --from, to featurize a video SOURCE: the weights.",
     "size": "Without --from, to featurize a video SOURCE: the input size.",
     "decode_timeout": "Seconds without a frame before a decoder is declared hung (frames decoded from video).",
+    "dist_timeout": "Under torchrun: seconds a rank waits for the others in a collective before it stops.",
 }

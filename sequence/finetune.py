@@ -10,6 +10,10 @@ same decoder as featurize (featurize.worker, decoding exactly the selected times
 background thread while the current batch trains. Training is the one loop of sequence.loop; the run
 folder has the same files as ``train`` (sequence.run) plus ``last.pt`` (the loop's state, written
 atomically every epoch; ``--resume`` continues after a crash).
+
+Under ``torchrun`` the ranks train one model with DistributedDataParallel (sequence.ddp): each decodes and embeds
+its share of every global batch of ``--batch-size`` clips, evaluation is sharded and gathered, and rank 0 alone
+writes the run folder. A video SOURCE is featurized in shards, one per rank, and merged by rank 0 first.
 """
 from __future__ import annotations
 
@@ -27,10 +31,13 @@ from featurize import backbones as bb
 from featurize.allocator import tune_cpu_allocator
 from featurize.cache import Cache, read_cache, read_frames
 from featurize.errors import UserError
+from featurize.shard import after_torchrun, rank_device, torchrun_env
 from featurize.spec import FeatureSpec
+from featurize.stop import Interrupted
 
 from . import models as M
 from .config import FinetuneConfig  # noqa: F401  (re-exported)
+from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
 from .run import Run, save_torch, write_json, write_run
@@ -97,6 +104,12 @@ def train_mode(model: CNNSequence, freeze_bn: bool) -> None:
                 m.eval()
 
 
+def clip_generator(seed: tuple[int, int], idx: int) -> torch.Generator:
+    """The random draws of sequence ``idx``'s augmentation in one epoch, from (run seed, epoch) and ``idx`` alone: the
+    same on any rank, in any batch."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([*seed, int(idx)]).generate_state(1)[0]))
+
+
 def augment_clip(frames: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random resized crop (scale 0.6-1) and horizontal flip, the same for every frame of one clip (T, S, S, 3)."""
     import torchvision.transforms.v2.functional as TF
@@ -156,16 +169,17 @@ class Frames:
 
 
 class FrameInputs:
-    """The training loop's inputs for finetune: frames prepared one or two batches ahead, augmented in training."""
+    """The training loop's inputs for finetune: frames prepared one or two batches ahead, augmented in training.
+    ``eval_batch``: sequences per forward pass in evaluation (a rank's share of a training batch)."""
 
-    def __init__(self, frames: Frames, batch_size: int, augment: bool):
-        self.frames, self.eval_batch, self.augment = frames, batch_size, augment
+    def __init__(self, frames: Frames, eval_batch: int, augment: bool):
+        self.frames, self.eval_batch, self.augment = frames, eval_batch, augment
 
-    def batches(self, index_batches, rows=None, train=False, gen=None):
+    def batches(self, index_batches, rows=None, train=False, seed=None):
         table = self.frames.data.rows if rows is None else rows
         for b, (x, m) in prefetch(index_batches, lambda b: self.frames.batch(b, table)):
             if train and self.augment:
-                x = torch.stack([augment_clip(c, gen) for c in x])
+                x = torch.stack([augment_clip(c, clip_generator(seed, i)) for c, i in zip(x, b)])
             yield b, x, m
 
 
@@ -203,23 +217,29 @@ def prefetch(batches: list, load, depth: int = 2):
 # ---------------------------------------------------------------- setup
 
 def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
-    """The feature cache to read sequences from; a video source is featurized first with the run's spec."""
+    """The feature cache to read sequences from; a video source is featurized first with the run's spec (under
+    torchrun: one shard per rank, merged by rank 0, as ``torchrun featseq featurize`` does)."""
     if str(cfg.cache).endswith((".h5", ".hdf5")):
         return cfg.cache
     from featurize.pipeline import FeaturizeConfig, featurize
 
+    env = torchrun_env()
+    shard = f"{env[0]}/{env[1]}" if env else None
     if spec is not None:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=spec.backbone, weights=spec.check_weights(f"--from {cfg.from_run}"),
                                seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps, precision=spec.precision,
-                               decoder=spec.decoder, keep_frames=cfg.keep_frames, device=cfg.device, shard=None)
+                               decoder=spec.decoder, keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
     elif cfg.backbone:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
                                size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,
-                               device=cfg.device, shard=None)
+                               device=cfg.device, shard=shard)
     else:
         raise UserError("SOURCE is a video source: pass --from RUN or --backbone/--weights/--size/--fps to featurize it")
     log(f"featurizing {cfg.cache} first ({fcfg.backbone}, {fcfg.size}px, {fcfg.fps:g} fps)")
-    return featurize(fcfg).path
+    res = featurize(fcfg)
+    if env:
+        after_torchrun(res.target, log)
+    return res.target
 
 
 def _fold_from_ids(data: Sequences, split_ids: dict) -> Fold:
@@ -244,13 +264,29 @@ def _resume_state(cfg: FinetuneConfig, run: Path, state_cfg: dict) -> dict | Non
     return last
 
 
+def _stopped(why: str, rk: Ranks, run: Path, finished: int, epochs: int, code: int) -> Stopped:
+    """Why this rank stopped and how to go on from the last epoch saved."""
+    who = f"rank {rk.rank} of {rk.world}: " if rk.world > 1 else ""
+    if finished == 0:
+        hint = "no epoch had finished: rerun the same command (with --resume it starts afresh where there is no last.pt)"
+    elif rk.world > 1:
+        hint = (f"epoch {finished} of {epochs} was the last this rank finished, and rank 0 saves every finished epoch to "
+                f"{run / LAST}: rerun the same command with --resume, on any number of ranks, to continue from it")
+    else:
+        hint = f"{run / LAST} holds epoch {finished} of {epochs}: rerun the same command with --resume to continue"
+    return Stopped(f"{who}{why}; {hint}", code)
+
+
 # ---------------------------------------------------------------- finetune
 
-def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
-    """Fine-tune as configured and write the run folder; returns results.json's content.
+def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
+    """Fine-tune as configured and write the run folder; returns results.json's content (None on torchrun ranks
+    other than 0, which write nothing).
 
-    Options left at None are inherited from ``cfg.from_run`` (see :class:`FinetuneConfig`). Process-wide
-    settings: the CPU allocator is tuned here when the CNN runs on the CPU; threads are the caller's.
+    Options left at None are inherited from ``cfg.from_run`` (see :class:`FinetuneConfig`). Under torchrun every rank
+    calls this with the same config (sequence.ddp). Process-wide settings: the CPU allocator is tuned here when the
+    CNN runs on the CPU; threads are the caller's. Raises :class:`sequence.ddp.Stopped` when another rank died or a
+    signal stopped it (featurize.stop.Interrupted), saying how to resume.
     """
     t0 = time.monotonic()
     warm = Run(cfg.from_run, "--from") if cfg.from_run else None
@@ -258,6 +294,30 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
         raise UserError(f"--from {cfg.from_run}: that is a finetune run; warm-start from a cached-feature run")
     cfg = cfg.inherit(warm.config if warm else None, warm.ckpt["reader"] if warm else None)
     cfg.validate()
+    device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
+    world = (torchrun_env() or (0, 1))[1]
+    if world > cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch of all {world} ranks: give every rank at "
+                        f"least one clip (--batch-size >= {world})")
+    if world > 1 and not cfg.freeze_bn and str(cfg.unfreeze) != "0" and device.type != "cuda":
+        raise UserError(f"--train-bn on {world} ranks synchronises BatchNorm (SyncBatchNorm), which torch runs on GPUs "
+                        f"only; on CPUs keep BatchNorm frozen (--freeze-bn, the default) or train in one process")
+    done = {"epoch": 0}  # the last epoch this rank finished, for the message when it is stopped
+    with ranks(device, cfg.dist_timeout) as rk:
+        try:
+            return _finetune(cfg, warm, device, rk, log if rk.main else (lambda s: None), t0, done)
+        except Interrupted as e:  # SIGTERM / SIGINT (featurize.stop, installed by the CLI)
+            why = (f"{e} (torchrun stops every rank when one fails; schedulers send it at a time limit)"
+                   if e.name == "SIGTERM" else str(e))
+            raise _stopped(why, rk, Path(cfg.out), done["epoch"], cfg.epochs, e.exit_code) from None
+        except Exception as e:
+            if rk.world > 1 and (what := lost_peer(e)):
+                raise _stopped(f"lost another rank ({what})", rk, Path(cfg.out), done["epoch"], cfg.epochs, 1) from e
+            raise
+
+
+def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: Ranks, log, t0: float,
+              done: dict) -> dict | None:
     cache_path = _source_cache(cfg, warm.spec if warm else None, log)
     cache = read_cache(cache_path, features=False)
     spec = FeatureSpec.from_attrs(cache.attrs)
@@ -265,7 +325,6 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
         raise UserError(f"{cache_path} was not featurized like the --from run's features ({'; '.join(diff)}); "
                         f"fine-tune on the run's cache, or pass a video source to featurize it with the run's settings")
     data = build(cache, cfg.reader(), classes=warm.classes if warm else None)
-    device = bb.resolve_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
     backbone = bb.create_backbone(spec.backbone, spec.check_weights(cache_path), spec.seed)
@@ -276,8 +335,13 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
         else:
             head = M.create_model(cfg.model, backbone.entry.feature_dim, len(data.classes), **cfg.model_kwargs())
             fold = folds_for(cfg, data, cache, log)[0]
-        model = CNNSequence(backbone, head, cfg.channels_last and device.type == "cuda", cfg.checkpointing).to(device)
+        model = CNNSequence(backbone, head, cfg.channels_last and device.type == "cuda", cfg.checkpointing)
         trunk_params = set_trainable(model, backbone, str(cfg.unfreeze))
+        if rk.world > 1 and not cfg.freeze_bn and model.trunk_trainable:  # the same parameters, synchronised stats
+            model.trunk = nn.SyncBatchNorm.convert_sync_batchnorm(model.trunk)
+        if rk.world > 1:
+            torch.manual_seed(cfg.seed + rk.rank)  # dropout: each rank its own masks, deterministic from --seed
+        model = model.to(device)
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
         if trunk_params:
             groups.append({"params": trunk_params, "lr": cfg.backbone_lr})
@@ -286,32 +350,51 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict:
             ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32")
         amp = Amp(device, prec)
         run = Path(cfg.out)
-        run.mkdir(parents=True, exist_ok=True)
-        state_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "epochs", "out", "device", "threads")}
-        resume = _resume_state(cfg, run, state_cfg)
-        if (run / "results.json").exists():
-            (run / "results.json").unlink()  # written last: until then the folder is not a complete run
-        write_json(run / "config.json", asdict(cfg))
+        state_cfg = {k: v for k, v in asdict(cfg).items()
+                     if k not in ("resume", "epochs", "out", "device", "threads", "dist_timeout")}
+
+        def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
+            run.mkdir(parents=True, exist_ok=True)
+            resume = _resume_state(cfg, run, state_cfg)
+            if (run / "results.json").exists():
+                (run / "results.json").unlink()  # written last: until then the folder is not a complete run
+            write_json(run / "config.json", asdict(cfg))
+            return resume
+
+        resume = rk.on_main(prepare)
+        done["epoch"] = resume["epoch"] if resume else 0
+
+        def on_epoch(state: dict) -> None:
+            done["epoch"] = state["epoch"]
+            if rk.main:
+                save_torch({**state, "config": state_cfg}, run / LAST)
+
         frames = Frames(cache, data, spec, cfg.decode_timeout)
         log(f"finetune {backbone.entry.name} (unfreeze {cfg.unfreeze}: {sum(p.numel() for p in trunk_params)} trunk "
             f"parameters trainable) + {head.config['name']}: {len(fold.train)} train / {len(fold.val)} val / "
             f"{len(fold.test)} test, seq_len {data.seq_len} at {data.fps:g} fps, "
-            f"{'frames from the cache' if frames.kept else 'frames decoded from video'}")
-        inputs = FrameInputs(frames, cfg.batch_size, cfg.augment)
+            f"{'frames from the cache' if frames.kept else 'frames decoded from video'}"
+            + (f"; {rk.world} ranks ({rk.backend}), global batch {cfg.batch_size}" if rk.world > 1 else ""))
+        per_rank = -(-cfg.batch_size // rk.world)  # clips of a training batch on one rank, at most
+        inputs = FrameInputs(frames, per_rank, cfg.augment)
         try:
             result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, amp=amp,
                          train_mode=lambda: train_mode(model, cfg.freeze_bn), start_is_candidate=warm is not None,
-                         resume=resume, on_epoch=lambda st: save_torch({**st, "config": state_cfg}, run / LAST), log=log)
-            probs = probabilities(model, inputs, data.mask, len(data.classes), device, amp)
+                         resume=resume, on_epoch=on_epoch, log=log, ranks=rk)
+            probs = probabilities(model, inputs, data.mask, len(data.classes), device, amp, rk)
         finally:
             frames.close()
+    if not rk.main:
+        return None
     res, _ = write_run(
         run, cfg=cfg, data=data, fold=fold, head=model.head, fit=result, probs=probs, spec=spec, cache=cache,
         device=device, kind="finetune", extra_checkpoint={"trunk": {k: v.cpu() for k, v in model.trunk.state_dict().items()}},
         extra_results={"mode": "finetune", "backbone": backbone.entry.name, "unfreeze": cfg.unfreeze,
                        "trainable_trunk_params": sum(p.numel() for p in trunk_params), "params": M.n_params(model),
                        "precision": prec, "frames_from": "cache" if frames.kept else "video",
-                       "warm_start": cfg.from_run, "warm_start_scores": result.start_scores})
+                       "warm_start": cfg.from_run, "warm_start_scores": result.start_scores,
+                       "ranks": rk.world, "backend": rk.backend or None,
+                       "batch_per_rank": per_rank})
     res["timings"]["total_s"] = round(time.monotonic() - t0, 3)
     write_json(run / "results.json", res)
     return res

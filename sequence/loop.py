@@ -6,6 +6,10 @@ weights, label smoothing), gradient accumulation and autocast when asked; then t
 are scored with a plain loss. Model selection and early stopping (:class:`BestEpoch`) use validation only;
 the test part is scored after every epoch for monitoring. The loop's whole state can be saved after every
 epoch and handed back to continue (finetune's ``last.pt``).
+
+On several ranks (finetune under torchrun, sequence.ddp) the batches are the same global batches, each rank takes
+its share of every one, DistributedDataParallel averages the gradients and evaluation is sharded and gathered: the
+updates and metrics are those of one process, and the saved state holds nothing per rank.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ddp import ONE, Ranks
 from .splits import Fold
 
 
@@ -27,9 +32,10 @@ class Inputs(Protocol):
     eval_batch: int
 
     def batches(self, index_batches: list[np.ndarray], rows: torch.Tensor | None = None, train: bool = False,
-                gen: torch.Generator | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                seed: tuple[int, int] | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """(indices, x, mask) for each batch of sequence indices; ``rows`` replaces the default frame rows
-        (a new draw of random offsets); ``train`` allows augmentation drawn from ``gen``."""
+        (a new draw of random offsets); ``train`` allows augmentation, drawn per sequence from ``seed`` (the run's
+        seed and the epoch) and the sequence's index: the same draws whichever rank or batch takes it."""
 
 
 class FeatureInputs:
@@ -45,7 +51,7 @@ class FeatureInputs:
         """For a :class:`sequence.reader.Sequences`."""
         return cls(data.features, data.rows, data.mask)
 
-    def batches(self, index_batches, rows=None, train=False, gen=None):
+    def batches(self, index_batches, rows=None, train=False, seed=None):
         table = self.rows if rows is None else rows
         for b in index_batches:
             bt = torch.as_tensor(b)
@@ -71,26 +77,28 @@ class Amp:
 
 @torch.no_grad()
 def logits(model: nn.Module, inputs: Inputs, idx: np.ndarray, device: torch.device, amp: Amp | None = None,
-           n_classes: int | None = None) -> torch.Tensor:
-    """Logits (len(idx), C) in eval mode, in chunks of ``inputs.eval_batch``."""
+           n_classes: int | None = None, ranks: Ranks = ONE) -> torch.Tensor:
+    """Logits (len(idx), C) in eval mode, in chunks of ``inputs.eval_batch``; on several ranks each computes its
+    share of ``idx`` and every rank gets them all, in order."""
     model.eval()
     ctx = amp.autocast if amp is not None else contextlib.nullcontext
     step = inputs.eval_batch
+    mine = ranks.share(idx)
     out = []
-    for _, x, m in inputs.batches([idx[a:a + step] for a in range(0, len(idx), step)]):
+    for _, x, m in inputs.batches([mine[a:a + step] for a in range(0, len(mine), step)]):
         with ctx():
             out.append(model(x.to(device), m.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, n_classes or 0)
+    return ranks.gather(torch.cat(out) if out else torch.zeros(0, n_classes or 0))
 
 
 def probabilities(model: nn.Module, inputs: Inputs, mask: torch.Tensor | np.ndarray, n_classes: int, device: torch.device,
-                  amp: Amp | None = None) -> np.ndarray:
+                  amp: Amp | None = None, ranks: Ranks = ONE) -> np.ndarray:
     """Softmax (N, C) of every sequence with at least one frame (mask[:, 0]); NaN rows for the others."""
     first = np.asarray(mask)[:, 0]
     probs = np.full((len(first), n_classes), np.nan)
     have = np.nonzero(first)[0]
     if len(have):
-        probs[have] = torch.softmax(logits(model, inputs, have, device, amp, n_classes), 1).numpy()
+        probs[have] = torch.softmax(logits(model, inputs, have, device, amp, n_classes, ranks), 1).numpy()
     return probs
 
 
@@ -152,13 +160,15 @@ class FitResult:
 def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Optimizer, opts: FitOptions,
         device: torch.device, *, amp: Amp | None = None, train_mode: Callable[[], None] | None = None,
         start_is_candidate: bool = False, resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
-        log: Callable[[str], None] = lambda s: None) -> FitResult:
+        log: Callable[[str], None] = lambda s: None, ranks: Ranks = ONE) -> FitResult:
     """Train ``model`` on fold.train, select on fold.val, monitor fold.test; leaves the best epoch's weights in it.
 
     ``data``: the :class:`sequence.reader.Sequences` (labels, classes; random offsets are redrawn from it).
     ``train_mode``: puts the model in training mode (default ``model.train()``; finetune keeps frozen parts in
     eval mode). ``start_is_candidate``: score the starting weights first and keep them unless an epoch beats
     them on validation (a warm start). ``resume``: a state handed to ``on_epoch`` earlier, to continue after.
+    ``ranks``: this process's share of the work when several train together (sequence.ddp); ``opts.batch_size``
+    is the global batch, whatever their number. ``on_epoch`` is called on every rank with the same state.
     """
     amp = amp or Amp(device)
     train_mode = train_mode or model.train
@@ -168,7 +178,10 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
     if opts.class_weights == "balanced":
         counts = torch.bincount(y[fold.train], minlength=n_classes).float()
         weight = (counts.sum() / (n_classes * counts.clamp(min=1))).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing)
+    # per-clip losses, summed and divided by the whole batch's count (or class weight): the mean of one process,
+    # also when the batch is spread over ranks (DDP averages over ranks: hence the factor world)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing, reduction="none")
+    clip_weight = weight.cpu() if weight is not None else torch.ones(n_classes)
     eval_loss = nn.CrossEntropyLoss()  # plain loss for comparable curves
     gen = torch.Generator().manual_seed(opts.seed)
     best = BestEpoch(len(fold.val) > 0, opts.patience)
@@ -178,7 +191,7 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
     def score(idx: np.ndarray) -> tuple[float, float]:
         if len(idx) == 0:
             return float("nan"), float("nan")
-        lg = logits(model, inputs, idx, device, amp, n_classes)
+        lg = logits(model, inputs, idx, device, amp, n_classes, ranks)
         return float(eval_loss(lg, y[idx])), float((lg.argmax(1) == y[idx]).float().mean())
 
     if resume is not None:
@@ -195,6 +208,7 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
                         "train_loss": float("nan"), "train_accuracy": float("nan")}
         best.offer(0, vl, va, model)
         log(f"start: val loss {vl:.4f} acc {va:.3f}")
+    net = ranks.wrap(model, device)  # after a resume's weights are in: DDP starts every rank from rank 0's
     t_train = time.monotonic()
     for epoch in range(start, opts.epochs + 1):
         if best.should_stop():
@@ -205,21 +219,30 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
         train_mode()
         perm = fold.train[torch.randperm(len(fold.train), generator=gen).numpy()]
         batches = [perm[a:a + opts.batch_size] for a in range(0, len(perm), opts.batch_size)]
-        tot_loss, tot_correct, n = 0.0, 0, 0
+        shares = [ranks.share(b) for b in batches]
+        tot_loss, tot_correct = 0.0, 0
         opt.zero_grad(set_to_none=True)
-        for step, (b, x, m) in enumerate(inputs.batches(batches, rows, train=True, gen=gen), start=1):
+        # a rank with no share of a batch runs its first clip with weight 0: every rank joins every averaging
+        feed = [s if len(s) else b[:1] for s, b in zip(shares, batches)]
+        for step, (b, x, m) in enumerate(inputs.batches(feed, rows, train=True, seed=(opts.seed, epoch)), start=1):
+            mine = len(shares[step - 1]) > 0
             yb = y[b].to(device)
-            with amp.autocast():
-                out = model(x.to(device), m.to(device))
-                loss = loss_fn(out.float(), yb)
-            amp.scaler.scale(loss / opts.accumulate).backward()
-            if step % opts.accumulate == 0 or step == len(batches):
+            scale = ranks.world / float(clip_weight[y[batches[step - 1]]].sum()) if mine else 0.0
+            sync = step % opts.accumulate == 0 or step == len(batches)
+            with contextlib.nullcontext() if sync else ranks.no_sync(net):
+                with amp.autocast():
+                    out = net(x.to(device), m.to(device))
+                    loss = loss_fn(out.float(), yb).sum() * scale
+                amp.scaler.scale(loss / opts.accumulate).backward()
+            if sync:
                 amp.scaler.step(opt)
                 amp.scaler.update()
                 opt.zero_grad(set_to_none=True)
-            tot_loss += float(loss.detach()) * len(b)
-            tot_correct += int((out.argmax(1) == yb).sum())
-            n += len(b)
+            if mine:  # the batch's mean loss is the sum over ranks of loss / world
+                tot_loss += float(loss.detach()) / ranks.world * len(batches[step - 1])
+                tot_correct += int((out.argmax(1) == yb).sum())
+        tot_loss, tot_correct = ranks.sum([tot_loss, tot_correct])
+        n = len(perm)
         (val_loss, val_acc), (test_loss, test_acc) = score(fold.val), score(fold.test)
         rec = {"epoch": epoch, "train_loss": tot_loss / max(1, n), "train_accuracy": tot_correct / max(1, n),
                "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,

@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,28 @@ needs_gingerbread = pytest.mark.skipif(
     not GINGERBREAD.is_dir(), reason=f"real Gingerbread clips not found at {GINGERBREAD} (only on the team's machines)")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# the environment of featseq processes the tests start: this checkout's code first, and none of the torchrun or SLURM
+# variables of the shell that runs pytest
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+    CHILD_ENV.pop(_k, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, *args) -> list[str]:
+    """``torchrun --nproc-per-node NPROC featseq ARGS...`` on this machine (a free port; this checkout's cli, with
+    cwd=ROOT and env=CHILD_ENV); the test is skipped where torchrun is not installed next to the interpreter."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip(f"torchrun not found next to {sys.executable}")
+    return [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+            str(free_port()), "-m", "cli", *map(str, args)]
 
 
 @pytest.fixture(scope="session")

@@ -75,3 +75,29 @@ def test_frame_table_is_the_exact_timestamps(videos):
     assert t.fps == pytest.approx(30000 / 1001)
     assert np.allclose(t.starts, np.arange(len(t.starts)) * 1001 / 30000, atol=1e-9, rtol=0)
     assert (np.diff(t.starts) > 0).all() and np.allclose(t.ends - t.starts, 1001 / 30000)
+
+
+def test_a_backend_that_cannot_run_is_refused_with_the_fix(monkeypatch, synth_data, tmp_path):
+    """torchcodec installed without FFmpeg's libraries fails at import with a RuntimeError: featurize stops before any
+    work, naming the fix; so does GPU decoding with a CPU-only backend or without a GPU."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    class NoFFmpeg:
+        def find_spec(self, name, path=None, target=None):
+            if name.startswith("torchcodec"):
+                raise RuntimeError("Could not load libtorchcodec. Likely causes: FFmpeg is not properly installed")
+
+    monkeypatch.setattr(sys, "meta_path", [NoFFmpeg()] + sys.meta_path)
+    for m in [m for m in sys.modules if m.startswith("torchcodec")]:
+        monkeypatch.delitem(sys.modules, m)
+    why = unavailable("torchcodec")
+    assert "cannot load FFmpeg" in why and "apt install ffmpeg" in why and "--decoder pyav" in why
+    out = tmp_path / "x.h5"
+    r = CliRunner().invoke(main, ["featurize", synth_data["clips_root"], "--size", "32", "--decoder", "torchcodec",
+                                  "--out", str(out)])
+    assert r.exit_code == 2 and "cannot load FFmpeg" in r.output and not out.exists()
+    assert "decodes on the CPU only" in unavailable("pyav", "cuda")

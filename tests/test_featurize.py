@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, featurize_cfg, published_segments
+from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments
 from featurize.cache import CacheError, FileLock, read_cache, read_segment, summary
 from featurize.pipeline import featurize
 from featurize.sources import SourceError, load_segments
@@ -303,8 +303,7 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     out = tmp_path / "k.h5"
     cmd = [VENV_PY, "-c", "from cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
            "--fps", "6", "--batch-size", "4", "--decode-workers", "2", "--out", str(out), "-q"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None and published_segments(out) < 2:
         time.sleep(0.05)
@@ -315,7 +314,7 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     killed = read_cache(out)  # opens (SWMR read), only published segments visible
     assert 2 <= len(killed) < 6
     assert len(set(killed.ids)) == len(killed.ids)
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"{6 - len(killed)} segment(s) written, {len(killed)} already cached" in r.stderr
     final = read_cache(out)

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, featurize_cfg
+from conftest import CHILD_ENV, ROOT, featurize_cfg
 from featurize import backbones as bb
 from featurize.cache import read_cache
 from featurize.pipeline import featurize
@@ -117,7 +117,7 @@ def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
     out = tmp_path / "k"
     cmd = [sys.executable, "-c", "from cli import main; main()", "finetune", ft_data["plain"], "--from", ft_data["run"],
            "--out", str(out), "--unfreeze", "1", "--epochs", "4", "--patience", "10", "--device", "cpu", "--no-plots"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = CHILD_ENV
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from conftest import GINGERBREAD, ROOT, needs_gingerbread, published_segments
+from conftest import CHILD_ENV, GINGERBREAD, ROOT, needs_gingerbread, published_segments
 from featurize.cache import read_cache
 
 
@@ -17,7 +17,7 @@ def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
     out = tmp_path / "gb.h5"
     cmd = [sys.executable, "-c", "from cli import main; main()", "featurize", str(GINGERBREAD), "--backbone", "resnet18",
            "--weights", "none", "--fps", "1", "--size", "64", "--out", str(out), "-q"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = CHILD_ENV
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while p.poll() is None and published_segments(out) < 60 and time.monotonic() < deadline:

@@ -2,7 +2,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, featurize_cfg, published_segments
+from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments, torchrun_cmd
 from featurize import shard
 from featurize.cache import read_cache
 from featurize.pipeline import featurize
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
-    ENV.pop(_k, None)
+ENV = CHILD_ENV
 
 
 def _cli(*args) -> list[str]:
@@ -154,19 +151,9 @@ def test_a_moved_source_folder_resumes(synth_data, tmp_path):
     _same(before, read_cache(out))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_give_the_single_process_cache(synth_data, reference, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip(f"torchrun not found next to {sys.executable}")
     out = tmp_path / "T.h5"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "cli"] + _featurize_cmd(synth_data["clips_root"], out)[3:]
+    cmd = torchrun_cmd(2, *_featurize_cmd(synth_data["clips_root"], out)[3:])
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "merged 2 parts" in r.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch  # noqa: F401  (torch before decord)
 
-from conftest import ROOT, small_run
+from conftest import CHILD_ENV, ROOT, small_run
 from featurize.cache import read_cache
 
 HALF = 8.0  # seconds of each class in the long video
@@ -68,7 +68,7 @@ def _feed(proc, data: bytes, seconds: float, stop_at: float | None = None):
 def _fed(cmd, data: bytes, seconds: float, logs: Path, stop_at: float | None = None, timeout: float = 180):
     """Run ``cmd`` with ``data`` fed into its standard input at the given rate; (returncode, stdout, stderr)."""
     with open(logs / "stdout", "wb") as o, open(logs / "stderr", "wb") as e:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=o, stderr=e)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdin=subprocess.PIPE, stdout=o, stderr=e)
         _feed(p, data, seconds, stop_at)
         p.wait(timeout=timeout)
         p.stdin.close()
@@ -104,10 +104,10 @@ def test_a_file_through_stream_equals_predict_file(st_data):
     d = st_data["d"]
     kept, feats = d / "kept.h5", d / "stream_features.npz"
     r = subprocess.run(_cmd(st_data["run"], st_data["mp4"], "--window", "4", "--stride", "1", "--out", str(d / "file"),
-                            "--cache", str(kept), "--no-plots"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "--cache", str(kept), "--no-plots"), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(_cmd(st_data["run"], "--stream", st_data["mp4"], "--stride", "1", "--out", str(d / "st"),
-                            "--save-features", str(feats)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "--save-features", str(feats)), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     cache, got = read_cache(str(kept)), np.load(feats)
     assert np.allclose(got["times"], cache.timestamps, atol=1e-9)
@@ -138,7 +138,7 @@ def test_a_stalled_pipe_stops_with_the_predictions_so_far(st_data):
 def test_sigterm_stops_cleanly_and_keeps_the_windows(st_data):
     out = st_data["d"] / "term"
     p = subprocess.Popen(_cmd(st_data["run"], "--stream", st_data["mp4"], "--realtime", "--stride", "1", "--out", str(out)),
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out / "predictions.csv").exists() or len(_rows(out / "predictions.csv")) < 2:
         assert p.poll() is None and time.monotonic() < deadline
@@ -155,9 +155,9 @@ def test_sigterm_stops_cleanly_and_keeps_the_windows(st_data):
 def test_a_bad_url_fails_fast_naming_it(st_data, tmp_path):
     t = time.monotonic()
     r = subprocess.run(_cmd(st_data["run"], "--stream", "rtsp://127.0.0.1:9/cam", "--out", str(tmp_path / "o")),
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--stream rtsp://127.0.0.1:9/cam: cannot open it" in r.stderr
     assert "check the address" in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - t < 30
-    r = subprocess.run(_cmd(st_data["run"], "--stream", str(tmp_path / "nope.mp4")), cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(_cmd(st_data["run"], "--stream", str(tmp_path / "nope.mp4")), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no such file, device or URL" in r.stderr

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT
+from conftest import CHILD_ENV, ROOT
 from seq_fixtures import synthetic_cache, write_fake_cache
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = CHILD_ENV
 GRID12 = ["--model", "mlp,frame,gru", "--hidden", "8,16", "--lr", "0.001,0.01", "--split", "random", "--seq-len", "6",
           "--device", "cpu", "--plots", "false"]
 

@@ -8,8 +8,9 @@ decord's known traps (see DESIGN.md) and what this module does about them:
 - ``len(vr)`` can exceed the decodable frames and decoding can hang or abort the process: it runs inside a
   worker process that is timed out and replaced;
 - its scaler returns malformed arrays (wrong channel count) for some output widths: 16, 24 and 48 with decord 0.6;
-  16, 32, 48, 96 and 144 with decord2 3.4 (every multiple of 16 from 16 to 688 tried). It is asked for a width that
-  is a multiple of 32 and at least 160 (no failure seen there with either) and PIL finishes the resize;
+  16, 32, 48, 96 and 144 with decord2 3.4 (every multiple of 16 from 16 to 688 tried), and decord2 also fails on
+  videos of those native widths. It is asked for a width that is a multiple of 32 and at least 160 (no failure
+  seen there with either), also for narrower videos, and PIL finishes the resize;
 - after ``next()`` it keeps decoding ahead in a background thread while nobody reads (see :meth:`release`).
 Its own timestamps are float32 (off by up to 2e-6 s past 32 s of video); frame starts come from the shared table.
 """
@@ -34,7 +35,7 @@ class DecordDecoder(Decoder):
         try:
             import decord  # noqa: F401
         except ImportError:
-            return "--decoder decord: decord is not installed (pip install decord)"
+            return "--decoder decord: decord is not installed (pip install decord2)"
         return None
 
     def _open(self) -> None:
@@ -42,8 +43,8 @@ class DecordDecoder(Decoder):
 
         w, h = self.out_dims
         kw: dict = {"num_threads": 1}
-        self._fix = None  # final (w, h) when decord's aligned output must be resized again
-        if (w, h) != (self.table.width, self.table.height):
+        self._fix = None  # final (w, h) when decord's output must be resized again
+        if (w, h) != (self.table.width, self.table.height) or w < MIN_WIDTH:
             aw, ah = max(MIN_WIDTH, -(-w // ALIGN) * ALIGN), -(-h // ALIGN) * ALIGN
             kw.update(width=aw, height=ah)
             self._fix = (w, h) if (aw, ah) != (w, h) else None
