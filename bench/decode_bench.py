@@ -5,7 +5,7 @@ preprocessing replaced by a stand-in that costs nothing (a proxy for a GPU that 
 
     .venv/bin/python bench/decode_bench.py [--quick]
 
-Sources: 24 Gingerbread clips (224 px, 30 fps; synthetic 224 px clips without ../shared) and a synthetic 1280x720
+Sources: the Gingerbread clips of P01 and P02 (16; 224 px, 30 fps; synthetic 224 px clips without ../shared) and a synthetic 1280x720
 30 fps H.264 video cut into 4 segments of 15 s (simple content: faster to decode than camera footage).
 """
 from __future__ import annotations

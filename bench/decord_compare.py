@@ -6,7 +6,7 @@ Run it once under each (they both import as `decord`, so in two environments), t
     OTHER_ENV/bin/python bench/decord_compare.py /tmp/b.npz             # e.g. a venv with numpy, av, pillow, decord==0.6.0
     .venv/bin/python bench/decord_compare.py --same /tmp/a.npz /tmp/b.npz
 
-Frames/s: 24 Gingerbread clips (P01, P02) decoded to 224 px at 1 and 6 fps, one thread (OMP_NUM_THREADS=1).
+Frames/s: the 16 Gingerbread clips of P01 and P02 decoded to 224 px at 1 and 6 fps, one thread (OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
 
