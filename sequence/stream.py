@@ -119,12 +119,13 @@ class _Reader(threading.Thread):
     def __init__(self, container, fps: float, size: int, policy: str, cfg: StreamConfig, q: queue.Queue):
         super().__init__(daemon=True, name="featseq-stream-reader")
         self.c, self.fps, self.size, self.policy, self.cfg, self.q = container, fps, size, policy, cfg, q
+        self.live = cfg.live  # asked once: it stats the source
         self.stop = threading.Event()
         self.dropped = self.sampled = 0
         self.last_arrival = time.monotonic()
 
     def _hand_over(self, item) -> None:
-        if self.cfg.live:
+        if self.live:
             while True:
                 try:
                     return self.q.put_nowait(item)
