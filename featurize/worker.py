@@ -11,16 +11,26 @@ place. The other workers' work is untouched.
 Memory stays bounded: each worker decodes ahead of the consumer by at most ``queue_chunks`` chunks (a bounded
 queue in the worker, drained into a pipe by a sender thread), so decoding overlaps the backbone's compute.
 
+Frames travel through shared memory, not through the pipe: a worker writes each chunk into one of its
+``queue_chunks + 1`` shared blocks and sends only the block's name and the chunk's shape; the parent copies the
+chunk out and hands the block back (("free", slot) on the jobs pipe). Pickling frames through a pipe cost the
+parent about half a core at 0.4 GB/s, a core the decoders need (bench/decode_bench.py). The parent unlinks a
+block's name as soon as it maps it, and a retired worker's unmapped blocks by their prefix, so nothing is left in
+/dev/shm. Where a block cannot be had (/dev/shm full or too small, e.g. Docker's default 64 MB), the worker sends
+frames through the pipe as before.
+
 Messages of a job:
   ("info",  key, info_dict)                       reply to a probe job
   ("start", key, info_dict)                       a decode job opened its video
-  ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))
+  ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))   (from the worker: frames is a shared-block reference)
   ("done",  key, n_frames)                        a decode job finished
   ("error", key, message)                         a job failed (message names the file)
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
 import multiprocessing as mp
 import os
 import queue
@@ -33,6 +43,8 @@ from typing import Iterable, Iterator
 PROBE = "probe"
 DECODE = "decode"
 TIMES = "times"
+FREE = "free"  # parent -> worker: a shared block is copied out and may be written again
+SHM_PREFIX = "featseq"  # shared blocks are named featseq_<worker pid>_<slot>_<generation>
 JOBS_PER_WORKER = 2  # the one decoding and the next, so a worker never waits for the parent between jobs
 START_TIMEOUT = 120.0
 
@@ -60,7 +72,80 @@ def default_workers(decode_device: str, cnn_device: str) -> int:
     return 1
 
 
-def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: int) -> None:  # the child process
+class _Slots:
+    """A worker's shared blocks (see the module docstring): at most ``n``, made as needed, a block remade larger
+    when a chunk does not fit. :meth:`pack` returns what a chunk message carries: a reference to the block the
+    frames were copied into, or the frames themselves when shared memory cannot be had (then for good)."""
+
+    def __init__(self, n: int, enabled: bool = True):
+        self.n, self.enabled = n, enabled
+        self.blocks: list = []  # slot -> SharedMemory
+        self.made = 0
+        self.free: queue.Queue = queue.Queue()  # slots the parent has handed back
+
+    def returned(self, slot: int) -> None:
+        self.free.put(slot)
+
+    def _make(self, slot: int, nbytes: int):
+        from multiprocessing.shared_memory import SharedMemory
+
+        for _ in range(100):  # a name left by a dead process of the same pid is skipped
+            name = f"{SHM_PREFIX}_{os.getpid()}_{slot}_{self.made}"
+            self.made += 1
+            try:
+                shm = SharedMemory(name=name, create=True, size=nbytes)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise OSError(errno.EEXIST, "no free name for a shared block")
+        try:  # reserve the pages now: a full /dev/shm fails here, rather than with SIGBUS while frames are copied
+            os.posix_fallocate(shm._fd, 0, nbytes)
+        except AttributeError:  # no posix_fallocate (macOS): the OS does not overcommit such a block the same way
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                shm.close()
+                shm.unlink()
+                raise
+        return shm
+
+    def pack(self, frames, wait_for_free):
+        """Copy ``frames`` into a free block (calling ``wait_for_free()`` repeatedly while none is, e.g. to check
+        that the parent is alive) and return ("shm", slot, name, shape); or return ``frames`` when disabled."""
+        import numpy as np
+
+        if not self.enabled or frames.nbytes == 0:
+            return frames
+        try:
+            slot = self.free.get_nowait()
+        except queue.Empty:
+            if len(self.blocks) < self.n:
+                self.blocks.append(None)
+                slot = len(self.blocks) - 1
+            else:
+                slot = None
+                while slot is None:
+                    wait_for_free()
+                    try:
+                        slot = self.free.get(timeout=1.0)
+                    except queue.Empty:
+                        pass
+        shm = self.blocks[slot]
+        if shm is None or shm.size < frames.nbytes:
+            if shm is not None:
+                shm.close()  # the parent unlinked its name when it first mapped it
+            try:
+                shm = self.blocks[slot] = self._make(slot, frames.nbytes)
+            except OSError:
+                self.enabled = False  # e.g. /dev/shm is full or missing: frames go through the pipe from now on
+                self.blocks[slot] = None
+                return frames
+        np.ndarray(frames.shape, np.uint8, buffer=shm.buf)[...] = frames
+        return ("shm", slot, shm.name, frames.shape)
+
+
+def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: int, shared: bool = True) -> None:
     import numpy as np
 
     from .decoder import open_decoder, video_info
@@ -76,6 +161,7 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
     parent = os.getppid()
     out: queue.Queue = queue.Queue(maxsize=queue_chunks)
     jobs: queue.Queue = queue.Queue()
+    slots = _Slots(queue_chunks + 1, enabled=shared)
 
     def send() -> None:  # pickling and writing happen here, while the main thread decodes the next chunk
         while True:
@@ -86,13 +172,21 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
                 os._exit(0)
             out.task_done()
 
-    def receive() -> None:  # jobs are read as they come, so the parent never blocks on a busy worker
+    def receive() -> None:  # jobs (and freed blocks) are read as they come, so the parent never blocks on a busy worker
         while True:
             try:
-                jobs.put(jobs_conn.recv())
+                msg = jobs_conn.recv()
             except (EOFError, OSError):
                 jobs.put(None)
                 return
+            if msg is not None and msg[0] == FREE:
+                slots.returned(msg[1])
+            else:
+                jobs.put(msg)
+
+    def parent_alive() -> None:
+        if os.getppid() != parent:
+            os._exit(0)
 
     def put(msg) -> None:
         while True:
@@ -133,11 +227,21 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
                 plan = plan_segment(dec.frame_starts, info.duration, start, end, fps)
                 idx, ftimes = plan.indices, plan.times
             pos = 0
+            released = False
+
+            def consumer_busy() -> None:  # a backend that decodes ahead stops while the consumer is busy
+                nonlocal released
+                if not released:
+                    dec.release()
+                    released = True
+                parent_alive()
+
             for frames in dec.read(idx, chunk):
                 k = len(frames)
-                if out.full():  # the consumer is busy: a backend that decodes ahead stops meanwhile
-                    dec.release()
-                put(("chunk", key, frames, ftimes[pos:pos + k]))
+                released = False
+                if out.full():
+                    consumer_busy()
+                put(("chunk", key, slots.pack(frames, consumer_busy), ftimes[pos:pos + k]))
                 pos += k
             dec.close()
             put(("done", key, pos))
@@ -164,12 +268,24 @@ def _widen(conn) -> None:
         pass  # not Linux, or not allowed: the default buffer works, only slower
 
 
+def _unlink_blocks(pid: int) -> None:
+    """Remove the shared blocks a worker made that the parent never mapped (it was killed or died meanwhile)."""
+    from multiprocessing import resource_tracker
+
+    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}_{pid}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        resource_tracker.unregister("/" + os.path.basename(path), "shared_memory")
+
+
 class _Worker:
-    def __init__(self, ctx, backend: str, device: str, queue_chunks: int):
+    def __init__(self, ctx, backend: str, device: str, queue_chunks: int, shared: bool):
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         self.out, out_w = ctx.Pipe(duplex=False)
         _widen(out_w)
-        self.proc = ctx.Process(target=_worker_main, args=(jobs_r, out_w, backend, device, queue_chunks),
+        self.proc = ctx.Process(target=_worker_main, args=(jobs_r, out_w, backend, device, queue_chunks, shared),
                                 daemon=True, name="featseq-decoder")
         self.proc.start()
         jobs_r.close()  # the child holds its own ends: EOF reaches it when we go
@@ -178,6 +294,28 @@ class _Worker:
         self.ready = False
         self.eof = False  # its pipe reached end-of-file: the process is gone
         self.silent = 0.0  # seconds the parent has waited since this worker's last message
+        self.blocks: dict = {}  # slot -> the worker's shared block, mapped here
+
+    def frames(self, ref):
+        """The frames of a chunk message: copied out of the shared block it names, which goes back to the worker."""
+        if not isinstance(ref, tuple):
+            return ref  # sent through the pipe
+        import numpy as np
+        from multiprocessing.shared_memory import SharedMemory
+
+        _, slot, name, shape = ref
+        shm = self.blocks.get(slot)
+        if shm is None or shm.name != name:
+            if shm is not None:
+                shm.close()
+            shm = self.blocks[slot] = SharedMemory(name=name)
+            shm.unlink()  # the name goes at once: the memory is freed when both sides unmap it, however they end
+        frames = np.ndarray(shape, np.uint8, buffer=shm.buf).copy()
+        try:
+            self.jobs.send((FREE, slot))
+        except OSError:  # it died: noticed by the pool
+            pass
+        return frames
 
     def stop(self, kill: bool) -> None:
         if not kill and self.proc.is_alive():
@@ -191,6 +329,10 @@ class _Worker:
             self.proc.join(timeout=5)
         self.jobs.close()
         self.out.close()
+        for shm in self.blocks.values():
+            shm.close()
+        self.blocks.clear()
+        _unlink_blocks(self.proc.pid)
 
 
 class DecodePool:
@@ -201,10 +343,12 @@ class DecodePool:
     """
 
     def __init__(self, timeout: float = 60.0, queue_chunks: int = 4, workers: int = 1, decoder: str = "pyav",
-                 decode_device: str = "cpu"):
+                 decode_device: str = "cpu", shared_memory: bool = True):
         if workers < 1:
             raise ValueError(f"--decode-workers must be >= 1, got {workers}")
         self.timeout, self.queue_chunks, self.n = timeout, queue_chunks, workers
+        self.shared_memory = shared_memory  # False: frames through the pipe (the fallback, and a benchmark's baseline)
+        self.chunks = {"shm": 0, "pipe": 0}  # chunks received by each transport
         self.decoder, self.decode_device = decoder, decode_device
         self._ctx = mp.get_context("spawn")
         self._w: list[_Worker | None] = [None] * workers
@@ -223,7 +367,7 @@ class DecodePool:
         """Start the workers now (e.g. so their start overlaps building a model)."""
         for i, w in enumerate(self._w):
             if w is None:
-                self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks)
+                self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks, self.shared_memory)
         return self
 
     def _retire(self, i: int, kill: bool) -> None:
@@ -270,7 +414,7 @@ class DecodePool:
             while True:
                 for i in range(self.n):  # deal jobs to free workers, starting (re)placements as needed
                     if self._w[i] is None and pending:
-                        self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks)
+                        self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks, self.shared_memory)
                     w = self._w[i]
                     while w is not None and pending and len(w.assigned) < JOBS_PER_WORKER:
                         job = pending.popleft()
@@ -298,7 +442,10 @@ class DecodePool:
                     if msg[0] == "ready":
                         w.ready = True
                         continue
-                    if msg[0] in ("info", "done", "error"):
+                    if msg[0] == "chunk":
+                        self.chunks["shm" if isinstance(msg[2], tuple) else "pipe"] += 1
+                        msg = (msg[0], msg[1], w.frames(msg[2]), msg[3])
+                    elif msg[0] in ("info", "done", "error"):
                         w.assigned.popleft()
                     yield msg
                 for i, w in enumerate(self._w):

@@ -190,6 +190,7 @@ def test_sigterm_stops_featurize_publishes_releases_and_resumes(ref, tmp_path):
     assert time.monotonic() - t < 10
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert gone(workers), [Path(f'/proc/{w}/cmdline').read_text() for w in workers if alive(w)]
+    assert not [b for w in workers for b in Path("/dev/shm").glob(f"featseq_{w}_*")]  # no shared frame block left
     assert not Path(str(out) + ".lock").exists()
     with h5py.File(out, "r") as f:  # closed cleanly: plain h5py opens it
         n = len(f["segments"])

@@ -1,4 +1,5 @@
 """The decode worker survives a hung and a crashed decoder: a real process stopped or killed."""
+import glob
 import os
 import signal
 
@@ -120,3 +121,100 @@ def test_a_failed_worker_among_two_loses_only_its_own_job(synth_data, sig, why):
     assert jobs[lost][2] in errors[lost]
     assert sorted(done + [lost]) == list(range(6)) and len(done) == 5
     assert pool.restarts == 1
+
+
+# ---------------------------------------------------------------- frames through shared memory
+
+def _blocks(pid):
+    """The shared blocks of worker ``pid`` still named in /dev/shm."""
+    return glob.glob(f"/dev/shm/featseq_{pid}_*")
+
+
+def test_frames_travel_through_shared_memory_and_equal_the_pipes(synth_data):
+    """Two workers hand every chunk over in shared blocks (none through the pipe), a larger chunk size remakes a
+    block, the frames equal those the pipe carries, and no block is left in /dev/shm once the pool is closed."""
+    import numpy as np
+
+    clips = synth_data["clips"][:4]
+    jobs = [decode_job(i, c["path"], 0.0, None, 6.0, 32 if i % 2 else 48, "squash", 4 if i < 2 else 8)
+            for i, c in enumerate(clips)]
+    got = {}
+    for shared in (True, False):
+        frames = {}
+        with DecodePool(workers=2, shared_memory=shared) as pool:
+            pids = pool.worker_pids
+            for msg in pool.run(jobs):
+                if msg[0] == "chunk":
+                    frames.setdefault(msg[1], []).append(msg[2])
+            counts = dict(pool.chunks)
+        used, unused = ("shm", "pipe") if shared else ("pipe", "shm")
+        assert counts[used] == sum(len(v) for v in frames.values()) and counts[unused] == 0
+        assert not any(_blocks(p) for p in pids)
+        got[shared] = {k: np.concatenate(v) for k, v in frames.items()}
+    assert sorted(got[True]) == [0, 1, 2, 3]
+    assert all(np.array_equal(got[True][k], got[False][k]) for k in range(4))
+
+
+def test_a_worker_waits_for_a_block_and_remakes_one_too_small():
+    """With every block out, packing waits (calling its callback) until the parent hands one back; a chunk larger
+    than a block gets a new, larger block under a new name."""
+    import numpy as np
+    from multiprocessing.shared_memory import SharedMemory
+
+    from featurize.worker import _Slots
+
+    seen = {}
+
+    def take(ref):  # what the parent does: map the block once (and unlink its name), copy the frames out
+        if ref[2] not in seen:
+            seen[ref[2]] = SharedMemory(name=ref[2])
+            seen[ref[2]].unlink()
+        return np.ndarray(ref[3], np.uint8, buffer=seen[ref[2]].buf).copy()
+
+    slots = _Slots(1)
+    small = np.full((2, 8, 8, 3), 7, np.uint8)
+    ref = slots.pack(small, lambda: None)
+    assert ref[:2] == ("shm", 0) and np.array_equal(take(ref), small)
+    waits = []
+    ref2 = slots.pack(small + 1, lambda: (waits.append(1), slots.returned(0)))
+    assert waits == [1] and ref2[2] == ref[2] and np.array_equal(take(ref2), small + 1)  # the same block, handed back
+    slots.returned(0)
+    big = np.full((4, 8, 8, 3), 9, np.uint8)
+    ref3 = slots.pack(big, lambda: None)
+    assert ref3[2] != ref[2] and np.array_equal(take(ref3), big)
+    for shm in seen.values():
+        shm.close()
+    assert not _blocks(os.getpid())
+
+
+def test_a_full_dev_shm_falls_back_to_the_pipe(monkeypatch):
+    """/dev/shm cannot hold a block (posix_fallocate: ENOSPC, as in a container with Docker's 64 MB default): the block
+    is removed, and this chunk and every later one go through the pipe instead of failing with SIGBUS mid-copy."""
+    import errno
+
+    import numpy as np
+
+    from featurize.worker import _Slots
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    slots = _Slots(2)
+    frames = np.ones((2, 8, 8, 3), np.uint8)
+    assert slots.pack(frames, lambda: None) is frames and not slots.enabled
+    assert slots.pack(frames, lambda: None) is frames
+    assert not _blocks(os.getpid())
+
+
+def test_blocks_a_dead_worker_never_handed_over_are_removed():
+    """A worker killed after making a block and before the parent mapped it: closing the pool removes the block."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    pool = DecodePool().start()
+    pid = pool.worker_pid
+    stray = SharedMemory(name=f"featseq_{pid}_0_99", create=True, size=4096)  # as the worker would have made it
+    stray.close()
+    os.kill(pid, signal.SIGKILL)
+    pool.close()
+    assert not _blocks(pid)
