@@ -220,7 +220,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     log(f"decoding with {decoder} on the {cfg.decode_device.upper() if cfg.decode_device == 'cuda' else 'CPU'}, "
         f"{workers} worker process{'es' if workers > 1 else ''}")
     with DecodePool(timeout=cfg.decode_timeout, workers=workers, decoder=decoder,
-                    decode_device=cfg.decode_device) as pool:  # the same workers probe, then decode
+                    decode_device=cfg.decode_device, log=log) as pool:  # the same workers probe, then decode
         t_valid = time.monotonic()
         if shard and mine is None:  # every shard probes every video to make the same balanced plan
             infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,

@@ -25,6 +25,7 @@ Messages of a job:
   ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))   (from the worker: frames is a shared-block reference)
   ("done",  key, n_frames)                        a decode job finished
   ("error", key, message)                         a job failed (message names the file)
+  ("note",  None, message)                        something the user should know (e.g. /dev/shm is full); logged
 """
 from __future__ import annotations
 
@@ -82,33 +83,44 @@ class _Slots:
         self.blocks: list = []  # slot -> SharedMemory
         self.made = 0
         self.free: queue.Queue = queue.Queue()  # slots the parent has handed back
+        self.note = ""  # why shared memory was given up, until the worker has sent it on
 
     def returned(self, slot: int) -> None:
         self.free.put(slot)
 
     def _make(self, slot: int, nbytes: int):
+        """A new block of ``nbytes``, its pages reserved: a full /dev/shm fails here (OSError), rather than with
+        SIGBUS while frames are copied. The block is sized and reserved before SharedMemory maps it (and registers it
+        with the resource tracker, which removes it if every process dies): SharedMemory's own error path would
+        unregister a name it never registered, and the tracker prints a traceback."""
+        import _posixshmem
         from multiprocessing.shared_memory import SharedMemory
 
         for _ in range(100):  # a name left by a dead process of the same pid is skipped
             name = f"{SHM_PREFIX}_{os.getpid()}_{slot}_{self.made}"
             self.made += 1
             try:
-                shm = SharedMemory(name=name, create=True, size=nbytes)
+                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
                 break
             except FileExistsError:
                 continue
         else:
             raise OSError(errno.EEXIST, "no free name for a shared block")
-        try:  # reserve the pages now: a full /dev/shm fails here, rather than with SIGBUS while frames are copied
-            os.posix_fallocate(shm._fd, 0, nbytes)
-        except AttributeError:  # no posix_fallocate (macOS): the OS does not overcommit such a block the same way
-            pass
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                shm.close()
-                shm.unlink()
-                raise
-        return shm
+        try:
+            os.ftruncate(fd, nbytes)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except AttributeError:  # no posix_fallocate (macOS): nothing to reserve ahead
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            return SharedMemory(name=name)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            raise
+        finally:
+            os.close(fd)
 
     def pack(self, frames, wait_for_free):
         """Copy ``frames`` into a free block (calling ``wait_for_free()`` repeatedly while none is, e.g. to check
@@ -137,9 +149,13 @@ class _Slots:
                 shm.close()  # the parent unlinked its name when it first mapped it
             try:
                 shm = self.blocks[slot] = self._make(slot, frames.nbytes)
-            except OSError:
+            except OSError as e:
                 self.enabled = False  # e.g. /dev/shm is full or missing: frames go through the pipe from now on
                 self.blocks[slot] = None
+                self.note = (f"a decode worker cannot have shared memory for its frames ({e}; it needs "
+                             f"{self.n} blocks of one chunk each), so its frames go through a pipe instead, which costs this process CPU "
+                             "time; give it more shared memory (a container: docker run --shm-size=2g, or a larger "
+                             "/dev/shm), or lower --batch-size")
                 return frames
         np.ndarray(frames.shape, np.uint8, buffer=shm.buf)[...] = frames
         return ("shm", slot, shm.name, frames.shape)
@@ -243,6 +259,9 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
                     consumer_busy()
                 put(("chunk", key, slots.pack(frames, consumer_busy), ftimes[pos:pos + k]))
                 pos += k
+                if slots.note:
+                    put(("note", None, slots.note))
+                    slots.note = ""
             dec.close()
             put(("done", key, pos))
         except Exception as e:  # reported per job; the worker goes on with the next one
@@ -343,12 +362,14 @@ class DecodePool:
     """
 
     def __init__(self, timeout: float = 60.0, queue_chunks: int = 4, workers: int = 1, decoder: str = "pyav",
-                 decode_device: str = "cpu", shared_memory: bool = True):
+                 decode_device: str = "cpu", shared_memory: bool = True, log=None):
         if workers < 1:
             raise ValueError(f"--decode-workers must be >= 1, got {workers}")
         self.timeout, self.queue_chunks, self.n = timeout, queue_chunks, workers
         self.shared_memory = shared_memory  # False: frames through the pipe (the fallback, and a benchmark's baseline)
         self.chunks = {"shm": 0, "pipe": 0}  # chunks received by each transport
+        self.notes: list[str] = []  # the workers' notes, each once (and passed to ``log`` when given)
+        self.log = log
         self.decoder, self.decode_device = decoder, decode_device
         self._ctx = mp.get_context("spawn")
         self._w: list[_Worker | None] = [None] * workers
@@ -441,6 +462,12 @@ class DecodePool:
                     w.silent = 0.0
                     if msg[0] == "ready":
                         w.ready = True
+                        continue
+                    if msg[0] == "note":
+                        if msg[2] not in self.notes:
+                            self.notes.append(msg[2])
+                            if self.log is not None:
+                                self.log(f"note: {msg[2]}")
                         continue
                     if msg[0] == "chunk":
                         self.chunks["shm" if isinstance(msg[2], tuple) else "pipe"] += 1

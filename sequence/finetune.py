@@ -18,6 +18,7 @@ writes the run folder. A video SOURCE is featurized in shards, one per rank, and
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -150,7 +151,8 @@ class Frames:
             from featurize.worker import DecodePool
 
             if self._pool is None:  # the decoder that made the cache's features
-                self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder)).start()
+                self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder),
+                                        log=lambda msg: print(msg, file=sys.stderr, flush=True)).start()
             paths = self.cache.segments["path"]
             got = self._pool.frames_at([(j, paths[i], self.cache.timestamps[r[j][m[j]]]) for j, i in enumerate(idx)
                                         if m[j].any()], size, self.spec.resize)

@@ -218,3 +218,47 @@ def test_blocks_a_dead_worker_never_handed_over_are_removed():
     os.kill(pid, signal.SIGKILL)
     pool.close()
     assert not _blocks(pid)
+
+
+_NO_ROOM = r'''
+import json, resource, sys
+import numpy as np
+from featurize.worker import DecodePool, decode_job
+
+if __name__ == "__main__":
+    jobs = [decode_job(i, p, 0.0, None, 6.0, 128, "squash", 64) for i, p in enumerate(sys.argv[1:])]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))  # the workers inherit it; Python ignores SIGXFSZ
+    logged, out = [], {}
+    for shared in (True, False):
+        got = {}
+        with DecodePool(workers=2, shared_memory=shared, log=logged.append) as pool:
+            for m in pool.run(jobs):
+                if m[0] == "chunk":
+                    got.setdefault(m[1], []).append(m[2])
+            out[shared] = {k: np.concatenate(v) for k, v in got.items()}
+            chunks = chunks if not shared else dict(pool.chunks)
+    same = sorted(out[True]) == sorted(out[False]) and all(np.array_equal(out[True][k], out[False][k]) for k in out[False])
+    print(json.dumps({"chunks": chunks, "logged": logged, "same": same}))
+'''
+
+
+def test_a_worker_without_room_for_a_block_sends_its_frames_through_the_pipe_and_says_so(synth_data, tmp_path):
+    """Real workers whose file-size limit (256 KB) is below a chunk of frames (49 KB a frame, 30 or more frames a
+    chunk): creating the shared block
+    fails as on a full /dev/shm, so they send their frames through the pipe; the frames are the same, and one note
+    (logged once per pool) names the fix."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CHILD_ENV, ROOT
+
+    script = tmp_path / "no_room.py"
+    script.write_text(_NO_ROOM)
+    r = subprocess.run([sys.executable, str(script)] + [c["path"] for c in synth_data["clips"][:3]], cwd=ROOT,
+                       env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["same"] and res["chunks"]["shm"] == 0 and res["chunks"]["pipe"] >= 3
+    assert len(res["logged"]) == 1 and "--shm-size" in res["logged"][0], res["logged"]
+    assert "Traceback" not in r.stderr and "leaked" not in r.stderr, r.stderr
