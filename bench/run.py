@@ -68,6 +68,17 @@ def render() -> str:
                   _table(["source", "backend", "sampling fps", "1 worker frames/s", "2 workers frames/s", "2 vs 1"],
                          [[r["source"], r["backend"], f"{r['fps']:g}", r["workers_1"], r["workers_2"], r["speedup"]]
                           for r in d["decode"]]), "",
+                  *(["How frames reach the parent, two pyav workers: through shared memory (the default: only a "
+                     "block's name crosses the pipe; the parent copies the chunk out) or pickled through the pipe (the "
+                     "fallback when /dev/shm has no room), with the parent's CPU time per 1000 frames received; and, "
+                     "as the machine's own yardstick, plain processes decoding the same segments in a loop without "
+                     "featseq's pool (`plain`: 1 process, 2 processes each taking every other segment).", "",
+                     _table(["source", "sampling fps", "shm frames/s", "shm parent CPU ms / 1000 frames",
+                             "pipe frames/s", "pipe parent CPU ms / 1000 frames", "plain 1 frames/s",
+                             "plain 2 frames/s", "plain 2 vs 1"],
+                            [[r["source"], f"{r['fps']:g}", r["shm_fps"], r["shm_parent_cpu_ms"], r["pipe_fps"],
+                              r["pipe_parent_cpu_ms"], r["plain_1"], r["plain_2"], r["plain_speedup"]]
+                             for r in d["transport"]]), ""] if d.get("transport") else []),
                   "The pipeline against that ceiling: featurize (decode -> batches -> embed -> HDF5 commits) with the "
                   "CNN and its preprocessing replaced by a stand-in that costs nothing (a proxy for a GPU that embeds "
                   "faster than the CPU decodes), the default decoder (pyav), the same workers. Goal: ratio >= 0.9.", "",
