@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -46,25 +47,26 @@ def sources(tmp: Path, quick: bool) -> dict[str, list[tuple]]:
     return {small: [(p, 0.0, None) for p in clips], "synthetic 1280x720": [(str(hd), k * cut, (k + 1) * cut) for k in range(4)]}
 
 
-def decode_only(segments, fps: float, size: int, backend: str, workers: int, repeats: int,
-                shared_memory: bool = True) -> float:
-    """Frames/s delivered by the decode workers to this process (workers started and warmed up first)."""
-    return decode_only_cpu(segments, fps, size, backend, workers, repeats, shared_memory)[0]
-
-
-def decode_only_cpu(segments, fps: float, size: int, backend: str, workers: int, repeats: int,
-                    shared_memory: bool = True) -> tuple[float, float]:
-    """(frames/s delivered, this process's CPU seconds per 1000 frames received), medians over the repeats."""
-    rates, cpu = [], []
-    with DecodePool(workers=workers, decoder=backend, shared_memory=shared_memory) as pool:
-        for r in range(repeats + 1):  # the first pass is the warm-up
-            jobs = [decode_job(i, p, s, e, fps, size, "squash", 64) for i, (p, s, e) in enumerate(segments)]
-            c, t = time.process_time(), time.perf_counter()
-            n = sum(len(m[2]) for m in pool.run(jobs) if m[0] == "chunk")
+def in_turn(measures: dict, repeats: int) -> dict:
+    """The median of each measure (a callable returning a number or a tuple of numbers), the measures taken in turn,
+    one pass each per round, after a warm-up round. Taken in turn rather than one after another, a slow spell of
+    this shared machine hits them alike, so their ratios hold."""
+    got: dict = {k: [] for k in measures}
+    for r in range(repeats + 1):
+        for k, m in measures.items():
+            v = m()
             if r:
-                rates.append(n / (time.perf_counter() - t))
-                cpu.append((time.process_time() - c) / n * 1e6)  # ms per 1000 frames
-    return median(rates), median(cpu)
+                got[k].append(v)
+    return {k: tuple(median(c) for c in zip(*v)) if isinstance(v[0], tuple) else median(v) for k, v in got.items()}
+
+
+def pool_pass(pool: DecodePool, segments, fps: float, size: int) -> tuple[float, float]:
+    """One pass of ``segments`` through the pool's workers: (frames/s delivered to this process, this process's CPU
+    milliseconds per 1000 frames received)."""
+    jobs = [decode_job(i, p, s, e, fps, size, "squash", 64) for i, (p, s, e) in enumerate(segments)]
+    c, t = time.process_time(), time.perf_counter()
+    n = sum(len(m[2]) for m in pool.run(jobs) if m[0] == "chunk")
+    return n / (time.perf_counter() - t), (time.process_time() - c) / n * 1e6
 
 
 def _plain(segments, fps: float, size: int) -> int:
@@ -81,20 +83,19 @@ def _plain(segments, fps: float, size: int) -> int:
     return n
 
 
-def plain_processes(segments, fps: float, size: int, procs: int, repeats: int) -> float:
-    """The machine's own scaling, without featseq's pool: frames/s of ``procs`` plain processes each decoding
-    every procs-th segment in a loop (processes started and warmed up first)."""
+@contextlib.contextmanager
+def plain_processes(procs: int):
+    """The machine's own yardstick, without featseq's pool: a pass function decoding the segments in ``procs``
+    plain processes, each taking every procs-th segment in a loop; it returns frames/s."""
     from concurrent.futures import ProcessPoolExecutor
 
-    parts = [segments[k::procs] for k in range(procs)]
-    rates = []
     with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
-        for r in range(repeats + 1):
+        def one_pass(segments, fps: float, size: int) -> float:
             t = time.perf_counter()
-            n = sum(ex.map(_plain, parts, [fps] * procs, [size] * procs))
-            if r:
-                rates.append(n / (time.perf_counter() - t))
-    return median(rates)
+            n = sum(ex.map(_plain, [segments[k::procs] for k in range(procs)], [fps] * procs, [size] * procs))
+            return n / (time.perf_counter() - t)
+
+        yield one_pass
 
 
 def manifest(tmp: Path, name: str, segments) -> str:
@@ -133,17 +134,15 @@ def negligible_cnn():
         bb.Embedder = real
 
 
-def featurize_fps(source: str, tmp: Path, fps: float, size: int, workers: int, repeats: int, precision: str | None = None,
-                  batch: int = 64) -> float:
-    """Frames/s of the whole decode -> CNN -> HDF5 stream (validation and model building excluded)."""
-    rates = []
-    for r in range(repeats):
-        out = tmp / f"f_{Path(source).stem}_{fps:g}_{size}_{workers}_{precision}_{r}.h5"
-        res = featurize(FeaturizeConfig(source=source, backbone="resnet18", weights="none", size=size, fps=fps,
-                                        device="cpu", precision=precision, decode_workers=workers, batch_size=batch,
-                                        out=str(out), shard=None))
-        rates.append(res.frames / res.stream_seconds)
-    return median(rates)
+def featurize_once(source: str, tmp: Path, fps: float, size: int, workers: int, precision: str | None = None,
+                   batch: int = 64) -> float:
+    """Frames/s of one whole decode -> CNN -> HDF5 stream into a new cache (validation and model building excluded)."""
+    out = tempfile.mktemp(suffix=".h5", dir=tmp)
+    res = featurize(FeaturizeConfig(source=source, backbone="resnet18", weights="none", size=size, fps=fps,
+                                    device="cpu", precision=precision, decode_workers=workers, batch_size=batch,
+                                    out=out, shard=None))
+    os.unlink(out)
+    return res.frames / res.stream_seconds
 
 
 def main(quick: bool = False) -> dict:
@@ -155,43 +154,44 @@ def main(quick: bool = False) -> dict:
     for name, segs in srcs.items():
         for backend in installed:
             for fps in (1.0, 6.0):
-                r = {"source": name, "backend": backend, "fps": fps, "size": 224}
-                for w in (1, 2):
-                    r[f"workers_{w}"] = round(decode_only(segs, fps, 224, backend, w, repeats), 1)
-                r["speedup"] = round(r["workers_2"] / r["workers_1"], 2)
+                with DecodePool(workers=1, decoder=backend) as one, DecodePool(workers=2, decoder=backend) as two:
+                    got = in_turn({w: (lambda p=p: pool_pass(p, segs, fps, 224)[0]) for w, p in ((1, one), (2, two))},
+                                  repeats)
+                r = {"source": name, "backend": backend, "fps": fps, "size": 224,
+                     "workers_1": round(got[1], 1), "workers_2": round(got[2], 1), "speedup": round(got[2] / got[1], 2)}
                 rows.append(r)
                 print(r, flush=True)
     name, segs = next(iter(srcs.items()))
     # how frames reach the parent, and what two processes gain on this machine without featseq in the way
     transport = []
     for fps in (1.0, 6.0):
-        r = {"source": name, "fps": fps}
-        for shared in (True, False):
-            rate, cpu = decode_only_cpu(segs, fps, 224, "pyav", 2, repeats, shared_memory=shared)
-            r["shm_fps" if shared else "pipe_fps"] = round(rate, 1)
-            r["shm_parent_cpu_ms" if shared else "pipe_parent_cpu_ms"] = round(cpu, 1)
-        r["plain_1"] = round(plain_processes(segs, fps, 224, 1, repeats), 1)
-        r["plain_2"] = round(plain_processes(segs, fps, 224, 2, repeats), 1)
-        r["plain_speedup"] = round(r["plain_2"] / r["plain_1"], 2)
+        with DecodePool(workers=2) as shm, DecodePool(workers=2, shared_memory=False) as pipe, \
+                plain_processes(1) as plain1, plain_processes(2) as plain2:
+            got = in_turn({"shm": lambda: pool_pass(shm, segs, fps, 224), "pipe": lambda: pool_pass(pipe, segs, fps, 224),
+                           "plain_1": lambda: plain1(segs, fps, 224), "plain_2": lambda: plain2(segs, fps, 224)}, repeats)
+        r = {"source": name, "fps": fps, "shm_fps": round(got["shm"][0], 1), "shm_parent_cpu_ms": round(got["shm"][1], 1),
+             "pipe_fps": round(got["pipe"][0], 1), "pipe_parent_cpu_ms": round(got["pipe"][1], 1),
+             "plain_1": round(got["plain_1"], 1), "plain_2": round(got["plain_2"], 1),
+             "plain_speedup": round(got["plain_2"] / got["plain_1"], 2)}
         transport.append(r)
         print(r, flush=True)
-    # the pipeline against its decode ceiling: a negligible CNN, the default decoder, the same workers, 224 px
+    # the pipeline against its decode ceiling: a negligible CNN, the default decoder, the same workers, 224 px;
+    # featurize starts its own workers each run (and probes with them first), the ceiling's pool stays up
     src = manifest(tmp, name, segs)
     pipe = []
     for fps in (1.0, 6.0):
         for w in (1, 2):
-            ceiling = decode_only(segs, fps, 224, "pyav", w, repeats)
-            with negligible_cnn():
-                feat = featurize_fps(src, tmp, fps, 224, w, repeats)
-            pipe.append({"source": name, "fps": fps, "workers": w, "decode_only_fps": round(ceiling, 1),
-                         "featurize_fps": round(feat, 1), "ratio": round(feat / ceiling, 3)})
+            with DecodePool(workers=w) as pool, negligible_cnn():
+                got = in_turn({"ceiling": lambda: pool_pass(pool, segs, fps, 224)[0],
+                               "featurize": lambda: featurize_once(src, tmp, fps, 224, w)}, repeats)
+            pipe.append({"source": name, "fps": fps, "workers": w, "decode_only_fps": round(got["ceiling"], 1),
+                         "featurize_fps": round(got["featurize"], 1), "ratio": round(got["featurize"] / got["ceiling"], 3)})
             print(pipe[-1], flush=True)
     # the CPU default: resnet18 at 224 px on the CPU (precision auto) with 1 and 2 decode workers
-    shared = []
-    for w in (1, 2):
-        shared.append({"backbone": "resnet18", "size": 224, "precision": "auto", "fps": 1.0, "workers": w,
-                       "featurize_fps": round(featurize_fps(src, tmp, 1.0, 224, w, repeats, precision="auto"), 1)})
-        print(shared[-1], flush=True)
+    got = in_turn({w: (lambda w=w: featurize_once(src, tmp, 1.0, 224, w, precision="auto")) for w in (1, 2)}, repeats)
+    shared = [{"backbone": "resnet18", "size": 224, "precision": "auto", "fps": 1.0, "workers": w,
+               "featurize_fps": round(got[w], 1)} for w in (1, 2)]
+    print(shared, flush=True)
     data = {"decode": rows, "transport": transport, "pipeline": pipe, "cnn_shares_cpu": shared, "installed": installed,
             "sources": {k: len(v) for k, v in srcs.items()}}
     save("decode", data)
