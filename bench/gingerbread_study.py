@@ -140,7 +140,7 @@ def duration_baseline(cache_path: str) -> dict:
         accs = []
         for seed in p["grid"]["seed"]:
             folds = make_folds(p["grid"]["split"][0], labels, groups, seed=seed, folds=p["grid"].get("folds", [5])[0],
-                               val_size=0)
+                               val_size=0, ids=s["id"])  # the same folds as train's (sequence.splits.folds_for)
             for f in folds:
                 tree = DecisionTreeClassifier(max_depth=3, random_state=seed).fit(dur[f.train, None], labels[f.train])
                 accs.append(float((tree.predict(dur[f.test, None]) == labels[f.test]).mean()))

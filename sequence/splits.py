@@ -153,16 +153,30 @@ def carve_validation(train: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
 
 def make_folds(split: str, labels: np.ndarray, groups: np.ndarray, keep: np.ndarray | None = None, *,
                test_size: float = 0.2, val_size: float = 0.15, seed: int = 0, folds: int = 5,
-               classes: list | None = None, parts: np.ndarray | None = None) -> list[Fold]:
+               classes: list | None = None, parts: np.ndarray | None = None, ids=None) -> list[Fold]:
     """Folds over the segments with ``keep`` True (all by default). Refuses a fold whose training part
     lacks a class (a model cannot learn a class it never sees). ``parts``: (N,) train / val / test / "" per
-    segment, for the predefined splits (``predefined``, ``ucf101:K``, ``hmdb51:K``)."""
+    segment, for the predefined splits (``predefined``, ``ucf101:K``, ``hmdb51:K``).
+
+    ``ids``: the segments' ids. Given, the segments are split in the order of their ids, not in the order of the
+    arrays, and each part lists its segments in that order: a cache's rows follow the order in which segments
+    were completed (several decode workers, shards merged), and the same segments must give the same folds (and
+    the same batches) however the cache was made. Returned indices are still positions in the arrays given."""
+    if ids is not None:
+        order = np.argsort(np.asarray(ids).astype(str), kind="stable")
+        got = make_folds(split, np.asarray(labels)[order], np.asarray(groups)[order],
+                         None if keep is None else np.asarray(keep, bool)[order], test_size=test_size,
+                         val_size=val_size, seed=seed, folds=folds, classes=classes,
+                         parts=None if parts is None else np.asarray(parts, dtype=object)[order])
+        for f in got:
+            f.train, f.val, f.test = order[f.train], order[f.val], order[f.test]
+        return got
     entry = split_entry(split)
     labels, groups = np.asarray(labels), np.asarray(groups)
     n = len(labels)
     keep = np.ones(n, bool) if keep is None else np.asarray(keep, bool)
     if split == "seed-compat" and not keep.all():
-        raise SplitError(f"--split seed-compat splits all segments in cache order; {int((~keep).sum())} were dropped "
+        raise SplitError(f"--split seed-compat splits all segments in id order; {int((~keep).sum())} were dropped "
                          f"(--min-coverage or empty segments), so the split would differ from the original study's")
     idx = np.nonzero(keep)[0]
     if len(idx) < 2:
@@ -206,7 +220,7 @@ def _given_parts(split: str, idx: np.ndarray, parts: np.ndarray | None) -> tuple
 
 def folds_for(cfg, data, cache: Cache, log=lambda s: None) -> list[Fold]:
     """The folds of a TrainConfig / FinetuneConfig ``cfg`` over ``data`` (sequence.reader.Sequences of ``cache``,
-    in cache order): the one place a --split option becomes folds. A predefined split reads its parts from the
+    in cache order; split in id order, see :func:`make_folds`): the one place a --split option becomes folds. A predefined split reads its parts from the
     cache's split column or the official lists, and logs what they did not cover."""
     from .split_lists import ListError, segment_parts
 
@@ -216,7 +230,7 @@ def folds_for(cfg, data, cache: Cache, log=lambda s: None) -> list[Fold]:
         raise SplitError(f"--split {cfg.split}: {e}") from None
     out = make_folds(cfg.split, data.label_names, data.groups, data.keep, test_size=cfg.test_size,
                      val_size=cfg.val_size, seed=cfg.seed, folds=cfg.folds, classes=data.classes,
-                     parts=None if given is None else given.parts)
+                     parts=None if given is None else given.parts, ids=data.ids)
     if given is not None:
         r = given.report
         for f in out:

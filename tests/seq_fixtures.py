@@ -15,11 +15,13 @@ from featurize.cache import CacheWriter, string_widths
 
 
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
-                     video_fps=25.0, splits=None, paths=None) -> str:
+                     video_fps=25.0, splits=None, paths=None, order=None) -> str:
     """A valid cache with random features; segment i samples start + k/fps for k < ceil(duration*fps).
 
     jitter > 0 moves timestamps to the presentation time of a video_fps frame (up to one frame early),
     like real decoded timestamps. splits: the segments' split column (default empty); paths: their videos.
+    order: the order in which the segments are written (as several decode workers complete them); each segment's
+    features are the same whatever the order.
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -33,14 +35,16 @@ def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps
     attrs = {"source": "/fake/source", "backbone": "fake", "weights": "none-seed0", "size": 32, "resize": "squash",
              "precision": "fp32"}  # what featurize records; no real backbone made these random features
     with CacheWriter(str(path), {"fps": float(fps)}, attrs, dim, string_widths(rows or [{"id": "x", "label": "x", "group": "x", "path": "x"}])) as w:
-        for i in range(n):
+        feats = [rng.standard_normal((int(math.ceil(float(durations[i]) * fps - 1e-6)), dim)).astype(np.float16)
+                 for i in range(n)]
+        for i in (range(n) if order is None else order):
             s, d = float(starts[i]), float(durations[i])
-            k = np.arange(int(math.ceil(d * fps - 1e-6)))
+            k = np.arange(len(feats[i]))
             ts = s + k / fps
             if jitter:
                 ts = np.floor(ts * video_fps + 1e-4) / video_fps
             w.append({**rows[i], "start": s, "end": s + d, "video_duration": s + d, "video_fps": video_fps},
-                     rng.standard_normal((len(k), dim)).astype(np.float16), ts)
+                     feats[i], ts)
     return str(path)
 
 

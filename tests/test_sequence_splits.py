@@ -116,3 +116,19 @@ def test_keep_mask_and_class_missing_from_training():
         make_folds("kfold", labels, groups, folds=5)
     with pytest.raises(SplitError, match="unknown --split"):
         make_folds("stratified", labels, groups)
+
+
+@pytest.mark.parametrize("split", ["random", "seed-compat", "group", "kfold", "group-kfold", "logo"])
+def test_folds_follow_the_ids_not_the_row_order(split):
+    """The same segments in another row order (as several decode workers or merged shards publish them) give the same
+    folds, each part listing the same segments in the same order."""
+    ids = np.array([f"P{i // 8 + 1:02d}_music{i % 8 + 1:02d}" for i in range(184)])
+    perm = np.random.default_rng(3).permutation(184)
+    a = make_folds(split, LABELS, GROUPS, ids=ids, folds=5, seed=1)
+    b = make_folds(split, LABELS[perm], GROUPS[perm], ids=ids[perm], folds=5, seed=1)
+    assert len(a) == len(b)
+    for fa, fb in zip(a, b):
+        for part in ("train", "val", "test"):
+            assert ids[getattr(fa, part)].tolist() == ids[perm][getattr(fb, part)].tolist()
+    if split == "seed-compat":  # in id order, which is the original study's order
+        assert np.array_equal(a[0].test, make_folds(split, LABELS, GROUPS)[0].test)

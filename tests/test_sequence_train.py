@@ -102,6 +102,24 @@ def test_order_aware_models_beat_order_blind_baselines(synth, tmp_path):
     assert [r["test_accuracy"] for r in again["rows"]] == [r["test_accuracy"] for r in res["rows"]]
 
 
+def test_a_cache_in_another_row_order_trains_the_same_model(tmp_path):
+    """Two caches holding the same segments, written in different orders (as two decode workers complete them): a
+    run on either has the same history, the same test accuracy and the same prediction for every segment."""
+    labels, groups = ["a", "b", "c"] * 16, [f"g{i % 4}" for i in range(48)]
+    order = np.random.default_rng(5).permutation(48)
+    caches = [write_fake_cache(tmp_path / "in_order.h5", labels, groups, dim=16),
+              write_fake_cache(tmp_path / "shuffled.h5", labels, groups, dim=16, order=order)]
+    runs = [train(TrainConfig(cache=c, out=str(tmp_path / f"r{k}"), model="gru", hidden=16, epochs=3, seq_len=12,
+                              split="random", plots=False, device="cpu")) for k, c in enumerate(caches)]
+    assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+    hist = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / f"r{k}" / "history.csv"))]
+            for k in (0, 1)]
+    assert hist[0] == hist[1]
+    preds = [{r["id"]: (r["split"], r["predicted"]) for r in csv.DictReader(open(tmp_path / f"r{k}" / "predictions.csv"))}
+             for k in (0, 1)]
+    assert preds[0] == preds[1] and len(preds[0]) == 48
+
+
 def test_training_is_deterministic_and_cv(synth, tmp_path):
     a = train(TrainConfig(cache=synth, out=str(tmp_path / "a"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
     b = train(TrainConfig(cache=synth, out=str(tmp_path / "b"), model="gru", fps=1, epochs=3, hidden=16, plots=False))
