@@ -110,7 +110,7 @@ def main():
               help="Where frames are decoded: cuda decodes on the GPU (NVDEC) with --decoder torchcodec.")
 @click.option("--decode-workers", default=None, type=click.IntRange(1), metavar="N",
               help="Decoder processes feeding the CNN [default: cores - 1 when the CNN runs on CUDA, 2 when decoding "
-                   "on CUDA, 1 when the CNN shares the CPU].")
+                   "on CUDA, 2 when the CNN shares the CPU (1 on one core)].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --weights none.")
 @click.option("--refresh", is_flag=True,
               help="Featurize again the cached segments whose video changed since (size or mtime differ from those "

@@ -13,8 +13,9 @@ queue in the worker, drained into a pipe by a sender thread), so decoding overla
 
 Frames travel through shared memory, not through the pipe: a worker writes each chunk into one of its
 ``queue_chunks + 1`` shared blocks and sends only the block's name and the chunk's shape; the parent copies the
-chunk out and hands the block back (("free", slot) on the jobs pipe). Pickling frames through a pipe cost the
-parent about half a core at 0.4 GB/s, a core the decoders need (bench/decode_bench.py). The parent unlinks a
+chunk out and hands the block back (("free", slot) on the jobs pipe). Pickled through the pipe, two workers'
+224 px frames cost the parent 195 ms of CPU per 1000 frames, against 18 ms this way (bench/decode_bench.py), CPU
+the decoders need when they share the cores with it. The parent unlinks a
 block's name as soon as it maps it, and a retired worker's unmapped blocks by their prefix, so nothing is left in
 /dev/shm. Where a block cannot be had (/dev/shm full or too small, e.g. Docker's default 64 MB), the worker sends
 frames through the pipe as before.
@@ -65,12 +66,15 @@ def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> tupl
 
 def default_workers(decode_device: str, cnn_device: str) -> int:
     """``--decode-workers`` when not given: the cores minus one for a GPU's CNN (CUDA decoding: 2, NVDEC is one
-    engine); one on a CPU that also runs the CNN (bench/decode_bench.py: more workers only take cores from it)."""
+    engine); two on a CPU that also runs the CNN, one on a single core (bench/decode_bench.py: on 2 cores, ResNet-18
+    at 224 px and 1 fps featurized as fast or faster with two workers than with one, now that frames cross in shared
+    memory; more would only take cores from the CNN)."""
+    cores = len(os.sched_getaffinity(0))
     if decode_device == "cuda":
         return 2
     if cnn_device == "cuda":
-        return max(1, len(os.sched_getaffinity(0)) - 1)
-    return 1
+        return max(1, cores - 1)
+    return min(2, cores)
 
 
 class _Slots:
