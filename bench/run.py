@@ -64,7 +64,9 @@ def render() -> str:
                   "`bench/decode_bench.py`. Decode-only: frames/s delivered to the parent process by the decode "
                   "worker processes (`DecodePool`, workers started and warmed up, 224 px output, one thread per "
                   f"worker). Sources: {', '.join(f'{k} ({v} segments)' for k, v in d['sources'].items())}. Installed "
-                  f"backends: {', '.join(d['installed'])}.", "",
+                  f"backends: {', '.join(d['installed'])}. The measures compared in one row are taken in turn, one pass "
+                  "each per round, and the median of 5 rounds after a warm-up is shown: this shared 2-core VM has slow "
+                  "spells, which then hit both sides of a ratio alike.", "",
                   _table(["source", "backend", "sampling fps", "1 worker frames/s", "2 workers frames/s", "2 vs 1"],
                          [[r["source"], r["backend"], f"{r['fps']:g}", r["workers_1"], r["workers_2"], r["speedup"]]
                           for r in d["decode"]]), "",
