@@ -236,7 +236,8 @@ if __name__ == "__main__":
                 if m[0] == "chunk":
                     got.setdefault(m[1], []).append(m[2])
             out[shared] = {k: np.concatenate(v) for k, v in got.items()}
-            chunks = chunks if not shared else dict(pool.chunks)
+            if shared:
+                chunks = dict(pool.chunks)
     same = sorted(out[True]) == sorted(out[False]) and all(np.array_equal(out[True][k], out[False][k]) for k in out[False])
     print(json.dumps({"chunks": chunks, "logged": logged, "same": same}))
 '''
