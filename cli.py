@@ -576,5 +576,30 @@ def report(folders, out):
     click.echo(run(list(folders), out))
 
 
+@main.group("run")
+def run_group():
+    """Maintain run folders."""
+
+
+@run_group.command("upgrade")
+@click.argument("folder", type=click.Path(exists=True))
+@click.option("--trust", is_flag=True,
+              help="Load the checkpoints that need it in full, which runs any code they carry: only for runs you made yourself.")
+def run_upgrade(folder, trust):
+    """Convert the checkpoints of a run FOLDER (or a folder of runs) written by an older featseq to tensors and plain
+    data, so that they load weights-only. Only for runs you made yourself.
+
+    featseq loads every checkpoint weights-only and refuses one that needs more (it could run code from the file).
+    Without --trust this lists the checkpoints that need converting and the Python objects each asks for, loading
+    none; with --trust it converts them and keeps each original as FILE.pre-upgrade.
+    """
+    from sequence.checkpoint import upgrade
+
+    res = upgrade(folder, trust=trust, log=lambda s: click.echo(s, err=True))
+    click.echo(f"{len(res['converted'])} checkpoint(s) converted, {len(res['already_safe'])} already plain data",
+               err=True)
+    click.echo(folder)
+
+
 if __name__ == "__main__":
     main()

@@ -102,12 +102,35 @@ def open_read(path: str | os.PathLike) -> h5py.File:
     if version is None or "segments" not in f:
         f.close()
         raise CacheError(f"{path}: not a featseq cache (no format_version attribute / segments table)")
-    if int(version) not in READABLE_VERSIONS:
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        version = None
+    if version not in READABLE_VERSIONS:
         f.close()
+        if version is None:
+            raise CacheError(f"{path}: its format_version attribute is not a number; not a featseq cache, or a damaged one")
         raise CacheError(f"{path}: cache format version {int(version)} is not supported by this featseq "
                          f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-run featseq featurize or "
                          f"upgrade featseq")
+    problem = _table_problem(f["segments"], version)
+    if problem:
+        f.close()
+        raise CacheError(f"{path}: its segments table {problem}; not a featseq cache, or a damaged one")
     return f
+
+
+def _table_problem(table, version: int) -> str | None:
+    """What is wrong with a /segments object for this format version (None: the fields and kinds featseq writes)."""
+    if not isinstance(table, h5py.Dataset) or table.dtype.names is None or table.ndim != 1:
+        return "is not a one-dimensional table of records"
+    need = [(n, "S") for n in STR_FIELDS if n != "split" or version >= 2] + [(n, t[0]) for n, t in _NUM_FIELDS]
+    for name, kind in need:
+        if name not in table.dtype.names:
+            return f"has no {name!r} column"
+        if table.dtype[name].kind != kind and not (kind in "if" and table.dtype[name].kind in "if"):
+            return f"has a {name!r} column of kind {table.dtype[name].kind!r}, expected {kind!r}"
+    return None
 
 
 def _left_open(e: OSError) -> bool:
@@ -117,15 +140,44 @@ def _left_open(e: OSError) -> bool:
     return "already open for write" in text or "lock" in text or "truncated file" in text
 
 
+# Attributes are data from whoever made the file: parsed (JSON, numbers), never evaluated, and checked here.
+JSON_ATTRS = ("versions", "config", "mean", "std", "shard_plan", "merged_from")
+NUMBER_ATTRS = {"format_version": int, "feature_dim": int, "size": int, "seed": int, "fps": float}
+MAX_ATTR_BYTES = {"shard_plan": 256 * 2**20}  # a shard plan names every segment; other attributes are small
+MAX_ATTR_DEFAULT = 2**20
+
+
 def _decode_attrs(f: h5py.File) -> dict:
     out = {}
-    for k, v in f.attrs.items():
+    for k in f.attrs:
+        size = h5py.h5a.open(f.id, k.encode()).get_storage_size()
+        limit = MAX_ATTR_BYTES.get(k, MAX_ATTR_DEFAULT)
+        if size > limit:
+            raise CacheError(f"{f.filename}: attribute {k!r} holds {size} bytes (at most {limit} expected); this "
+                             f"file was not written by featseq or is damaged")
+        try:
+            v = f.attrs[k]
+        except (OSError, TypeError, ValueError) as e:
+            raise CacheError(f"{f.filename}: attribute {k!r} cannot be read ({e}); this file was not written by featseq "
+                             f"or is damaged") from e
         if isinstance(v, bytes):
-            v = v.decode()
+            v = v.decode("utf-8", "replace")
         elif isinstance(v, np.generic):
             v = v.item()
-        if k in ("versions", "config", "mean", "std", "shard_plan", "merged_from") and isinstance(v, str):
-            v = json.loads(v)
+        if k in JSON_ATTRS and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise CacheError(f"{f.filename}: attribute {k!r} is not valid JSON ({e}); this file was not written "
+                                 f"by featseq or is damaged") from e
+        if k in NUMBER_ATTRS and v is not None:
+            try:
+                if isinstance(v, (bool, str)) or not np.isscalar(v):
+                    raise ValueError
+                v = NUMBER_ATTRS[k](v)
+            except (TypeError, ValueError):
+                raise CacheError(f"{f.filename}: attribute {k!r} is {str(v)[:60]!r} ({type(v).__name__}), not a "
+                                 f"{NUMBER_ATTRS[k].__name__}; this file was not written by featseq or is damaged") from None
         out[k] = v
     return out
 

@@ -36,12 +36,13 @@ from featurize.shard import after_torchrun, rank_device, torchrun_env
 from featurize.spec import FeatureSpec
 from featurize.stop import Interrupted
 
+from . import checkpoint
 from . import models as M
 from .config import FinetuneConfig  # noqa: F401  (re-exported)
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
-from .run import Run, save_torch, write_json, write_run
+from .run import Run, write_json, write_run
 from .splits import Fold, folds_for
 
 LAST = "last.pt"
@@ -257,7 +258,7 @@ def _resume_state(cfg: FinetuneConfig, run: Path, state_cfg: dict) -> dict | Non
     """The loop state of ``run/last.pt`` to continue from with --resume, else None (a fresh start)."""
     if not (cfg.resume and (run / LAST).exists()):
         return None
-    last = torch.load(run / LAST, map_location="cpu", weights_only=False)
+    last = checkpoint.load(run / LAST)
     if "best" not in last:
         raise UserError(f"--resume: {run / LAST} was written by an older featseq; rerun without --resume")
     if last["config"] != state_cfg:
@@ -369,7 +370,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
         def on_epoch(state: dict) -> None:
             done["epoch"] = state["epoch"]
             if rk.main:
-                save_torch({**state, "config": state_cfg}, run / LAST)
+                checkpoint.save({**state, "config": state_cfg}, run / LAST)
 
         frames = Frames(cache, data, spec, cfg.decode_timeout)
         log(f"finetune {backbone.entry.name} (unfreeze {cfg.unfreeze}: {sum(p.numel() for p in trunk_params)} trunk "

@@ -39,10 +39,10 @@ from featurize.errors import UserError
 from featurize.sources import Segment
 from featurize.spec import FeatureSpec, weights_id
 
-from . import plots
+from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
 from .reader import EPS, select, shifts
-from .run import Run, save_torch, write_json
+from .run import Run, write_json
 
 
 class PredictError(UserError):
@@ -93,7 +93,7 @@ def featurize_spec(run: Run, out: Path) -> FeatureSpec:
         return spec
     trunk = out / "finetuned_trunk.pt"  # written on every call: OUT may hold another (or an older) run's trunk
     out.mkdir(parents=True, exist_ok=True)
-    save_torch(run.trunk_state, trunk)
+    checkpoint.save(run.trunk_state, trunk)
     from featurize.backbones import sha256_file
 
     sha = sha256_file(str(trunk))

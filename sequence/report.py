@@ -182,9 +182,12 @@ def _csv_table(path: Path, limit: int = 200, cls: str = "", common: bool = False
 
 def _load(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReportError(f"{path}: cannot read it ({e})") from e
+    if not isinstance(obj, dict):
+        raise ReportError(f"{path}: holds a JSON {type(obj).__name__}, not the object featseq writes")
+    return obj
 
 
 METRICS = ("test_accuracy", "test_accuracy_std", "oof_accuracy", "val_accuracy", "val_accuracy_std", "train_accuracy",
@@ -294,7 +297,12 @@ def report(folders: str | list[str], out: str | None = None) -> str:
     for d in dirs:
         if not d.is_dir():
             raise ReportError(f"{d}: no such folder")
-        sections.append(readers[kind_of(d)](d))
+        try:
+            sections.append(readers[kind_of(d)](d))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # files from elsewhere are data; say which
+            if isinstance(e, ReportError):
+                raise
+            raise ReportError(f"{d}: its files are not what featseq writes ({type(e).__name__}: {e})") from e
     dest = Path(out) if out else dirs[0] / "report.html"
     page = _ENV.get_template("report.html.j2").render(
         sections=sections, dirs=dirs, base=os.path.abspath(dest.parent),

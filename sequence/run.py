@@ -28,7 +28,6 @@ classification report.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from featurize.errors import UserError
 from featurize.files import replaced, writing
 from featurize.spec import FeatureSpec
 
+from . import checkpoint
 from . import models as M
 from . import plots
 from .loop import FeatureInputs, FitResult, probabilities
@@ -58,15 +58,6 @@ def write_json(path: Path, obj) -> None:
     """Atomically: a reader sees the old file or the whole new one."""
     with replaced(path) as tmp, open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, default=_default)
-
-
-def save_torch(obj, path: Path) -> None:
-    """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as "unexpected
-    pos", a plain write as the OSError it is (featurize.files.DiskFullError naming ``path``)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with replaced(path) as tmp:
-        tmp.write_bytes(buf.getbuffer())
 
 
 def _default(o):
@@ -184,7 +175,7 @@ def _write_run(run: Path, *, cfg, data, fold, head, fit, probs, spec, cache, dev
             "features": spec.to_dict(), "cache": cache_info(cache),
             "split_ids": {k: [data.ids[i] for i in getattr(fold, k)] for k in ("train", "val", "test")},
             **(extra_checkpoint or {})}
-    save_torch(ckpt, run / CHECKPOINT)
+    checkpoint.save(ckpt, run / CHECKPOINT)
     b = history[best - 1] if best else fit.start_scores
     reader = data.summary()
     res = {
@@ -234,23 +225,25 @@ class Run:
     def __init__(self, run_dir: str | os.PathLike, what: str = "RUN"):
         self.path = Path(run_dir)
         ck = checkpoint_path(run_dir, what)
-        try:
-            self.ckpt = torch.load(ck, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RunError(f"{ck}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+        self.ckpt = checkpoint.load(ck)  # weights-only: never runs code from the file
         for key in ("model", "model_config", "classes", "reader", "config"):
             if key not in self.ckpt:
                 raise RunError(f"{ck}: the checkpoint has no {key!r} entry; it was not written by featseq train/finetune")
-        mc = dict(self.ckpt["model_config"])
-        self.model = M.create_model(mc.pop("name"), mc.pop("input_dim"), mc.pop("n_classes"), **mc)
-        self.model.load_state_dict(self.ckpt["model"])
+        try:  # a file from elsewhere is data: anything but what train/finetune write is a clear error
+            mc = dict(self.ckpt["model_config"])
+            self.model = M.create_model(mc.pop("name"), mc.pop("input_dim"), mc.pop("n_classes"), **mc)
+            self.model.load_state_dict(self.ckpt["model"])
+            self.kind: str = str(self.ckpt.get("kind", "train"))
+            self.classes: list[str] = [str(c) for c in self.ckpt["classes"]]
+            self.config: dict = dict(self.ckpt["config"])
+            self.split_ids: dict = self.ckpt.get("split_ids", {"train": [], "val": [], "test": []})
+            rd = self.ckpt["reader"]
+            self.reader = ReaderConfig(fps=float(rd["fps"]), seq_len=int(rd["seq_len"]), offset=rd["offset"],
+                                       min_coverage=float(rd["min_coverage"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise RunError(f"{ck}: not what featseq train/finetune write ({type(e).__name__}: {e}); use a run folder "
+                           f"made by featseq") from e
         self.model.eval()
-        self.kind: str = self.ckpt.get("kind", "train")
-        self.classes: list[str] = list(self.ckpt["classes"])
-        self.config: dict = self.ckpt["config"]
-        self.split_ids: dict = self.ckpt.get("split_ids", {"train": [], "val": [], "test": []})
-        rd = self.ckpt["reader"]
-        self.reader = ReaderConfig(fps=rd["fps"], seq_len=rd["seq_len"], offset=rd["offset"], min_coverage=rd["min_coverage"])
         self.cache_path: str | None = (self.ckpt.get("cache") or {}).get("path")
 
     @property

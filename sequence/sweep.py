@@ -279,7 +279,9 @@ def finished(tc: TrainConfig) -> dict | None:
         return None
     try:
         r = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return None
+    if not isinstance(r, dict) or not isinstance(r.get("config"), dict):
         return None
     if r.get("status") != "complete" or _comparable(r.get("config", {})) != _comparable(asdict(tc)):
         return None

@@ -92,15 +92,15 @@ def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["mode"] == "finetune" and r["trainable_trunk_params"] > 0
     assert r["seq_len"] == ft_data["res"]["seq_len"] and r["n_test"] == ft_data["res"]["n_test"]
-    ckpt = torch.load(ft_data["run"] + "/checkpoint.pt", weights_only=False)
-    ft_ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(ft_data["run"] + "/checkpoint.pt", weights_only=True)
+    ft_ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ft_ckpt["split_ids"] == ckpt["split_ids"]  # the warm start's exact split, no test leakage
     # the warm start is scored first and is the model to beat: the result never falls below it on validation
     warm = r["warm_start_scores"]
     assert warm["val_accuracy"] == pytest.approx(ft_data["res"]["val_accuracy"])
     assert r["val_accuracy"] >= warm["val_accuracy"] - 1e-9
     # and fine-tuning really trained the last stage: layer4 moved, layer1 did not
-    last = torch.load(out / "last.pt", weights_only=False)["model"]
+    last = torch.load(out / "last.pt", weights_only=True)["model"]
     init = bb.create_backbone("resnet18", "none").trunk.state_dict()
     assert not torch.equal(last["trunk.layer4.1.conv2.weight"], init["layer4.1.conv2.weight"])
     assert torch.equal(last["trunk.layer1.0.conv1.weight"], init["layer1.0.conv1.weight"])
@@ -125,7 +125,7 @@ def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
 
     def saved_epoch():
         try:
-            return torch.load(out / "last.pt", weights_only=False)["epoch"]
+            return torch.load(out / "last.pt", weights_only=True)["epoch"]
         except Exception:
             return 0
     while p.poll() is None and saved_epoch() < 2 and time.monotonic() < deadline:
@@ -133,7 +133,7 @@ def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
     assert p.poll() is None, p.stderr.read().decode()[-2000:]
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    killed = torch.load(out / "last.pt", weights_only=False)
+    killed = torch.load(out / "last.pt", weights_only=True)
     assert 2 <= killed["epoch"] < 4 and not (out / "results.json").exists()
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -58,11 +58,11 @@ def _one(data, out, epochs, resume=False) -> dict:
 
 def _same_run(a: Path, b: Path) -> None:
     """Two run folders hold the same model (within float tolerance) and the same metrics."""
-    ca, cb = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (a, b))
+    ca, cb = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (a, b))
     for part in ("model", "trunk"):
         for k, v in ca[part].items():
             assert torch.allclose(v.float(), cb[part][k].float(), rtol=1e-4, atol=1e-5), (part, k)
-    la, lb = (torch.load(p / "last.pt", weights_only=False) for p in (a, b))
+    la, lb = (torch.load(p / "last.pt", weights_only=True) for p in (a, b))
     for k, v in la["model"].items():  # the last epoch's weights, whichever epoch was selected
         assert torch.allclose(v.float(), lb["model"][k].float(), rtol=1e-4, atol=1e-5), k
     ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
@@ -95,7 +95,7 @@ def test_two_ranks_train_like_one_process_and_resume_on_the_other_world_size(ddp
     res = json.loads((two / "results.json").read_text())
     assert res["ranks"] == 2 and res["backend"] == "gloo" and res["batch_per_rank"] == 6
     _same_run(one, two)
-    last = torch.load(two / "last.pt", weights_only=False)["model"]  # the trunk's last stage really trained
+    last = torch.load(two / "last.pt", weights_only=True)["model"]  # the trunk's last stage really trained
     init = bb.create_backbone("resnet18", "none").trunk.state_dict()
     assert not torch.equal(last["trunk.layer4.1.conv2.weight"], init["layer4.1.conv2.weight"])
 
@@ -134,7 +134,7 @@ def test_kill_one_rank_stops_the_other_and_resume_completes(ddp_data, tmp_path):
 
     def saved_epoch():
         try:
-            return torch.load(out / "last.pt", weights_only=False)["epoch"]
+            return torch.load(out / "last.pt", weights_only=True)["epoch"]
         except Exception:
             return 0
     deadline = time.monotonic() + 240
@@ -145,7 +145,7 @@ def test_kill_one_rank_stops_the_other_and_resume_completes(ddp_data, tmp_path):
     os.kill(victim, signal.SIGKILL)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode != 0
-    killed = torch.load(out / "last.pt", weights_only=False)
+    killed = torch.load(out / "last.pt", weights_only=True)
     assert 1 <= killed["epoch"] < 6 and not (out / "results.json").exists()
     assert "error: rank 0 of 2: " in stderr, stderr[-3000:]  # the survivor says why it stopped ...
     assert "lost another rank" in stderr or "SIGTERM" in stderr

@@ -116,7 +116,7 @@ def test_refuses_inconsistent_run(pr_data, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(pr_data["run"], run)
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
     old = {k: v for k, v in ck.items() if k != "features"}  # as an older featseq wrote it
     old["cache"] = {**ck["cache"], "path": str(tmp_path / "gone.h5")}
     torch.save(old, run / "checkpoint.pt")

@@ -52,7 +52,7 @@ def test_rebuilt_from_config_alone(name, tmp_path):
     model = M.create_model(name, D, C, hidden=16)
     model.norm.fit(torch.randn(40, D) * 2 + 5)
     torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "m.pt")
-    ck = torch.load(tmp_path / "m.pt", weights_only=False)
+    ck = torch.load(tmp_path / "m.pt", weights_only=True)
     cfg = dict(ck["model_config"])
     again = M.create_model(cfg.pop("name"), cfg.pop("input_dim"), cfg.pop("n_classes"), **cfg)
     again.load_state_dict(ck["model"])
