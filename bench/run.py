@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,cpu_slices,cache_io,train,sweep,shard,finetune_ddp] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,decode,stream,cpu_slices,cache_io,scale,train,sweep,shard,finetune_ddp] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "train", "sweep", "shard", "finetune_ddp"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "scale", "train", "sweep", "shard", "finetune_ddp"]
 
 
 def _load(name):
@@ -117,6 +117,23 @@ def render() -> str:
                   _table(["dtype", "frames", "MB", "MB / 1000 frames", "load all s", "load all (fadvise) s", "MB/s", "one segment ms"],
                          [[r["dtype"], r["frames"], r["mb"], r["mb_per_1000_frames"], r["load_all_s"], r["load_all_fadvise_s"],
                            r["load_all_mb_s"], r["read_one_segment_ms"]] for r in c["rows"]]), ""]
+    sc = _load("scale")
+    if sc:
+        parts += ["## Scale: the writer and cache commands at UCF-101 size", "",
+                  f"`bench/scale_bench.py`: synthetic caches written by featseq's own CacheWriter ({sc['feature_dim']}-dim "
+                  f"{sc['dtype']} features, 101 classes, 25 groups). The writer publishing every segment on its own "
+                  f"(`group_seconds=0`: one write and flush per dataset per segment, the writer before group commits) "
+                  f"against groups ({sc['group_seconds']:g} s or 64 MiB; the default), taken in turn in one run; "
+                  f"features are made before the clock starts. Goal: >= 10x for 10-frame segments.", "",
+                  _table(["segments", "frames / segment", "per segment: segments/s", "frames/s", "grouped: segments/s",
+                          "frames/s", "speedup"],
+                         [[r["segments"], r["frames_per_segment"], r["per_segment_segments_per_s"],
+                           r["per_segment_frames_per_s"], r["grouped_segments_per_s"], r["grouped_frames_per_s"],
+                           r["speedup"]] for r in sc["writer"]]), "",
+                  "Cache commands on the largest cache (process start included):", "",
+                  _table(["command", "segments", "frames / segment", "MB", "seconds"],
+                         [[r["command"], r["segments"], r["frames_per_segment"], r["mb"], r["seconds"]]
+                          for r in sc["commands"]]), ""]
     t = _load("train")
     if t:
         parts += ["## Cached training vs the original pipeline", "", t.get("description", ""), "",

@@ -14,9 +14,10 @@ Layout of one file (format_version 2):
                  precision, dtype, feature_dim, keep_frames, source, source_kind, created,
                  versions (JSON), config (JSON)
 
-Commit protocol: a segment's rows are appended to /features and /timestamps and flushed, then its
-row is appended to /segments and flushed. Readers trust /segments only, so a half-written segment
-is never visible. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
+Commit protocol: segments are published in groups (CacheWriter.publish: what arrived within
+GROUP_SECONDS or GROUP_BYTES, and on close): the group's rows are appended to /features and
+/timestamps and flushed, then its rows are appended to /segments and flushed. Readers trust
+/segments only, so a half-written segment is never visible; a kill loses the unpublished group. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
 if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
 it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
@@ -61,6 +62,10 @@ STR_FIELDS = ("id", "label", "group", "path", "split")
 SPLIT_VALUES = ("train", "val", "test")  # a segment's split: one of these, or empty (none given)
 _MIN_WIDTH = {"path": 256, "split": 8}   # bytes; the others 64
 
+
+# Group commits: segments are published together once the oldest has waited this long or the group holds this much
+GROUP_SECONDS = 1.0
+GROUP_BYTES = 64 << 20
 
 # Set when a write failed inside HDF5 (the space ran out in spite of CacheWriter's check): the library can then not
 # shut down cleanly, so the CLI ends such a process with os._exit after its error message (cli.Main).
@@ -418,25 +423,46 @@ def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
                                              chunks=d.chunks, dtype=d.dtype, compression=d.compression,
                                              fletcher32=d.fletcher32)
                     step = max(1, (64 << 20) // max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize))
-                    # segment by segment (in runs of adjacent ones), from their old rows to their new ones
-                    for o, n, no in zip(table["offset"], table["length"], new["offset"]):
-                        for a in range(0, int(n), step):
-                            b = min(int(n), a + step)
-                            out[int(no) + a:int(no) + b] = d[int(o) + a:int(o) + b]
+                    # in runs of segments adjacent in the old rows (all of them when none is dropped), block by block
+                    for o, n, no in _runs(table["offset"], table["length"], new["offset"]):
+                        for a in range(0, n, step):
+                            b = min(n, a + step)
+                            out[no + a:no + b] = d[o + a:o + b]
             dst.create_dataset("segments", data=new, maxshape=(None,), chunks=src["segments"].chunks,
                                fletcher32=src["segments"].fletcher32)
         os.replace(tmp, path)
     return gone
 
 
+def _runs(offsets: np.ndarray, lengths: np.ndarray, new_offsets: np.ndarray) -> list[tuple[int, int, int]]:
+    """(old offset, rows, new offset) of each run of segments whose rows follow one another in the old file (new
+    offsets are consecutive by construction)."""
+    runs: list[list[int]] = []
+    for o, n, no in zip(offsets.tolist(), lengths.tolist(), new_offsets.tolist()):
+        if runs and runs[-1][0] + runs[-1][1] == o:
+            runs[-1][1] += n
+        else:
+            runs.append([o, n, no])
+    return [tuple(r) for r in runs]
+
+
 class CacheWriter:
     """Appends segments to a cache under the commit protocol above. Use as a context manager."""
 
     def __init__(self, path: str, identity: dict, attrs: dict, feature_dim: int, widths: dict[str, int],
-                 dtype: str = "float16", frame_size: int | None = None, drop: set[str] = frozenset()):
+                 dtype: str = "float16", frame_size: int | None = None, drop: set[str] = frozenset(),
+                 group_seconds: float = GROUP_SECONDS, group_bytes: int = GROUP_BYTES):
         """``drop``: ids of published segments to remove first (featurize --refresh: their videos changed); the cache is
-        rewritten without them (:func:`_rewrite`), so they are gone whole or not at all."""
+        rewritten without them (:func:`_rewrite`), so they are gone whole or not at all.
+
+        Segments are published in groups (:meth:`publish`): :meth:`append` holds a segment until the group is
+        ``group_seconds`` old or holds ``group_bytes`` of rows, then writes the group with one write and one flush per
+        dataset; :meth:`close` publishes what is held. A kill loses at most the group not yet published."""
         self.path = str(path)
+        self.group_seconds, self.group_bytes = group_seconds, group_bytes
+        self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []  # (record, feats, ts, frames)
+        self._held_rows = self._held_bytes = 0
+        self._held_since = 0.0
         self.lock = FileLock(self.path).acquire()
         self.dropped: list[str] = []
         try:
@@ -451,7 +477,10 @@ class CacheWriter:
             self.lock.release()
             raise
         self._seg = self.f["segments"]
-        self.done_ids = {x.decode() for x in self._seg["id"]} if len(self._seg) else set()
+        # rows and table rows the published segments use (a resumed file is truncated to them); what lies past them
+        # is an interrupted group's, written over when it is written again
+        self._end, self._n = self.f["features"].shape[0], self._seg.shape[0]
+        self.done_ids = {x.decode() for x in self._seg["id"]} if len(self._seg) else set()  # published or held
         # string columns of this table (a version 1 table has no split) and their widths
         self._widths = {f: self._seg.dtype[f].itemsize for f in STR_FIELDS if f in self._seg.dtype.names}
 
@@ -507,7 +536,7 @@ class CacheWriter:
         return f
 
     def append(self, row: dict, features: np.ndarray, timestamps: np.ndarray, frames: np.ndarray | None = None) -> None:
-        """Write one segment: rows first, then publish its table row."""
+        """Add one segment to the group to be published (:meth:`publish`: its rows first, then its table row)."""
         if row["id"] in self.done_ids:
             raise CacheError(f"{self.path}: segment {row['id']!r} is already cached")
         enc = {}
@@ -521,22 +550,79 @@ class CacheWriter:
                 raise CacheError(f"{self.path}: {k} {row[k]!r} is longer than this cache's {self._widths[k]}-byte {k} "
                                  f"column; shorten it or write a new cache (--out)")
             enc[k] = b
-        kept = f"every segment published before {row['id']!r} is kept"
-        short = self._space_short(len(features))
-        if short:  # refused before HDF5 writes a byte: a write that fails inside HDF5 leaves its library unable to
-            raise DiskFullError(f"{self.path}: {short}, so segment {row['id']!r} was not written; {kept}. Free space "
-                                f"(or raise the file-size limit, ulimit -f) and rerun the same command")
+        rec = np.zeros(1, dtype=self._seg.dtype)
+        for k, v in row.items():
+            if k in rec.dtype.names and k not in STR_FIELDS:
+                rec[k] = v
+        for k, v in enc.items():
+            rec[k] = v
+        rec["length"] = len(features)
+        if not self._held:
+            self._held_since = time.monotonic()
+        self._held.append((rec, np.asarray(features), np.asarray(timestamps), frames))
+        self._held_rows += len(features)
+        self._held_bytes += self._held[-1][1].nbytes + (frames.nbytes if frames is not None else 0)
+        self.done_ids.add(row["id"])
+        if self._held_bytes >= self.group_bytes:
+            self.publish()
+        else:
+            self.publish_due()
+
+    def publish_due(self) -> None:
+        """Publish the held segments if the oldest has waited ``group_seconds`` (callers that wait on other work call
+        this now and then, so a slow stream of segments is still published within about that time)."""
+        if self._held and time.monotonic() - self._held_since >= self.group_seconds:
+            self.publish()
+
+    def publish(self) -> None:
+        """Write the held segments: their rows, flushed, then their table rows, flushed (the commit protocol)."""
+        if not self._held:
+            return
+        held, rows, self._held = self._held, self._held_rows, []
+        self._held_rows = self._held_bytes = 0
+        first = held[0][0]["id"][0].decode()
+        kept = f"every segment published before {first!r} is kept"
         global HDF5_WRITE_FAILED
+        short = ""
         try:
-            with quiet_unraisable(), writing(self.path, kept=kept):
-                self._append(row, enc, features, timestamps, frames)
-        except DiskFullError:
-            HDF5_WRITE_FAILED = True
+            short = self._space_short(rows)
+            fit = self._fitting(held) if short else len(held)
+            if fit:
+                with quiet_unraisable(), writing(self.path, kept=kept):
+                    self._write(held[:fit])
+                held = held[fit:]
+            if short:  # refused before HDF5 writes a byte: a write that fails inside HDF5 leaves its library unable to
+                first = held[0][0]["id"][0].decode()
+                raise DiskFullError(f"{self.path}: {short}, so the {len(held)} segment(s) from {first!r} on were not "
+                                    f"written; every segment before them is kept. Free space (or raise the file-size "
+                                    f"limit, ulimit -f) and rerun the same command")
+        except KeyboardInterrupt:  # a stop signal mid-write: close() writes the group again (a second is ignored)
+            self._held = held + self._held
+            self._held_rows = sum(len(h[1]) for h in self._held)
             raise
+        except BaseException as e:
+            for rec, *_ in held:  # not published: a rerun redoes them
+                self.done_ids.discard(rec["id"][0].decode())
+            if isinstance(e, DiskFullError) and not short:
+                HDF5_WRITE_FAILED = True  # it failed inside HDF5
+            raise
+
+    def _fitting(self, held: list) -> int:
+        """How many of the held segments, from the first, fit in the space left (the rest then wait for a rerun)."""
+        ends = np.cumsum([len(h[1]) for h in held])
+        lo, hi = 0, len(held)  # the first lo fit; more than hi do not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._space_short(int(ends[mid - 1])):
+                hi = mid - 1
+            else:
+                lo = mid
+        return lo
 
     def _space_short(self, n: int) -> str:
         """Why ``n`` more rows may not fit (the free space of the file system, or the file-size limit), '' when they
-        will: every chunk they add counted whole (a chunk is allocated whole), plus room for HDF5's metadata."""
+        will: every chunk they add counted whole (a chunk is allocated whole), plus room for HDF5's metadata. Asked
+        once per group, before it is written."""
         need = 256 << 10
         for name in ("features", "timestamps", "frames"):
             if name in self.f:
@@ -546,38 +632,40 @@ class CacheWriter:
         st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         free = st.f_bavail * st.f_frsize
         if free < need:
-            return f"the file system has {free / 1e6:.1f} MB free and the next segment needs up to {need / 1e6:.1f} MB"
+            return f"the file system has {free / 1e6:.1f} MB free and the next group of segments needs up to {need / 1e6:.1f} MB"
         import resource
 
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if limit != resource.RLIM_INFINITY and os.path.getsize(self.path) + need > limit:
             return (f"the file-size limit (ulimit -f: {limit / 1e6:.1f} MB) leaves {max(0, limit - os.path.getsize(self.path)) / 1e6:.1f} MB "
-                    f"and the next segment needs up to {need / 1e6:.1f} MB")
+                    f"and the next group of segments needs up to {need / 1e6:.1f} MB")
         return ""
 
-    def _append(self, row: dict, enc: dict, features: np.ndarray, timestamps: np.ndarray, frames: np.ndarray | None):
-        n = len(features)
-        feats, ts = self.f["features"], self.f["timestamps"]
-        o = feats.shape[0]
-        for d, data in ((feats, features), (ts, timestamps)) + (((self.f["frames"], frames),) if "frames" in self.f else ()):
+    def _write(self, held: list) -> None:
+        o, i = self._end, self._n
+        n = sum(len(h[1]) for h in held)
+        columns = [(self.f["features"], 1), (self.f["timestamps"], 2)] + ([(self.f["frames"], 3)] if "frames" in self.f else [])
+        for d, col in columns:
             d.resize(o + n, axis=0)
             if n:
-                d[o:o + n] = data
+                d[o:o + n] = np.concatenate([h[col] for h in held]) if len(held) > 1 else held[0][col]
             d.flush()
-        rec = np.zeros(1, dtype=self._seg.dtype)
-        for k, v in row.items():
-            if k in rec.dtype.names and k not in STR_FIELDS:
-                rec[k] = v
-        for k, v in enc.items():
-            rec[k] = v
-        rec["offset"], rec["length"] = o, n
-        i = self._seg.shape[0]
-        self._seg.resize((i + 1,))
-        self._seg[i] = rec[0]
+        recs = np.concatenate([h[0] for h in held])
+        recs["offset"] = o + np.concatenate([[0], np.cumsum(recs["length"])[:-1]])
+        self._seg.resize((i + len(recs),))
+        self._seg[i:i + len(recs)] = recs
         self._seg.flush()
-        self.done_ids.add(row["id"])
+        self._end, self._n = o + n, i + len(recs)
 
     def close(self) -> None:
+        """Publish what is held, then close the file and release the lock."""
+        try:
+            if getattr(self, "f", None) is not None and self._held:
+                self.publish()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         try:
             if getattr(self, "f", None) is not None:
                 f, self.f, self._seg = self.f, None, None  # datasets released before their file (h5py)

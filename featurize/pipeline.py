@@ -350,7 +350,8 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 progress({"done": result.written + len(result.failures), "total": total, "frames": result.frames,
                           "elapsed": time.monotonic() - t_start, "segment": seg.id})
 
-    for msg in pool.run(jobs):
+    for msg in pool.run(jobs, idle=writer.publish_due):  # held segments wait about CacheWriter.group_seconds at most
+        writer.publish_due()
         kind, key = msg[0], msg[1]
         if kind == "start":
             pending[key] = {"info": msg[2], "feats": [], "ts": [], "frames": [], "n": 0, "done": False}

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 PROBE = "probe"
 DECODE = "decode"
@@ -428,8 +428,9 @@ class DecodePool:
             return f"{path}: the decoder gave no frame for {self.timeout:g} s (hung); it was killed and this video skipped"
         return None
 
-    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
-        """Yield the messages of every job as the workers produce them, replacing workers that fail.
+    def run(self, jobs: Iterable[tuple], idle: Callable[[], None] | None = None) -> Iterator[tuple]:
+        """Yield the messages of every job as the workers produce them, replacing workers that fail; ``idle`` is
+        called whenever half a second passes with no message (the cache writer publishes what it holds).
 
         Abandoning the iterator early kills the workers (they may hold queued frames); the next call starts new ones.
         """
@@ -454,6 +455,8 @@ class DecodePool:
                 t = time.monotonic()
                 ready = wait([w.out for w in busy], timeout=0.5)
                 waited = time.monotonic() - t
+                if not ready and idle is not None:
+                    idle()
                 for w in busy:
                     if w.out not in ready:
                         w.silent += waited

@@ -1,0 +1,124 @@
+"""The cache writer publishes segments in groups (featurize.cache.CacheWriter): one write and one flush per dataset
+per group, and the commit protocol unchanged. A real writer process is killed with SIGKILL at random moments over
+thousands of small segments; after every kill the cache opens, verifies and holds whole published segments only, and
+reruns resume it to the full set with the right features."""
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import CHILD_ENV, ROOT
+from featurize.cache import CacheWriter, open_read, read_cache, string_widths, verify
+
+N, DIM = 30000, 16
+
+WRITER = textwrap.dedent(f"""
+    import sys
+    import numpy as np
+    from featurize.cache import CacheWriter, string_widths
+
+    path, group_seconds = sys.argv[1], float(sys.argv[2])
+    rows = [{{"id": f"s{{i:05d}}", "label": f"c{{i % 7}}", "group": f"g{{i % 5}}", "path": f"/v/{{i}}.mp4"}} for i in range({N})]
+    with CacheWriter(path, {{"fps": 5.0}}, {{}}, {DIM}, string_widths(rows), group_seconds=group_seconds) as w:
+        print("open", flush=True)
+        for i, r in enumerate(rows):
+            if r["id"] in w.done_ids:
+                continue
+            n = 1 + i % 12  # 1 to 12 frames: segments of every size
+            w.append({{**r, "start": 0.0, "end": n / 5}}, np.full((n, {DIM}), i % 1000, dtype="float16"),
+                     i + np.arange(n) / 5.0)
+    print("done", flush=True)
+""")
+
+
+def _frames(i: int) -> int:
+    return 1 + i % 12
+
+
+def _check(path) -> int:
+    """The cache opens and verifies; every published segment is whole and holds its own values. Returns how many."""
+    v = verify(path)
+    assert v.ok, v.problems
+    c = read_cache(path)
+    for k, sid in enumerate(c.ids):
+        i = int(sid[1:])
+        o, n = int(c.segments["offset"][k]), int(c.segments["length"][k])
+        assert n == _frames(i)
+        assert np.all(c.features[o:o + n] == i % 1000)
+        assert np.allclose(c.timestamps[o:o + n], i + np.arange(n) / 5.0)
+    return len(c.ids)
+
+
+def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path):
+    path, script = tmp_path / "c.h5", tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rnd = random.Random(7)
+    counts = []
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, str(script), str(path), "0.02"], cwd=ROOT, env=CHILD_ENV,
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "open"
+        time.sleep(rnd.uniform(0.05, 0.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        p.stdout.close()
+        counts.append(_check(path))
+    assert counts == sorted(counts) and counts[-1] < N, counts  # each rerun kept what the last one published
+    assert len(set(counts)) > 2, counts  # the kills really landed at different moments of the write
+    out = subprocess.run([sys.executable, str(script), str(path), "1.0"], cwd=ROOT, env=CHILD_ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "done", out.stderr
+    assert _check(path) == N
+    assert sorted(read_cache(path, features=False).ids) == [f"s{i:05d}" for i in range(N)]
+
+
+def test_a_group_is_published_in_one_write_per_dataset(tmp_path):
+    """Held segments are invisible to readers until the group is published, then all of them are, in order."""
+    path = tmp_path / "c.h5"
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": "/v.mp4"} for i in range(50)]
+    with CacheWriter(str(path), {"fps": 5.0}, {}, 4, string_widths(rows), group_seconds=3600) as w:
+        for i, r in enumerate(rows):
+            w.append(r, np.full((3, 4), i, dtype="float16"), np.arange(3) / 5.0)
+        with open_read(path) as f:
+            assert len(f["segments"]) == 0 and f["features"].shape[0] == 0
+        w.publish()
+        with open_read(path) as f:
+            assert len(f["segments"]) == 50 and f["features"].shape[0] == 150
+            assert list(f["segments"]["offset"]) == list(range(0, 150, 3))
+        w.append({"id": "last", "label": "a", "group": "g", "path": "/v.mp4"}, np.ones((2, 4), "float16"), np.zeros(2))
+    assert len(read_cache(path).ids) == 51  # close publishes what is held
+
+
+def test_a_group_fills_by_size_and_by_time(tmp_path):
+    path = tmp_path / "c.h5"
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": "/v.mp4"} for i in range(10)]
+    with CacheWriter(str(path), {"fps": 5.0}, {}, 256, string_widths(rows), group_bytes=3 * 256 * 2 * 4,
+                     group_seconds=3600) as w:
+        for r in rows[:3]:
+            w.append(r, np.zeros((4, 256), "float16"), np.arange(4.0))
+        with h5py.File(path, "r", swmr=True) as f:
+            assert len(f["segments"]) == 3  # 3 x 4 rows x 256 x 2 bytes reached group_bytes
+    with CacheWriter(str(path), {"fps": 5.0}, {}, 256, string_widths(rows), group_seconds=0.2) as w:
+        w.append(rows[3], np.zeros((4, 256), "float16"), np.arange(4.0))
+        w.publish_due()
+        with open_read(path) as f:
+            assert len(f["segments"]) == 3
+        time.sleep(0.25)
+        w.publish_due()
+        with open_read(path) as f:
+            assert len(f["segments"]) == 4
+
+
+def test_a_duplicate_id_is_refused_while_it_is_held(tmp_path):
+    path = tmp_path / "c.h5"
+    row = {"id": "x", "label": "a", "group": "g", "path": "/v.mp4"}
+    with CacheWriter(str(path), {"fps": 5.0}, {}, 4, string_widths([row])) as w:
+        w.append(row, np.zeros((1, 4), "float16"), np.zeros(1))
+        with pytest.raises(Exception, match="already cached"):
+            w.append(row, np.zeros((1, 4), "float16"), np.zeros(1))
