@@ -271,12 +271,13 @@ def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> 
 
 
 def features_to_npy(path: str | os.PathLike, dest: str | os.PathLike, rows: int, block_bytes: int = 256 << 20) -> None:
-    """Write the first ``rows`` rows of the features as float32 into the .npy file ``dest``, block by block
-    (bounded memory; for a memory map of a cache larger than RAM)."""
+    """Write the first ``rows`` rows of the features, in the cache's dtype, into the .npy file ``dest``, block by
+    block (bounded memory; for a memory map of a cache larger than RAM: HDF5's chunked, checksummed layout cannot be
+    mapped itself)."""
     with open_read(path) as f:
         d = f["features"]
-        out = np.lib.format.open_memmap(dest, mode="w+", dtype=np.float32, shape=(rows, d.shape[1]))
-        step = max(1, block_bytes // (4 * d.shape[1]))
+        out = np.lib.format.open_memmap(dest, mode="w+", dtype=d.dtype, shape=(rows, d.shape[1]))
+        step = max(1, block_bytes // (d.dtype.itemsize * d.shape[1]))
         for a in range(0, rows, step):
             out[a:a + step] = d[a:min(rows, a + step)]
         out.flush()

@@ -196,7 +196,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     grid = {k: list(v) for k, v in cfg.grid.items()}
     if "seed" in grid:
         raise ValueError("--seed: compare trains seeds 0..N-1 on each cache; use --seeds N")
-    full_a, full_b = read_cache(cfg.cache_a, dtype=np.float32), read_cache(cfg.cache_b, dtype=np.float32)
+    full_a, full_b = read_cache(cfg.cache_a), read_cache(cfg.cache_b)  # features in their dtype: held once
     for c in (full_a, full_b):
         if len(c) == 0:
             raise CompareError(f"{c.path}: the cache holds no segments")
@@ -221,7 +221,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     vs = variants(SweepConfig(cache=cfg.cache_a, out=str(out / "runs"), grid=grid))
     device = resolve_device(grid.get("device", ["auto"])[0])
     durations = np.asarray(a.segments["end"], float) - np.asarray(a.segments["start"], float)
-    features = {side: (c, torch.from_numpy(np.ascontiguousarray(c.features, dtype=np.float32))) for side, c in (("A", a), ("B", b))}
+    features = {side: (c, torch.from_numpy(np.ascontiguousarray(c.features))) for side, c in (("A", a), ("B", b))}
     rows = []
     for name, tc in vs:
         vname = name if name != "run" else tc.model

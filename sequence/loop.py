@@ -41,10 +41,12 @@ class Inputs(Protocol):
 class FeatureInputs:
     """Cached features: x (B, L, D) gathered from one (frames, D) tensor by a (N, L) rows table, zero at padding."""
 
-    eval_batch = 1024
+    eval_bytes = 64 << 20  # one evaluation batch as float32: bounded, whatever the feature size and length
 
     def __init__(self, features: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor):
         self.features, self.rows, self.mask = features, rows, mask
+        per_sequence = 4 * max(1, rows.shape[1] if rows.ndim > 1 else 1) * max(1, features.shape[1] if features.ndim > 1 else 1)
+        self.eval_batch = int(min(1024, max(16, self.eval_bytes // per_sequence)))
 
     @classmethod
     def of(cls, data) -> "FeatureInputs":
@@ -56,7 +58,8 @@ class FeatureInputs:
         for b in index_batches:
             bt = torch.as_tensor(b)
             m = self.mask[bt]
-            yield b, self.features[table[bt]] * m.unsqueeze(-1), m
+            # features are kept in the cache's dtype: one float32 batch at a time, zeroed at padding in place
+            yield b, self.features[table[bt]].float().mul_(m.unsqueeze(-1)), m
 
 
 class Amp:

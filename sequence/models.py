@@ -54,11 +54,22 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, frames: torch.Tensor) -> None:
-        """frames: (n, D) real (unpadded) training frames."""
-        frames = frames.float()
-        self.mean.copy_(frames.mean(0))
-        self.std.copy_(frames.std(0, unbiased=False).clamp(min=1e-4))
+    def fit(self, frames: torch.Tensor, rows: torch.Tensor | None = None, block_bytes: int = 32 << 20) -> None:
+        """Mean and std of (n, D) real (unpadded) training frames, or of the rows ``rows`` of the features table
+        ``frames``; read in blocks of ``block_bytes`` (as float64) into sums, so no float32 copy of the training part
+        is made (at UCF-101 size it would be several times the cache)."""
+        idx = torch.arange(len(frames)) if rows is None else rows.reshape(-1)
+        block = max(1, block_bytes // (8 * frames.shape[1]))
+        n, s = len(idx), torch.zeros(frames.shape[1], dtype=torch.float64)
+        ss = torch.zeros_like(s)
+        for a in range(0, n, block):
+            x = frames[idx[a:a + block]].double()
+            s += x.sum(0)
+            ss += (x * x).sum(0)
+        mean = s / max(n, 1)
+        var = (ss / max(n, 1) - mean * mean).clamp(min=0)
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp(min=1e-4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -136,7 +136,7 @@ def select(timestamps: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, sta
 class Sequences:
     """A cache's sequences in memory: features stay one (frames, D) tensor; rows/mask index into it."""
 
-    features: torch.Tensor | None  # (total_frames, D) float32, shared by every variant of a sweep; None: selection only
+    features: torch.Tensor | None  # (total_frames, D) in the cache's dtype, shared by every variant of a sweep; None: selection only
     rows: torch.Tensor          # (N, L) int64
     mask: torch.Tensor          # (N, L) bool
     labels: torch.Tensor        # (N,) int64 index into classes (-1: label unknown to `classes`)
@@ -160,7 +160,7 @@ class Sequences:
         """(x (B, L, D) float32 with zeros at padding, mask (B, L) bool) for the sequences ``idx``."""
         r = (self.rows if rows is None else rows)[idx]
         m = self.mask[idx]
-        x = self.features[r]
+        x = self.features[r].float()  # gathered in the cache's dtype, float32 per batch
         return x * m.unsqueeze(-1), m
 
     def resample(self, offset: str, rng: np.random.Generator) -> torch.Tensor:
@@ -220,7 +220,7 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
     lut = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lut.get(x, -1) for x in labels_str], dtype=torch.long)
     if features is None and cache.features is not None:
-        features = torch.from_numpy(np.ascontiguousarray(cache.features, dtype=np.float32))
+        features = torch.from_numpy(np.ascontiguousarray(cache.features))
     seg = {"timestamps": cache.timestamps, "offset": s["offset"], "length": s["length"], "start": s["start"], "end": s["end"]}
     return Sequences(features=features, rows=torch.from_numpy(sel.rows), mask=torch.from_numpy(sel.mask), labels=labels,
                      classes=list(classes), ids=list(s["id"]), groups=np.asarray(s["group"]).astype(str),
@@ -231,7 +231,7 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
 # ---------------------------------------------------------------- features in memory
 
 def ram_budget_bytes() -> int:
-    """Features larger than this (as float32) are memory-mapped instead of read into RAM.
+    """Features larger than this (in the cache's dtype) are memory-mapped instead of read into RAM.
 
     ``FEATSEQ_RAM_BUDGET_GB`` sets it; by default half of the memory available now.
     """
@@ -247,9 +247,9 @@ def ram_budget_bytes() -> int:
 
 
 def _memmap_features(path: str, rows: int) -> np.ndarray:
-    """A float32 copy of the cache's features in a .npy file (made once per cache version), memory-mapped."""
+    """A copy of the cache's features, in its dtype, in a .npy file (made once per cache version), memory-mapped."""
     st = os.stat(path)
-    tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()[:16]
+    tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|native".encode()).hexdigest()[:16]
     folder = Path(os.environ.get("FEATSEQ_MMAP_DIR", tempfile.gettempdir())) / "featseq-mmap"
     folder.mkdir(parents=True, exist_ok=True)
     npy = folder / f"{Path(path).stem}-{tag}.npy"
@@ -259,20 +259,22 @@ def _memmap_features(path: str, rows: int) -> np.ndarray:
     return np.load(npy, mmap_mode="r")
 
 
-def load_features(path: str) -> tuple[Cache, torch.Tensor]:
-    """A cache and its float32 features tensor (the cache's ``features`` field holds the same data).
+def load_features(path: str, shared: bool = False) -> tuple[Cache, torch.Tensor]:
+    """A cache and its features tensor, in the cache's dtype (float16 by default: batches are gathered from it and
+    made float32 one at a time, so the features are held once, at the cache's size).
 
-    Features larger than :func:`ram_budget_bytes` are memory-mapped from a float32 copy on disk (the
-    page cache is then shared by the processes of a sweep) instead of read into RAM. Callers that
-    train many models on one cache load it once and pass it on (``train(cfg, data=...)``).
+    Features larger than :func:`ram_budget_bytes`, or any with ``shared`` (the workers of a sweep: they then share
+    one copy in the page cache instead of holding one each), are memory-mapped from a copy on disk in the cache's
+    dtype. Callers that train many models on one cache load it once and pass it on (``train(cfg, data=...)``).
     """
     cache = read_cache(path, features=False)
     dim = int(cache.attrs.get("feature_dim", 0) or 0)
-    if len(cache.timestamps) * dim * 4 > ram_budget_bytes():
+    itemsize = np.dtype(str(cache.attrs.get("dtype") or "float16")).itemsize
+    if shared or len(cache.timestamps) * dim * itemsize > ram_budget_bytes():
         cache.features = _memmap_features(path, len(cache.timestamps))
         with warnings.catch_warnings():  # a read-only memory map: the trainer only gathers rows from it
             warnings.simplefilter("ignore", UserWarning)
             return cache, torch.from_numpy(cache.features)
-    cache = read_cache(path, dtype=np.float32)
+    cache = read_cache(path)
     feats = torch.from_numpy(np.ascontiguousarray(cache.features)) if cache.features is not None else torch.zeros(0)
     return cache, feats

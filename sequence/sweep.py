@@ -440,7 +440,7 @@ def _init_worker(threads: int, cache: str) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    _WORKER["data"] = load_features(cache)
+    _WORKER["data"] = load_features(cache, shared=True)  # one copy in the page cache for all the workers
 
 
 def _pool_work(job: dict) -> dict:

@@ -39,7 +39,7 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         model = M.create_model(cfg.model, data.features.shape[1], len(data.classes), **cfg.model_kwargs())
         if cfg.standardize and len(fold.train):
             m = data.mask[fold.train]
-            model.norm.fit(data.features[data.rows[fold.train][m]])
+            model.norm.fit(data.features, data.rows[fold.train][m])
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         inputs = FeatureInputs.of(data)
@@ -54,7 +54,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
           on_epoch=None) -> dict:
     """Train as configured and write the run folder ``cfg.out``; returns results.json's content.
 
-    ``data``: the cache and its float32 features already loaded (:func:`sequence.reader.load_features`), when
+    ``data``: the cache and its features (in its dtype) already loaded (:func:`sequence.reader.load_features`), when
     many runs share one cache (a sweep). ``on_epoch(state)``: called after every epoch with the training loop's
     state (``state["history"][-1]`` is the epoch's record; an exception it raises stops the run, e.g. a pruned
     sweep trial), in every fold of a cross-validation. Process-wide settings (threads) are the caller's.
