@@ -317,7 +317,7 @@ def _config_options(config_name: str, as_lists: bool = False):
     inherits = config_cls is C.FinetuneConfig
     decos = []
     for f in dataclasses.fields(config_cls):
-        if f.name in ("cache", "out"):
+        if f.name in ("cache", "out") or (as_lists and f.name == "overwrite"):  # sweep/compare own their run folders
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         args = typing.get_args(hints[f.name])

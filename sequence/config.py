@@ -79,7 +79,7 @@ def model_option_problems(opts: dict) -> list[str]:
 
 
 # options that change nothing a run computes (how it runs or what it writes)
-RUNTIME_OPTIONS = ("device", "threads", "plots")
+RUNTIME_OPTIONS = ("device", "threads", "plots", "overwrite")
 
 
 @dataclass
@@ -121,6 +121,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     plots: bool = True
+    overwrite: bool = False          # replace a finished run in ``out`` (its files are deleted first)
 
     def reader(self) -> ReaderConfig:
         return ReaderConfig(fps=self.fps, seconds=self.seconds, percent=self.percent, seq_len=self.seq_len,
@@ -298,6 +299,8 @@ OPTION_HELP = {
     "device": "auto, cpu or cuda.",
     "threads": "torch CPU threads [default: torch's; a sweep uses cores // jobs].",
     "plots": "Write curves.png and confusion.png.",
+    "overwrite": "Replace the finished run --out holds (its files are deleted first); without it such a folder is "
+                 "refused.",
     # finetune
     "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings.",
     "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",

@@ -41,7 +41,7 @@ from .config import FinetuneConfig  # noqa: F401  (re-exported)
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
-from .run import Run, save_torch, write_json, write_run
+from .run import Run, check_run_folder, prepare_run_folder, save_torch, write_json, write_run
 from .splits import Fold, folds_for
 
 LAST = "last.pt"
@@ -291,6 +291,7 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     signal stopped it (featurize.stop.Interrupted), saying how to resume.
     """
     t0 = time.monotonic()
+    check_run_folder(cfg.out, cfg.overwrite, cfg.resume)  # a finished run is not replaced without --overwrite
     warm = Run(cfg.from_run, "--from") if cfg.from_run else None
     if warm is not None and warm.kind == "finetune":
         raise UserError(f"--from {cfg.from_run}: that is a finetune run; warm-start from a cached-feature run")
@@ -353,10 +354,10 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
         amp = Amp(device, prec)
         run = Path(cfg.out)
         state_cfg = {k: v for k, v in asdict(cfg).items()
-                     if k not in ("resume", "epochs", "out", "device", "threads", "dist_timeout")}
+                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout")}
 
         def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
-            run.mkdir(parents=True, exist_ok=True)
+            prepare_run_folder(run, cfg.overwrite, cfg.resume, log)  # an old run's files go first; --resume keeps them
             resume = _resume_state(cfg, run, state_cfg)
             if (run / "results.json").exists():
                 (run / "results.json").unlink()  # written last: until then the folder is not a complete run

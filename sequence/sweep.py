@@ -30,7 +30,7 @@ import sys
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 
@@ -46,7 +46,7 @@ from .run import write_json
 from .splits import SPLIT_OPTIONS, folds_for, split_entry
 from .train import TrainConfig, train
 
-NOT_SWEPT = {"cache", "out"}
+NOT_SWEPT = {"cache", "out", "overwrite"}  # a sweep manages its variant folders itself
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -269,7 +269,7 @@ def variants(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def _comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in ("out", "threads", "plots", "cache")}
+    return {k: v for k, v in d.items() if k not in ("out", "threads", "plots", "cache", "overwrite")}
 
 
 def finished(tc: TrainConfig) -> dict | None:
@@ -559,7 +559,8 @@ def _work(cfg_dict: dict) -> dict:
 
         cv = split_entry(tc.split).cv  # cross-validation: the epochs of every fold beat, none is pruned
         try:
-            res = train(tc, data=_WORKER["data"], on_epoch=on_epoch)
+            # the variant's folder is the sweep's: an older run in it (another config, --no-resume) is replaced
+            res = train(replace(tc, overwrite=True), data=_WORKER["data"], on_epoch=on_epoch)
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
             _tell(study, trial, TrialState.PRUNED)

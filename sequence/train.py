@@ -24,7 +24,7 @@ from . import models as M
 from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
-from .run import Run, cache_info, mean_std, nan_to_none, write_json, write_run, write_scores
+from .run import Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, write_json, write_run, write_scores
 from .splits import Fold, folds_for, split_entry
 
 
@@ -62,6 +62,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     request, SplitError for impossible splits -- all before any training.
     """
     cfg.validate()
+    check_run_folder(cfg.out, cfg.overwrite)  # a finished run is not replaced without --overwrite: refused now
     t0 = time.monotonic()
     cache, feats = data if data is not None else load_features(cfg.cache)
     spec = FeatureSpec.from_attrs(cache.attrs)  # a cache featurize did not write is refused now, not after training
@@ -73,10 +74,9 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
                         f"classification needs at least 2")
     device = resolve_device(cfg.device)
     t_load = time.monotonic() - t0
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    if (run / "results.json").exists():
-        (run / "results.json").unlink()  # a rerun: results.json is written last, so its presence means "complete"
+    # results.json is written last, so its presence means "complete"; an old run's files (folds/ of a
+    # cross-validation, predictions...) are deleted before a new run is written into its folder
+    run = prepare_run_folder(cfg.out, cfg.overwrite, log=log)
     write_json(run / "config.json", asdict(cfg))
     if not split_entry(cfg.split).cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "

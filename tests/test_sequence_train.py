@@ -211,3 +211,69 @@ def test_gingerbread_seed_compat(tmp_path):
     for f in RUN_FILES:
         assert (tmp_path / "R" / f).is_file(), f
     assert sum(1 for _ in open(tmp_path / "R" / "predictions.csv")) == 185
+
+
+def _grouped_fake(path, n_groups=4, per=6):
+    """A fake cache of 3 classes whose groups (participants) hold several segments each."""
+    n = n_groups * per
+    return write_fake_cache(path, [("a", "b", "c")[i % 3] for i in range(n)], [f"P{i // per:02d}" for i in range(n)],
+                            dim=8)
+
+
+def _cli_train(cache, out, *more):
+    return CliRunner().invoke(main, ["train", cache, "--out", str(out), "--model", "mlp", "--hidden", "8", "--epochs", "1",
+                                     "--seq-len", "6", "--device", "cpu", "--no-plots", *more])
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path):
+    cache = _grouped_fake(tmp_path / "c.h5")
+    run = tmp_path / "R"
+    r = CliRunner().invoke(main, ["train", cache, "--out", str(run), "--model", "lstm", "--hidden", "8", "--epochs", "1",
+                                  "--seq-len", "6", "--device", "cpu", "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    r = _cli_train(cache, run)
+    assert r.exit_code == 2 and "already holds a finished run (lstm" in r.output and "--overwrite" in r.output, r.output
+    assert json.loads((run / "results.json").read_text())["model"] == "lstm"  # untouched
+    r = _cli_train(cache, run, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "results.json").read_text())["model"] == "mlp"
+    # a cross-validation replaced by a single split: none of its folds/ stays behind
+    cv = tmp_path / "CV"
+    assert _cli_train(cache, cv, "--split", "group-kfold", "--folds", "2").exit_code == 0
+    assert (cv / "folds").is_dir()
+    r = _cli_train(cache, cv, "--split", "group", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (cv / "folds").exists() and (cv / "checkpoint.pt").is_file()
+    # an interrupted run (no results.json) is started afresh, its old files gone
+    (cv / "results.json").unlink()
+    (cv / "folds" / "fold_00").mkdir(parents=True)
+    assert _cli_train(cache, cv).exit_code == 0 and not (cv / "folds").exists()
+    # a folder featseq did not write is refused, even with --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    for more in ((), ("--overwrite",)):
+        r = _cli_train(cache, mine, *more)
+        assert r.exit_code == 2 and "not a featseq run" in r.output and (mine / "thesis.tex").is_file(), r.output
+
+
+def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path):
+    from sequence.run import RunError, check_run_folder, prepare_run_folder
+
+    cache = _grouped_fake(tmp_path / "c.h5")
+    run = tmp_path / "R"
+    assert _cli_train(cache, run).exit_code == 0
+    # refused before anything is loaded (the fake cache could not even be fine-tuned)
+    r = CliRunner().invoke(main, ["finetune", cache, "--from", str(run), "--out", str(run), "--device", "cpu"])
+    assert r.exit_code == 2 and "already holds a finished run" in r.output and "--overwrite" in r.output, r.output
+    ft = tmp_path / "FT"  # interrupted: config.json and last.pt, no results.json
+    ft.mkdir()
+    (ft / "config.json").write_text("{}")
+    (ft / "last.pt").write_bytes(b"state")
+    with pytest.raises(RunError, match="--resume to continue"):
+        check_run_folder(ft, overwrite=False)
+    assert check_run_folder(ft, overwrite=False, resume=True) == "incomplete"
+    prepare_run_folder(ft, overwrite=False, resume=True)
+    assert (ft / "last.pt").read_bytes() == b"state"  # kept for --resume
+    prepare_run_folder(ft, overwrite=True)
+    assert not any(ft.iterdir())
