@@ -199,7 +199,7 @@ def _fmt_ms(m, s) -> str:
 
 def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     """Similarity, training on both, cross-evaluation; writes OUT; returns compare.json's content."""
-    from .sweep import SweepConfig, variants
+    from .sweep import SweepConfig, resolve_split, variants
 
     cfg.validate()
     grid = {k: list(v) for k, v in cfg.grid.items()}
@@ -227,6 +227,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     log(f"similarity: linear CKA {sim['linear_cka']:.4f}" +
         (f", mean cosine {sim['mean_cosine']:.4f}" if sim["mean_cosine"] is not None else " (dims differ: no cosine)"))
 
+    grid = resolve_split(grid, a, log)  # --split auto: from the common segments' groups
     vs = variants(SweepConfig(cache=cfg.cache_a, out=str(out / "runs"), grid=grid))
     device = resolve_device(grid.get("device", ["auto"])[0])
     durations = np.asarray(a.segments["end"], float) - np.asarray(a.segments["start"], float)

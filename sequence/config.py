@@ -44,11 +44,17 @@ class ReaderConfig:
             raise ValueError("; ".join(problems))
 
 
+AUTO_SPLIT = "auto"  # the default --split: group when the cache's groups hold several segments, else random
+                    # (sequence.splits.choose_split resolves it from the cache before anything is split)
+
+
 def parse_split(split: str) -> tuple[str, int | None]:
     """--split -> (name, K): 'ucf101:1' -> ('ucf101', 1), 'group' -> ('group', None). ValueError naming --split."""
+    if split == AUTO_SPLIT:
+        return AUTO_SPLIT, None
     name, sep, k = str(split).partition(":")
     if name not in SPLIT_NAMES:
-        raise ValueError(f"unknown --split {split!r}; known splits: "
+        raise ValueError(f"unknown --split {split!r}; known splits: {AUTO_SPLIT}, "
                          f"{', '.join(n + ':K' if n in SPLIT_LISTS else n for n in SPLIT_NAMES)}")
     if name not in SPLIT_LISTS:
         if sep:
@@ -103,7 +109,7 @@ class TrainConfig:
     offset: str = "start"
     min_coverage: float = 0.0
     # split
-    split: str = "random"
+    split: str = AUTO_SPLIT          # resolved from the cache's groups (sequence.splits.choose_split)
     split_dir: str | None = None     # ucf101:K / hmdb51:K: the folder of the official lists (None: next to the source)
     test_size: float = 0.2
     val_size: float = 0.15
@@ -255,7 +261,7 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         from .splits import split_entry
 
-        if split_entry(self.split).cv:
+        if self.split != AUTO_SPLIT and split_entry(self.split).cv:
             problems.append(f"--split {self.split}: finetune trains one model; use random, seed-compat or group "
                             f"(cross-validate with cached features: featseq train --split {self.split})")
         if problems:
@@ -279,7 +285,9 @@ OPTION_HELP = {
     "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",
     "offset": "Where the window starts: start, center, random (temporal jitter in training; center for evaluation).",
     "min_coverage": "Drop segments whose window is covered less than this fraction (0-1); shorter ones are padded and masked.",
-    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
+    "split": "auto (the default): group when the cache's groups hold several segments each (participants, source "
+             "videos), random when every segment is its own group; the choice is printed. random (stratified), "
+             "seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
              "group-kfold (whole groups per fold), logo, predefined (the manifest's split column), ucf101:K or "
              "hmdb51:K (the dataset's official split K from its lists, see --split-dir).",
     "split_dir": "Folder of the official split lists of --split ucf101:K (classInd.txt, trainlist0K.txt, "

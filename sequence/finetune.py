@@ -42,7 +42,7 @@ from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
 from .run import Run, check_run_folder, prepare_run_folder, save_torch, write_json, write_run
-from .splits import Fold, folds_for
+from .splits import Fold, choose_split, folds_for
 
 LAST = "last.pt"
 
@@ -331,6 +331,8 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
     if device.type == "cpu":
         tune_cpu_allocator()
     backbone = bb.create_backbone(spec.backbone, spec.check_weights(cache_path), spec.seed)
+    if warm is None:  # --split auto: chosen from the cache's groups, as train chooses (with --from: the run's ids)
+        cfg = choose_split(cfg, data.groups, data.keep, log, labels=data.label_names, ids=data.ids)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         if warm is not None:

@@ -40,10 +40,10 @@ from featurize.files import DiskFullError, replaced
 
 from . import models as M
 from . import plots
-from .config import MODEL_OPTIONS, RUNTIME_OPTIONS
+from .config import AUTO_SPLIT, MODEL_OPTIONS, RUNTIME_OPTIONS
 from .reader import build, load_features
 from .run import write_json
-from .splits import SPLIT_OPTIONS, folds_for, split_entry
+from .splits import SPLIT_OPTIONS, choose_split, folds_for, split_entry
 from .train import TrainConfig, train
 
 NOT_SWEPT = {"cache", "out", "overwrite"}  # a sweep manages its variant folders itself
@@ -248,12 +248,25 @@ def relevant(cfg: TrainConfig, name: str) -> bool:
     return name not in RUNTIME_OPTIONS
 
 
+def resolve_split(grid: dict, cache, log=lambda s: None) -> dict:
+    """``grid`` with --split auto (the default, or given in the list) replaced by the split it means for ``cache``
+    (a Cache, features not needed): every variant is split the same way. The choice, and the warning for a split
+    that lets groups leak, are logged once here (not once per variant)."""
+    seg = cache.segments
+    vals = [choose_split(TrainConfig(cache=str(cache.path), out="", split=v), seg["group"], log=log,
+                         labels=seg["label"], ids=seg["id"]).split for v in dict.fromkeys(grid.get("split", [AUTO_SPLIT]))]
+    return {**grid, "split": list(dict.fromkeys(vals))}
+
+
 def variants(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
-    """(folder name, config) of each distinct combination, in grid order."""
-    keys = list(cfg.grid)
-    varying = [k for k in keys if len(cfg.grid[k]) > 1]
+    """(folder name, config) of each distinct combination, in grid order (--split auto resolved from the cache)."""
+    grid = cfg.grid
+    if AUTO_SPLIT in grid.get("split", [AUTO_SPLIT]):
+        grid = resolve_split(grid, read_cache(cfg.cache, features=False))
+    keys = list(grid)
+    varying = [k for k in keys if len(grid[k]) > 1]
     seen, out = set(), []
-    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+    for combo in itertools.product(*(grid[k] for k in keys)):
         tc = TrainConfig(cache=cfg.cache, out="", **dict(zip(keys, combo)))
         ident = tuple((k, _fmt(getattr(tc, k))) for k in SWEEPABLE if relevant(tc, k))
         if ident in seen:
@@ -592,6 +605,7 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     t0 = time.monotonic()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, grid=resolve_split(cfg.grid, read_cache(cfg.cache, features=False), log))
     vs = variants(cfg) if cfg.search == "grid" else []
     if cfg.search == "grid":
         preflight(cfg, [tc for _, tc in vs])

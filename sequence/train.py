@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
 from .run import Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, write_json, write_run, write_scores
-from .splits import Fold, folds_for, split_entry
+from .splits import Fold, choose_split, folds_for, split_entry
 
 
 def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, spec: FeatureSpec,
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     spec = FeatureSpec.from_attrs(cache.attrs)  # a cache featurize did not write is refused now, not after training
     seqs = build(cache, cfg.reader(), features=feats)
     M.create_model(cfg.model, seqs.features.shape[1], max(2, len(seqs.classes)), **cfg.model_kwargs())  # option errors now
+    cfg = choose_split(cfg, seqs.groups, seqs.keep, log, labels=seqs.label_names, ids=seqs.ids)  # --split auto
     folds = folds_for(cfg, seqs, cache, log)
     if len(seqs.classes) < 2:
         raise UserError(f"{cfg.cache}: only one class ({', '.join(seqs.classes)}) among the usable segments; "

@@ -277,3 +277,33 @@ def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path
     assert (ft / "last.pt").read_bytes() == b"state"  # kept for --resume
     prepare_run_folder(ft, overwrite=True)
     assert not any(ft.iterdir())
+
+
+def test_the_default_split_holds_groups_out_and_says_so(tmp_path):
+    grouped = _grouped_fake(tmp_path / "g.h5")
+    r = _cli_train(grouped, tmp_path / "g")
+    assert r.exit_code == 0 and "--split group (the default for this cache: its 4 groups hold 24 segments" in r.output, \
+        r.output
+    res = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert res["config"]["split"] == "group"
+    rows = list(csv.DictReader(open(tmp_path / "g" / "predictions.csv")))
+    parts = {p: {r["group"] for r in rows if r["split"] == p} for p in ("train", "val", "test")}
+    assert parts["test"] and not parts["test"] & (parts["train"] | parts["val"])
+    # every segment its own group: nothing to hold out by group
+    n = 24
+    single = write_fake_cache(tmp_path / "s.h5", [("a", "b", "c")[i % 3] for i in range(n)], [f"v{i}" for i in range(n)])
+    r = _cli_train(single, tmp_path / "s")
+    assert r.exit_code == 0 and "--split random (the default for this cache: every segment is its own group" in r.output
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["config"]["split"] == "random"
+    # asked for explicitly on a grouped cache: a warning that groups leak
+    r = _cli_train(grouped, tmp_path / "r", "--split", "random")
+    assert r.exit_code == 0 and "warning: --split random" in r.output and "leak across train and test" in r.output
+    # sweep and CacheDataset choose the same default
+    from sequence.dataset import CacheDataset
+
+    res = sweep(SweepConfig(cache=grouped, out=str(tmp_path / "sw"), grid={"model": ["mlp"], "hidden": [8], "epochs": [1],
+                                                                          "seq_len": [6], "device": ["cpu"], "plots": [False]}))
+    assert json.loads((tmp_path / "sw" / res["rows"][0]["variant"] / "results.json").read_text())["config"]["split"] == "group"
+    assert CacheDataset(grouped, part="test", seq_len=6).split == "group, test"
+    assert "--split" in CliRunner().invoke(main, ["train", "--help"]).output and "auto (the default)" in \
+        CliRunner().invoke(main, ["train", "--help"]).output
