@@ -123,12 +123,13 @@ def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=No
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None, device: str = "auto",
-             plots: bool = True) -> dict:
+             plots: bool = True, score_all: bool = False) -> dict:
     """Re-score a saved run on its own cache or on another one with the same feature dimension.
 
-    Segments whose id the run trained or validated on keep that split and are not scored; every
-    other segment with a label the model knows is scored. Writes ``out`` (default
-    ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
+    Segments whose id the run trained or validated on keep that split and are skipped (counted in ``n_skipped``
+    per part: another cache whose ids match the run's, e.g. long-video cuts named like the clips, can have every
+    segment skipped), unless ``score_all``; every other segment with a label the model knows is scored. Writes
+    ``out`` (default ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
     """
     run = Run(run_dir)
     path = cache_path or run.cache_path
@@ -141,7 +142,9 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
         ids = set(run.split_ids[name])
         split[[i for i, s in enumerate(data.ids) if s in ids]] = name
     y = data.labels.numpy()
-    scored = (split == "test") & (y >= 0)
+    seen = np.isin(split, ["train", "val"])
+    scored = ((split == "test") | (seen & score_all)) & (y >= 0)
+    skipped = {name: 0 if score_all else int((split == name).sum()) for name in ("train", "val")}
     dest = Path(out) if out else Path(run_dir) / f"eval_{Path(path).stem}"
     dest.mkdir(parents=True, exist_ok=True)
     scores = write_scores(dest, data, split, probs, scored, plots, title=f"evaluate: {Path(path).name}")
@@ -150,6 +153,7 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
         "same_cache": os.path.abspath(path) == run.cache_path,
         "test_accuracy": scores["accuracy"], "n_scored": scores["n_scored"],
         "unknown_label": int(((split == "test") & (y < 0)).sum()), "n_train_ids_seen": int((split == "train").sum()),
+        "n_skipped": skipped, "score_all": score_all,
         "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"], "classes": data.classes,
         "fps": data.fps, "seq_len": data.seq_len, "reader": data.summary(), "seconds": round(time.monotonic() - t0, 3),
     })

@@ -307,3 +307,27 @@ def test_the_default_split_holds_groups_out_and_says_so(tmp_path):
     assert CacheDataset(grouped, part="test", seq_len=6).split == "group, test"
     assert "--split" in CliRunner().invoke(main, ["train", "--help"]).output and "auto (the default)" in \
         CliRunner().invoke(main, ["train", "--help"]).output
+
+
+def test_evaluate_on_another_cache_says_what_it_skipped_and_scores_it_on_request(tmp_path):
+    cache = _grouped_fake(tmp_path / "c.h5")
+    assert _cli_train(cache, tmp_path / "R").exit_code == 0
+    ck = Run(tmp_path / "R").split_ids
+    seen = ck["train"] + ck["val"]
+    labels = {r["id"]: r["label"] for r in csv.DictReader(open(tmp_path / "R" / "predictions.csv"))}
+    # another cache (other features) whose ids are exactly the run's training and validation ids
+    other = write_fake_cache(tmp_path / "o.h5", [labels[i] for i in seen], ids=seen, seed=7)
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "R"), "--cache", other, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1, r.output
+    assert "no segment scored" in r.output and f"skipped {len(seen)} segment(s)" in r.output, r.output
+    assert f"({len(ck['train'])}, train)" in r.output and f"({len(ck['val'])}, val)" in r.output
+    assert "--score-all" in r.output and "nan" not in r.output
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["n_scored"] == 0 and res["n_skipped"] == {"train": len(ck["train"]), "val": len(ck["val"])}
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "R"), "--cache", other, "--out", str(tmp_path / "e2"),
+                                  "--score-all"])
+    assert r.exit_code == 0 and f"on {len(seen)} scored segments" in r.output and "skipped" not in r.output, r.output
+    res = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert res["n_scored"] == len(seen) and res["test_accuracy"] is not None and res["score_all"]
+    help_ = CliRunner().invoke(main, ["evaluate", "--help"]).output
+    assert "--score-all" in help_ and "validated on" in help_
