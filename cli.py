@@ -519,6 +519,8 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
     run's checkpoint (the training cache is not needed). Writes predictions.csv (video, window_start,
     window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video. With --stream,
     windows of the run's length are classified every --stride seconds as the stream plays (RUN_DIR/predict_stream).
+    RUN_DIR may be a cross-validation folder (e.g. a cross-validated sweep variant): its best fold by validation
+    accuracy is used, and named.
     """
     if stream_source is not None:
         from sequence.stream import StreamConfig, stream

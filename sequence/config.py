@@ -259,13 +259,22 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from .splits import split_entry
-
-        if self.split != AUTO_SPLIT and split_entry(self.split).cv:
-            problems.append(f"--split {self.split}: finetune trains one model; use random, seed-compat or group "
-                            f"(cross-validate with cached features: featseq train --split {self.split})")
+        if self.from_run is None and (why := cv_split_problem(self.split)):
+            # (with --from, the run's own train/val/test ids are used: a cross-validation's best fold has its
+            # split inherited; a cross-validation asked for with --from is refused before inherit, by finetune)
+            problems.append(why)
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def cv_split_problem(split: str | None) -> str | None:
+    """Why finetune refuses ``split`` (a cross-validation: finetune trains one model), else None."""
+    from .splits import split_entry
+
+    if split is None or split == AUTO_SPLIT or not split_entry(split).cv:
+        return None
+    return (f"--split {split}: finetune trains one model; use random, seed-compat or group "
+            f"(cross-validate with cached features: featseq train --split {split})")
 
 
 # ---------------------------------------------------------------- command-line help, shared by train and sweep
@@ -310,7 +319,8 @@ OPTION_HELP = {
     "overwrite": "Replace the finished run --out holds (its files are deleted first); without it such a folder is "
                  "refused.",
     # finetune
-    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings.",
+    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings "
+                "(a cross-validation folder, e.g. a cross-validated sweep variant: its best fold by validation accuracy).",
     "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",
     "backbone_lr": "Learning rate of the CNN (--lr is the sequence model's).",
     "freeze_bn": "Keep BatchNorm statistics frozen (small batches); --train-bn on several GPUs: SyncBatchNorm.",

@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,11 @@ from featurize.spec import FeatureSpec
 from featurize.stop import Interrupted
 
 from . import models as M
-from .config import FinetuneConfig  # noqa: F401  (re-exported)
+from .config import FinetuneConfig, cv_split_problem  # noqa: F401  (FinetuneConfig re-exported)
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
-from .run import Run, check_run_folder, prepare_run_folder, save_torch, write_json, write_run
+from .run import Run, check_run_folder, prepare_run_folder, resolve_run_folder, save_torch, write_json, write_run
 from .splits import Fold, choose_split, folds_for
 
 LAST = "last.pt"
@@ -292,6 +292,10 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     """
     t0 = time.monotonic()
     check_run_folder(cfg.out, cfg.overwrite, cfg.resume)  # a finished run is not replaced without --overwrite
+    if cfg.from_run:  # a cross-validation (a sweep's cross-validated variant): its best fold's run
+        if why := cv_split_problem(cfg.split):  # asked for; one inherited from such a run is the fold's split
+            raise ValueError(why)
+        cfg = replace(cfg, from_run=str(resolve_run_folder(cfg.from_run, "--from", log)))
     warm = Run(cfg.from_run, "--from") if cfg.from_run else None
     if warm is not None and warm.kind == "finetune":
         raise UserError(f"--from {cfg.from_run}: that is a finetune run; warm-start from a cached-feature run")

@@ -6,7 +6,8 @@
    spec recorded in the run's checkpoint (sequence.run.Run.spec), never from its training cache. A
    finetune run's trained trunk is written (on every call) to ``OUT/finetuned_trunk.pt`` and used as the weights
    file, so featurize rebuilds exactly that trunk. A run whose weights file is gone or changed is
-   refused with the fix.
+   refused with the fix. A cross-validation run (a cross-validated sweep variant) predicts with its best fold
+   (sequence.run.resolve_run_folder).
 2. The videos are featurized by :func:`featurize.pipeline.featurize` itself (same decoder worker,
    same frame grid, same preprocessing), handed over as segment records, into a feature cache
    (``--cache FILE`` keeps it and is resumed on the next call; otherwise a temporary file).
@@ -42,7 +43,7 @@ from featurize.spec import FeatureSpec, weights_id
 from . import plots
 from .loop import FeatureInputs, probabilities
 from .reader import EPS, select, shifts
-from .run import Run, save_torch, write_json
+from .run import Run, resolve_run_folder, save_torch, write_json
 
 
 class PredictError(UserError):
@@ -136,7 +137,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
     cfg.validate()
     t0 = time.monotonic()
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict"
-    run = Run(cfg.run)
+    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
     spec = featurize_spec(run, out)
     classes = run.classes
     fps, seq_len, offset = float(run.reader.fps), int(run.reader.seq_len), run.reader.offset

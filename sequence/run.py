@@ -282,6 +282,31 @@ def checkpoint_path(run_dir: str | os.PathLike, what: str = "RUN") -> Path:
     return ck
 
 
+def resolve_run_folder(run_dir: str | os.PathLike, what: str = "RUN", log=lambda s: None) -> Path:
+    """The folder whose checkpoint stands for ``run_dir``: the run itself, or for a cross-validation (a checkpoint per
+    fold under folds/, e.g. a cross-validated sweep variant) its best fold: the highest validation accuracy, ties
+    broken by the lower validation loss, then the fold's name (the test part is never used to choose). Other
+    folders are returned as given, for :class:`Run` to say what they are."""
+    run = Path(run_dir)
+    folds = sorted(p.parent for p in run.glob(f"folds/*/{CHECKPOINT}"))
+    if (run / CHECKPOINT).is_file() or not folds:
+        return run
+
+    def key(fold: Path):
+        try:
+            r = json.loads((fold / "results.json").read_text())
+        except (OSError, ValueError):
+            r = {}
+        va, vl = r.get("val_accuracy"), r.get("val_loss")
+        return (-(va if va is not None else -1.0), vl if vl is not None else math.inf, fold.name), va
+
+    best = min(folds, key=lambda f: key(f)[0])
+    va = key(best)[1]
+    log(f"{what} {run}: a cross-validation of {len(folds)} folds; using its best fold {best.name}"
+        + (f" (validation accuracy {va:.3f})" if va is not None else ""))
+    return best
+
+
 class RunError(UserError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
 

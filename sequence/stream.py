@@ -42,7 +42,7 @@ from featurize.errors import UserError
 from featurize.sampling import EPS
 
 from .loop import FeatureInputs, probabilities
-from .run import Run, write_json
+from .run import Run, resolve_run_folder, write_json
 
 EXIT = {"end": 0, "stall": 1, "error": 1, "SIGINT": 130, "SIGTERM": 143}
 
@@ -214,7 +214,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
 
     cfg.validate()
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict_stream"
-    run = Run(cfg.run)
+    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
     spec = featurize_spec(run, out)
     classes, fps, seq_len = run.classes, float(run.reader.fps), int(run.reader.seq_len)
     stride = cfg.stride if cfg.stride is not None else max(1, round(fps)) / fps

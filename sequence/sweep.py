@@ -767,7 +767,7 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    md_cols = ["rank", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "epochs",
+    md_cols = ["rank", "variant", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "epochs",
                                                                          "val_accuracy", "val_loss", "test_accuracy",
                                                                          "seconds", "status"]
 
@@ -784,6 +784,8 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
             return f"{v:.4f}"
         if k == "seconds":
             return f"{v:.1f}"
+        if k in ("best_epoch", "epochs") and isinstance(v, float):  # a cross-validation: the mean over its folds
+            return f"{v:.1f}" if not v.is_integer() else f"{v:.0f}"
         if k == "model" and not r["order_aware"]:
             return f"{v} (order-blind)"
         return str(v)

@@ -24,7 +24,8 @@ from . import models as M
 from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
-from .run import Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, write_json, write_run, write_scores
+from .run import (Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, resolve_run_folder,
+                  write_json, write_run, write_scores)
 from .splits import Fold, choose_split, folds_for, split_entry
 
 
@@ -114,7 +115,7 @@ def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=No
            "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "epochs_run", "test_accuracy",
                                             "val_accuracy", "test_loss", "val_loss")} for r in per_fold],
            "cache": cache_info(cache), "device": str(device), "torch": torch.__version__}
-    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch"):
+    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch", "epochs_run"):
         res[key], res[key + "_std"] = mean_std([r[key] for r in per_fold])
     res["timings"] = {"train_s": round(sum(r["timings"]["train_s"] for r in per_fold), 3)}
     return nan_to_none(res)
@@ -131,7 +132,7 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
     segment skipped), unless ``score_all``; every other segment with a label the model knows is scored. Writes
     ``out`` (default ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
     """
-    run = Run(run_dir)
+    run = Run(resolve_run_folder(run_dir))  # a cross-validation: its best fold
     path = cache_path or run.cache_path
     cache, feats = load_features(path)
     data = run.sequences(cache, feats)

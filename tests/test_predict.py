@@ -128,3 +128,31 @@ def test_refuses_inconsistent_run(pr_data, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(run), pr_data["long"]])
     assert r.exit_code == 2
     assert "999-dim" in r.output and "inconsistent" in r.output
+
+
+def test_a_cross_validation_predicts_and_finetunes_from_its_best_fold(pr_data):
+    """A cross-validated run (a cross-validated sweep variant) is used as it is: its best fold by validation
+    accuracy, never by test accuracy."""
+    from sequence.finetune import FinetuneConfig, finetune
+    from sequence.run import resolve_run_folder
+    from sequence.train import TrainConfig, train
+
+    cv = pr_data["d"] / "cv"
+    res = train(TrainConfig(cache=pr_data["cache"], out=str(cv), model="conv1d", fps=2, seq_len=8, split="group-kfold",
+                            folds=2, epochs=4, plots=False, device="cpu"))
+    best = max(res["per_fold"], key=lambda f: (f["val_accuracy"], -f["val_loss"]))
+    assert resolve_run_folder(cv) == cv / "folds" / best["fold"]
+    out = pr_data["d"] / "cvpred"
+    r = CliRunner().invoke(main, ["predict", str(cv), pr_data["long"], "--window", "4", "--stride", "4", "--out",
+                                  str(out), "--device", "cpu", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert f"using its best fold {best['fold']}" in r.output and len(_rows(out / "predictions.csv")) == 10
+    ft = finetune(FinetuneConfig(cache=pr_data["cache"], out=str(pr_data["d"] / "cvft"), from_run=str(cv), epochs=1,
+                                 plots=False, device="cpu", unfreeze="0"))
+    assert ft["warm_start"] == str(cv / "folds" / best["fold"]) and ft["n_test"] == best["n_test"]
+
+
+def test_the_cross_validation_policy_is_in_the_help():
+    for cmd in (["predict", "--help"], ["finetune", "--help"]):
+        out = " ".join(CliRunner().invoke(main, cmd).output.split())
+        assert "cross-validat" in out and "best fold" in out and "validation accuracy" in out, cmd
