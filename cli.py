@@ -522,6 +522,9 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
     RUN_DIR may be a cross-validation folder (e.g. a cross-validated sweep variant): its best fold by validation
     accuracy is used, and named.
     """
+    if realtime and stream_source is None:
+        raise click.UsageError("--realtime plays a --stream FILE at its own rate, as a live source; give --stream FILE "
+                               "with it (VIDEO files are featurized as fast as they decode)")
     if stream_source is not None:
         from sequence.stream import StreamConfig, stream
 

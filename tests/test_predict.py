@@ -1,5 +1,6 @@
 """featseq predict: sliding windows over a long synthetic video whose class changes halfway."""
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,13 @@ def test_finetune_run(pr_data):
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 10
     assert {x["predicted"] for x in rows} <= {"ascending", "descending", "pingpong"}
+    # the trunk is read from the run's checkpoint: no copy of it (13.7 MB for a ResNet-18) in the predict folder
+    assert not list(out.glob("*.pt")) and json.loads((out / "predict.json").read_text())["featurize"]["finetuned"]
     # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone (resnet18, random init seed 0,
     # the cache's), tensor by tensor, BatchNorm statistics included ...
-    trunk = torch.load(out / "finetuned_trunk.pt", map_location="cpu", weights_only=True)
+    from sequence.run import Run
+
+    trunk = Run(ft).trunk_state
     orig = create_backbone("resnet18", "none", 0).trunk.state_dict()
     assert sorted(trunk) == sorted(orig)
     for k, v in orig.items():
@@ -150,6 +155,12 @@ def test_a_cross_validation_predicts_and_finetunes_from_its_best_fold(pr_data):
     ft = finetune(FinetuneConfig(cache=pr_data["cache"], out=str(pr_data["d"] / "cvft"), from_run=str(cv), epochs=1,
                                  plots=False, device="cpu", unfreeze="0"))
     assert ft["warm_start"] == str(cv / "folds" / best["fold"]) and ft["n_test"] == best["n_test"]
+
+
+def test_realtime_without_stream_is_refused(pr_data):
+    clip = sorted(Path(pr_data["src"]).rglob("*.mp4"))[0]
+    r = CliRunner().invoke(main, ["predict", pr_data["run"], str(clip), "--realtime"])
+    assert r.exit_code == 2 and "--realtime" in r.output and "--stream FILE" in r.output, r.output
 
 
 def test_the_cross_validation_policy_is_in_the_help():
