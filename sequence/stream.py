@@ -343,6 +343,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
         "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4),
                       "max": round(float(lat.max()), 4)} if len(lat) else None,
         "windows_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
+        "frames_per_s": round(embedded / wall, 2) if wall > 0 else None,  # frames embedded per second of the stream
         "seconds": round(wall, 3), "out": str(out),
     }
     write_json(out / "predict.json", res)
