@@ -329,7 +329,7 @@ OPTION_HELP = {
     "checkpointing": "Gradient checkpointing through the CNN (less memory, more compute).",
     "precision": "Autocast: auto is bf16 (or fp16) on CUDA, fp32 on CPU.",
     "channels_last": "NHWC memory format for the CNN on CUDA.",
-    "resume": "Continue an interrupted run from its last.pt.",
+    "resume": "Continue an interrupted run from its last.pt (without it, or --overwrite, such a folder is refused).",
     "keep_frames": "When SOURCE is a video source: featurize it with --keep-frames first.",
     "backbone": "Without --from, to featurize a video SOURCE: the backbone.",
     "weights": "Without --from, to featurize a video SOURCE: the weights.",

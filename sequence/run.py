@@ -209,12 +209,19 @@ def _write_run(run: Path, *, cfg, data, fold, head, fit, probs, spec, cache, dev
 
 # ---------------------------------------------------------------- an existing run folder
 
-RUN_MARKERS = ("config.json", "results.json", CHECKPOINT, "last.pt", "history.csv", "folds")
+def _written_by_featseq(path: Path, keys: tuple[str, ...]) -> bool:
+    """Is ``path`` a JSON object with these keys (a featseq config.json / results.json, not any file so named)?"""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and all(k in d for k in keys)
 
 
 def run_folder_state(out: str | os.PathLike) -> str:
-    """What ``out`` holds: "new" (nothing, or an empty folder), "complete" (a finished run: results.json),
-    "incomplete" (a run that was stopped before its results.json), "other" (files featseq did not write)."""
+    """What ``out`` holds: "new" (nothing, or an empty folder), "complete" (a finished run: its results.json),
+    "incomplete" (a run stopped before its results.json: its config.json only), "other" (files featseq did not
+    write: such a folder is never cleared)."""
     out = Path(out)
     if not out.exists():
         return "new"
@@ -222,9 +229,9 @@ def run_folder_state(out: str | os.PathLike) -> str:
         return "other"
     if not any(out.iterdir()):
         return "new"
-    if (out / "results.json").is_file():
+    if _written_by_featseq(out / "results.json", ("status", "config")):
         return "complete"
-    return "incomplete" if any((out / m).exists() for m in RUN_MARKERS) else "other"
+    return "incomplete" if _written_by_featseq(out / "config.json", ("cache", "out", "model", "split")) else "other"
 
 
 def check_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> str:

@@ -248,13 +248,15 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path):
     (cv / "results.json").unlink()
     (cv / "folds" / "fold_00").mkdir(parents=True)
     assert _cli_train(cache, cv).exit_code == 0 and not (cv / "folds").exists()
-    # a folder featseq did not write is refused, even with --overwrite
+    # a folder featseq did not write is refused, even with --overwrite, even when some of its files have a run's names
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("x")
-    for more in ((), ("--overwrite",)):
-        r = _cli_train(cache, mine, *more)
-        assert r.exit_code == 2 and "not a featseq run" in r.output and (mine / "thesis.tex").is_file(), r.output
+    for name in ("thesis.tex", "config.json", "results.json", "history.csv"):
+        (mine / name).write_text('{"theme": "dark"}')
+        for more in ((), ("--overwrite",)):
+            r = _cli_train(cache, mine, *more)
+            assert r.exit_code == 2 and "not a featseq run" in r.output and (mine / "thesis.tex").is_file(), r.output
 
 
 def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path):
@@ -268,7 +270,7 @@ def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path
     assert r.exit_code == 2 and "already holds a finished run" in r.output and "--overwrite" in r.output, r.output
     ft = tmp_path / "FT"  # interrupted: config.json and last.pt, no results.json
     ft.mkdir()
-    (ft / "config.json").write_text("{}")
+    (ft / "config.json").write_text(json.dumps({"cache": cache, "out": str(ft), "model": "mlp", "split": "group"}))
     (ft / "last.pt").write_bytes(b"state")
     with pytest.raises(RunError, match="--resume to continue"):
         check_run_folder(ft, overwrite=False)
