@@ -33,7 +33,7 @@ demo: install
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/search --search tpe --trials 12 --prune median --model conv1d,lstm --hidden 16..128:log:int --lr 1e-4..1e-2:log --fps 2 --split group --epochs 30 --jobs 2 -q
 	$(FEATSEQ) compare $(DEMO)/cache/clips_64px.h5 $(DEMO)/cache/clips_hi_64px.h5 --out $(DEMO)/compare --model conv1d,mlp --seeds 2 --fps 2 --split group --epochs 40 --patience 15
 	BEST=$$(sed -n 2p $(DEMO)/sweep/leaderboard.csv | cut -d, -f2) && \
-	$(FEATSEQ) finetune $(DEMO)/cache/clips_64px.h5 --from "$(DEMO)/sweep/$$BEST" --out $(DEMO)/finetune --unfreeze 1 --epochs 2 -q && \
+	$(FEATSEQ) finetune $(DEMO)/cache/clips_64px.h5 --from "$(DEMO)/sweep/$$BEST" --out $(DEMO)/finetune --unfreeze 1 --epochs 2 --overwrite -q && \
 	$(PY) -c "import torch; from featurize.synth import render_long_video as r; r('$(DEMO)/data/long_change.mp4', parts=[('ascending', 20.0), ('descending', 20.0)], width=64, height=64, video_fps=30, seed=5)" && \
 	$(FEATSEQ) predict "$(DEMO)/sweep/$$BEST" $(DEMO)/data/long_change.mp4 --window 6 --stride 3 --out $(DEMO)/predict && \
 	$(PY) -c "from featurize.synth import render_long_video as r; r('$(DEMO)/data/stream_change.mp4', parts=[('ascending', 8.0), ('descending', 8.0)], width=64, height=64, video_fps=30, seed=6)" && \

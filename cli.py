@@ -317,7 +317,7 @@ def _config_options(config_name: str, as_lists: bool = False):
     inherits = config_cls is C.FinetuneConfig
     decos = []
     for f in dataclasses.fields(config_cls):
-        if f.name in ("cache", "out"):
+        if f.name in ("cache", "out") or (as_lists and f.name == "overwrite"):  # sweep/compare own their run folders
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         args = typing.get_args(hints[f.name])
@@ -429,14 +429,27 @@ def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, se
               help="Another cache with the same feature dimension [default: the run's own cache].")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [default: RUN_DIR/eval_<cache name>].")
 @click.option("--device", default="auto", show_default=True)
-def evaluate(run_dir, cache_path, out, device):
-    """Re-score the saved model of RUN_DIR on its cache or on --cache OTHER (segments it trained on are not scored)."""
+@click.option("--score-all", is_flag=True,
+              help="Also score the segments whose ids the run trained or validated on (skipped by default).")
+def evaluate(run_dir, cache_path, out, device, score_all):
+    """Re-score the saved model of RUN_DIR on its cache or on --cache OTHER.
+
+    Segments whose ids the run trained or validated on are skipped, and counted (another cache whose ids match
+    the run's, e.g. cuts of long videos named like the clips, can have all its segments skipped); --score-all
+    scores them too. Exit 1 when no segment was scored.
+    """
     from sequence.train import evaluate as run
 
-    res = run(run_dir, cache_path, out=out, device=device)
-    acc = res["test_accuracy"]
-    click.echo(f"accuracy {acc if acc is not None else float('nan'):.3f} on {res['n_scored']} scored segments"
-               + (f" ({res['unknown_label']} with labels the model does not know)" if res["unknown_label"] else ""), err=True)
+    res = run(run_dir, cache_path, out=out, device=device, score_all=score_all)
+    acc, sk = res["test_accuracy"], res["n_skipped"]
+    skipped = (f"; skipped {sk['train'] + sk['val']} segment(s) whose ids the run trained on ({sk['train']}, train) or "
+               f"validated on ({sk['val']}, val): --score-all scores them too" if sk["train"] + sk["val"] else "")
+    unknown = f"; {res['unknown_label']} with labels the model does not know" if res["unknown_label"] else ""
+    if not res["n_scored"]:
+        click.echo(f"no segment scored{skipped}{unknown}", err=True)
+        click.echo(res["out"])
+        sys.exit(1)
+    click.echo(f"accuracy {acc:.3f} on {res['n_scored']} scored segments{skipped}{unknown}", err=True)
     click.echo(res["out"])
 
 
@@ -506,7 +519,12 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
     run's checkpoint (the training cache is not needed). Writes predictions.csv (video, window_start,
     window_end, p_<class>..., predicted, above_threshold) and timeline_<video>.png per video. With --stream,
     windows of the run's length are classified every --stride seconds as the stream plays (RUN_DIR/predict_stream).
+    RUN_DIR may be a cross-validation folder (e.g. a cross-validated sweep variant): its best fold by validation
+    accuracy is used, and named.
     """
+    if realtime and stream_source is None:
+        raise click.UsageError("--realtime plays a --stream FILE at its own rate, as a live source; give --stream FILE "
+                               "with it (VIDEO files are featurized as fast as they decode)")
     if stream_source is not None:
         from sequence.stream import StreamConfig, stream
 

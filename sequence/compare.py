@@ -31,7 +31,7 @@ from featurize.errors import UserError
 
 from . import plots
 from .reader import EPS, check_fps, resolve_seq_len
-from .run import Run, mean_std, write_json
+from .run import CHECKPOINT, Run, mean_std, write_json
 from .train import train
 
 
@@ -172,7 +172,11 @@ def similarity(a: Cache, b: Cache) -> dict:
 # ---------------------------------------------------------------- training on both
 
 def _cross(run_dir: Path, other: Cache, device) -> float | None:
-    """Accuracy of a run's model on ``other``'s features of the run's own test ids."""
+    """Accuracy of a run's model on ``other``'s features of the run's own test ids. A cross-validation run: each
+    fold's model on its own fold's test ids, averaged over the folds (as its test accuracy is)."""
+    folds = sorted(Path(run_dir).glob(f"folds/*/{CHECKPOINT}"))
+    if folds and not (Path(run_dir) / CHECKPOINT).is_file():
+        return mean_std([_cross(f.parent, other, device) for f in folds])[0]
     run = Run(run_dir)
     data = run.sequences(other)
     probs = run.probabilities(data, device)
@@ -184,13 +188,18 @@ def _cross(run_dir: Path, other: Cache, device) -> float | None:
     return float((p[ok].argmax(1) == y[ok]).mean()) if ok.any() else None
 
 
+def _test_sizes(res: dict) -> tuple:
+    """The test part's size of a run, or of each fold of a cross-validation."""
+    return (res.get("n_test"),) + tuple(f["n_test"] for f in res.get("per_fold") or [])
+
+
 def _fmt_ms(m, s) -> str:
     return "—" if m is None else f"{m:.3f} ± {s:.3f}"
 
 
 def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     """Similarity, training on both, cross-evaluation; writes OUT; returns compare.json's content."""
-    from .sweep import SweepConfig, variants
+    from .sweep import SweepConfig, resolve_split, variants
 
     cfg.validate()
     grid = {k: list(v) for k, v in cfg.grid.items()}
@@ -218,6 +227,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     log(f"similarity: linear CKA {sim['linear_cka']:.4f}" +
         (f", mean cosine {sim['mean_cosine']:.4f}" if sim["mean_cosine"] is not None else " (dims differ: no cosine)"))
 
+    grid = resolve_split(grid, a, log)  # --split auto: from the common segments' groups
     vs = variants(SweepConfig(cache=cfg.cache_a, out=str(out / "runs"), grid=grid))
     device = resolve_device(grid.get("device", ["auto"])[0])
     durations = np.asarray(a.segments["end"], float) - np.asarray(a.segments["start"], float)
@@ -233,14 +243,15 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
             runs = {}
             for side, path in (("A", cfg.cache_a), ("B", cfg.cache_b)):
                 run = out / "runs" / side / vname / f"seed{seed}"
-                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots), data=features[side])
+                # compare's own run folders: an older run in one (an earlier compare into OUT) is replaced
+                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots, overwrite=True),
+                          data=features[side])
                 res[side].append(r)
                 runs[side] = run
             if sim["same_dim"]:
                 cross["A->B"].append(_cross(runs["A"], b, device))
                 cross["B->A"].append(_cross(runs["B"], a, device))
-            same_split = res["A"][-1].get("n_test") == res["B"][-1].get("n_test")
-            if not same_split:
+            if _test_sizes(res["A"][-1]) != _test_sizes(res["B"][-1]):
                 raise CompareError(f"{vname} seed {seed}: the two sides got different splits; check the caches' groups")
         classes = res["A"][0]["classes"]
         row = {"variant": vname, "model": tc.model, "fps": tc.fps, "seq_len": tc.seq_len, "split": tc.split,

@@ -44,11 +44,17 @@ class ReaderConfig:
             raise ValueError("; ".join(problems))
 
 
+AUTO_SPLIT = "auto"  # the default --split: group when the cache's groups hold several segments, else random
+                    # (sequence.splits.choose_split resolves it from the cache before anything is split)
+
+
 def parse_split(split: str) -> tuple[str, int | None]:
     """--split -> (name, K): 'ucf101:1' -> ('ucf101', 1), 'group' -> ('group', None). ValueError naming --split."""
+    if split == AUTO_SPLIT:
+        return AUTO_SPLIT, None
     name, sep, k = str(split).partition(":")
     if name not in SPLIT_NAMES:
-        raise ValueError(f"unknown --split {split!r}; known splits: "
+        raise ValueError(f"unknown --split {split!r}; known splits: {AUTO_SPLIT}, "
                          f"{', '.join(n + ':K' if n in SPLIT_LISTS else n for n in SPLIT_NAMES)}")
     if name not in SPLIT_LISTS:
         if sep:
@@ -79,7 +85,7 @@ def model_option_problems(opts: dict) -> list[str]:
 
 
 # options that change nothing a run computes (how it runs or what it writes)
-RUNTIME_OPTIONS = ("device", "threads", "plots")
+RUNTIME_OPTIONS = ("device", "threads", "plots", "overwrite")
 
 
 @dataclass
@@ -103,7 +109,7 @@ class TrainConfig:
     offset: str = "start"
     min_coverage: float = 0.0
     # split
-    split: str = "random"
+    split: str = AUTO_SPLIT          # resolved from the cache's groups (sequence.splits.choose_split)
     split_dir: str | None = None     # ucf101:K / hmdb51:K: the folder of the official lists (None: next to the source)
     test_size: float = 0.2
     val_size: float = 0.15
@@ -121,6 +127,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     plots: bool = True
+    overwrite: bool = False          # replace a finished run in ``out`` (its files are deleted first)
 
     def reader(self) -> ReaderConfig:
         return ReaderConfig(fps=self.fps, seconds=self.seconds, percent=self.percent, seq_len=self.seq_len,
@@ -252,13 +259,22 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from .splits import split_entry
-
-        if split_entry(self.split).cv:
-            problems.append(f"--split {self.split}: finetune trains one model; use random, seed-compat or group "
-                            f"(cross-validate with cached features: featseq train --split {self.split})")
+        if self.from_run is None and (why := cv_split_problem(self.split)):
+            # (with --from, the run's own train/val/test ids are used: a cross-validation's best fold has its
+            # split inherited; a cross-validation asked for with --from is refused before inherit, by finetune)
+            problems.append(why)
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def cv_split_problem(split: str | None) -> str | None:
+    """Why finetune refuses ``split`` (a cross-validation: finetune trains one model), else None."""
+    from .splits import split_entry
+
+    if split is None or split == AUTO_SPLIT or not split_entry(split).cv:
+        return None
+    return (f"--split {split}: finetune trains one model; use random, seed-compat or group "
+            f"(cross-validate with cached features: featseq train --split {split})")
 
 
 # ---------------------------------------------------------------- command-line help, shared by train and sweep
@@ -278,7 +294,9 @@ OPTION_HELP = {
     "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",
     "offset": "Where the window starts: start, center, random (temporal jitter in training; center for evaluation).",
     "min_coverage": "Drop segments whose window is covered less than this fraction (0-1); shorter ones are padded and masked.",
-    "split": "random (stratified), seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
+    "split": "auto (the default): group when the cache's groups hold several segments each (participants, source "
+             "videos), random when every segment is its own group; the choice is printed. random (stratified), "
+             "seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
              "group-kfold (whole groups per fold), logo, predefined (the manifest's split column), ucf101:K or "
              "hmdb51:K (the dataset's official split K from its lists, see --split-dir).",
     "split_dir": "Folder of the official split lists of --split ucf101:K (classInd.txt, trainlist0K.txt, "
@@ -298,8 +316,11 @@ OPTION_HELP = {
     "device": "auto, cpu or cuda.",
     "threads": "torch CPU threads [default: torch's; a sweep uses cores // jobs].",
     "plots": "Write curves.png and confusion.png.",
+    "overwrite": "Replace the finished run --out holds (its files are deleted first); without it such a folder is "
+                 "refused.",
     # finetune
-    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings.",
+    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings "
+                "(a cross-validation folder, e.g. a cross-validated sweep variant: its best fold by validation accuracy).",
     "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",
     "backbone_lr": "Learning rate of the CNN (--lr is the sequence model's).",
     "freeze_bn": "Keep BatchNorm statistics frozen (small batches); --train-bn on several GPUs: SyncBatchNorm.",
@@ -308,7 +329,7 @@ OPTION_HELP = {
     "checkpointing": "Gradient checkpointing through the CNN (less memory, more compute).",
     "precision": "Autocast: auto is bf16 (or fp16) on CUDA, fp32 on CPU.",
     "channels_last": "NHWC memory format for the CNN on CUDA.",
-    "resume": "Continue an interrupted run from its last.pt.",
+    "resume": "Continue an interrupted run from its last.pt (without it, or --overwrite, such a folder is refused).",
     "keep_frames": "When SOURCE is a video source: featurize it with --keep-frames first.",
     "backbone": "Without --from, to featurize a video SOURCE: the backbone.",
     "weights": "Without --from, to featurize a video SOURCE: the weights.",

@@ -28,7 +28,7 @@ from featurize.cache import open_read, read_cache
 
 from .config import TrainConfig
 from .reader import EPS, build, select
-from .splits import folds_for, split_entry
+from .splits import choose_split, folds_for, split_entry
 
 OPTIONS = ("fps", "seconds", "percent", "seq_len", "offset", "min_coverage", "split", "split_dir", "test_size",
            "val_size", "folds", "seed")
@@ -59,6 +59,7 @@ class CacheDataset(torch.utils.data.Dataset):
         cfg.validate()
         meta = read_cache(self.path, features=False)
         seqs = build(meta, cfg.reader())
+        cfg = choose_split(cfg, seqs.groups, seqs.keep, labels=seqs.label_names, ids=seqs.ids)  # as train chooses
         self.split = f"{cfg.split}, {part}"
         if part == "all":
             idx = np.nonzero(seqs.keep)[0]

@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +38,12 @@ from featurize.stop import Interrupted
 
 from . import checkpoint
 from . import models as M
-from .config import FinetuneConfig  # noqa: F401  (re-exported)
+from .config import FinetuneConfig, cv_split_problem  # noqa: F401  (FinetuneConfig re-exported)
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
-from .run import Run, write_json, write_run
-from .splits import Fold, folds_for
+from .run import Run, check_run_folder, prepare_run_folder, resolve_run_folder, write_json, write_run
+from .splits import Fold, choose_split, folds_for
 
 LAST = "last.pt"
 
@@ -292,6 +292,11 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     signal stopped it (featurize.stop.Interrupted), saying how to resume.
     """
     t0 = time.monotonic()
+    check_run_folder(cfg.out, cfg.overwrite, cfg.resume)  # a finished run is not replaced without --overwrite
+    if cfg.from_run:  # a cross-validation (a sweep's cross-validated variant): its best fold's run
+        if why := cv_split_problem(cfg.split):  # asked for; one inherited from such a run is the fold's split
+            raise ValueError(why)
+        cfg = replace(cfg, from_run=str(resolve_run_folder(cfg.from_run, "--from", log)))
     warm = Run(cfg.from_run, "--from") if cfg.from_run else None
     if warm is not None and warm.kind == "finetune":
         raise UserError(f"--from {cfg.from_run}: that is a finetune run; warm-start from a cached-feature run")
@@ -331,6 +336,8 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
     if device.type == "cpu":
         tune_cpu_allocator()
     backbone = bb.create_backbone(spec.backbone, spec.check_weights(cache_path), spec.seed)
+    if warm is None:  # --split auto: chosen from the cache's groups, as train chooses (with --from: the run's ids)
+        cfg = choose_split(cfg, data.groups, data.keep, log, labels=data.label_names, ids=data.ids)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         if warm is not None:
@@ -354,10 +361,10 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
         amp = Amp(device, prec)
         run = Path(cfg.out)
         state_cfg = {k: v for k, v in asdict(cfg).items()
-                     if k not in ("resume", "epochs", "out", "device", "threads", "dist_timeout")}
+                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout")}
 
         def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
-            run.mkdir(parents=True, exist_ok=True)
+            prepare_run_folder(run, cfg.overwrite, cfg.resume, log)  # an old run's files go first; --resume keeps them
             resume = _resume_state(cfg, run, state_cfg)
             if (run / "results.json").exists():
                 (run / "results.json").unlink()  # written last: until then the folder is not a complete run

@@ -26,9 +26,10 @@ def curves(path: Path, history: list[dict]) -> None:
     fig = _figure((9, 3.4))
     ax = fig.subplots(1, 2)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.2)
+    marker = "o" if len(ep) < 20 else None  # one or a few epochs: points that show, not a line too short to see
     for a, what in zip(ax, ("loss", "accuracy")):
-        a.plot(ep, [h[f"train_{what}"] for h in history], label="train")
-        a.plot(ep, [h[f"val_{what}"] for h in history], label="validation")
+        a.plot(ep, [h[f"train_{what}"] for h in history], label="train", marker=marker)
+        a.plot(ep, [h[f"val_{what}"] for h in history], label="validation", marker=marker)
         a.set_xlabel("epoch")
         a.set_title(what)
         a.grid(alpha=0.3)

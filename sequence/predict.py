@@ -4,9 +4,10 @@
 
 1. The backbone, weights, seed, input size, resize policy, fps and precision come from the featurize
    spec recorded in the run's checkpoint (sequence.run.Run.spec), never from its training cache. A
-   finetune run's trained trunk is written (on every call) to ``OUT/finetuned_trunk.pt`` and used as the weights
-   file, so featurize rebuilds exactly that trunk. A run whose weights file is gone or changed is
-   refused with the fix.
+   finetune run's trained trunk is written to a temporary weights file while the videos are featurized (no copy
+   is kept in OUT), so featurize rebuilds exactly that trunk. A run whose weights file is gone or changed is
+   refused with the fix. A cross-validation run (a cross-validated sweep variant) predicts with its best fold
+   (sequence.run.resolve_run_folder).
 2. The videos are featurized by :func:`featurize.pipeline.featurize` itself (same decoder worker,
    same frame grid, same preprocessing), handed over as segment records, into a feature cache
    (``--cache FILE`` keeps it and is resumed on the next call; otherwise a temporary file).
@@ -27,8 +28,10 @@ import os
 import re
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ from featurize.spec import FeatureSpec, weights_id
 from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
 from .reader import EPS, select, shifts
-from .run import Run, write_json
+from .run import CHECKPOINT, Run, resolve_run_folder, write_json
 
 
 class PredictError(UserError):
@@ -85,19 +88,31 @@ class PredictConfig:
             raise ValueError("; ".join(problems))
 
 
-def featurize_spec(run: Run, out: Path) -> FeatureSpec:
-    """The spec to featurize new videos with: the run's, with a finetune run's trunk as the weights file."""
+@contextmanager
+def featurize_spec(run: Run) -> Iterator[FeatureSpec]:
+    """The spec to featurize new videos with: the run's. A finetune run's trunk is written, for the block only, to a
+    temporary weights file that the spec names (its id ``finetuned_trunk-<sha256[:8]>`` depends on the weights alone,
+    so a kept --cache is resumed); no copy of the trunk is left in the output folder: the run's checkpoint holds it."""
     spec = run.spec
     if run.trunk_state is None:
         spec.check_weights(str(run.path))
-        return spec
-    trunk = out / "finetuned_trunk.pt"  # written on every call: OUT may hold another (or an older) run's trunk
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(run.trunk_state, trunk)
+        yield spec
+        return
     from featurize.backbones import sha256_file
 
-    sha = sha256_file(str(trunk))
-    return replace(spec, weights_path=str(trunk.resolve()), weights_sha256=sha, weights=weights_id(str(trunk), sha, spec.seed))
+    with tempfile.TemporaryDirectory(prefix="featseq-trunk-") as d:
+        trunk = Path(d) / "finetuned_trunk.pt"
+        checkpoint.save(run.trunk_state, trunk)
+        sha = sha256_file(str(trunk))
+        yield replace(spec, weights_path=str(trunk), weights_sha256=sha, weights=weights_id(str(trunk), sha, spec.seed))
+
+
+def spec_record(run: Run, spec: FeatureSpec) -> dict:
+    """How the new videos were featurized, for predict.json: a finetune run's weights are its checkpoint's trunk."""
+    d = spec.to_dict()
+    if run.trunk_state is not None:
+        d["weights_path"] = str(run.path / CHECKPOINT)
+    return {**d, "finetuned": run.trunk_state is not None}
 
 
 # ---------------------------------------------------------------- windows
@@ -136,8 +151,8 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
     cfg.validate()
     t0 = time.monotonic()
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict"
-    run = Run(cfg.run)
-    spec = featurize_spec(run, out)
+    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
+    spec = run.spec
     classes = run.classes
     fps, seq_len, offset = float(run.reader.fps), int(run.reader.seq_len), run.reader.offset
     if spec.feature_dim and spec.feature_dim != run.input_dim:
@@ -157,7 +172,9 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
     else:
         tmpdir = tempfile.TemporaryDirectory(prefix="featseq-predict-")
         cache_path = Path(tmpdir.name) / "predict.h5"
+    trunk = ExitStack()  # a finetune run's trunk as a temporary weights file, until the videos are featurized
     try:
+        spec = trunk.enter_context(featurize_spec(run))
         ids = [_video_id(v) for v in cfg.videos]
         records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
                    for v, i in zip(cfg.videos, ids)]
@@ -207,6 +224,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
         probs = probabilities(run.model, inputs, sel.mask, len(classes), device)
         t_cls = time.monotonic() - t1
     finally:
+        trunk.close()
         if tmpdir is not None:
             tmpdir.cleanup()
 
@@ -232,7 +250,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
         "status": "complete", "run": str(cfg.run), "kind": run.kind, "videos": [v for v, _ in todo],
         "failed": failed, "classes": classes, "window": cfg.window, "stride": cfg.stride or cfg.window,
         "threshold": cfg.threshold, "fps": fps, "seq_len": seq_len, "offset": off,
-        "featurize": {**spec.to_dict(), "precision": fcfg.precision, "finetuned": run.trunk_state is not None},
+        "featurize": {**spec_record(run, spec), "precision": fcfg.precision},
         "windows": len(recs), "frames": frames, "frames_featurized": fres.frames,
         "featurize_s": round(fres.seconds, 3), "classify_s": round(t_cls, 4),
         "frames_per_s": round(fres.frames / fres.stream_seconds, 2) if fres.frames and fres.stream_seconds else None,

@@ -2,8 +2,9 @@
 
 ``featseq report DIR [--out FILE]`` (default ``DIR/report.html``). The kind of folder is recognised by
 its files: ``compare.json`` (compare), ``sweep.json`` or ``leaderboard.csv`` (sweep), ``results.json``
-(train/finetune run, also cross-validation), ``predict.json`` (predict). A run's ``predict/`` and a
-sweep's best run are included as sections. PNG plots are embedded as base64 data URIs, so the page
+(train/finetune run, also cross-validation), ``predict.json`` (predict, also ``--stream``); a parent folder of
+such folders (e.g. ``runs/``) gives one section per folder found in it. A run's predict folders
+(``predict/``, ``predict_stream/``, ...) and a sweep's best run are included as sections. PNG plots are embedded as base64 data URIs, so the page
 is one file that can be mailed or archived.
 
 The page is rendered from ``templates/report.html.j2`` with autoescaping on. This module only gathers
@@ -57,11 +58,13 @@ def _float(v: float, key: str | None, nd: int | None) -> str:
     if not math.isfinite(v):
         return str(v)
     kind = _kind(key)
+    if kind == "sec" and nd is None and abs(v) < 10:
+        # 3 significant digits below 10 s: 0.0507, 0.05, 0.559, 2.35 (one rule, so neighbours read alike)
+        s = f"{v:.3g}"
+        return s if "e" not in s else f"{v:.2e}"
     if nd is None:
         nd = {"acc": 3, "loss": 4, "rate": 1, "sec": 1}.get(kind)
     if nd is not None:
-        if kind == "sec" and v and abs(v) < 0.05:
-            return f"{v:.1g}"  # 0.002 s, not 0.0
         return f"{v:.{nd}f}"
     if v.is_integer() and abs(v) < 1e15:
         return str(int(v))
@@ -193,8 +196,12 @@ def _load(path: Path) -> dict:
 METRICS = ("test_accuracy", "test_accuracy_std", "oof_accuracy", "val_accuracy", "val_accuracy_std", "train_accuracy",
            "test_loss", "val_loss", "best_epoch", "epochs_run", "n_train", "n_val", "n_test", "folds", "fps", "seq_len",
            "seconds", "padded", "dropped", "params", "backbone", "unfreeze", "frames_from", "device")
-PREDICT_SETTINGS = ("run", "kind", "window", "stride", "threshold", "fps", "seq_len", "windows", "frames",
-                    "frames_per_s", "windows_per_s")
+# predict.json's figures, files (predict) and streams (predict --stream) alike: those a folder's file holds are shown
+PREDICT_SETTINGS = ("run", "kind", "source", "live", "realtime", "status", "stop", "window", "window_s", "stride",
+                    "threshold", "positive_windows", "fps", "seq_len", "windows", "frames", "frames_featurized",
+                    "frames_sampled", "frames_embedded", "frames_dropped", "frames_repeated_in_windows", "featurize_s",
+                    "classify_s", "frames_per_s", "windows_per_s", "latency_p50_s", "latency_p95_s", "latency_max_s",
+                    "seconds", "total_s")
 
 
 def run_data(run: Path, title: str | None = None, level: int = 2) -> dict:
@@ -214,12 +221,14 @@ def run_data(run: Path, title: str | None = None, level: int = 2) -> dict:
         "cards": [(k, res[k]) for k in ("test_accuracy", "oof_accuracy", "val_accuracy") if res.get(k) is not None],
         "metrics": metrics, "cache": res.get("cache") or {},
         "folds": _table(list(pf[0]), [[r.get(c) for c in pf[0]] for r in pf]) if pf else None,
-        "figs": _imgs((run / "curves.png", "loss and accuracy per epoch"),
+        # curves need two epochs at least (one epoch is a point, not a curve)
+        "figs": _imgs(*([(run / "curves.png", "loss and accuracy per epoch")] if (res.get("epochs_run") or 0) >= 2 else []),
                       (run / "confusion.png", "confusion matrix (row-normalised)")),
         "per_class": per_class,
         "class_report": report_txt.read_text() if report_txt.is_file() else None,
         "config": res.get("config") or {},
-        "predict": predict_data(run / "predict", level + 1) if (run / "predict" / "predict.json").is_file() else None,
+        # every predict folder inside the run: predict/, predict_stream/ and any --out given there
+        "predicts": [predict_data(p.parent, level + 1) for p in sorted(run.glob("*/predict.json"))],
     }
 
 
@@ -238,7 +247,7 @@ def sweep_data(d: Path) -> dict:
         "figs": _imgs((d / "summary.png", "sweep summary")),
         "best": run_data(best, f"Best variant ({best.name})", 3) if best is not None else None,
         # predictions made with any variant (the best one's are in its section)
-        "predicts": [predict_data(p.parent, 3) for p in sorted(d.glob("*/predict/predict.json"))
+        "predicts": [predict_data(p.parent, 3) for p in sorted(d.glob("*/*/predict.json"))
                      if best is None or p.parent.parent != best],
     }
 
@@ -265,9 +274,12 @@ def compare_data(d: Path) -> dict:
 
 def predict_data(d: Path, level: int = 2) -> dict:
     res = _load(d / "predict.json")
+    res = {**res, **{f"latency_{k}_s": v for k, v in (res.get("latency_s") or {}).items()}}
+    if "window" in res and res["window"] is None:
+        res["window"] = "whole video"
     return {
-        "kind": "predict", "dir": d, "level": level,
-        "settings": [(k, res.get(k)) for k in PREDICT_SETTINGS],
+        "kind": "predict", "dir": d, "level": level, "stream": "source" in res,
+        "settings": [(k, res[k]) for k in PREDICT_SETTINGS if k in res],
         "figs": _imgs(*((p, p.stem[len("timeline_"):]) for p in sorted(d.glob("timeline_*.png")))),
         "predictions": _csv_table(d / "predictions.csv", 500, common=True),
     }
@@ -287,8 +299,23 @@ def kind_of(d: Path) -> str:
                       f"featseq train/finetune, sweep, compare or predict")
 
 
+def folders_in(d: Path, depth: int = 3) -> list[Path]:
+    """The featseq folders (run, sweep, compare, predict) under a parent folder ``d``: the highest ones on each
+    branch, at most ``depth`` levels down, in name order."""
+    found = []
+    for child in sorted(p for p in Path(d).iterdir() if p.is_dir()):
+        try:
+            kind_of(child)
+            found.append(child)
+        except ReportError:
+            if depth > 1:
+                found += folders_in(child, depth - 1)
+    return found
+
+
 def report(folders: str | list[str], out: str | None = None) -> str:
-    """Write one HTML page for one or several run/sweep/compare/predict folders; returns its path."""
+    """Write one HTML page for one or several run/sweep/compare/predict folders, or parent folders of such folders
+    (one section each); returns its path."""
     dirs = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
     if not dirs:
         raise ReportError("report: give at least one folder")
@@ -298,11 +325,18 @@ def report(folders: str | list[str], out: str | None = None) -> str:
         if not d.is_dir():
             raise ReportError(f"{d}: no such folder")
         try:
-            sections.append(readers[kind_of(d)](d))
-        except (KeyError, TypeError, AttributeError, ValueError) as e:  # files from elsewhere are data; say which
-            if isinstance(e, ReportError):
+            inner = [d] if kind_of(d) else []
+        except ReportError:
+            inner = folders_in(d)  # a parent folder of runs (runs/, a compare's runs/A)
+            if not inner:
                 raise
-            raise ReportError(f"{d}: its files are not what featseq writes ({type(e).__name__}: {e})") from e
+        for f in inner:
+            try:
+                sections.append(readers[kind_of(f)](f))
+            except (KeyError, TypeError, AttributeError, ValueError) as e:  # files from elsewhere are data; say which
+                if isinstance(e, ReportError):
+                    raise
+                raise ReportError(f"{f}: its files are not what featseq writes ({type(e).__name__}: {e})") from e
     dest = Path(out) if out else dirs[0] / "report.html"
     page = _ENV.get_template("report.html.j2").render(
         sections=sections, dirs=dirs, base=os.path.abspath(dest.parent),

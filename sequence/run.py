@@ -198,6 +198,75 @@ def _write_run(run: Path, *, cfg, data, fold, head, fit, probs, spec, cache, dev
     return res, ckpt
 
 
+# ---------------------------------------------------------------- an existing run folder
+
+def _written_by_featseq(path: Path, keys: tuple[str, ...]) -> bool:
+    """Is ``path`` a JSON object with these keys (a featseq config.json / results.json, not any file so named)?"""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and all(k in d for k in keys)
+
+
+def run_folder_state(out: str | os.PathLike) -> str:
+    """What ``out`` holds: "new" (nothing, or an empty folder), "complete" (a finished run: its results.json),
+    "incomplete" (a run stopped before its results.json: its config.json only), "other" (files featseq did not
+    write: such a folder is never cleared)."""
+    out = Path(out)
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        return "other"
+    if not any(out.iterdir()):
+        return "new"
+    if _written_by_featseq(out / "results.json", ("status", "config")):
+        return "complete"
+    return "incomplete" if _written_by_featseq(out / "config.json", ("cache", "out", "model", "split")) else "other"
+
+
+def check_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> str:
+    """Refuse to write a run into ``out`` when that would replace a finished run without ``--overwrite``, or mix it
+    with files featseq did not write; returns :func:`run_folder_state`. An incomplete run (stopped before its
+    results.json) is started afresh, or with ``resume`` continued from its last.pt (finetune); a folder holding
+    last.pt is not started afresh without --resume or --overwrite."""
+    state = run_folder_state(out)
+    if state == "other":
+        raise RunError(f"--out {out}: {'not a folder' if Path(out).exists() and not Path(out).is_dir() else 'the folder holds files that are not a featseq run'}; "
+                       f"write the run into a new or empty folder")
+    if state == "complete" and not overwrite:
+        try:
+            r = json.loads((Path(out) / "results.json").read_text())
+            what = f" ({r.get('model')}, test accuracy {r['test_accuracy']:.3f})" if r.get("test_accuracy") is not None else ""
+        except (OSError, ValueError, TypeError):
+            what = ""
+        raise RunError(f"--out {out} already holds a finished run{what}; pass --overwrite to replace it (its files are "
+                       f"deleted first), or choose another --out")
+    if state == "incomplete" and not (overwrite or resume) and (Path(out) / "last.pt").is_file():
+        raise RunError(f"--out {out} holds an interrupted finetune run (last.pt); pass --resume to continue it, or "
+                       f"--overwrite to start it afresh")
+    return state
+
+
+def prepare_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = False, log=lambda s: None) -> Path:
+    """:func:`check_run_folder`, then make ``out`` ready for a new run: a finished run replaced (``overwrite``) or an
+    incomplete one started afresh has its files deleted first, so nothing of the old run (a cross-validation's
+    folds/, predictions, plots) is left beside the new one; with ``resume`` an incomplete run is kept as it is."""
+    import shutil
+
+    out = Path(out)
+    state = check_run_folder(out, overwrite, resume)
+    if state == "complete" or (state == "incomplete" and not resume):
+        log(f"{out}: {'replacing the finished run (--overwrite)' if state == 'complete' else 'starting the interrupted run afresh'}")
+        for p in out.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 # ---------------------------------------------------------------- the reader
 
 def checkpoint_path(run_dir: str | os.PathLike, what: str = "RUN") -> Path:
@@ -209,6 +278,31 @@ def checkpoint_path(run_dir: str | os.PathLike, what: str = "RUN") -> Path:
                 if (run / "folds").is_dir() else "")
         raise FileNotFoundError(f"{what} {run}: no {CHECKPOINT}; not a featseq train or finetune run folder{hint}")
     return ck
+
+
+def resolve_run_folder(run_dir: str | os.PathLike, what: str = "RUN", log=lambda s: None) -> Path:
+    """The folder whose checkpoint stands for ``run_dir``: the run itself, or for a cross-validation (a checkpoint per
+    fold under folds/, e.g. a cross-validated sweep variant) its best fold: the highest validation accuracy, ties
+    broken by the lower validation loss, then the fold's name (the test part is never used to choose). Other
+    folders are returned as given, for :class:`Run` to say what they are."""
+    run = Path(run_dir)
+    folds = sorted(p.parent for p in run.glob(f"folds/*/{CHECKPOINT}"))
+    if (run / CHECKPOINT).is_file() or not folds:
+        return run
+
+    def key(fold: Path):
+        try:
+            r = json.loads((fold / "results.json").read_text())
+        except (OSError, ValueError):
+            r = {}
+        va, vl = r.get("val_accuracy"), r.get("val_loss")
+        return (-(va if va is not None else -1.0), vl if vl is not None else math.inf, fold.name), va
+
+    best = min(folds, key=lambda f: key(f)[0])
+    va = key(best)[1]
+    log(f"{what} {run}: a cross-validation of {len(folds)} folds; using its best fold {best.name}"
+        + (f" (validation accuracy {va:.3f})" if va is not None else ""))
+    return best
 
 
 class RunError(UserError):

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import parse_split
+from .config import AUTO_SPLIT, parse_split
 from featurize.cache import Cache
 from featurize.errors import UserError
 from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
@@ -71,6 +71,8 @@ def register(name: str, uses: tuple[str, ...] = (), cv: bool = False, by_group: 
 
 def split_entry(split: str) -> SplitEntry:
     """The registry entry of a --split value ('ucf101:1' -> ucf101's); ValueError naming --split if unknown."""
+    if split == AUTO_SPLIT:
+        raise SplitError(f"--split {AUTO_SPLIT} is chosen from a cache's groups first (sequence.splits.choose_split)")
     try:
         return SPLITS[parse_split(split)[0]]
     except ValueError as e:
@@ -242,3 +244,49 @@ def folds_for(cfg, data, cache: Cache, log=lambda s: None) -> list[Fold]:
             log(f"--split {cfg.split}: {r['segments_not_listed']} cache segment(s) are in no part, e.g. "
                 f"{', '.join(r['segments_not_listed_examples'])}")
     return out
+
+
+# ---------------------------------------------------------------- the default split
+
+def grouping(groups, keep=None) -> tuple[int, int]:
+    """(distinct non-empty groups, segments) among the segments with ``keep`` True."""
+    g = np.asarray(groups).astype(str)
+    if keep is not None:
+        g = g[np.asarray(keep, bool)]
+    return len(set(g[g != ""].tolist())), len(g)
+
+
+def default_split(groups, keep=None) -> tuple[str, str]:
+    """(split, why) of --split auto: ``group`` when the groups hold several segments each (participants, source
+    videos: a random split would put segments of one group in both train and test), ``random`` when there are none
+    (every segment its own group, or a single group)."""
+    n_groups, n = grouping(groups, keep)
+    if 2 <= n_groups < n:
+        return "group", f"its {n_groups} groups hold {n} segments, so whole groups go to test"
+    why = "every segment is its own group" if n_groups == n else f"it has {n_groups} group(s)"
+    return "random", f"{why}, so there is nothing to hold out by group"
+
+
+def choose_split(cfg, groups, keep=None, log=lambda s: None, labels=None, ids=None):
+    """``cfg`` with --split auto resolved (:func:`default_split`), the choice logged; an explicit sample-level split
+    (random, kfold, seed-compat) on a cache whose groups hold several segments is logged as a warning. With
+    ``labels``, a group split that cannot be made (a class in no training part) falls back to random, saying why."""
+    from dataclasses import replace
+
+    n_groups, n = grouping(groups, keep)
+    if cfg.split != AUTO_SPLIT:
+        name = parse_split(cfg.split)[0]
+        if name in ("random", "kfold", "seed-compat") and 2 <= n_groups < n:
+            log(f"warning: --split {cfg.split} splits segments, not groups: the cache's {n_groups} groups (participants, "
+                f"source videos) leak across train and test, which inflates test accuracy for unseen groups; use "
+                f"--split group or group-kfold to hold whole groups out")
+        return cfg
+    name, why = default_split(groups, keep)
+    if name == "group" and labels is not None:
+        try:
+            make_folds("group", labels, groups, keep, test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
+                       ids=ids)
+        except SplitError as e:
+            name, why = "random", f"a group split cannot be made ({e}); groups leak across train and test"
+    log(f"--split {name} (the default for this cache: {why}; pass --split to choose another)")
+    return replace(cfg, split=name)

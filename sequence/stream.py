@@ -42,7 +42,7 @@ from featurize.errors import UserError
 from featurize.sampling import EPS
 
 from .loop import FeatureInputs, probabilities
-from .run import Run, write_json
+from .run import Run, resolve_run_folder, write_json
 
 EXIT = {"end": 0, "stall": 1, "error": 1, "SIGINT": 130, "SIGTERM": 143}
 
@@ -210,12 +210,13 @@ def _window_features(feats: dict, first: int, seq_len: int) -> tuple[np.ndarray 
 
 def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
     """Classify windows of ``cfg.source`` as it plays; returns predict.json's content (``exit_code`` included)."""
-    from .predict import featurize_spec
+    from .predict import featurize_spec, spec_record
 
     cfg.validate()
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict_stream"
-    run = Run(cfg.run)
-    spec = featurize_spec(run, out)
+    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
+    with featurize_spec(run) as spec:  # a finetune run's trunk: a temporary weights file while the CNN is built
+        backbone = bb.create_backbone(spec.backbone, spec.weights_arg(), spec.seed)
     classes, fps, seq_len = run.classes, float(run.reader.fps), int(run.reader.seq_len)
     stride = cfg.stride if cfg.stride is not None else max(1, round(fps)) / fps
     step = int(round(stride * fps))
@@ -233,7 +234,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
 
         tune_cpu_allocator()
     precision = bb.resolve_precision(cfg.precision or spec.precision, device)
-    embed = bb.Embedder(bb.create_backbone(spec.backbone, spec.weights_arg(), spec.seed), device, precision)
+    embed = bb.Embedder(backbone, device, precision)
     run.model.to(device).eval()
 
     q: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
@@ -336,12 +337,13 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
         "run": str(cfg.run), "source": cfg.source, "live": cfg.live, "realtime": cfg.realtime,
         "classes": classes, "fps": fps, "seq_len": seq_len, "window_s": seq_len / fps, "stride": stride,
         "threshold": cfg.threshold, "positive_windows": cfg.positive_windows, "alerts": alerts,
-        "featurize": {**spec.to_dict(), "precision": precision, "decoded_by": "pyav", "finetuned": run.trunk_state is not None},
+        "featurize": {**spec_record(run, spec), "precision": precision, "decoded_by": "pyav"},
         "windows": len(latencies), "frames_sampled": reader.sampled, "frames_embedded": embedded,
         "frames_dropped": reader.dropped, "frames_repeated_in_windows": repeated,
         "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4),
                       "max": round(float(lat.max()), 4)} if len(lat) else None,
         "windows_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
+        "frames_per_s": round(embedded / wall, 2) if wall > 0 else None,  # frames embedded per second of the stream
         "seconds": round(wall, 3), "out": str(out),
     }
     write_json(out / "predict.json", res)

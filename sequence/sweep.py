@@ -30,7 +30,7 @@ import sys
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 
@@ -40,13 +40,13 @@ from featurize.files import DiskFullError, replaced
 
 from . import models as M
 from . import plots
-from .config import MODEL_OPTIONS, RUNTIME_OPTIONS
+from .config import AUTO_SPLIT, MODEL_OPTIONS, RUNTIME_OPTIONS
 from .reader import build, load_features
 from .run import write_json
-from .splits import SPLIT_OPTIONS, folds_for, split_entry
+from .splits import SPLIT_OPTIONS, choose_split, folds_for, split_entry
 from .train import TrainConfig, train
 
-NOT_SWEPT = {"cache", "out"}
+NOT_SWEPT = {"cache", "out", "overwrite"}  # a sweep manages its variant folders itself
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -248,12 +248,25 @@ def relevant(cfg: TrainConfig, name: str) -> bool:
     return name not in RUNTIME_OPTIONS
 
 
+def resolve_split(grid: dict, cache, log=lambda s: None) -> dict:
+    """``grid`` with --split auto (the default, or given in the list) replaced by the split it means for ``cache``
+    (a Cache, features not needed): every variant is split the same way. The choice, and the warning for a split
+    that lets groups leak, are logged once here (not once per variant)."""
+    seg = cache.segments
+    vals = [choose_split(TrainConfig(cache=str(cache.path), out="", split=v), seg["group"], log=log,
+                         labels=seg["label"], ids=seg["id"]).split for v in dict.fromkeys(grid.get("split", [AUTO_SPLIT]))]
+    return {**grid, "split": list(dict.fromkeys(vals))}
+
+
 def variants(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
-    """(folder name, config) of each distinct combination, in grid order."""
-    keys = list(cfg.grid)
-    varying = [k for k in keys if len(cfg.grid[k]) > 1]
+    """(folder name, config) of each distinct combination, in grid order (--split auto resolved from the cache)."""
+    grid = cfg.grid
+    if AUTO_SPLIT in grid.get("split", [AUTO_SPLIT]):
+        grid = resolve_split(grid, read_cache(cfg.cache, features=False))
+    keys = list(grid)
+    varying = [k for k in keys if len(grid[k]) > 1]
     seen, out = set(), []
-    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+    for combo in itertools.product(*(grid[k] for k in keys)):
         tc = TrainConfig(cache=cfg.cache, out="", **dict(zip(keys, combo)))
         ident = tuple((k, _fmt(getattr(tc, k))) for k in SWEEPABLE if relevant(tc, k))
         if ident in seen:
@@ -269,7 +282,7 @@ def variants(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def _comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in ("out", "threads", "plots", "cache")}
+    return {k: v for k, v in d.items() if k not in ("out", "threads", "plots", "cache", "overwrite")}
 
 
 def finished(tc: TrainConfig) -> dict | None:
@@ -561,7 +574,8 @@ def _work(cfg_dict: dict) -> dict:
 
         cv = split_entry(tc.split).cv  # cross-validation: the epochs of every fold beat, none is pruned
         try:
-            res = train(tc, data=_WORKER["data"], on_epoch=on_epoch)
+            # the variant's folder is the sweep's: an older run in it (another config, --no-resume) is replaced
+            res = train(replace(tc, overwrite=True), data=_WORKER["data"], on_epoch=on_epoch)
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
             _tell(study, trial, TrialState.PRUNED)
@@ -593,6 +607,7 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     t0 = time.monotonic()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, grid=resolve_split(cfg.grid, read_cache(cfg.cache, features=False), log))
     vs = variants(cfg) if cfg.search == "grid" else []
     if cfg.search == "grid":
         preflight(cfg, [tc for _, tc in vs])
@@ -754,7 +769,7 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    md_cols = ["rank", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "epochs",
+    md_cols = ["rank", "variant", "model"] + [k for k in varying if k != "model"] + ["params", "seq_len", "best_epoch", "epochs",
                                                                          "val_accuracy", "val_loss", "test_accuracy",
                                                                          "seconds", "status"]
 
@@ -771,6 +786,8 @@ def write_leaderboard(out: Path, rows: list[dict], varying: list[str]) -> dict:
             return f"{v:.4f}"
         if k == "seconds":
             return f"{v:.1f}"
+        if k in ("best_epoch", "epochs") and isinstance(v, float):  # a cross-validation: the mean over its folds
+            return f"{v:.1f}" if not v.is_integer() else f"{v:.0f}"
         if k == "model" and not r["order_aware"]:
             return f"{v} (order-blind)"
         return str(v)

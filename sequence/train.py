@@ -24,8 +24,9 @@ from . import models as M
 from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
-from .run import Run, cache_info, mean_std, nan_to_none, write_json, write_run, write_scores
-from .splits import Fold, folds_for, split_entry
+from .run import (Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, resolve_run_folder,
+                  write_json, write_run, write_scores)
+from .splits import Fold, choose_split, folds_for, split_entry
 
 
 def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, spec: FeatureSpec,
@@ -62,21 +63,22 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     request, SplitError for impossible splits -- all before any training.
     """
     cfg.validate()
+    check_run_folder(cfg.out, cfg.overwrite)  # a finished run is not replaced without --overwrite: refused now
     t0 = time.monotonic()
     cache, feats = data if data is not None else load_features(cfg.cache)
     spec = FeatureSpec.from_attrs(cache.attrs)  # a cache featurize did not write is refused now, not after training
     seqs = build(cache, cfg.reader(), features=feats)
     M.create_model(cfg.model, seqs.features.shape[1], max(2, len(seqs.classes)), **cfg.model_kwargs())  # option errors now
+    cfg = choose_split(cfg, seqs.groups, seqs.keep, log, labels=seqs.label_names, ids=seqs.ids)  # --split auto
     folds = folds_for(cfg, seqs, cache, log)
     if len(seqs.classes) < 2:
         raise UserError(f"{cfg.cache}: only one class ({', '.join(seqs.classes)}) among the usable segments; "
                         f"classification needs at least 2")
     device = resolve_device(cfg.device)
     t_load = time.monotonic() - t0
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    if (run / "results.json").exists():
-        (run / "results.json").unlink()  # a rerun: results.json is written last, so its presence means "complete"
+    # results.json is written last, so its presence means "complete"; an old run's files (folds/ of a
+    # cross-validation, predictions...) are deleted before a new run is written into its folder
+    run = prepare_run_folder(cfg.out, cfg.overwrite, log=log)
     write_json(run / "config.json", asdict(cfg))
     if not split_entry(cfg.split).cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
@@ -113,7 +115,7 @@ def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=No
            "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "epochs_run", "test_accuracy",
                                             "val_accuracy", "test_loss", "val_loss")} for r in per_fold],
            "cache": cache_info(cache), "device": str(device), "torch": torch.__version__}
-    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch"):
+    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch", "epochs_run"):
         res[key], res[key + "_std"] = mean_std([r[key] for r in per_fold])
     res["timings"] = {"train_s": round(sum(r["timings"]["train_s"] for r in per_fold), 3)}
     return nan_to_none(res)
@@ -122,14 +124,15 @@ def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=No
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None, device: str = "auto",
-             plots: bool = True) -> dict:
+             plots: bool = True, score_all: bool = False) -> dict:
     """Re-score a saved run on its own cache or on another one with the same feature dimension.
 
-    Segments whose id the run trained or validated on keep that split and are not scored; every
-    other segment with a label the model knows is scored. Writes ``out`` (default
-    ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
+    Segments whose id the run trained or validated on keep that split and are skipped (counted in ``n_skipped``
+    per part: another cache whose ids match the run's, e.g. long-video cuts named like the clips, can have every
+    segment skipped), unless ``score_all``; every other segment with a label the model knows is scored. Writes
+    ``out`` (default ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
     """
-    run = Run(run_dir)
+    run = Run(resolve_run_folder(run_dir))  # a cross-validation: its best fold
     path = cache_path or run.cache_path
     cache, feats = load_features(path)
     data = run.sequences(cache, feats)
@@ -140,7 +143,9 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
         ids = set(run.split_ids[name])
         split[[i for i, s in enumerate(data.ids) if s in ids]] = name
     y = data.labels.numpy()
-    scored = (split == "test") & (y >= 0)
+    seen = np.isin(split, ["train", "val"])
+    scored = ((split == "test") | (seen & score_all)) & (y >= 0)
+    skipped = {name: 0 if score_all else int((split == name).sum()) for name in ("train", "val")}
     dest = Path(out) if out else Path(run_dir) / f"eval_{Path(path).stem}"
     dest.mkdir(parents=True, exist_ok=True)
     scores = write_scores(dest, data, split, probs, scored, plots, title=f"evaluate: {Path(path).name}")
@@ -149,6 +154,7 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
         "same_cache": os.path.abspath(path) == run.cache_path,
         "test_accuracy": scores["accuracy"], "n_scored": scores["n_scored"],
         "unknown_label": int(((split == "test") & (y < 0)).sum()), "n_train_ids_seen": int((split == "train").sum()),
+        "n_skipped": skipped, "score_all": score_all,
         "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"], "classes": data.classes,
         "fps": data.fps, "seq_len": data.seq_len, "reader": data.summary(), "seconds": round(time.monotonic() - t0, 3),
     })

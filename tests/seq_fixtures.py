@@ -15,11 +15,12 @@ from featurize.cache import CacheWriter, string_widths
 
 
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
-                     video_fps=25.0, splits=None, paths=None, order=None) -> str:
+                     video_fps=25.0, splits=None, paths=None, order=None, ids=None) -> str:
     """A valid cache with random features; segment i samples start + k/fps for k < ceil(duration*fps).
 
     jitter > 0 moves timestamps to the presentation time of a video_fps frame (up to one frame early),
     like real decoded timestamps. splits: the segments' split column (default empty); paths: their videos.
+    ids: the segments' ids (default s000, s001, ...).
     order: the order in which the segments are written (as several decode workers complete them); each segment's
     features are the same whatever the order.
     """
@@ -30,7 +31,8 @@ def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps
     starts = starts if starts is not None else [0.0] * n
     splits = splits if splits is not None else [""] * n
     paths = paths if paths is not None else [f"/v/{i}.mp4" for i in range(n)]
-    rows = [{"id": f"s{i:03d}", "label": labels[i], "group": groups[i], "path": paths[i], "split": splits[i]}
+    ids = ids if ids is not None else [f"s{i:03d}" for i in range(n)]
+    rows = [{"id": ids[i], "label": labels[i], "group": groups[i], "path": paths[i], "split": splits[i]}
             for i in range(n)]
     attrs = {"source": "/fake/source", "backbone": "fake", "weights": "none-seed0", "size": 32, "resize": "squash",
              "precision": "fp32"}  # what featurize records; no real backbone made these random features

@@ -98,3 +98,40 @@ def test_refusals(cmp_data, tmp_path):
     # 2 and 3 fps without --fps: grids do not line up
     r = CliRunner().invoke(main, _args(cmp_data["a"], f3, tmp_path / "y"))
     assert r.exit_code == 2 and "sub-grid" in r.output, r.output
+
+
+@pytest.mark.parametrize("split", ["group-kfold", "kfold"])
+def test_cross_validated_compare_scores_and_cross_evaluates_every_fold(cmp_data, split):
+    """A cross-validation split: each fold's run scored, and cross-evaluated on the other cache's features of its
+    own fold's test ids (it crashed after all the training: "no checkpoint.pt")."""
+    out = cmp_data["d"] / f"cv_{split}"
+    r = CliRunner().invoke(main, ["compare", cmp_data["a"], cmp_data["b"], "--out", str(out), "--model", "mlp",
+                                  "--seeds", "1", "--epochs", "2", "--seq-len", "6", "--split", split, "--folds", "2",
+                                  "--device", "cpu", "--plots", "false", "-q"])
+    assert r.exit_code == 0, r.output
+    v = json.loads((out / "compare.json").read_text())["variants"][0]
+    assert v["split"] == split and v["test_A"] is not None and v["test_B"] is not None
+    assert v["cross_A->B"] is not None and v["cross_B->A"] is not None
+    from sequence.compare import _cross
+    from featurize.cache import read_cache
+
+    run = out / "runs" / "A" / "mlp" / "seed0"
+    folds = sorted((run / "folds").iterdir())
+    assert len(folds) == 2
+    b = read_cache(cmp_data["b"], dtype=np.float32)
+    per_fold = [_cross(f, b, torch.device("cpu")) for f in folds]
+    assert v["cross_A->B"] == pytest.approx(float(np.mean(per_fold)))
+
+
+def test_a_rerun_of_compare_leaves_no_stale_fold_folders(cmp_data):
+    out = cmp_data["d"] / "rerun"
+    base = ["compare", cmp_data["a"], cmp_data["a"], "--out", str(out), "--model", "mlp", "--seeds", "1", "--epochs",
+            "2", "--seq-len", "6", "--device", "cpu", "--plots", "false", "-q"]
+    r = CliRunner().invoke(main, base + ["--split", "group-kfold", "--folds", "2"])
+    assert r.exit_code == 0, r.output
+    run = out / "runs" / "A" / "mlp" / "seed0"
+    assert (run / "folds").is_dir()
+    r = CliRunner().invoke(main, base + ["--split", "group"])  # into the same OUT: its run folders are replaced
+    assert r.exit_code == 0, r.output
+    assert not (run / "folds").exists() and (run / "checkpoint.pt").is_file()
+    assert json.loads((run / "results.json").read_text())["config"]["split"] == "group"

@@ -1,5 +1,6 @@
 """featseq predict: sliding windows over a long synthetic video whose class changes halfway."""
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,13 @@ def test_finetune_run(pr_data):
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 10
     assert {x["predicted"] for x in rows} <= {"ascending", "descending", "pingpong"}
+    # the trunk is read from the run's checkpoint: no copy of it (13.7 MB for a ResNet-18) in the predict folder
+    assert not list(out.glob("*.pt")) and json.loads((out / "predict.json").read_text())["featurize"]["finetuned"]
     # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone (resnet18, random init seed 0,
     # the cache's), tensor by tensor, BatchNorm statistics included ...
-    trunk = torch.load(out / "finetuned_trunk.pt", map_location="cpu", weights_only=True)
+    from sequence.run import Run
+
+    trunk = Run(ft).trunk_state
     orig = create_backbone("resnet18", "none", 0).trunk.state_dict()
     assert sorted(trunk) == sorted(orig)
     for k, v in orig.items():
@@ -128,3 +133,37 @@ def test_refuses_inconsistent_run(pr_data, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(run), pr_data["long"]])
     assert r.exit_code == 2
     assert "999-dim" in r.output and "inconsistent" in r.output
+
+
+def test_a_cross_validation_predicts_and_finetunes_from_its_best_fold(pr_data):
+    """A cross-validated run (a cross-validated sweep variant) is used as it is: its best fold by validation
+    accuracy, never by test accuracy."""
+    from sequence.finetune import FinetuneConfig, finetune
+    from sequence.run import resolve_run_folder
+    from sequence.train import TrainConfig, train
+
+    cv = pr_data["d"] / "cv"
+    res = train(TrainConfig(cache=pr_data["cache"], out=str(cv), model="conv1d", fps=2, seq_len=8, split="group-kfold",
+                            folds=2, epochs=4, plots=False, device="cpu"))
+    best = max(res["per_fold"], key=lambda f: (f["val_accuracy"], -f["val_loss"]))
+    assert resolve_run_folder(cv) == cv / "folds" / best["fold"]
+    out = pr_data["d"] / "cvpred"
+    r = CliRunner().invoke(main, ["predict", str(cv), pr_data["long"], "--window", "4", "--stride", "4", "--out",
+                                  str(out), "--device", "cpu", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert f"using its best fold {best['fold']}" in r.output and len(_rows(out / "predictions.csv")) == 10
+    ft = finetune(FinetuneConfig(cache=pr_data["cache"], out=str(pr_data["d"] / "cvft"), from_run=str(cv), epochs=1,
+                                 plots=False, device="cpu", unfreeze="0"))
+    assert ft["warm_start"] == str(cv / "folds" / best["fold"]) and ft["n_test"] == best["n_test"]
+
+
+def test_realtime_without_stream_is_refused(pr_data):
+    clip = sorted(Path(pr_data["src"]).rglob("*.mp4"))[0]
+    r = CliRunner().invoke(main, ["predict", pr_data["run"], str(clip), "--realtime"])
+    assert r.exit_code == 2 and "--realtime" in r.output and "--stream FILE" in r.output, r.output
+
+
+def test_the_cross_validation_policy_is_in_the_help():
+    for cmd in (["predict", "--help"], ["finetune", "--help"]):
+        out = " ".join(CliRunner().invoke(main, cmd).output.split())
+        assert "cross-validat" in out and "best fold" in out and "validation accuracy" in out, cmd

@@ -134,7 +134,7 @@ def test_report_numbers_are_formatted(rp_data, rp_run, rp_sweep):
 def test_report_format_filter():
     assert fmt("0.6937362551689148", "val_loss") == "0.6937" and fmt(0.6937362551689148, "test_accuracy") == "0.694"
     assert fmt("2.0", "fps") == "2" and fmt("197123", "params") == "197123" and fmt(3) == "3"
-    assert fmt(12.3456, "seconds") == "12.3" and fmt("0.559", "seconds") == "0.6" and fmt(1.0, "linear_cka") == "1.0000"
+    assert fmt(12.3456, "seconds") == "12.3" and fmt("0.559", "seconds") == "0.559" and fmt(1.0, "linear_cka") == "1.0000"
     assert fmt(0.30000000000000004, "dropout") == "0.3" and fmt(1e-5, "lr") == "1e-05"
     assert fmt("0.0003", "lr") == "0.0003"
     assert fmt(2.5e-4, "lr") == "2.5e-04" and fmt(109.48) == "109.5" and fmt(12345.678) == "12346"
@@ -172,3 +172,43 @@ def test_leaderboard_fits_the_page(rp_data, rp_sweep):
 def test_report_refuses_other_folders(tmp_path):
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "not a folder written by featseq" in r.output
+
+
+def test_report_shows_every_stream_figure_with_one_rule_for_seconds(rp_run, tmp_path):
+    """A run's predict_stream/ folder: window, frames, frames/s and latency percentiles shown as predict.json has
+    them (they were dashes), seconds to 3 significant digits (0.0507 was 0.1 next to 0.05)."""
+    run = tmp_path / "run"
+    shutil.copytree(rp_run, run, ignore=shutil.ignore_patterns("report.html"))
+    (run / "predict_stream").mkdir()
+    (run / "predict_stream" / "predict.json").write_text(json.dumps({
+        "status": "complete", "stop": "end", "run": str(run), "source": "rec.mp4", "live": True, "realtime": True,
+        "fps": 2.0, "seq_len": 54, "window_s": 27.0, "stride": 1.0, "threshold": 0.5, "windows": 12,
+        "frames_sampled": 48, "frames_embedded": 48, "frames_dropped": 0, "frames_per_s": 3.41,
+        "latency_s": {"p50": 0.0507, "p95": 0.05, "max": 0.0912}, "windows_per_s": 0.85, "seconds": 14.07}))
+    page = _report(run)
+    text = _text(page)
+    assert "Stream predictions" in text and "Predictions" in text  # the run's predict/ too
+    for k, v in (("window_s", "27.0"), ("frames_sampled", "48"), ("frames_per_s", "3.4"), ("latency_p50_s", "0.0507"),
+                 ("latency_p95_s", "0.05"), ("latency_max_s", "0.0912"), ("seconds", "14.1")):
+        assert re.search(rf"{k}\s+{re.escape(v)}\s", text), (k, v)
+    assert fmt(0.0507, "latency_p50_s") == "0.0507" and fmt(0.05, "seconds") == "0.05"
+    assert fmt(2.3456, "featurize_s") == "2.35" and fmt(0.00012, "classify_s") == "0.00012"
+
+
+def test_report_on_a_parent_folder_one_heading_per_section_and_no_empty_curves(rp_data, tmp_path):
+    parent = tmp_path / "runs"
+    for name, epochs in (("one_epoch", "1"), ("three", "3")):
+        r = CliRunner().invoke(main, ["train", rp_data["cache"], "--out", str(parent / name), "--model", "mlp",
+                                      "--epochs", epochs, "--seq-len", "6", "--device", "cpu", "-q"])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["report", str(parent)])  # a parent folder of runs: refused before
+    assert r.exit_code == 0, r.output
+    page = (parent / "report.html").read_text()
+    headings = re.findall(r"<h[1-3]>(.*?)</h[1-3]>", page, re.DOTALL)
+    assert len([h for h in headings if "Run" in h or "run:" in h]) == 2, headings  # one heading per run section
+    assert not [h for h in headings if re.match(r"\s*run:", h)]  # no second "run: DIR" heading over "Run: mlp"
+    assert "one_epoch" in _text(page) and "three" in _text(page)
+    # the 1-epoch run shows no curves (a point is not a curve), the 3-epoch run does
+    assert page.count("loss and accuracy per epoch") == 2 * 1 and page.count("confusion matrix") == 2 * 2
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "runs" / "one_epoch" / "..")])
+    assert r.exit_code == 0, r.output

@@ -211,3 +211,125 @@ def test_gingerbread_seed_compat(tmp_path):
     for f in RUN_FILES:
         assert (tmp_path / "R" / f).is_file(), f
     assert sum(1 for _ in open(tmp_path / "R" / "predictions.csv")) == 185
+
+
+def _grouped_fake(path, n_groups=4, per=6):
+    """A fake cache of 3 classes whose groups (participants) hold several segments each."""
+    n = n_groups * per
+    return write_fake_cache(path, [("a", "b", "c")[i % 3] for i in range(n)], [f"P{i // per:02d}" for i in range(n)],
+                            dim=8)
+
+
+def _cli_train(cache, out, *more):
+    return CliRunner().invoke(main, ["train", cache, "--out", str(out), "--model", "mlp", "--hidden", "8", "--epochs", "1",
+                                     "--seq-len", "6", "--device", "cpu", "--no-plots", *more])
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path):
+    cache = _grouped_fake(tmp_path / "c.h5")
+    run = tmp_path / "R"
+    r = CliRunner().invoke(main, ["train", cache, "--out", str(run), "--model", "lstm", "--hidden", "8", "--epochs", "1",
+                                  "--seq-len", "6", "--device", "cpu", "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    r = _cli_train(cache, run)
+    assert r.exit_code == 2 and "already holds a finished run (lstm" in r.output and "--overwrite" in r.output, r.output
+    assert json.loads((run / "results.json").read_text())["model"] == "lstm"  # untouched
+    r = _cli_train(cache, run, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "results.json").read_text())["model"] == "mlp"
+    # a cross-validation replaced by a single split: none of its folds/ stays behind
+    cv = tmp_path / "CV"
+    assert _cli_train(cache, cv, "--split", "group-kfold", "--folds", "2").exit_code == 0
+    assert (cv / "folds").is_dir()
+    r = _cli_train(cache, cv, "--split", "group", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (cv / "folds").exists() and (cv / "checkpoint.pt").is_file()
+    # an interrupted run (no results.json) is started afresh, its old files gone
+    (cv / "results.json").unlink()
+    (cv / "folds" / "fold_00").mkdir(parents=True)
+    assert _cli_train(cache, cv).exit_code == 0 and not (cv / "folds").exists()
+    # a folder featseq did not write is refused, even with --overwrite, even when some of its files have a run's names
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    for name in ("thesis.tex", "config.json", "results.json", "history.csv"):
+        (mine / name).write_text('{"theme": "dark"}')
+        for more in ((), ("--overwrite",)):
+            r = _cli_train(cache, mine, *more)
+            assert r.exit_code == 2 and "not a featseq run" in r.output and (mine / "thesis.tex").is_file(), r.output
+
+
+def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path):
+    from sequence.run import RunError, check_run_folder, prepare_run_folder
+
+    cache = _grouped_fake(tmp_path / "c.h5")
+    run = tmp_path / "R"
+    assert _cli_train(cache, run).exit_code == 0
+    # refused before anything is loaded (the fake cache could not even be fine-tuned)
+    r = CliRunner().invoke(main, ["finetune", cache, "--from", str(run), "--out", str(run), "--device", "cpu"])
+    assert r.exit_code == 2 and "already holds a finished run" in r.output and "--overwrite" in r.output, r.output
+    ft = tmp_path / "FT"  # interrupted: config.json and last.pt, no results.json
+    ft.mkdir()
+    (ft / "config.json").write_text(json.dumps({"cache": cache, "out": str(ft), "model": "mlp", "split": "group"}))
+    (ft / "last.pt").write_bytes(b"state")
+    with pytest.raises(RunError, match="--resume to continue"):
+        check_run_folder(ft, overwrite=False)
+    assert check_run_folder(ft, overwrite=False, resume=True) == "incomplete"
+    prepare_run_folder(ft, overwrite=False, resume=True)
+    assert (ft / "last.pt").read_bytes() == b"state"  # kept for --resume
+    prepare_run_folder(ft, overwrite=True)
+    assert not any(ft.iterdir())
+
+
+def test_the_default_split_holds_groups_out_and_says_so(tmp_path):
+    grouped = _grouped_fake(tmp_path / "g.h5")
+    r = _cli_train(grouped, tmp_path / "g")
+    assert r.exit_code == 0 and "--split group (the default for this cache: its 4 groups hold 24 segments" in r.output, \
+        r.output
+    res = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert res["config"]["split"] == "group"
+    rows = list(csv.DictReader(open(tmp_path / "g" / "predictions.csv")))
+    parts = {p: {r["group"] for r in rows if r["split"] == p} for p in ("train", "val", "test")}
+    assert parts["test"] and not parts["test"] & (parts["train"] | parts["val"])
+    # every segment its own group: nothing to hold out by group
+    n = 24
+    single = write_fake_cache(tmp_path / "s.h5", [("a", "b", "c")[i % 3] for i in range(n)], [f"v{i}" for i in range(n)])
+    r = _cli_train(single, tmp_path / "s")
+    assert r.exit_code == 0 and "--split random (the default for this cache: every segment is its own group" in r.output
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["config"]["split"] == "random"
+    # asked for explicitly on a grouped cache: a warning that groups leak
+    r = _cli_train(grouped, tmp_path / "r", "--split", "random")
+    assert r.exit_code == 0 and "warning: --split random" in r.output and "leak across train and test" in r.output
+    # sweep and CacheDataset choose the same default
+    from sequence.dataset import CacheDataset
+
+    res = sweep(SweepConfig(cache=grouped, out=str(tmp_path / "sw"), grid={"model": ["mlp"], "hidden": [8], "epochs": [1],
+                                                                          "seq_len": [6], "device": ["cpu"], "plots": [False]}))
+    assert json.loads((tmp_path / "sw" / res["rows"][0]["variant"] / "results.json").read_text())["config"]["split"] == "group"
+    assert CacheDataset(grouped, part="test", seq_len=6).split == "group, test"
+    assert "--split" in CliRunner().invoke(main, ["train", "--help"]).output and "auto (the default)" in \
+        CliRunner().invoke(main, ["train", "--help"]).output
+
+
+def test_evaluate_on_another_cache_says_what_it_skipped_and_scores_it_on_request(tmp_path):
+    cache = _grouped_fake(tmp_path / "c.h5")
+    assert _cli_train(cache, tmp_path / "R").exit_code == 0
+    ck = Run(tmp_path / "R").split_ids
+    seen = ck["train"] + ck["val"]
+    labels = {r["id"]: r["label"] for r in csv.DictReader(open(tmp_path / "R" / "predictions.csv"))}
+    # another cache (other features) whose ids are exactly the run's training and validation ids
+    other = write_fake_cache(tmp_path / "o.h5", [labels[i] for i in seen], ids=seen, seed=7)
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "R"), "--cache", other, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1, r.output
+    assert "no segment scored" in r.output and f"skipped {len(seen)} segment(s)" in r.output, r.output
+    assert f"({len(ck['train'])}, train)" in r.output and f"({len(ck['val'])}, val)" in r.output
+    assert "--score-all" in r.output and "nan" not in r.output
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["n_scored"] == 0 and res["n_skipped"] == {"train": len(ck["train"]), "val": len(ck["val"])}
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "R"), "--cache", other, "--out", str(tmp_path / "e2"),
+                                  "--score-all"])
+    assert r.exit_code == 0 and f"on {len(seen)} scored segments" in r.output and "skipped" not in r.output, r.output
+    res = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert res["n_scored"] == len(seen) and res["test_accuracy"] is not None and res["score_all"]
+    help_ = CliRunner().invoke(main, ["evaluate", "--help"]).output
+    assert "--score-all" in help_ and "validated on" in help_

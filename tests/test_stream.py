@@ -120,6 +120,7 @@ def test_a_file_through_stream_equals_predict_file(st_data):
             assert abs(float(x[f"p_{c}"]) - float(y[f"p_{c}"])) < 1e-4
     res = json.loads((d / "st" / "predict.json").read_text())
     assert res["live"] is False and res["frames_dropped"] == 0
+    assert res["frames_per_s"] > 0 and res["window_s"] > 0 and res["frames_sampled"] > 0  # what the report shows
 
 
 def test_a_stalled_pipe_stops_with_the_predictions_so_far(st_data):

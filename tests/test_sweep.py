@@ -180,3 +180,23 @@ def test_a_grid_changed_between_runs_resumes_and_a_changed_search_space_is_refus
     r = CliRunner().invoke(main, ["sweep", fake, "--out", str(tmp_path / "r"), "--model", "mlp,gru", "--search", "random",
                                   "--trials", "3", *base])
     assert r.exit_code == 2 and "was started with other options" in r.output, r.output
+
+
+def test_the_terminal_leaderboard_names_variants_and_trials_and_cv_rows_show_epochs(fake, tmp_path):
+    base = ["--seq-len", "6", "--epochs", "2", "--patience", "5", "--plots", "false", "--device", "cpu", "-q"]
+    out = tmp_path / "cvgrid"
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(out), "--model", "mlp,frame", "--split", "group-kfold",
+                                  "--folds", "2", *base])
+    assert r.exit_code == 0, r.output
+    table = [line for line in r.output.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| rank | variant | model |")
+    assert any("| model=mlp |" in line for line in table) and any("| model=frame |" in line for line in table)
+    rows = _rows(out)
+    assert all(x["epochs"] and float(x["epochs"]) == 2 for x in rows)  # blank for cross-validated rows before
+    for line in table[2:]:
+        assert line.split("|")[table[0].split("|").index(" epochs ")].strip() == "2"
+    out = tmp_path / "cvtrials"
+    r = CliRunner().invoke(main, ["sweep", fake, "--out", str(out), "--search", "tpe", "--trials", "2", "--model", "mlp",
+                                  "--hidden", "4..32:log:int", "--split", "group-kfold", "--folds", "2", *base])
+    assert r.exit_code == 0, r.output
+    assert "| trial-0000 |" in r.output and "| trial-0001 |" in r.output
