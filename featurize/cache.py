@@ -208,7 +208,7 @@ def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> 
         out = {k: (v[0] if isinstance(v, np.ndarray) and k not in ("features", "timestamps") else v) for k, v in out.items()}
         if frames:
             if "frames" not in f:
-                raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+                raise _no_frames(path, f)
             out["frames"] = f["frames"][o:o + n]
     return out
 
@@ -230,8 +230,19 @@ def read_frames(path: str | os.PathLike, rows: np.ndarray) -> np.ndarray:
     """uint8 frames (len(rows), S, S, 3) kept with --keep-frames, for sorted unique ``rows`` of /features."""
     with open_read(path) as f:
         if "frames" not in f:
-            raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+            raise _no_frames(path, f)
         return f["frames"][np.asarray(rows)]
+
+
+def _no_frames(path, f: h5py.File) -> CacheError:
+    """The error for a cache without /frames, proposing the featurize command that made it, with --keep-frames."""
+    from .spec import featurize_command
+
+    try:
+        cmd = f"`{featurize_command(_decode_attrs(f), str(path), keep_frames=True)}`"
+    except UserError:  # attributes not written by featurize
+        cmd = "featurize it again with --keep-frames"
+    return CacheError(f"{path}: frames were not kept; make a cache that keeps them, as this one was made: {cmd}")
 
 
 def summary(path: str | os.PathLike) -> dict:
