@@ -224,6 +224,37 @@ def cache_verify(file, sources, as_json):
         sys.exit(1)
 
 
+@cache.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def cache_check(file, source, as_json):
+    """Check a cache FILE against SOURCE (a manifest, folder or Gingerbread layout) by segment id: labels, groups and
+    splits that differ, segments not cached, cached segments SOURCE no longer lists, videos that changed. Exit 0 when
+    they agree, 1 with the list and the featurize command that updates the cache."""
+    from featurize.reconcile import check
+
+    r = check(file, source)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        for sid, cols in r["changed"].items():
+            click.echo(f"{sid}: " + ", ".join(f"{k} {old!r} in the cache, {new!r} in the source" for k, (old, new) in cols.items()))
+        for what, ids in (("not cached", r["missing"]), ("cached, not in the source", r["extra"])):
+            for sid in ids:
+                click.echo(f"{sid}: {what}")
+        for sid, why in r["videos_changed"].items():
+            click.echo(f"{sid}: its video changed since it was featurized: {why}")
+        n = len(r["changed"]) + len(r["missing"]) + len(r["extra"]) + len(r["videos_changed"])
+        click.echo(f"{file}: {r['cached']} cached segments, {r['segments']} in {source}: "
+                   + ("they agree" if r["ok"] else f"{n} difference(s)"), err=True)
+        if r["fix"]:
+            click.echo(f"to update the cache (labels, groups and splits in place; missing segments featurized): {r['fix']}",
+                       err=True)
+    if not r["ok"]:
+        sys.exit(1)
+
+
 @cache.command("list")
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
 def cache_list(cache_dir):

@@ -19,7 +19,9 @@ row is appended to /segments and flushed. Readers trust /segments only, so a hal
 is never visible. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
 if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
-it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
+it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer. A change of published rows
+(``--refresh`` dropping stale segments, :func:`relabel` writing a manifest's new labels, groups or splits) rewrites
+the whole file under a temporary name and renames it: a kill leaves the old file or the new one.
 
 Checksums: datasets created by this version carry HDF5's fletcher32 filter (readers check it transparently; older
 files without it stay readable); :func:`verify` reads everything back and names damaged segments.
@@ -351,11 +353,13 @@ def _removed_on_error(tmp: str):
         raise
 
 
-def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
+def _rewrite(path: str, drop: set[str] = frozenset(), relabel: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Rewrite a cache with its published segments but those in ``drop``, under a temporary name, then rename it over
     ``path``: a writer killed before the rename leaves the old file as it was, after it the new one, both whole.
-    Used for a cache whose writer was killed or ran out of space (its flags are cleared) and by ``--refresh`` (the
-    stale segments' rows go, the others keep their features). Returns the ids dropped."""
+    Used for a cache whose writer was killed or ran out of space (its flags are cleared), by ``--refresh`` (the
+    stale segments' rows go, the others keep their features) and by :func:`relabel`. ``relabel``: id -> {string
+    column: new value} written into the new table (a column too narrow for a value is widened). Returns the ids
+    dropped."""
     tmp = path + ".recover.tmp"
     gone = []
     with _removed_on_error(tmp), writing(path, kept=f"{path} is unchanged"):
@@ -364,6 +368,8 @@ def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
             keep = np.array([x.decode() not in drop for x in table["id"]], dtype=bool)
             gone = [x.decode() for x in table["id"][~keep]]
             table = table[keep]
+            if relabel:
+                table = _relabelled(table, relabel, path)
             for k, v in src.attrs.items():
                 dst.attrs[k] = v
             new = table.copy()
@@ -386,6 +392,36 @@ def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
                                fletcher32=src["segments"].fletcher32)
         os.replace(tmp, path)
     return gone
+
+
+def _relabelled(table: np.ndarray, changes: dict[str, dict[str, str]], path: str) -> np.ndarray:
+    """A copy of a segment table with string columns of some rows changed (id -> {column: value}); a column too narrow
+    for a new value is widened (the table's fixed widths hold what the first featurize saw)."""
+    need = {name: table.dtype[name].itemsize for name in STR_FIELDS if name in table.dtype.names}
+    for fields in changes.values():
+        for name, value in fields.items():
+            if name not in need:
+                raise CacheError(f"{path}: this cache's segment table has no {name} column (a format-1 cache); featurize into a "
+                                 f"new --out to keep the source's {name}s")
+            need[name] = max(need[name], 2 * len(value.encode()))
+    dtype = np.dtype([(n, f"S{need[n]}") if n in need else (n, table.dtype[n]) for n in table.dtype.names])
+    out = np.zeros(len(table), dtype=dtype)
+    for n in table.dtype.names:
+        out[n] = table[n]
+    pos = {x.decode(): i for i, x in enumerate(table["id"])}
+    for sid, fields in changes.items():
+        if sid in pos:
+            for name, value in fields.items():
+                out[name][pos[sid]] = value.encode()
+    return out
+
+
+def relabel(path: str, changes: dict[str, dict[str, str]]) -> None:
+    """Write new labels, groups or splits (id -> {column: value}) into the segment table of the cache at ``path``; its
+    features stay as they are. The whole file is rewritten under a temporary name and renamed (:func:`_rewrite`), so
+    a process killed at any moment leaves the old table or the new one, never a mixed or broken one. The caller holds
+    the cache's :class:`FileLock`."""
+    _rewrite(str(path), relabel=changes)
 
 
 class CacheWriter:

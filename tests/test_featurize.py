@@ -388,3 +388,95 @@ def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
     assert res.written == 6
     assert any("bf16 is emulated on this CPU" in n and "--precision auto picks fp32" in n for n in notes), notes
     assert read_cache(res.path, features=False).attrs["precision"] == "bf16"
+
+
+def _clip_manifest(path, clips, label=lambda c: c["label"], split=lambda c: "", group=lambda c: c["group"]):
+    """A manifest path,label,group,split of the synthetic clips (no id column: ids are the paths as written)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        for c in clips:
+            w.writerow([c["path"], label(c), group(c), split(c)])
+    return str(path)
+
+
+def test_a_rerun_with_a_changed_manifest_updates_labels_groups_and_splits(synth_data, tmp_path):
+    """issue 24 item 1: relabelled rows, new groups and splits of cached segments follow the manifest on a rerun (the
+    table is rewritten, the features stay), with a note listing each change; `cache check` reports the differences
+    before and agrees after."""
+    clips = synth_data["clips"]
+    m = _clip_manifest(tmp_path / "m.csv", clips)
+    out = tmp_path / "c.h5"
+    r = CliRunner().invoke(main, ["featurize", m, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    before = read_cache(out)
+    long_label = "ascending, written out at a length the first table's label column cannot hold" * 2
+    new = {clips[0]["path"]: dict(label="ÄSC"), clips[1]["path"]: dict(label=long_label, split="test"),
+           clips[2]["path"]: dict(group="P23", split="val")}
+    m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: new.get(c["path"], {}).get("label", c["label"]),
+                        split=lambda c: new.get(c["path"], {}).get("split", ""),
+                        group=lambda c: new.get(c["path"], {}).get("group", c["group"]))
+    r = CliRunner().invoke(main, ["cache", "check", str(out), m2])
+    assert r.exit_code == 1, r.output
+    assert f"{clips[0]['path']}: label 'ascending' in the cache, 'ÄSC' in the source" in r.output
+    assert "3 difference(s)" in r.output and f"--out {out}" in r.output
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "the source gives 3 cached segment(s) another label, group or split" in r.output
+    assert f"{clips[2]['path']}: group 'g01' -> 'P23', split '' -> 'val'" in r.output
+    after = read_cache(out)
+    col = {k: dict(zip(after.ids, after.segments[k])) for k in ("label", "group", "split")}
+    assert col["label"][clips[0]["path"]] == "ÄSC" and col["label"][clips[1]["path"]] == long_label
+    assert col["split"][clips[1]["path"]] == "test" and col["group"][clips[2]["path"]] == "P23"
+    assert col["label"][clips[3]["path"]] == clips[3]["label"] and col["split"][clips[3]["path"]] == ""
+    assert summary(out)["classes"]["ÄSC"] == 1
+    for i, sid in enumerate(before.ids):  # features and timestamps untouched
+        j = after.ids.index(sid)
+        assert np.array_equal(before.segment(i)[0], after.segment(j)[0])
+        assert np.array_equal(before.segment(i)[1], after.segment(j)[1])
+    r = CliRunner().invoke(main, ["cache", "check", str(out), m2, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0 and "another label" not in r.output and "already cached" in r.output, r.output
+    r = CliRunner().invoke(main, ["cache", "verify", str(out)])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("where", ["copying", "renaming"])
+def test_a_relabel_killed_midway_leaves_the_old_table(synth_data, tmp_path, where):
+    """kill -9 while the segment table is rewritten (while the new file is written, or just before it replaces the old
+    one) leaves the old cache whole; the rerun writes the new table."""
+    clips = synth_data["clips"]
+    m = _clip_manifest(tmp_path / "m.csv", clips)
+    out = tmp_path / "c.h5"
+    featurize(featurize_cfg(m, out, size=32))
+    before = read_cache(out)
+    m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: c["label"].upper())
+    hook = ("featurize.cache._relabelled" if where == "copying" else "os.replace")
+    script = f"""
+import os, sys, time
+import featurize.cache, featurize.pipeline
+from featurize.pipeline import featurize as run
+from conftest import featurize_cfg
+real = {hook}
+def stall(*a, **k):
+    if "{where}" == "copying" or a[0].endswith(".recover.tmp"):
+        print("stalled", flush=True)
+        time.sleep(120)
+    return real(*a, **k)
+{'featurize.cache._relabelled' if where == 'copying' else 'os.replace'} = stall
+run(featurize_cfg({m2!r}, {str(out)!r}, size=32))
+"""
+    p = subprocess.Popen([VENV_PY, "-c", script], cwd=ROOT / "tests", env=CHILD_ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "stalled", (line, p.stderr.read() if p.poll() is not None else "")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed = read_cache(out)
+    assert killed.ids == before.ids and list(killed.segments["label"]) == list(before.segments["label"])
+    assert np.array_equal(killed.features, before.features)
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--device", "cpu", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(read_cache(out).segments["label"]) == sorted(c["label"].upper() for c in clips)
+    assert not Path(str(out) + ".recover.tmp").exists()
