@@ -100,7 +100,7 @@ def main():
 @click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format.")
 @click.option("--out", default=None, help="Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__<fps>fps__<precision>.h5].")
 @click.option("--cache-dir", default="cache", show_default=True, help="Folder of default cache paths.")
-@click.option("--skip-errors", is_flag=True, help="Skip unreadable/undecodable videos (reported) and exit 0.")
+@click.option("--skip-errors", is_flag=True, help="Skip missing, unreadable and undecodable videos (listed, also in <cache>.errors.json) and exit 0.")
 @click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pyav", "decord", "torchcodec"]),

@@ -480,3 +480,25 @@ run(featurize_cfg({m2!r}, {str(out)!r}, size=32))
     assert r.exit_code == 0, r.output
     assert sorted(read_cache(out).segments["label"]) == sorted(c["label"].upper() for c in clips)
     assert not Path(str(out) + ".recover.tmp").exists()
+
+
+def test_skip_errors_skips_missing_videos_and_lists_them(synth_data, tmp_path):
+    """issue 24 item 6: --skip-errors skips a row whose video is missing, as it skips a zero-byte one, and the error
+    report lists both by id and manifest line; without it the run is refused naming the row and the flag."""
+    clip = Path(synth_data["clips"][0]["path"])
+    shutil.copy(clip, tmp_path / "a.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    m = tmp_path / "m.csv"
+    _write_manifest(m, [("a.mp4", "x", "", "", "g", "ok"), ("gone.mp4", "x", "", "", "g", "gone"),
+                        ("empty.mp4", "x", "", "", "g", "empty")])
+    out = tmp_path / "out.h5"
+    r = CliRunner().invoke(main, ["featurize", str(m), "--size", "32", "--out", str(out)])
+    assert r.exit_code == 2 and "line 3: video not found" in r.output and "--skip-errors" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, ["featurize", str(m), "--size", "32", "--out", str(out), "--skip-errors"])
+    assert r.exit_code == 0, r.output
+    assert "1 segment(s) written, 0 already cached, 2 failed" in r.output
+    assert f"gone: video not found: {tmp_path / 'gone.mp4'} (m.csv line 3)" in r.output
+    assert read_cache(out).ids == ["ok"]
+    report = json.loads(Path(str(out) + ".errors.json").read_text())["failed"]
+    assert set(report) == {"gone", "empty"} and "video not found" in report["gone"]
