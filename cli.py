@@ -280,7 +280,7 @@ def cache_list(cache_dir):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def cache_info(file, as_json):
-    """Attributes, segment/frame counts, class and group counts of a cache FILE."""
+    """Attributes, segment/frame counts, class, group and split counts of a cache FILE."""
     from featurize.cache import summary
 
     s = summary(file)
@@ -291,6 +291,7 @@ def cache_info(file, as_json):
                f"{s['fps']:g} fps, {s['mb']:.1f} MB")
     click.echo(f"classes ({len(s['classes'])}): " + ", ".join(f"{k} {v}" for k, v in s["classes"].items()))
     click.echo(f"groups: {s['groups']}")
+    click.echo("splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     click.echo("attributes:")
     for k, v in s["attrs"].items():
         click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")

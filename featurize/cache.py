@@ -267,6 +267,8 @@ def summary(path: str | os.PathLike) -> dict:
             "dtype": attrs.get("dtype"),
             "classes": {str(k): int(v) for k, v in zip(labels, counts)},
             "groups": int(len(set(cols["group"]))) if len(table) else 0,
+            "splits": {**{v: int((cols["split"] == v).sum()) for v in SPLIT_VALUES},
+                       "none": int(sum(x not in SPLIT_VALUES for x in cols["split"]))},
             "mb": round(os.path.getsize(path) / 1e6, 2),
             "attrs": attrs,
         }

@@ -502,3 +502,15 @@ def test_skip_errors_skips_missing_videos_and_lists_them(synth_data, tmp_path):
     assert read_cache(out).ids == ["ok"]
     report = json.loads(Path(str(out) + ".errors.json").read_text())["failed"]
     assert set(report) == {"gone", "empty"} and "video not found" in report["gone"]
+
+
+def test_cache_info_shows_split_counts(synth_data, tmp_path):
+    """issue 24 item 11: `cache info` and `cache info --json` count the segments of each split (and of none)."""
+    clips = synth_data["clips"]
+    parts = {clips[0]["path"]: "test", clips[1]["path"]: "val", clips[2]["path"]: "train", clips[3]["path"]: "train"}
+    m = _clip_manifest(tmp_path / "m.csv", clips, split=lambda c: parts.get(c["path"], ""))
+    out = featurize(featurize_cfg(m, tmp_path / "s.h5", size=32)).path
+    r = CliRunner().invoke(main, ["cache", "info", out, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"train": 2, "val": 1, "test": 1, "none": 2}, r.output
+    r = CliRunner().invoke(main, ["cache", "info", out])
+    assert r.exit_code == 0 and "splits: train 2, val 1, test 1, none 2" in r.output, r.output
