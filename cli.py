@@ -355,14 +355,17 @@ def _config_options(config_name: str, as_lists: bool = False):
         args = typing.get_args(hints[f.name])
         base = next((a for a in args if a is not type(None)), hints[f.name]) if args else hints[f.name]
         help_ = C.OPTION_HELP[f.name]
+        text, _, said = help_.partition(" [default: ")  # a default the help says itself: shown once, in its place
+        text, said = text.rstrip("."), said.rstrip(".").removesuffix("]")
         if as_lists:
             shown = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
             decos.append(click.option(flag, f.name, default=None, metavar="V[,V...]",
-                                      help=f"{help_} Comma list to sweep [default: {shown}]."))
+                                      help=f"{text}. Comma list to sweep [default: {said or shown}]."))
             continue
         inherited = inherits and f.name in C.INHERITED
         if inherited:
-            help_ += " [default: the --from run's, else train's]"
+            fallback = said or "train's"
+            help_ = f"{text}. [default: the --from run's, else {fallback}]"
         if base is bool:
             if "/" not in flag:
                 flag = f"{flag}/--no-{flag[2:]}"
