@@ -26,7 +26,7 @@ from . import shard as shard_mod
 from .files import replaced
 from .errors import UserError
 from .sources import Segment, SourceError, read_source, validate
-from .spec import weights_id
+from .spec import featurize_command, weights_id
 from .worker import DecodePool, decode_job, default_workers
 
 DEFAULT_CACHE_DIR = "cache"
@@ -206,8 +206,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         have, table = read_table(target)
         check_identity(target, have, identity)
         if changed := source_changes(table, paths):
-            raise SourceChangedError(target, changed, "refresh the merged cache in one process: featurize --shard none "
-                                                      "--refresh --out " + target)
+            raise SourceChangedError(target, changed, "refresh the merged cache in one process: "
+                                     f"{featurize_command(have, target, source=cfg.source)} --shard none --refresh")
         done |= {x.decode() for x in table["id"]}
         if sound:
             _reconcile(target, segments, True, log)

@@ -514,3 +514,23 @@ def test_cache_info_shows_split_counts(synth_data, tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"train": 2, "val": 1, "test": 1, "none": 2}, r.output
     r = CliRunner().invoke(main, ["cache", "info", out])
     assert r.exit_code == 0 and "splits: train 2, val 1, test 1, none 2" in r.output, r.output
+
+
+def test_a_shard_on_a_changed_merged_cache_proposes_the_cache_s_own_command(synth_data, tmp_path):
+    """issue 24 item 4: the refresh a shard proposes for a merged cache whose videos changed is the command that made
+    it (size, resize, weights ...), not a bare `featurize --shard none --refresh`."""
+    src = tmp_path / "src"
+    clips = synth_data["clips"]
+    for c in clips[:2]:
+        dst = src / c["label"] / Path(c["path"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(c["path"], dst)
+    out = tmp_path / "x.h5"
+    featurize(featurize_cfg(src, out, size=32, resize="crop", fps=2.0))
+    shutil.copy(clips[4]["path"], next(src.glob("*/*.mp4")))  # another video under the same name
+    r = CliRunner().invoke(main, ["featurize", str(src), "--size", "32", "--resize", "crop", "--fps", "2", "--device",
+                                  "cpu", "--out", str(out), "--shard", "0/2"])
+    assert r.exit_code == 2, r.output
+    hint = r.output[r.output.index("refresh the merged cache in one process: "):]
+    assert f"featseq featurize {src} --backbone resnet18 --weights none --seed 0 --size 32 --resize crop --fps 2" in hint
+    assert f"--out {out} --shard none --refresh" in hint, hint
