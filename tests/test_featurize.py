@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments
+from conftest import CHILD_ENV, ROOT, clip_folder, featurize_cfg, published_segments
 from featurize.cache import CacheError, FileLock, read_cache, read_segment, summary
 from featurize.pipeline import featurize
 from featurize.sources import SourceError, load_segments
@@ -519,12 +519,8 @@ def test_cache_info_shows_split_counts(synth_data, tmp_path):
 def test_a_shard_on_a_changed_merged_cache_proposes_the_cache_s_own_command(synth_data, tmp_path):
     """issue 24 item 4: the refresh a shard proposes for a merged cache whose videos changed is the command that made
     it (size, resize, weights ...), not a bare `featurize --shard none --refresh`."""
-    src = tmp_path / "src"
     clips = synth_data["clips"]
-    for c in clips[:2]:
-        dst = src / c["label"] / Path(c["path"]).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(c["path"], dst)
+    src = clip_folder(clips[:2], tmp_path / "src")
     out = tmp_path / "x.h5"
     featurize(featurize_cfg(src, out, size=32, resize="crop", fps=2.0))
     shutil.copy(clips[4]["path"], next(src.glob("*/*.mp4")))  # another video under the same name
