@@ -315,7 +315,8 @@ def cache_info(file, as_json):
 @click.option("--seed", default=0, show_default=True)
 def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, min_duration, max_duration,
           long_videos, long_duration, burn_frame_numbers, container, seed):
-    """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
+    """Render a small labelled synthetic dataset (classes differ only in temporal order); a rerun keeps the videos
+    already rendered as they are (mtimes too), rendering only missing or different ones."""
     from featurize.synth import render_dataset
 
     res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
