@@ -17,6 +17,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# Reruns from any state of demo/ (finished, half-finished, interrupted): synth keeps the videos it already rendered,
+# featurize, cache merge and sweep resume, and the steps that write a fresh folder (compare, finetune, predict) start
+# from an empty one.
 demo: install
 	$(FEATSEQ) synth $(DEMO)/data --clips 8 --groups 4 --width 64 --height 64 --long-videos 0
 	$(FEATSEQ) synth $(DEMO)/data_hi --clips 8 --groups 4 --width 192 --height 192 --long-videos 0
@@ -31,6 +34,7 @@ demo: install
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/sweep --model mlp,frame,lstm,gru,conv1d --fps 2 --split group --epochs 40 --patience 15 --jobs 2
 	# a TPE search over ranges with median pruning (an Optuna study, two workers)
 	$(FEATSEQ) sweep $(DEMO)/cache/clips_64px.h5 --out $(DEMO)/search --search tpe --trials 12 --prune median --model conv1d,lstm --hidden 16..128:log:int --lr 1e-4..1e-2:log --fps 2 --split group --epochs 30 --jobs 2 -q
+	rm -rf $(DEMO)/compare $(DEMO)/finetune $(DEMO)/predict $(DEMO)/stream
 	$(FEATSEQ) compare $(DEMO)/cache/clips_64px.h5 $(DEMO)/cache/clips_hi_64px.h5 --out $(DEMO)/compare --model conv1d,mlp --seeds 2 --fps 2 --split group --epochs 40 --patience 15
 	BEST=$$(sed -n 2p $(DEMO)/sweep/leaderboard.csv | cut -d, -f2) && \
 	$(FEATSEQ) finetune $(DEMO)/cache/clips_64px.h5 --from "$(DEMO)/sweep/$$BEST" --out $(DEMO)/finetune --unfreeze 1 --epochs 2 --overwrite -q && \

@@ -100,7 +100,7 @@ def main():
 @click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format.")
 @click.option("--out", default=None, help="Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__<fps>fps__<precision>.h5].")
 @click.option("--cache-dir", default="cache", show_default=True, help="Folder of default cache paths.")
-@click.option("--skip-errors", is_flag=True, help="Skip unreadable/undecodable videos (reported) and exit 0.")
+@click.option("--skip-errors", is_flag=True, help="Skip missing, unreadable and undecodable videos (listed, also in <cache>.errors.json) and exit 0.")
 @click.option("--keep-frames", is_flag=True, help="Also store the resized uint8 frames (lzf-compressed) for finetune.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=float, help="Seconds without a frame before a decoder is declared hung, killed and its video skipped.")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pyav", "decord", "torchcodec"]),
@@ -224,6 +224,37 @@ def cache_verify(file, sources, as_json):
         sys.exit(1)
 
 
+@cache.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def cache_check(file, source, as_json):
+    """Check a cache FILE against SOURCE (a manifest, folder or Gingerbread layout) by segment id: labels, groups and
+    splits that differ, segments not cached, cached segments SOURCE no longer lists, videos that changed. Exit 0 when
+    they agree, 1 with the list and the featurize command that updates the cache."""
+    from featurize.reconcile import check
+
+    r = check(file, source)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        for sid, cols in r["changed"].items():
+            click.echo(f"{sid}: " + ", ".join(f"{k} {old!r} in the cache, {new!r} in the source" for k, (old, new) in cols.items()))
+        for what, ids in (("not cached", r["missing"]), ("cached, not in the source", r["extra"])):
+            for sid in ids:
+                click.echo(f"{sid}: {what}")
+        for sid, why in r["videos_changed"].items():
+            click.echo(f"{sid}: its video changed since it was featurized: {why}")
+        n = len(r["changed"]) + len(r["missing"]) + len(r["extra"]) + len(r["videos_changed"])
+        click.echo(f"{file}: {r['cached']} cached segments, {r['segments']} in {source}: "
+                   + ("they agree" if r["ok"] else f"{n} difference(s)"), err=True)
+        if r["fix"]:
+            click.echo(f"to update the cache (labels, groups and splits in place; missing segments featurized): {r['fix']}",
+                       err=True)
+    if not r["ok"]:
+        sys.exit(1)
+
+
 @cache.command("list")
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
 def cache_list(cache_dir):
@@ -249,7 +280,7 @@ def cache_list(cache_dir):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def cache_info(file, as_json):
-    """Attributes, segment/frame counts, class and group counts of a cache FILE."""
+    """Attributes, segment/frame counts, class, group and split counts of a cache FILE."""
     from featurize.cache import summary
 
     s = summary(file)
@@ -260,6 +291,7 @@ def cache_info(file, as_json):
                f"{s['fps']:g} fps, {s['mb']:.1f} MB")
     click.echo(f"classes ({len(s['classes'])}): " + ", ".join(f"{k} {v}" for k, v in s["classes"].items()))
     click.echo(f"groups: {s['groups']}")
+    click.echo("splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     click.echo("attributes:")
     for k, v in s["attrs"].items():
         click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
@@ -283,7 +315,8 @@ def cache_info(file, as_json):
 @click.option("--seed", default=0, show_default=True)
 def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, min_duration, max_duration,
           long_videos, long_duration, burn_frame_numbers, container, seed):
-    """Render a small labelled synthetic dataset (classes differ only in temporal order)."""
+    """Render a small labelled synthetic dataset (classes differ only in temporal order); a rerun keeps the videos
+    already rendered as they are (mtimes too), rendering only missing or different ones."""
     from featurize.synth import render_dataset
 
     res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
@@ -323,14 +356,17 @@ def _config_options(config_name: str, as_lists: bool = False):
         args = typing.get_args(hints[f.name])
         base = next((a for a in args if a is not type(None)), hints[f.name]) if args else hints[f.name]
         help_ = C.OPTION_HELP[f.name]
+        text, _, said = help_.partition(" [default: ")  # a default the help says itself: shown once, in its place
+        text, said = text.rstrip("."), said.rstrip(".").removesuffix("]")
         if as_lists:
             shown = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
             decos.append(click.option(flag, f.name, default=None, metavar="V[,V...]",
-                                      help=f"{help_} Comma list to sweep [default: {shown}]."))
+                                      help=f"{text}. Comma list to sweep [default: {said or shown}]."))
             continue
         inherited = inherits and f.name in C.INHERITED
         if inherited:
-            help_ += " [default: the --from run's, else train's]"
+            fallback = said or "train's"
+            help_ = f"{text}. [default: the --from run's, else {fallback}]"
         if base is bool:
             if "/" not in flag:
                 flag = f"{flag}/--no-{flag[2:]}"

@@ -175,6 +175,14 @@ def create_backbone(name: str, weights: str = "none", seed: int = 0) -> Backbone
         return _create(name, weights, seed)
 
 
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """'; did you mean X or Y?' for the known names closest to a misspelt one ('' when none is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
 def _create(name: str, weights: str, seed: int) -> Backbone:
     sha = ""
     if name.startswith("timm:"):
@@ -183,8 +191,10 @@ def _create(name: str, weights: str, seed: int) -> Backbone:
         except ImportError as e:
             raise ValueError(f"backbone {name!r} needs timm: pip install 'featseq[timm]'") from e
         tname = name[5:]
-        if tname not in timm.list_models():
-            raise ValueError(f"unknown timm model {tname!r}; see timm.list_models()")
+        known = timm.list_models()
+        if tname not in known:
+            raise ValueError(f"unknown timm model {tname!r}{_did_you_mean(tname, known, 'timm:')}; timm.list_models() "
+                             f"lists the {len(known)} it knows")
         if weights == "imagenet":
             try:
                 model = timm.create_model(tname, pretrained=True)
@@ -200,7 +210,8 @@ def _create(name: str, weights: str, seed: int) -> Backbone:
         return Backbone(model.eval(), entry, weights, sha, seed)
 
     if name not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
+        raise ValueError(f"unknown backbone {name!r}{_did_you_mean(name, list(REGISTRY))}; known: "
+                         f"{', '.join(known_backbones())}")
     import torchvision
 
     entry = REGISTRY[name]

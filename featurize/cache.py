@@ -20,7 +20,9 @@ GROUP_SECONDS or GROUP_BYTES, and on close): the group's rows are appended to /f
 /segments only, so a half-written segment is never visible; a kill loses the unpublished group. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
 if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
-it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer.
+it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer. A change of published rows
+(``--refresh`` dropping stale segments, :func:`relabel` writing a manifest's new labels, groups or splits) rewrites
+the whole file under a temporary name and renames it: a kill leaves the old file or the new one.
 
 Checksums: datasets created by this version carry HDF5's fletcher32 filter (readers check it transparently; older
 files without it stay readable); :func:`verify` reads everything back and names damaged segments.
@@ -265,7 +267,7 @@ def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> 
         out = {k: (v[0] if isinstance(v, np.ndarray) and k not in ("features", "timestamps") else v) for k, v in out.items()}
         if frames:
             if "frames" not in f:
-                raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+                raise _no_frames(path, f)
             out["frames"] = f["frames"][o:o + n]
     return out
 
@@ -288,8 +290,19 @@ def read_frames(path: str | os.PathLike, rows: np.ndarray) -> np.ndarray:
     """uint8 frames (len(rows), S, S, 3) kept with --keep-frames, for sorted unique ``rows`` of /features."""
     with open_read(path) as f:
         if "frames" not in f:
-            raise CacheError(f"{path}: frames were not kept; re-featurize with --keep-frames")
+            raise _no_frames(path, f)
         return f["frames"][np.asarray(rows)]
+
+
+def _no_frames(path, f: h5py.File) -> CacheError:
+    """The error for a cache without /frames, proposing the featurize command that made it, with --keep-frames."""
+    from .spec import featurize_command
+
+    try:
+        cmd = f"`{featurize_command(_decode_attrs(f), str(path), keep_frames=True)}`"
+    except UserError:  # attributes not written by featurize
+        cmd = "featurize it again with --keep-frames"
+    return CacheError(f"{path}: frames were not kept; make a cache that keeps them, as this one was made: {cmd}")
 
 
 def summary(path: str | os.PathLike) -> dict:
@@ -312,6 +325,8 @@ def summary(path: str | os.PathLike) -> dict:
             "dtype": attrs.get("dtype"),
             "classes": {str(k): int(v) for k, v in zip(labels, counts)},
             "groups": int(len(set(cols["group"]))) if len(table) else 0,
+            "splits": {**{v: int((cols["split"] == v).sum()) for v in SPLIT_VALUES},
+                       "none": int(sum(x not in SPLIT_VALUES for x in cols["split"]))},
             "mb": round(os.path.getsize(path) / 1e6, 2),
             "attrs": attrs,
         }
@@ -398,11 +413,13 @@ def _removed_on_error(tmp: str):
         raise
 
 
-def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
+def _rewrite(path: str, drop: set[str] = frozenset(), relabel: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Rewrite a cache with its published segments but those in ``drop``, under a temporary name, then rename it over
     ``path``: a writer killed before the rename leaves the old file as it was, after it the new one, both whole.
-    Used for a cache whose writer was killed or ran out of space (its flags are cleared) and by ``--refresh`` (the
-    stale segments' rows go, the others keep their features). Returns the ids dropped."""
+    Used for a cache whose writer was killed or ran out of space (its flags are cleared), by ``--refresh`` (the
+    stale segments' rows go, the others keep their features) and by :func:`relabel`. ``relabel``: id -> {string
+    column: new value} written into the new table (a column too narrow for a value is widened). Returns the ids
+    dropped."""
     tmp = path + ".recover.tmp"
     gone = []
     with _removed_on_error(tmp), writing(path, kept=f"{path} is unchanged"):
@@ -411,6 +428,8 @@ def _rewrite(path: str, drop: set[str] = frozenset()) -> list[str]:
             keep = np.array([x.decode() not in drop for x in table["id"]], dtype=bool)
             gone = [x.decode() for x in table["id"][~keep]]
             table = table[keep]
+            if relabel:
+                table = _relabelled(table, relabel, path)
             for k, v in src.attrs.items():
                 dst.attrs[k] = v
             new = table.copy()
@@ -445,6 +464,36 @@ def _runs(offsets: np.ndarray, lengths: np.ndarray, new_offsets: np.ndarray) -> 
         else:
             runs.append([o, n, no])
     return [tuple(r) for r in runs]
+
+
+def _relabelled(table: np.ndarray, changes: dict[str, dict[str, str]], path: str) -> np.ndarray:
+    """A copy of a segment table with string columns of some rows changed (id -> {column: value}); a column too narrow
+    for a new value is widened (the table's fixed widths hold what the first featurize saw)."""
+    need = {name: table.dtype[name].itemsize for name in STR_FIELDS if name in table.dtype.names}
+    for fields in changes.values():
+        for name, value in fields.items():
+            if name not in need:
+                raise CacheError(f"{path}: this cache's segment table has no {name} column (a format-1 cache); featurize into a "
+                                 f"new --out to keep the source's {name}s")
+            need[name] = max(need[name], 2 * len(value.encode()))
+    dtype = np.dtype([(n, f"S{need[n]}") if n in need else (n, table.dtype[n]) for n in table.dtype.names])
+    out = np.zeros(len(table), dtype=dtype)
+    for n in table.dtype.names:
+        out[n] = table[n]
+    pos = {x.decode(): i for i, x in enumerate(table["id"])}
+    for sid, fields in changes.items():
+        if sid in pos:
+            for name, value in fields.items():
+                out[name][pos[sid]] = value.encode()
+    return out
+
+
+def relabel(path: str, changes: dict[str, dict[str, str]]) -> None:
+    """Write new labels, groups or splits (id -> {column: value}) into the segment table of the cache at ``path``; its
+    features stay as they are. The whole file is rewritten under a temporary name and renamed (:func:`_rewrite`), so
+    a process killed at any moment leaves the old table or the new one, never a mixed or broken one. The caller holds
+    the cache's :class:`FileLock`."""
+    _rewrite(str(path), relabel=changes)
 
 
 class CacheWriter:

@@ -20,12 +20,13 @@ from . import backbones as bb
 from .cache import (CacheError, CacheWriter, check_identity, now_iso, published_ids, read_table, source_changes,
                     string_widths)
 from .allocator import tune_cpu_allocator
+from .reconcile import reconcile
 from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
 from . import shard as shard_mod
 from .files import replaced
 from .errors import UserError
 from .sources import Segment, SourceError, read_source, validate
-from .spec import weights_id
+from .spec import featurize_command, weights_id
 from .worker import DecodePool, decode_job, default_workers
 
 DEFAULT_CACHE_DIR = "cache"
@@ -188,6 +189,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
     paths = {s.id: s.path for s in segments}
+    sound = not row_problems and len(paths) == len(segments)  # else validation refuses the source: change nothing
     if os.path.exists(path):  # refuse a mismatched request, or skip finished work, before probing or building a model
         have, table = read_table(path)
         check_identity(path, have, identity)
@@ -195,6 +197,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             log(f"note: {path} was made from {have.get('source')}; resuming it from {source_id} by segment id")
         done = {x.decode() for x in table["id"]}
         stale = _changed(path, source_changes(table, paths), cfg.refresh, log)
+        if sound:
+            _reconcile(path, segments, kind != "records" and not shard, log)
         done -= set(stale)
         if shard and "shard_plan" in have:
             mine = {i for i, k in have["shard_plan"].items() if k == shard[0]}
@@ -202,9 +206,11 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         have, table = read_table(target)
         check_identity(target, have, identity)
         if changed := source_changes(table, paths):
-            raise SourceChangedError(target, changed, "refresh the merged cache in one process: featurize --shard none "
-                                                      "--refresh --out " + target)
+            raise SourceChangedError(target, changed, "refresh the merged cache in one process: "
+                                     f"{featurize_command(have, target, source=cfg.source)} --shard none --refresh")
         done |= {x.decode() for x in table["id"]}
+        if sound:
+            _reconcile(target, segments, True, log)
     todo = [s for s in segments if s.id not in done and (mine is None or s.id in mine)]
     total = len(segments) if mine is None else len(mine)
     result = FeaturizeResult(path=path, total=total, written=0, skipped_done=total - len(todo), target=target)
@@ -287,6 +293,15 @@ class SourceChangedError(UserError):
                          f"(size or modification time differ from those recorded), so their features may be stale:\n  "
                          + "\n  ".join(shown) + more + f"\n  {fix}")
         self.changed = changed
+
+
+def _reconcile(path: str, segments: list[Segment], whole: bool, log: Callable[[str], None]) -> None:
+    """Labels, groups and splits of the cached segments follow the source (featurize.reconcile); ``whole``: the cache
+    should hold the whole source, so cached segments it no longer lists are noted."""
+    d = reconcile(path, segments, log)
+    if whole and d.extra:
+        log(f"note: {path} holds {len(d.extra)} segment(s) the source no longer lists (kept, and used by train and "
+            f"friends), e.g. {', '.join(d.extra[:5])}; featurize into a new --out for a cache of this source alone")
 
 
 def _changed(path: str, changed: dict[str, str], refresh: bool, log: Callable[[str], None]) -> dict[str, str]:

@@ -205,8 +205,8 @@ def validate(source: str, segments: list[Segment], probe: Callable[[list[str]], 
 
     ``probe`` maps a list of paths to path -> info dict (or an error string) and is normally
     :meth:`featurize.worker.DecodePool.probe`, so a file that hangs the decoder cannot hang this.
-    With ``skip_unreadable`` a video that cannot be opened is skipped (reported) instead of
-    failing the whole source; every other problem still fails it. ``only``: ids whose files to
+    With ``skip_unreadable`` a video that is missing, not readable or cannot be opened is skipped (reported) instead
+    of failing the whole source; every other problem still fails it. ``only``: ids whose files to
     check (the ones still to do on a resume); ids are always checked across all segments.
     ``problems``: row problems already found while reading the source, reported together.
     """
@@ -229,11 +229,16 @@ def validate(source: str, segments: list[Segment], probe: Callable[[list[str]], 
         segments = [s for s in segments if s.id in only]
     for s in segments:
         if not os.path.isfile(s.path):
-            problems.append(f"{s.where}: video not found: {s.path}")
+            why = f"video not found: {s.path}"
         elif not os.access(s.path, os.R_OK):
-            problems.append(f"{s.where}: video not readable (permissions): {s.path}")
+            why = f"video not readable (permissions): {s.path}"
         else:
             present.append(s.path)
+            continue
+        if skip_unreadable:
+            skipped[s.id] = f"{why} ({s.where})"
+        else:
+            problems.append(f"{s.where}: {why} (fix or remove the row, or pass --skip-errors)")
     infos = probe(present) if present else {}
     for s in segments:
         info = infos.get(s.path)

@@ -94,3 +94,41 @@ class FeatureSpec:
     def describe(self) -> str:
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
                 f"{self.feature_dim}-dim, decoded by {self.decoder}")
+
+
+def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = None, keep_frames: bool | None = None,
+                      out: str | None = None, source: str | None = None) -> str:
+    """The ``featseq featurize`` command line that makes a cache the way the one with ``attrs`` was made (backbone,
+    weights, seed, size, resize, precision, dtype, decoder, frames kept), at ``fps`` (default the cache's) and with
+    ``keep_frames`` (default as it was), into ``out`` (default a name next to ``cache_path`` that says what differs).
+    For the hints of errors that propose to featurize again: run as written, it makes that cache, not a default one."""
+    import shlex
+
+    spec = FeatureSpec.from_attrs(attrs)
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    fps = spec.fps if fps is None else float(fps)
+    frames = bool(attrs.get("keep_frames")) if keep_frames is None else bool(keep_frames)
+    src = source or str(attrs.get("source") or "")
+    if not src or attrs.get("source_kind") == "records":  # segments handed over in Python (predict): no source to name
+        src = "SOURCE"
+    weights = spec.weights_arg()
+    args = [src, "--backbone", spec.backbone, "--weights", weights]
+    if weights == "none":
+        args += ["--seed", str(spec.seed)]
+    args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{fps:g}", "--precision", spec.precision,
+             "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
+    if config.get("decode_device") == "cuda":
+        args += ["--decode-device", "cuda"]
+    if frames:
+        args.append("--keep-frames")
+    if out is None:
+        p = Path(cache_path or "cache.h5")
+        name = p.stem
+        if abs(fps - spec.fps) > 1e-9:
+            old, new = f"__{spec.fps:g}fps__", f"__{fps:g}fps__"  # the default cache name (pipeline.default_cache_path)
+            name = name.replace(old, new) if old in name else f"{name}_{fps:g}fps"
+        if frames and not attrs.get("keep_frames"):
+            name += "__frames" if "__" in name else "_frames"
+        out = str(p.with_name(name + p.suffix))
+    args += ["--out", out]
+    return "featseq featurize " + " ".join(shlex.quote(a) for a in args)

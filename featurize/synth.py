@@ -44,6 +44,9 @@ Layout written by :func:`render_dataset`::
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import itertools
 import math
 import numbers
 import os
@@ -78,6 +81,8 @@ _STREAM_LONG = 3
 _STREAM_LONG_SEED = 4
 
 _CODEC_CACHE: str | None = None
+#: Bump when the rendering changes what a video of the same parameters looks like: synth then renders it again.
+RENDER_VERSION = 1
 
 #: What a file's suffix makes :func:`render_clip` write: (PyAV container format, video codec, FourCC or None).
 #: UCF-101 and HMDB-51 ship as .avi with MPEG-4 Part 2 tagged Xvid; .webm holds VP9; the others H.264
@@ -303,7 +308,41 @@ def _codec() -> str:
     return _CODEC_CACHE
 
 
-def _write_video(path, frames_iter, width: int, height: int, rate: Fraction) -> None:
+def _digest(*parts) -> str:
+    """A sha256 over the values that determine a video's pixels (numbers, strings, arrays, dicts of them)."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(repr(x).encode())
+        h.update(b"|")
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()
+
+
+def _rendered(path: Path, tag: str, n_frames: int) -> bool:
+    """Does ``path`` hold the video ``tag`` describes, whole (written by :func:`_write_video` with that tag)?"""
+    if not path.is_file():
+        return False
+    try:
+        with av.open(str(path)) as c:
+            said = {k.lower(): v for k, v in c.metadata.items()}.get("comment")
+            frames = c.streams.video[0].frames if c.streams.video else -1
+    except (av.error.FFmpegError, OSError, IndexError):
+        return False
+    return said == tag and frames in (0, n_frames)  # some containers (mkv, webm) record no frame count
+
+
+def _write_video(path, frames_iter, width: int, height: int, rate: Fraction, tag: str = "") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower() or ".mp4"
@@ -314,6 +353,8 @@ def _write_video(path, frames_iter, width: int, height: int, rate: Fraction) -> 
         codec = _codec()
     tmp = path.with_name(path.name + ".part")
     container = av.open(str(tmp), mode="w", format=fmt)
+    if tag:
+        container.metadata["comment"] = tag
     try:
         if codec == "libx264":
             options = {"crf": "18", "preset": "superfast", "threads": "1"}
@@ -345,16 +386,44 @@ def _write_video(path, frames_iter, width: int, height: int, rate: Fraction) -> 
         tmp.unlink(missing_ok=True)
         raise
     container.close()
+    if _same_stream(path, tmp):  # e.g. a video of an older synth, which recorded no tag: keep it as it is
+        tmp.unlink()
+        return
     os.replace(tmp, path)
 
 
+def _same_stream(a: Path, b: Path) -> bool:
+    """Do two files hold the same encoded video (every packet's bytes and timestamps; container metadata aside)?"""
+    if not a.is_file():
+        return False
+    try:
+        with av.open(str(a)) as ca, av.open(str(b)) as cb:
+            pa = ((bytes(p), p.pts, p.dts) for p in ca.demux(video=0) if p.size)
+            pb = ((bytes(p), p.pts, p.dts) for p in cb.demux(video=0) if p.size)
+            return all(x == y for x, y in itertools.zip_longest(pa, pb))
+    except (av.error.FFmpegError, OSError, IndexError):
+        return False
+
+
 def _render(path, *, hues, n_frames, width, height, rate, look, noise, burn) -> None:
+    """Render a video, unless ``path`` already holds this very one: each video records (in its container's comment)
+    a digest of everything that makes its pixels (RENDER_VERSION, the scene, size, rate, frames, container, codec,
+    PyAV's version), so rerunning synth keeps the files it already wrote, their mtimes included (a feature cache of
+    them stays valid), and renders only what is missing, incomplete or different."""
     scene = _Scene(width, height, look, noise, burn)
     if burn and n_frames > 2**N_BITS:
         raise ValueError(f"burn_frame_numbers supports at most {2**N_BITS} frames, got {n_frames}")
+    path = Path(path)
+    suffix = path.suffix.lower() or ".mp4"
+    codec = CONTAINERS.get(suffix, ("", "", None))[1]
+    tag = "featseq synth " + _digest(RENDER_VERSION, np.asarray(hues, np.float64), n_frames, width, height, str(rate),
+                                     look, noise, bool(burn), suffix, _codec() if codec == "libx264" else codec,
+                                     av.__version__)
+    if _rendered(path, tag, n_frames):
+        return
     dt = 1.0 / float(rate)
     frames = (scene.frame(i, i * dt, float(hues[i])) for i in range(n_frames))
-    _write_video(path, frames, width, height, rate)
+    _write_video(path, frames, width, height, rate, tag)
 
 
 # ----------------------------------------------------------------------------
@@ -622,10 +691,12 @@ def render_dataset(
                     }
                 )
         long_csv = root / "long_segments.csv"
-        with open(long_csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "label", "start", "end", "group", "id"])
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["path", "label", "start", "end", "group", "id"])
+        writer.writeheader()
+        writer.writerows(rows)
+        if not long_csv.is_file() or long_csv.read_bytes() != text.getvalue().encode():  # a rerun keeps it as it was
+            long_csv.write_bytes(text.getvalue().encode())
         long_csv = str(long_csv)
 
     return {"root": str(root), "clips_root": str(root / "clips"), "clips": clips, "long_csv": long_csv,

@@ -89,7 +89,7 @@ def check_sampling(a: Cache, b: Cache, fps: float | None) -> float:
         raise CompareError(f"{a.path if fa <= 0 else b.path}: the cache has no fps attribute")
     read = min(fa, fb) if fps is None else float(fps)
     for c, f in ((a, fa), (b, fb)):
-        check_fps(read, f, c.path, str(c.attrs.get("source", "")))
+        check_fps(read, f, c.path, attrs=c.attrs)
     if fps is None and abs(fa - fb) > EPS:
         # both are read on the slower grid; it must be a sub-grid of the faster one or frames won't line up
         ratio = max(fa, fb) / min(fa, fb)

@@ -288,7 +288,7 @@ OPTION_HELP = {
     "pooling": "Pooling over time: last, mean, max, attention [default: last for lstm/gru/rnn, max for conv1d, mean for transformer].",
     "kernel": "conv1d kernel size (frames).",
     "heads": "transformer attention heads.",
-    "fps": "Frames per second read from the cache (at most the cache's fps) [default: the cache's fps].",
+    "fps": "Frames per second read from the cache (its fps divided by a whole number) [default: the cache's fps].",
     "seconds": "Window length in seconds [default: 5th percentile of the clip durations].",
     "percent": "Percentage of the window used: seq_len = floor(seconds * percent/100 * fps).",
     "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",

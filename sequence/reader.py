@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 import os
 import tempfile
 import warnings
@@ -43,6 +44,7 @@ import torch
 from featurize.cache import Cache, features_to_npy, read_cache
 from featurize.errors import UserError
 from featurize.files import replaced
+from featurize.spec import featurize_command
 
 from .config import OFFSETS, ReaderConfig  # noqa: F401  (re-exported)
 
@@ -63,13 +65,41 @@ def default_seconds(durations: np.ndarray) -> float:
     return float(np.percentile(np.asarray(durations, dtype=np.float64), 5)) if len(durations) else 0.0
 
 
-def check_fps(fps: float, cache_fps: float, cache_path: str = "", source: str = "") -> None:
+def on_grid(fps: float, cache_fps: float) -> bool:
+    """Is ``fps`` read back exactly from a cache sampled at ``cache_fps`` (the cache's rate divided by a whole number,
+    so every grid time is a cached frame's)?"""
+    ratio = cache_fps / fps
+    return fps <= cache_fps + EPS and abs(ratio - round(ratio)) <= 1e-6 * max(1.0, ratio)
+
+
+def rate_for(fps: float, cache_fps: float) -> float:
+    """The lowest rate that gives back both ``fps`` and ``cache_fps`` exactly (their least common multiple), or 6 when
+    that is a multiple of it (then 1, 2, 3 and 6 fps read back exactly too)."""
+    a, b = Fraction(fps).limit_denominator(1000), Fraction(cache_fps).limit_denominator(1000)
+    lcm = Fraction(math.lcm(a.numerator * b.denominator, b.numerator * a.denominator), a.denominator * b.denominator)
+    return 6.0 if (6 / lcm).denominator == 1 else float(lcm)
+
+
+def check_fps(fps: float, cache_fps: float, cache_path: str = "", source: str = "", attrs: dict | None = None) -> None:
+    """Refuse an fps the cache cannot give back exactly: above its rate, or not its rate divided by a whole number
+    (nearest frames would be unevenly spaced in time). The fix proposed is the featurize command that made the cache
+    (``attrs``: its attributes), at a rate that holds both."""
+    if on_grid(fps, cache_fps):
+        return
+    rate = rate_for(fps, cache_fps)
+    try:
+        cmd = featurize_command(attrs or {}, cache_path, fps=rate, source=source or None)
+    except UserError:  # not written by featurize (its attributes say nothing of how)
+        cmd = f"featseq featurize {source or 'SOURCE'} --fps {rate:g} (with the options that made {cache_path or 'it'})"
+    exact = ", ".join(f"{cache_fps / k:.3g}" for k in range(1, 5))
     if fps > cache_fps + EPS:
-        src = source or "SOURCE"
-        raise ReaderError(
-            f"--fps {fps:g} is above the cache's {cache_fps:g} fps ({cache_path}); a cache cannot give back frames it "
-            f"never sampled. Re-featurize at a higher rate, e.g. `featseq featurize {src} --fps 6` (1, 2, 3 and 6 fps "
-            f"are then read back exactly), or ask for --fps <= {cache_fps:g}.")
+        why = f"--fps {fps:g} is above the cache's {cache_fps:g} fps ({cache_path}); a cache cannot give back frames it never sampled"
+    else:
+        why = (f"--fps {fps:g} is not a rate the cache holds ({cache_path}, sampled at {cache_fps:g} fps): the {fps:g} fps "
+               f"grid is not a sub-grid of its {cache_fps:g} fps grid, so the nearest cached frames would be unevenly "
+               f"spaced in time")
+    raise ReaderError(f"{why}. It reads back exactly at {exact}, ... fps (its rate divided by a whole number): ask "
+                      f"for one of those, or featurize the same source at {rate:g} fps, as this cache was made: `{cmd}`")
 
 
 @dataclass
@@ -201,7 +231,7 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
     if cache_fps <= 0:
         raise ReaderError(f"{cache.path}: the cache has no fps attribute")
     fps = cache_fps if cfg.fps is None else float(cfg.fps)
-    check_fps(fps, cache_fps, cache.path, str(cache.attrs.get("source", "")))
+    check_fps(fps, cache_fps, cache.path, attrs=cache.attrs)
     s = cache.segments
     durations = np.asarray(s["end"], np.float64) - np.asarray(s["start"], np.float64)
     if seq_len is None:

@@ -57,6 +57,17 @@ def featurize_cfg(source, out, **kw):
     return FeaturizeConfig(source=str(source), out=str(out), **kw)
 
 
+def clip_folder(clips, root: Path) -> Path:
+    """A folder-per-class source ROOT/<label>/<clip> of copies of synthetic ``clips`` (mtimes kept)."""
+    import shutil
+
+    for c in clips:
+        dst = Path(root) / c["label"] / Path(c["path"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(c["path"], dst)
+    return Path(root)
+
+
 def published_segments(path) -> int:
     """Segments a (possibly half-written) cache publishes; 0 while it doesn't exist yet."""
     from featurize.cache import open_read

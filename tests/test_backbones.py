@@ -54,6 +54,16 @@ def test_timm_backbone_contract():
     _check_contract(create_backbone("timm:efficientnet_lite0", "none", 0), "timm:efficientnet_lite0")
 
 
+def test_a_misspelt_backbone_gets_a_did_you_mean():
+    """issue 24 item 11: an unknown timm: name (and a torchvision one) is refused with the closest known names."""
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet-18'; did you mean resnet18"):
+        create_backbone("resnet-18", "none", 0)
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError) as e:
+        create_backbone("timm:efficientnet_lit0", "none", 0)
+    assert "unknown timm model 'efficientnet_lit0'; did you mean timm:efficientnet_lite0" in str(e.value), str(e.value)
+
+
 def test_random_init_is_seeded():
     a, b, c = (create_backbone("resnet18", "none", s) for s in (0, 0, 1))
     x = _batch()

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, featurize_cfg, published_segments
+from conftest import ROOT, clip_folder, featurize_cfg, published_segments
 from featurize.cache import read_cache, verify
 from featurize.pipeline import featurize
 from seq_fixtures import write_fake_cache
@@ -262,12 +262,8 @@ def test_sigterm_stops_predict_and_its_cache_resumes(small_ft, ref, tmp_path):
 # ---------------------------------------------------------------- 3. changed sources
 
 def test_a_changed_video_is_refused_then_refreshed(synth_data, tmp_path):
-    src = tmp_path / "src"
     clips = synth_data["clips"]
-    for c in clips[:3]:
-        dst = src / c["label"] / Path(c["path"]).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(c["path"], dst)
+    src = clip_folder(clips[:3], tmp_path / "src")
     out = tmp_path / "x.h5"
     first = featurize(featurize_cfg(src, out))
     assert first.written == 3

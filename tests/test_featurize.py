@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments
+from conftest import CHILD_ENV, ROOT, clip_folder, featurize_cfg, published_segments
 from featurize.cache import CacheError, FileLock, read_cache, read_segment, summary
 from featurize.pipeline import featurize
 from featurize.sources import SourceError, load_segments
@@ -388,3 +388,145 @@ def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
     assert res.written == 6
     assert any("bf16 is emulated on this CPU" in n and "--precision auto picks fp32" in n for n in notes), notes
     assert read_cache(res.path, features=False).attrs["precision"] == "bf16"
+
+
+def _clip_manifest(path, clips, label=lambda c: c["label"], split=lambda c: "", group=lambda c: c["group"]):
+    """A manifest path,label,group,split of the synthetic clips (no id column: ids are the paths as written)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        for c in clips:
+            w.writerow([c["path"], label(c), group(c), split(c)])
+    return str(path)
+
+
+def test_a_rerun_with_a_changed_manifest_updates_labels_groups_and_splits(synth_data, tmp_path):
+    """issue 24 item 1: relabelled rows, new groups and splits of cached segments follow the manifest on a rerun (the
+    table is rewritten, the features stay), with a note listing each change; `cache check` reports the differences
+    before and agrees after."""
+    clips = synth_data["clips"]
+    m = _clip_manifest(tmp_path / "m.csv", clips)
+    out = tmp_path / "c.h5"
+    r = CliRunner().invoke(main, ["featurize", m, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    before = read_cache(out)
+    long_label = "ascending, written out at a length the first table's label column cannot hold" * 2
+    new = {clips[0]["path"]: dict(label="ÄSC"), clips[1]["path"]: dict(label=long_label, split="test"),
+           clips[2]["path"]: dict(group="P23", split="val")}
+    m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: new.get(c["path"], {}).get("label", c["label"]),
+                        split=lambda c: new.get(c["path"], {}).get("split", ""),
+                        group=lambda c: new.get(c["path"], {}).get("group", c["group"]))
+    r = CliRunner().invoke(main, ["cache", "check", str(out), m2])
+    assert r.exit_code == 1, r.output
+    assert f"{clips[0]['path']}: label 'ascending' in the cache, 'ÄSC' in the source" in r.output
+    assert "3 difference(s)" in r.output and f"--out {out}" in r.output
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "the source gives 3 cached segment(s) another label, group or split" in r.output
+    assert f"{clips[2]['path']}: group 'g01' -> 'P23', split '' -> 'val'" in r.output
+    after = read_cache(out)
+    col = {k: dict(zip(after.ids, after.segments[k])) for k in ("label", "group", "split")}
+    assert col["label"][clips[0]["path"]] == "ÄSC" and col["label"][clips[1]["path"]] == long_label
+    assert col["split"][clips[1]["path"]] == "test" and col["group"][clips[2]["path"]] == "P23"
+    assert col["label"][clips[3]["path"]] == clips[3]["label"] and col["split"][clips[3]["path"]] == ""
+    assert summary(out)["classes"]["ÄSC"] == 1
+    for i, sid in enumerate(before.ids):  # features and timestamps untouched
+        j = after.ids.index(sid)
+        assert np.array_equal(before.segment(i)[0], after.segment(j)[0])
+        assert np.array_equal(before.segment(i)[1], after.segment(j)[1])
+    r = CliRunner().invoke(main, ["cache", "check", str(out), m2, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--out", str(out), "-q"])
+    assert r.exit_code == 0 and "another label" not in r.output and "already cached" in r.output, r.output
+    r = CliRunner().invoke(main, ["cache", "verify", str(out)])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("where", ["copying", "renaming"])
+def test_a_relabel_killed_midway_leaves_the_old_table(synth_data, tmp_path, where):
+    """kill -9 while the segment table is rewritten (while the new file is written, or just before it replaces the old
+    one) leaves the old cache whole; the rerun writes the new table."""
+    clips = synth_data["clips"]
+    m = _clip_manifest(tmp_path / "m.csv", clips)
+    out = tmp_path / "c.h5"
+    featurize(featurize_cfg(m, out, size=32))
+    before = read_cache(out)
+    m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: c["label"].upper())
+    hook = ("featurize.cache._relabelled" if where == "copying" else "os.replace")
+    script = f"""
+import os, sys, time
+import featurize.cache, featurize.pipeline
+from featurize.pipeline import featurize as run
+from conftest import featurize_cfg
+real = {hook}
+def stall(*a, **k):
+    if "{where}" == "copying" or a[0].endswith(".recover.tmp"):
+        print("stalled", flush=True)
+        time.sleep(120)
+    return real(*a, **k)
+{'featurize.cache._relabelled' if where == 'copying' else 'os.replace'} = stall
+run(featurize_cfg({m2!r}, {str(out)!r}, size=32))
+"""
+    p = subprocess.Popen([VENV_PY, "-c", script], cwd=ROOT / "tests", env=CHILD_ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "stalled", (line, p.stderr.read() if p.poll() is not None else "")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed = read_cache(out)
+    assert killed.ids == before.ids and list(killed.segments["label"]) == list(before.segments["label"])
+    assert np.array_equal(killed.features, before.features)
+    r = CliRunner().invoke(main, ["featurize", m2, "--size", "32", "--device", "cpu", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(read_cache(out).segments["label"]) == sorted(c["label"].upper() for c in clips)
+    assert not Path(str(out) + ".recover.tmp").exists()
+
+
+def test_skip_errors_skips_missing_videos_and_lists_them(synth_data, tmp_path):
+    """issue 24 item 6: --skip-errors skips a row whose video is missing, as it skips a zero-byte one, and the error
+    report lists both by id and manifest line; without it the run is refused naming the row and the flag."""
+    clip = Path(synth_data["clips"][0]["path"])
+    shutil.copy(clip, tmp_path / "a.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    m = tmp_path / "m.csv"
+    _write_manifest(m, [("a.mp4", "x", "", "", "g", "ok"), ("gone.mp4", "x", "", "", "g", "gone"),
+                        ("empty.mp4", "x", "", "", "g", "empty")])
+    out = tmp_path / "out.h5"
+    r = CliRunner().invoke(main, ["featurize", str(m), "--size", "32", "--out", str(out)])
+    assert r.exit_code == 2 and "line 3: video not found" in r.output and "--skip-errors" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, ["featurize", str(m), "--size", "32", "--out", str(out), "--skip-errors"])
+    assert r.exit_code == 0, r.output
+    assert "1 segment(s) written, 0 already cached, 2 failed" in r.output
+    assert f"gone: video not found: {tmp_path / 'gone.mp4'} (m.csv line 3)" in r.output
+    assert read_cache(out).ids == ["ok"]
+    report = json.loads(Path(str(out) + ".errors.json").read_text())["failed"]
+    assert set(report) == {"gone", "empty"} and "video not found" in report["gone"]
+
+
+def test_cache_info_shows_split_counts(synth_data, tmp_path):
+    """issue 24 item 11: `cache info` and `cache info --json` count the segments of each split (and of none)."""
+    clips = synth_data["clips"]
+    parts = {clips[0]["path"]: "test", clips[1]["path"]: "val", clips[2]["path"]: "train", clips[3]["path"]: "train"}
+    m = _clip_manifest(tmp_path / "m.csv", clips, split=lambda c: parts.get(c["path"], ""))
+    out = featurize(featurize_cfg(m, tmp_path / "s.h5", size=32)).path
+    r = CliRunner().invoke(main, ["cache", "info", out, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"train": 2, "val": 1, "test": 1, "none": 2}, r.output
+    r = CliRunner().invoke(main, ["cache", "info", out])
+    assert r.exit_code == 0 and "splits: train 2, val 1, test 1, none 2" in r.output, r.output
+
+
+def test_a_shard_on_a_changed_merged_cache_proposes_the_cache_s_own_command(synth_data, tmp_path):
+    """issue 24 item 4: the refresh a shard proposes for a merged cache whose videos changed is the command that made
+    it (size, resize, weights ...), not a bare `featurize --shard none --refresh`."""
+    clips = synth_data["clips"]
+    src = clip_folder(clips[:2], tmp_path / "src")
+    out = tmp_path / "x.h5"
+    featurize(featurize_cfg(src, out, size=32, resize="crop", fps=2.0))
+    shutil.copy(clips[4]["path"], next(src.glob("*/*.mp4")))  # another video under the same name
+    r = CliRunner().invoke(main, ["featurize", str(src), "--size", "32", "--resize", "crop", "--fps", "2", "--device",
+                                  "cpu", "--out", str(out), "--shard", "0/2"])
+    assert r.exit_code == 2, r.output
+    hint = r.output[r.output.index("refresh the merged cache in one process: "):]
+    assert f"featseq featurize {src} --backbone resnet18 --weights none --seed 0 --size 32 --resize crop --fps 2" in hint
+    assert f"--out {out} --shard none --refresh" in hint, hint

@@ -131,3 +131,49 @@ def test_empty_cache_is_refused(tmp_path):
 def test_reader_options_validated(kw, flag):
     with pytest.raises(ValueError, match=flag):
         ReaderConfig(**kw).validate()
+
+
+def test_fps_hint_reproduces_the_cache(synth_data, tmp_path):
+    """issue 24 item 4: `train CACHE --fps 3` on a 1 fps cache proposes the featurize command that made the cache (its
+    weights file, seed, size, resize, precision, dtype, decoder) at a rate holding both, and that command, run as
+    written, makes that cache; --fps 1.5 on a 2 fps cache is refused, not read from unevenly spaced nearest frames."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    import torchvision
+
+    from cli import main
+    from featurize.cache import IDENTITY_KEYS, read_table
+    from featurize.pipeline import featurize
+
+    weights = tmp_path / "my_resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    cache = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "one.h5", fps=1.0, weights=str(weights),
+                                    size=32, resize="crop", precision="fp32", dtype="float32", decoder="pyav")).path
+    r = CliRunner().invoke(main, ["train", cache, "--out", str(tmp_path / "R"), "--fps", "3", "--epochs", "1"])
+    assert r.exit_code == 2, r.output
+    assert "above the cache's 1 fps" in r.output
+    cmd = r.output.split("`")[1]
+    assert cmd.startswith("featseq featurize ") and "--fps 6" in cmd, cmd
+    for flag in (f"--weights {weights}", "--size 32", "--resize crop", "--precision fp32", "--dtype float32",
+                 "--decoder pyav"):
+        assert flag in cmd, (flag, cmd)
+    args = shlex.split(cmd)[1:] + ["--device", "cpu", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    (old, _), (new, _) = read_table(cache), read_table(args[args.index("--out") + 1])
+    assert {k: new[k] for k in IDENTITY_KEYS if k != "fps"} == {k: old[k] for k in IDENTITY_KEYS if k != "fps"}
+    assert new["fps"] == 6.0 and new["source"] == old["source"]
+    from featurize.cache import CacheError, read_frames  # the hint of a cache without frames (finetune) likewise
+
+    with pytest.raises(CacheError) as e:
+        read_frames(cache, np.array([0]))
+    assert "--keep-frames" in str(e.value) and f"--weights {weights}" in str(e.value) and "--fps 1 " in str(e.value)
+
+    two = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "two.h5", fps=2.0)).path
+    with pytest.raises(ReaderError) as e:
+        build(read_cache(two), ReaderConfig(fps=1.5))
+    msg = str(e.value)
+    assert "--fps 1.5 is not a rate the cache holds" in msg and "2, 1, 0.667" in msg and "--fps 6" in msg, msg
+    assert build(read_cache(two), ReaderConfig(fps=1)).fps == 1.0  # its rate divided by a whole number reads back

@@ -255,3 +255,37 @@ def test_order_blind_but_order_aware(dataset):
     assert asc.min() > 0.9
     assert desc.max() < 0.1
     assert np.all((ping > 0.2) & (ping < 0.8))
+
+
+def test_a_rerun_keeps_the_videos_it_already_rendered(tmp_path):
+    """issue 24 item 10 (`make demo` twice): rendering the same dataset again leaves every file as it was (mtimes
+    included), so a cache of it resumes instead of refusing 'sources changed'; a missing, truncated or differently
+    asked-for video is rendered again."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    kw = dict(groups=1, clips_per_class_per_group=1, long_videos=1, long_duration=10.0, duration=(2.0, 3.0), width=32,
+              height=32)
+    first = synth.render_dataset(tmp_path / "d", seed=3, **kw)
+    files = sorted(p for p in (tmp_path / "d").rglob("*") if p.is_file())
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    out = tmp_path / "c.h5"
+    r = CliRunner().invoke(main, ["featurize", first["clips_root"], "--size", "32", "--device", "cpu", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    again = synth.render_dataset(tmp_path / "d", seed=3, **kw)
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    r = CliRunner().invoke(main, ["featurize", first["clips_root"], "--size", "32", "--device", "cpu", "--out", str(out), "-q"])
+    assert r.exit_code == 0 and "all 3 segments already cached" in r.output, r.output
+    # what is gone, cut short or asked for otherwise is rendered again
+    gone, cut = Path(first["clips"][0]["path"]), Path(first["clips"][1]["path"])
+    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    synth.render_dataset(tmp_path / "d", seed=3, **kw)
+    assert gone.is_file() and _frames(gone).shape[0] == first["clips"][0]["n_frames"]
+    assert _frames(cut).shape[0] == first["clips"][1]["n_frames"]
+    kept = [p for p in files if p not in (gone, cut)]
+    assert {p: p.stat().st_mtime_ns for p in kept} == {p: mtimes[p] for p in kept}
+    synth.render_dataset(tmp_path / "d", seed=4, **kw)
+    assert all(Path(c["path"]).stat().st_mtime_ns != mtimes[Path(c["path"])] for c in first["clips"][2:])
