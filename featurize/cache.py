@@ -65,9 +65,21 @@ SPLIT_VALUES = ("train", "val", "test")  # a segment's split: one of these, or e
 _MIN_WIDTH = {"path": 256, "split": 8}   # bytes; the others 64
 
 
-# Group commits: segments are published together once the oldest has waited this long or the group holds this much
+# Group commits: segments are published together once the oldest has waited this long or the group holds this much.
+# FEATSEQ_PUBLISH_SECONDS sets the wait (0: every segment is published as it completes, as before group commits).
 GROUP_SECONDS = 1.0
 GROUP_BYTES = 64 << 20
+
+
+def publish_seconds() -> float:
+    """How long a finished segment may wait to be published: FEATSEQ_PUBLISH_SECONDS, else GROUP_SECONDS."""
+    v = os.environ.get("FEATSEQ_PUBLISH_SECONDS")
+    if v is None:
+        return GROUP_SECONDS
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        raise UserError(f"FEATSEQ_PUBLISH_SECONDS={v!r}: give seconds, e.g. 1 (0 publishes every segment at once)") from None
 
 # Set when a write failed inside HDF5 (the space ran out in spite of CacheWriter's check): the library can then not
 # shut down cleanly, so the CLI ends such a process with os._exit after its error message (cli.Main).
@@ -501,15 +513,17 @@ class CacheWriter:
 
     def __init__(self, path: str, identity: dict, attrs: dict, feature_dim: int, widths: dict[str, int],
                  dtype: str = "float16", frame_size: int | None = None, drop: set[str] = frozenset(),
-                 group_seconds: float = GROUP_SECONDS, group_bytes: int = GROUP_BYTES):
+                 group_seconds: float | None = None, group_bytes: int = GROUP_BYTES):
         """``drop``: ids of published segments to remove first (featurize --refresh: their videos changed); the cache is
         rewritten without them (:func:`_rewrite`), so they are gone whole or not at all.
 
         Segments are published in groups (:meth:`publish`): :meth:`append` holds a segment until the group is
-        ``group_seconds`` old or holds ``group_bytes`` of rows, then writes the group with one write and one flush per
-        dataset; :meth:`close` publishes what is held. A kill loses at most the group not yet published."""
+        ``group_seconds`` old (default :func:`publish_seconds`) or holds ``group_bytes`` of rows, then writes the group
+        with one write and one flush per dataset; :meth:`close` publishes what is held. A kill loses at most the group
+        not yet published."""
         self.path = str(path)
-        self.group_seconds, self.group_bytes = group_seconds, group_bytes
+        self.group_seconds = publish_seconds() if group_seconds is None else group_seconds
+        self.group_bytes = group_bytes
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []  # (record, feats, ts, frames)
         self._held_rows = self._held_bytes = 0
         self._held_since = 0.0

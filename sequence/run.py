@@ -229,12 +229,14 @@ def check_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = Fal
     """Refuse to write a run into ``out`` when that would replace a finished run without ``--overwrite``, or mix it
     with files featseq did not write; returns :func:`run_folder_state`. An incomplete run (stopped before its
     results.json) is started afresh, or with ``resume`` continued from its last.pt (finetune); a folder holding
-    last.pt is not started afresh without --resume or --overwrite."""
+    last.pt is not started afresh without --resume or --overwrite. A finished finetune run with ``resume`` (and not
+    ``overwrite``) is continued from its last.pt too: more epochs for a run that ended."""
     state = run_folder_state(out)
+    continuing = resume and not overwrite and (Path(out) / "last.pt").is_file()
     if state == "other":
         raise RunError(f"--out {out}: {'not a folder' if Path(out).exists() and not Path(out).is_dir() else 'the folder holds files that are not a featseq run'}; "
                        f"write the run into a new or empty folder")
-    if state == "complete" and not overwrite:
+    if state == "complete" and not overwrite and not continuing:
         try:
             r = json.loads((Path(out) / "results.json").read_text())
             what = f" ({r.get('model')}, test accuracy {r['test_accuracy']:.3f})" if r.get("test_accuracy") is not None else ""
@@ -256,7 +258,8 @@ def prepare_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = F
 
     out = Path(out)
     state = check_run_folder(out, overwrite, resume)
-    if state == "complete" or (state == "incomplete" and not resume):
+    continuing = resume and not overwrite and (out / "last.pt").is_file()
+    if (state == "complete" and not continuing) or (state == "incomplete" and not resume):
         log(f"{out}: {'replacing the finished run (--overwrite)' if state == 'complete' else 'starting the interrupted run afresh'}")
         for p in out.iterdir():
             if p.is_dir() and not p.is_symlink():

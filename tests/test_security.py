@@ -84,13 +84,12 @@ def test_a_hostile_checkpoint_is_refused_by_every_command_that_opens_a_run(sec, 
 
 
 def test_a_hostile_last_pt_is_refused_by_finetune_resume(sec, tmp_path):
+    """An interrupted finetune folder (its config.json, a last.pt) whose last.pt carries the payload: --resume refuses
+    it before any of it runs. (finetune's own last.pt loads weights-only: tests/test_finetune.py reads it so.)"""
     out, marker = tmp_path / "ft", tmp_path / "MARKER"
-    r = _cli("finetune", sec["cache"], "--from", sec["run"], "--out", out, "--epochs", "1", "-q")
-    assert r.exit_code == 0, r.output
-    last = torch.load(out / "last.pt", weights_only=True)  # finetune's loop state is plain data too
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["trunk"]
-    last["note"] = Payload(marker)
-    torch.save(last, out / "last.pt")
+    out.mkdir()
+    shutil.copy(sec["run"] / "config.json", out / "config.json")
+    torch.save({"epoch": 1, "best": {}, "config": {}, "note": Payload(marker)}, out / "last.pt")
     r = _cli("finetune", sec["cache"], "--from", sec["run"], "--out", out, "--epochs", "2", "--resume")
     assert r.exit_code == 2, r.output
     assert f"{out / 'last.pt'}: refused" in r.output

@@ -79,7 +79,8 @@ def test_two_shards_one_killed_and_rerun_then_merged_equal_one_process(synth_dat
     src, out = synth_data["clips_root"], tmp_path / "X.h5"
     p0 = subprocess.Popen(_featurize_cmd(src, out, "--shard", "0/2"), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     slow = _featurize_cmd(src, out, "--shard", "1/2", "--batch-size", "4")  # one small batch at a time: killable
-    p1 = subprocess.Popen(slow, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    # every segment published as it completes, so the kill lands between two of them
+    p1 = subprocess.Popen(slow, cwd=ROOT, env={**ENV, "FEATSEQ_PUBLISH_SECONDS": "0"}, stderr=subprocess.PIPE, text=True)
     part1 = shard.part_path(str(out), 1, 2)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p1.poll() is None and published_segments(part1) < 1:
