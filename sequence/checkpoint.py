@@ -218,10 +218,11 @@ def upgrade(folder: str | os.PathLike, trust: bool = False, log=lambda s: None) 
         listing = "; ".join(f"{p} ({', '.join(n) or 'objects a weights-only load refuses'})" for p, n in todo)
         raise CheckpointRefused(
             f"{len(todo)} checkpoint(s) need more than tensors and plain data: {listing}. Converting them loads them "
-            f"in full, which runs whatever code they carry: if you made these runs yourself, rerun with --trust")
+            f"with the objects they name allowed, which runs whatever those objects do: if you made these runs yourself, "
+            f"rerun with --trust")
     done = []
     for p, names in todo:
-        log(f"{p}: loading in full (trusted), allowing {', '.join(names) or 'nothing extra'}")
+        log(f"{p}: loading it trusted, allowing {', '.join(names) or 'nothing extra'}")
         obj = _plain(_trusted_load(p, names))
         kept = p.with_name(p.name + KEPT)
         if not kept.exists():  # the first original stays: a second upgrade never replaces it
