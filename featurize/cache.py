@@ -17,8 +17,8 @@ Layout of one file (format_version 2):
 Commit protocol: segments are published in groups (CacheWriter.publish: what arrived within
 GROUP_SECONDS or GROUP_BYTES, and on close): the group's rows are appended to /features and
 /timestamps and flushed, then its rows are appended to /segments and flushed. Readers trust
-/segments only, so a half-written segment is never visible; a kill loses the unpublished group. The writer runs in SWMR mode (libver "latest"), which keeps the file consistent
-if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
+/segments only, so a half-written segment is never visible; a kill loses the unpublished group.
+The writer runs in SWMR mode (libver "latest"), which keeps the file consistent if the writer is killed; such a file then carries HDF5's "open for write" flag, so it opens with
 ``h5py.File(path, "r", swmr=True)`` (which :func:`open_read` does) until the next featurize run on
 it rewrites it cleanly. A lock file ``<cache>.lock`` (flock) stops a second writer. A change of published rows
 (``--refresh`` dropping stale segments, :func:`relabel` writing a manifest's new labels, groups or splits) rewrites
@@ -525,8 +525,7 @@ class CacheWriter:
         self.group_seconds = publish_seconds() if group_seconds is None else group_seconds
         self.group_bytes = group_bytes
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []  # (record, feats, ts, frames)
-        self._held_rows = self._held_bytes = 0
-        self._held_since = 0.0
+        self._held_bytes, self._held_since = 0, 0.0
         self.lock = FileLock(self.path).acquire()
         self.dropped: list[str] = []
         try:
@@ -624,7 +623,6 @@ class CacheWriter:
         if not self._held:
             self._held_since = time.monotonic()
         self._held.append((rec, np.asarray(features), np.asarray(timestamps), frames))
-        self._held_rows += len(features)
         self._held_bytes += self._held[-1][1].nbytes + (frames.nbytes if frames is not None else 0)
         self.done_ids.add(row["id"])
         if self._held_bytes >= self.group_bytes:
@@ -642,14 +640,13 @@ class CacheWriter:
         """Write the held segments: their rows, flushed, then their table rows, flushed (the commit protocol)."""
         if not self._held:
             return
-        held, rows, self._held = self._held, self._held_rows, []
-        self._held_rows = self._held_bytes = 0
+        held, self._held, self._held_bytes = self._held, [], 0
         first = held[0][0]["id"][0].decode()
         kept = f"every segment published before {first!r} is kept"
         global HDF5_WRITE_FAILED
         short = ""
         try:
-            short = self._space_short(rows)
+            short = self._space_short(sum(len(h[1]) for h in held))
             fit = self._fitting(held) if short else len(held)
             if fit:
                 with quiet_unraisable(), writing(self.path, kept=kept):
@@ -662,7 +659,6 @@ class CacheWriter:
                                     f"limit, ulimit -f) and rerun the same command")
         except KeyboardInterrupt:  # a stop signal mid-write: close() writes the group again (a second is ignored)
             self._held = held + self._held
-            self._held_rows = sum(len(h[1]) for h in self._held)
             raise
         except BaseException as e:
             for rec, *_ in held:  # not published: a rerun redoes them
