@@ -40,14 +40,14 @@ class Progress:
 
 
 class Main(click.Group):
-    """The command group. Errors in what the user asked for (featurize.errors.UserError, ValueError from option
-    validation, a missing file) and a full disk (featurize.files.DiskFullError, a UserError) end as ``error: ...``
+    """The command group. Errors in what the user asked for (featseq.common.errors.UserError, ValueError from option
+    validation, a missing file) and a full disk (featseq.common.files.DiskFullError, a UserError) end as ``error: ...``
     with exit code 2 here, in one place; a decode worker that cannot start ends with exit code 1. SIGTERM and SIGINT
-    stop every command cleanly (featurize.stop): finished work is kept, exit code 143 or 130."""
+    stop every command cleanly (featseq.common.signals): finished work is kept, exit code 143 or 130."""
 
     def invoke(self, ctx):
-        from featurize.stop import Interrupted, on_signals
-        from featurize.worker import WorkerStartError
+        from featseq.common.signals import Interrupted, on_signals
+        from featseq.featurize.worker import WorkerStartError
 
         try:
             with on_signals():
@@ -57,9 +57,9 @@ class Main(click.Group):
             ctx.exit(e.exit_code)
         except (ValueError, FileNotFoundError) as e:  # UserError is a ValueError
             click.echo(f"error: {e}", err=True)
-            import featurize.cache
+            from featseq.featurize import cache
 
-            if featurize.cache.HDF5_WRITE_FAILED:  # HDF5 would crash shutting down after a failed write (files.py)
+            if cache.HDF5_WRITE_FAILED:  # HDF5 would crash shutting down after a failed write (files.py)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
@@ -138,8 +138,8 @@ def featurize(source, backbone, weights, size, resize, fps, device, precision, d
     (path,label[,start,end,group,id,split])
     or the Gingerbread layout ROOT/Pxx/musicYY.mp4.
     """
-    from featurize.pipeline import FeaturizeConfig, featurize as run
-    from featurize.shard import after_torchrun, submit
+    from featseq.featurize.pipeline import FeaturizeConfig, featurize as run
+    from featseq.featurize.shard import after_torchrun, submit
 
     cfg = FeaturizeConfig(source=source, backbone=backbone, weights=weights, size=size, resize=resize, fps=fps,
                           device=device, precision=precision, dtype=dtype, batch_size=batch_size,
@@ -190,7 +190,7 @@ def cache_merge(target, parts, allow_missing):
     Refuses parts of another request or another N, ids in two parts and segments no part holds; copies and verifies
     every segment, writes under a temporary name and renames. Merging again, or after a crash, is safe.
     """
-    from featurize.shard import merge
+    from featseq.featurize.shard import merge
 
     res = merge(target, list(parts) or None, allow_missing=allow_missing, log=lambda s: click.echo(s, err=True))
     click.echo(f"{len(res.parts)} parts: {res.copied} segment(s) copied, {res.kept} already in {target}, "
@@ -207,7 +207,7 @@ def cache_verify(file, sources, as_json):
     (and with --sources the videos). Exit 0 when all is well, 1 with the list of what is wrong."""
     from dataclasses import asdict
 
-    from featurize.cache import verify
+    from featseq.featurize.cache import verify
 
     v = verify(file, sources=sources)
     if as_json:
@@ -232,7 +232,7 @@ def cache_check(file, source, as_json):
     """Check a cache FILE against SOURCE (a manifest, folder or Gingerbread layout) by segment id: labels, groups and
     splits that differ, segments not cached, cached segments SOURCE no longer lists, videos that changed. Exit 0 when
     they agree, 1 with the list and the featurize command that updates the cache."""
-    from featurize.reconcile import check
+    from featseq.featurize.reconcile import check
 
     r = check(file, source)
     if as_json:
@@ -259,7 +259,7 @@ def cache_check(file, source, as_json):
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
 def cache_list(cache_dir):
     """A table of the caches under --cache-dir."""
-    from featurize.cache import list_caches
+    from featseq.featurize.cache import list_caches
 
     rows = list_caches(cache_dir)
     if not rows:
@@ -281,7 +281,7 @@ def cache_list(cache_dir):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def cache_info(file, as_json):
     """Attributes, segment/frame counts, class, group and split counts of a cache FILE."""
-    from featurize.cache import summary
+    from featseq.featurize.cache import summary
 
     s = summary(file)
     if as_json:
@@ -317,7 +317,7 @@ def synth(out_dir, clips_per_class_per_group, groups, width, height, video_fps, 
           long_videos, long_duration, burn_frame_numbers, container, seed):
     """Render a small labelled synthetic dataset (classes differ only in temporal order); a rerun keeps the videos
     already rendered as they are (mtimes too), rendering only missing or different ones."""
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     res = render_dataset(out_dir, clips_per_class_per_group=clips_per_class_per_group, groups=groups, width=width,
                          height=height, video_fps=video_fps, duration=(min_duration, max_duration), seed=seed,
@@ -343,7 +343,7 @@ def _config_options(config_name: str, as_lists: bool = False):
     import dataclasses
     import typing
 
-    from sequence import config as C
+    from featseq.sequence import config as C
 
     config_cls = getattr(C, config_name)
     hints = typing.get_type_hints(config_cls)
@@ -394,8 +394,8 @@ def _log(quiet: bool):
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch lines.")
 def train(cache, out, quiet, **opts):
     """Train one sequence model on a feature CACHE; write a run folder (results.json, plots, predictions, checkpoint)."""
-    from sequence.config import TrainConfig
-    from sequence.train import train as run
+    from featseq.sequence.config import TrainConfig
+    from featseq.sequence.train import train as run
 
     cfg = TrainConfig(cache=cache, out=out, **opts)
     _threads(cfg.threads)
@@ -438,7 +438,7 @@ def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, se
 
     Example: featseq sweep CACHE --out S --model lstm,gru,rnn --hidden 128,256 --layers 1,2 --bidirectional false,true
     """
-    from sequence.sweep import SweepConfig, load_grid, parse_list, sweep as run
+    from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep as run
 
     grid = load_grid(grid_file) if grid_file else {}
     grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
@@ -474,7 +474,7 @@ def evaluate(run_dir, cache_path, out, device, score_all):
     the run's, e.g. cuts of long videos named like the clips, can have all its segments skipped); --score-all
     scores them too. Exit 1 when no segment was scored.
     """
-    from sequence.train import evaluate as run
+    from featseq.sequence.train import evaluate as run
 
     res = run(run_dir, cache_path, out=out, device=device, score_all=score_all)
     acc, sk = res["test_accuracy"], res["n_skipped"]
@@ -501,14 +501,14 @@ def finetune(source, out, quiet, **opts):
     On several GPUs or nodes: torchrun --nproc-per-node N $(which featseq) finetune ... (DistributedDataParallel;
     --batch-size is the global batch; rank 0 writes the run folder).
     """
-    from sequence.config import FinetuneConfig
-    from sequence.ddp import Stopped
-    from sequence.finetune import finetune as run
+    from featseq.sequence.config import FinetuneConfig
+    from featseq.sequence.ddp import Stopped
+    from featseq.sequence.finetune import finetune as run
 
     cfg = FinetuneConfig(cache=source, out=out, **opts)
     _threads(cfg.threads)
 
-    try:  # a lost rank, or SIGTERM/SIGINT (featurize.stop), end as Stopped saying how to resume
+    try:  # a lost rank, or SIGTERM/SIGINT (featseq.common.signals), end as Stopped saying how to resume
         res = run(cfg, log=_log(quiet))
     except Stopped as e:
         click.echo(f"error: {e}", err=True)
@@ -562,7 +562,7 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
         raise click.UsageError("--realtime plays a --stream FILE at its own rate, as a live source; give --stream FILE "
                                "with it (VIDEO files are featurized as fast as they decode)")
     if stream_source is not None:
-        from sequence.stream import StreamConfig, stream
+        from featseq.sequence.stream import StreamConfig, stream
 
         if videos or window is not None or cache_file:
             raise click.UsageError("--stream classifies one live source: give no VIDEO, --window or --cache with it")
@@ -583,7 +583,7 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
         os._exit(res["exit_code"])
     if not videos:
         raise click.UsageError("give VIDEO... or --stream SOURCE")
-    from sequence.predict import PredictConfig, predict as run
+    from featseq.sequence.predict import PredictConfig, predict as run
 
     cfg = PredictConfig(run=run_dir, videos=list(videos), window=window, stride=stride, threshold=threshold, out=out,
                         cache=cache_file, device=device, precision=precision, batch_size=batch_size, plots=not no_plots)
@@ -608,8 +608,8 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
 
     Training options take comma lists as in sweep (e.g. --model lstm,conv1d --fps 2); the seed is --seeds.
     """
-    from sequence.compare import CompareConfig, compare as run
-    from sequence.sweep import parse_list
+    from featseq.sequence.compare import CompareConfig, compare as run
+    from featseq.sequence.sweep import parse_list
 
     grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
     plots = grid.pop("plots", [True])[0]
@@ -625,7 +625,7 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [default: FIRST_FOLDER/report.html].")
 def report(folders, out):
     """One self-contained HTML page (plots embedded) for run, sweep, compare or predict FOLDERS (one section each)."""
-    from sequence.report import report as run
+    from featseq.sequence.report import report as run
 
     click.echo(run(list(folders), out))
 
@@ -647,7 +647,7 @@ def run_upgrade(folder, trust):
     Without --trust this lists the checkpoints that need converting and the Python objects each asks for, loading
     none; with --trust it converts them and keeps each original as FILE.pre-upgrade.
     """
-    from sequence.checkpoint import upgrade
+    from featseq.sequence.checkpoint import upgrade
 
     res = upgrade(folder, trust=trust, log=lambda s: click.echo(s, err=True))
     click.echo(f"{len(res['converted'])} checkpoint(s) converted, {len(res['already_safe'])} already plain data",

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, save  # noqa: E402
-from featurize.cache import CacheWriter, read_cache, read_segment, string_widths  # noqa: E402
+from featseq.featurize.cache import CacheWriter, read_cache, read_segment, string_widths  # noqa: E402
 
 
 def build(path: Path, dtype: str, n_seg: int, frames: int, dim: int) -> None:

@@ -27,8 +27,8 @@ def child(name: str, precision: str, frames_per_call: int, repeats: int) -> dict
     import torch
 
     from bench.common import median_time
-    from featurize import backbones as bb
-    from featurize.allocator import tune_cpu_allocator
+    from featseq.featurize import backbones as bb
+    from featseq.featurize.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # as featurize does (FEATSEQ_MALLOC=default leaves glibc alone)
     emb = bb.Embedder(bb.create_backbone(name, "none"), torch.device("cpu"), precision)

@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, save  # noqa: E402
 from bench.featurize_bench import long_video  # noqa: E402
-from featurize import backbones as bb  # noqa: E402
-from featurize.decoder import BACKENDS, unavailable  # noqa: E402
-from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
-from featurize.worker import DecodePool, decode_job  # noqa: E402
+from featseq.featurize import backbones as bb  # noqa: E402
+from featseq.featurize.decoder import BACKENDS, unavailable  # noqa: E402
+from featseq.featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
+from featseq.featurize.worker import DecodePool, decode_job  # noqa: E402
 
 
 def sources(tmp: Path, quick: bool) -> dict[str, list[tuple]]:
@@ -35,7 +35,7 @@ def sources(tmp: Path, quick: bool) -> dict[str, list[tuple]]:
         clips = [str(p) for p in sorted(GINGERBREAD.glob("P0[1-4]/music*.mp4"))][: 6 if quick else 32]
         small = "gingerbread 224px"
     else:
-        from featurize.synth import render_dataset
+        from featseq.featurize.synth import render_dataset
 
         r = render_dataset(tmp / "synth", clips_per_class_per_group=3, groups=4, width=224, height=224,
                            duration=(28, 32), long_videos=0)
@@ -71,8 +71,8 @@ def pool_pass(pool: DecodePool, segments, fps: float, size: int) -> tuple[float,
 
 def _plain(segments, fps: float, size: int) -> int:
     """Decode ``segments`` in this process with pyav, no worker pool: the frames delivered."""
-    from featurize.decoder import open_decoder
-    from featurize.sampling import plan_segment
+    from featseq.featurize.decoder import open_decoder
+    from featseq.featurize.sampling import plan_segment
 
     n = 0
     for p, s, e in segments:

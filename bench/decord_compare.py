@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featurize.decoder import open_decoder  # noqa: E402
-from featurize.sampling import plan_segment  # noqa: E402
+from featseq.featurize.decoder import open_decoder  # noqa: E402
+from featseq.featurize.sampling import plan_segment  # noqa: E402
 
 CLIPS = str(Path(__file__).resolve().parents[2] / "shared/data/gingerbread/segments/P0[1-2]/music*.mp4")
 

@@ -17,16 +17,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, run_with_peak_rss, save  # noqa: E402
-from featurize import backbones as bb  # noqa: E402
-from featurize.allocator import tune_cpu_allocator  # noqa: E402
-from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
-from featurize.worker import DecodePool, decode_job  # noqa: E402
+from featseq.featurize import backbones as bb  # noqa: E402
+from featseq.featurize.allocator import tune_cpu_allocator  # noqa: E402
+from featseq.featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
+from featseq.featurize.worker import DecodePool, decode_job  # noqa: E402
 
 
 def clips(tmp: Path, n: int) -> list[str]:
     if GINGERBREAD.is_dir():
         return [str(p) for p in sorted(GINGERBREAD.glob("P0[1-4]/music*.mp4"))[:n]]
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     r = render_dataset(tmp / "synth", clips_per_class_per_group=2, groups=2, width=224, height=224, duration=(28, 32), long_videos=0)
     return [c["path"] for c in r["clips"]][:n]
@@ -110,7 +110,7 @@ def memory(tmp: Path, minutes_list, backbone="resnet50", batch=64, fps=1.0) -> l
         long_video(video, minutes)
         m = tmp / f"long_{minutes:g}.csv"
         m.write_text(f"path,label\n{video},x\n")
-        cmd = [sys.executable, "-c", "from cli import main; main()", "featurize", str(m), "--backbone", backbone,
+        cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "featurize", str(m), "--backbone", backbone,
                "--batch-size", str(batch), "--fps", f"{fps:g}", "--out", str(tmp / f"mem_{minutes:g}.h5"), "-q"]
         r = run_with_peak_rss(cmd)
         out.append({"minutes": minutes, "resolution": "1280x720", "backbone": backbone, "batch": batch, "fps": fps,
@@ -122,8 +122,8 @@ def memory(tmp: Path, minutes_list, backbone="resnet50", batch=64, fps=1.0) -> l
 
 
 def _decode(path: str, fps: float):
-    from featurize.decoder import open_decoder
-    from featurize.sampling import plan_segment
+    from featseq.featurize.decoder import open_decoder
+    from featseq.featurize.sampling import plan_segment
 
     d = open_decoder(path, size=224)
     return list(d.read(plan_segment(d.frame_starts, d.info.duration, 0, None, fps).indices, 64))

@@ -37,9 +37,9 @@ def main(quick: bool = False, note: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="featseq-ftddp-"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    cli = [sys.executable, "-c", "from cli import main; main()"]
+    cli = [sys.executable, "-c", "from featseq.cli import main; main()"]
     if GINGERBREAD.is_dir():
-        from featurize.sources import read_source
+        from featseq.featurize.sources import read_source
 
         segs = sorted(read_source(GINGERBREAD)[1], key=lambda s: s.id)
         n_clips = len(segs) if gpus else (12 if quick else 36)
@@ -52,7 +52,7 @@ def main(quick: bool = False, note: str | None = None) -> dict:
         what = (f"the Gingerbread clips ({n_clips} of {len(segs)}" + (", all" if n_clips == len(segs) else
                                                                          ", the first by participant and piece") + ")")
     else:
-        from featurize.synth import render_dataset
+        from featseq.featurize.synth import render_dataset
 
         src = render_dataset(tmp / "synth", clips_per_class_per_group=1 if quick else 3, groups=4, long_videos=0,
                              width=224, height=224)["clips_root"]
@@ -82,7 +82,7 @@ def main(quick: bool = False, note: str | None = None) -> dict:
     for k, (n, extra, how) in enumerate(configs):
         out = tmp / f"ft{k}"
         launch = cli if n == 1 else [torchrun, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
-                                     "--master-port", str(free_port()), "-m", "cli"]
+                                     "--master-port", str(free_port()), "-m", "featseq"]
         t = time.perf_counter()
         subprocess.run(launch + ft + extra + ["--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
         wall = time.perf_counter() - t

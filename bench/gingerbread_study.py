@@ -59,8 +59,8 @@ CLASSES = ["Classicalmusic", "Instrumentalmusic", "Popmusic"]
 # ---------------------------------------------------------------- steps
 
 def featurize_all(work: Path, log) -> dict:
-    from featurize.cache import read_cache
-    from featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.featurize.cache import read_cache
+    from featseq.featurize.pipeline import FeaturizeConfig, featurize
 
     precision = "auto"  # fp16 on CUDA; bf16 on a CPU only where it is native, else fp32
     out = {}
@@ -79,7 +79,7 @@ def featurize_all(work: Path, log) -> dict:
 
 def run_sweep(cache: str, out: Path, grid: dict, jobs: int, log) -> tuple[list[dict], float]:
     """Train every variant (finished ones are skipped); (results of each variant, wall seconds)."""
-    from sequence.sweep import SweepConfig, sweep, variants
+    from featseq.sequence.sweep import SweepConfig, sweep, variants
 
     cfg = SweepConfig(cache=cache, out=str(out), grid=grid, jobs=jobs, threads=1 if jobs > 1 else None)
     t = time.monotonic()
@@ -123,8 +123,8 @@ def duration_baseline(cache_path: str) -> dict:
     """Clip length alone as the feature: a depth-3 decision tree, scored on the same splits as the grid."""
     from sklearn.tree import DecisionTreeClassifier
 
-    from featurize.cache import read_cache
-    from sequence.splits import make_folds
+    from featseq.featurize.cache import read_cache
+    from featseq.sequence.splits import make_folds
 
     c = read_cache(cache_path, features=False)
     s = c.segments
@@ -347,7 +347,7 @@ def main() -> None:
     per = orig["times"]["original: one epoch"] / (orig["clips"] * orig["seq_len"]) if orig else float("nan")
     original = {"s_per_clip_frame": per, "clip_frames": passes, "seconds": passes * per,
                 "ratio": passes * per / timings["total"]}
-    from featurize.cache import read_cache
+    from featseq.featurize.cache import read_cache
 
     labels = np.asarray(read_cache(feats["effnet"]["path"], features=False).segments["label"]).astype(str)
     d = {"machine": machine(), "timings": {k: round(v, 1) for k, v in timings.items()}, "featurize": feats,

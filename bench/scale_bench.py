@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, median, save  # noqa: E402
-from featurize.cache import GROUP_SECONDS, CacheWriter, string_widths  # noqa: E402
+from featseq.featurize.cache import GROUP_SECONDS, CacheWriter, string_widths  # noqa: E402
 
 DIM = 2048
-FEATSEQ = [sys.executable, "-m", "cli"]
+FEATSEQ = [sys.executable, "-m", "featseq"]
 
 
 def rows_for(n: int) -> list[dict]:

@@ -28,7 +28,7 @@ def main(quick: bool = False) -> dict:
     if GINGERBREAD.is_dir() and not quick:
         src, what = str(GINGERBREAD), "the 184 Gingerbread clips (224 px, 30 fps, ~30 s each)"
     else:
-        from featurize.synth import render_dataset
+        from featseq.featurize.synth import render_dataset
 
         src = render_dataset(tmp / "synth", clips_per_class_per_group=2 if quick else 8, groups=4, long_videos=0,
                              width=224, height=224)["clips_root"]
@@ -36,7 +36,7 @@ def main(quick: bool = False) -> dict:
     args = ["--backbone", "resnet18", "--weights", "none", "--size", "112", "--fps", "1", "--device", "cpu", "-q"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID")}
     env["PYTHONPATH"] = str(ROOT)
-    cli = [sys.executable, "-c", "from cli import main; main()", "featurize", src]
+    cli = [sys.executable, "-c", "from featseq.cli import main; main()", "featurize", src]
 
     t = time.perf_counter()
     subprocess.run(cli + ["--out", str(tmp / "one.h5"), "--shard", "none"] + args, cwd=ROOT, env=env, check=True,
@@ -50,10 +50,10 @@ def main(quick: bool = False) -> dict:
         assert p.wait() == 0, p.stderr.read()
     two_s = time.perf_counter() - t
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from cli import main; main()", "cache", "merge", str(tmp / "two.h5")],
+    subprocess.run([sys.executable, "-c", "from featseq.cli import main; main()", "cache", "merge", str(tmp / "two.h5")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     merge_cli_s = time.perf_counter() - t
-    from featurize.shard import merge
+    from featseq.featurize.shard import merge
 
     (tmp / "two.h5").unlink()
     m = merge(str(tmp / "two.h5"))  # in-process: the copy and verification alone
@@ -61,11 +61,11 @@ def main(quick: bool = False) -> dict:
     torchrun = Path(sys.executable).with_name("torchrun")
     t = time.perf_counter()
     subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                    str(free_port()), "-m", "cli", "featurize", src, "--out", str(tmp / "tr.h5")] + args,
+                    str(free_port()), "-m", "featseq", "featurize", src, "--out", str(tmp / "tr.h5")] + args,
                    cwd=ROOT, env=env, check=True, capture_output=True)
     torchrun_s = time.perf_counter() - t
 
-    from featurize.cache import read_cache
+    from featseq.featurize.cache import read_cache
 
     frames = int(read_cache(tmp / "one.h5", features=False).segments["length"].sum())
     rows = [{"how": "one process (--shard none)", "wall_s": round(one_s, 1), "frames_per_s": round(frames / one_s, 1)},

@@ -23,8 +23,8 @@ from bench.featurize_bench import long_video  # noqa: E402
 
 
 def make_run(tmp: Path, src: str, size: int, fps: float) -> str:
-    from featurize.pipeline import FeaturizeConfig, featurize
-    from sequence.train import TrainConfig, train
+    from featseq.featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.sequence.train import TrainConfig, train
 
     cache = featurize(FeaturizeConfig(source=src, backbone="resnet18", weights="none", size=size, fps=fps, device="cpu",
                                       out=str(tmp / f"c_{size}_{fps:g}.h5"), shard=None)).path
@@ -35,7 +35,7 @@ def make_run(tmp: Path, src: str, size: int, fps: float) -> str:
 
 
 def main(quick: bool = False) -> dict:
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="featseq-stream-"))
     src = render_dataset(tmp / "synth", clips_per_class_per_group=2, groups=2, width=64, height=64, duration=(4, 5),
@@ -47,7 +47,7 @@ def main(quick: bool = False) -> dict:
         for fps in ((6.0,) if quick else (6.0, 15.0, 30.0)):
             run = make_run(tmp, src, size, fps)
             out = tmp / f"pred_{size}_{fps:g}"
-            r = subprocess.run([sys.executable, "-c", "from cli import main; main()", "predict", run, "--stream", str(video),
+            r = subprocess.run([sys.executable, "-c", "from featseq.cli import main; main()", "predict", run, "--stream", str(video),
                                 "--realtime", "--stride", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(r.stderr)

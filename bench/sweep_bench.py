@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, ROOT, save  # noqa: E402
-from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
+from featseq.featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
 
 GRID = ["--model", "lstm,gru,rnn", "--hidden", "128,256", "--layers", "1,2", "--bidirectional", "false,true"]
 
@@ -27,7 +27,7 @@ def main(quick: bool = False) -> dict:
         src, what = str(GINGERBREAD), "the Gingerbread 1 fps cache (184 clips, resnet18, D = 512)"
         seq = ["--split", "seed-compat", "--fps", "1", "--seq-len", "25"]
     else:
-        from featurize.synth import render_dataset
+        from featseq.featurize.synth import render_dataset
 
         src = render_dataset(tmp / "synth", clips_per_class_per_group=8, groups=4, long_videos=0)["clips_root"]
         what, seq = "a synthetic 1 fps cache (96 clips, resnet18, D = 512)", ["--split", "random", "--fps", "1"]
@@ -38,7 +38,7 @@ def main(quick: bool = False) -> dict:
     def run(name, *extra):
         out = tmp / name
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from cli import main; main()", "sweep", cache, "--out", str(out), *GRID,
+        subprocess.run([sys.executable, "-c", "from featseq.cli import main; main()", "sweep", cache, "--out", str(out), *GRID,
                         "--epochs", epochs, "--patience", epochs, *seq, "--plots", "false", "-q", *extra],
                        cwd=ROOT, check=True, capture_output=True)
         wall = time.perf_counter() - t

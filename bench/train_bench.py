@@ -24,22 +24,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GINGERBREAD, median, save  # noqa: E402
-from featurize import backbones as bb  # noqa: E402
-from featurize.allocator import tune_cpu_allocator  # noqa: E402
-from featurize.decoder import open_decoder  # noqa: E402
-from featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
-from featurize.sampling import plan_segment  # noqa: E402
+from featseq.featurize import backbones as bb  # noqa: E402
+from featseq.featurize.allocator import tune_cpu_allocator  # noqa: E402
+from featseq.featurize.decoder import open_decoder  # noqa: E402
+from featseq.featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
+from featseq.featurize.sampling import plan_segment  # noqa: E402
 
 FPS, SEQ_LEN, BATCH, HIDDEN, EPOCHS, BACKBONE = 1.0, 25, 8, 256, 25, "resnet18"
 
 
 def clip_list(tmp: Path, n: int) -> list[tuple[str, str]]:
     if GINGERBREAD.is_dir():
-        from featurize.sources import load_segments
+        from featseq.featurize.sources import load_segments
 
         segs = [s for s in load_segments(GINGERBREAD)[1] if s.id != "P09_music02"][:n]
         return [(s.path, s.label) for s in segs]
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     r = render_dataset(tmp / "synth", clips_per_class_per_group=2, groups=4, width=224, height=224, duration=(26, 30), long_videos=0)
     return [(c["path"], c["label"]) for c in r["clips"]][:n]
@@ -111,7 +111,7 @@ def original_epoch(model, opt, root: Path, labels: np.ndarray, train_idx, test_i
 
 def main(quick: bool = False) -> dict:
     import torchvision.transforms as T
-    from sequence.train import TrainConfig, train
+    from featseq.sequence.train import TrainConfig, train
 
     tmp = Path(tempfile.mkdtemp(prefix="featseq-train-"))
     n = 8 if quick else 24

@@ -33,7 +33,6 @@ such a table cannot hold); a version 1 featseq refuses version 2 files rather th
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -45,8 +44,9 @@ import h5py
 import numpy as np
 
 from .decoder import LEGACY_DECODER
-from .errors import UserError
-from .files import DiskFullError, disk_full, quiet_unraisable, writing
+from featseq.common.errors import UserError
+from featseq.common.files import DiskFullError, disk_full, quiet_unraisable, writing
+from featseq.common.lock import FileLock
 
 FORMAT_VERSION = 2              # what this featseq writes
 READABLE_VERSIONS = (1, 2)      # what it reads (and resumes): 1 lacks the segments' split column
@@ -365,56 +365,6 @@ def published_ids(path: str | os.PathLike) -> tuple[dict, list[str]]:
     return attrs, [x.decode() for x in table["id"]]
 
 
-class FileLock:
-    """An flock on ``<path>.lock``; released by the OS if the process dies.
-
-    The lock file is removed on release, *while still locked*; so a process that opened the old file
-    before it was unlinked can win the flock on an inode that no longer has a name. ``acquire``
-    therefore checks after flock that the path still names the inode it locked, and starts over
-    (opening the path again) when it does not; otherwise two writers could hold "the" lock at once.
-    """
-
-    def __init__(self, path: str):
-        self.path = path + ".lock"
-        self._fh = None
-
-    def acquire(self) -> "FileLock":
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        while True:
-            fh = open(self.path, "a+")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                owner = fh.read().strip()
-                fh.close()
-                raise CacheError(f"{self.path[:-5]}: another featseq process ({owner or 'unknown pid'}) is writing this "
-                                 f"cache; wait for it to finish or choose another --out") from None
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                st = None
-            mine = os.fstat(fh.fileno())
-            if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                break
-            fh.close()  # locked a file a releasing holder had already unlinked: try the current one
-        fh.truncate(0)
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def release(self) -> None:
-        if self._fh:
-            try:
-                os.remove(self.path)  # still locked here: see the class docstring
-            except OSError:
-                pass
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-
 @contextmanager
 def _removed_on_error(tmp: str):
     try:
@@ -526,7 +476,7 @@ class CacheWriter:
         self.group_bytes = group_bytes
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []  # (record, feats, ts, frames)
         self._held_bytes, self._held_since = 0, 0.0
-        self.lock = FileLock(self.path).acquire()
+        self.lock = FileLock(self.path, "is writing this cache").acquire()
         self.dropped: list[str] = []
         try:
             if os.path.exists(self.path):

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from featseq.common.errors import UserError
 from .sampling import video_duration
 
 RESIZE_POLICIES = ("squash", "crop")
@@ -287,7 +287,7 @@ _MODULES = {"pyav": "pyav_decoder", "decord": "decord_decoder", "torchcodec": "t
 
 
 def backend_class(name: str) -> type[Decoder]:
-    return importlib.import_module(f"featurize.decoders.{_MODULES[name]}").DECODER
+    return importlib.import_module(f"featseq.featurize.decoders.{_MODULES[name]}").DECODER
 
 
 def unavailable(name: str, device: str = "cpu") -> str | None:

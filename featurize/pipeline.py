@@ -23,8 +23,9 @@ from .allocator import tune_cpu_allocator
 from .reconcile import reconcile
 from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
 from . import shard as shard_mod
-from .files import replaced
-from .errors import UserError
+from featseq.common.procgroup import rank_device
+from featseq.common.files import replaced
+from featseq.common.errors import UserError
 from .sources import Segment, SourceError, read_source, validate
 from .spec import featurize_command, weights_id
 from .worker import DecodePool, decode_job, default_workers
@@ -169,7 +170,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     else:
         kind, row_problems, source_id = "records", [], cfg.source
     shard = shard_mod.parse(cfg.shard)
-    device = shard_mod.rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
+    device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
     precision = bb.resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cpu" and not bb.cpu_bf16_native():
         log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): ResNet-18 ran 8x slower than in "

@@ -14,7 +14,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .cache import CacheError, FileLock, read_table, relabel
+from featseq.common.lock import FileLock
+
+from .cache import CacheError, read_table, relabel
 from .sources import Segment
 
 RECONCILED = ("label", "group", "split")  # what a rerun updates in place (the features do not depend on them)
@@ -77,7 +79,7 @@ def reconcile(path: str, segments: list[Segment], log: Callable[[str], None], wa
     deadline = time.monotonic() + wait
     while True:
         try:
-            lock = FileLock(path).acquire()
+            lock = FileLock(path, "is writing this cache").acquire()
             break
         except CacheError:
             if time.monotonic() > deadline:

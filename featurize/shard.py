@@ -12,8 +12,8 @@
 * Under torchrun every rank featurizes its shard, waits at a barrier (torch.distributed, gloo) and rank 0 merges
   (:func:`after_torchrun`). Correctness never relies on the collective: a
   rank that dies leaves its part resumable, and rerunning the command (or ``featseq cache merge``) completes it.
-* What a torchrun rank is (:func:`torchrun_env`), which GPU it takes (:func:`rank_device`) and its process group
-  (:func:`process_group`) are defined here once; finetune's DistributedDataParallel (sequence.ddp) uses them too.
+* What a torchrun rank is, which GPU it takes and its process group are featseq.common.procgroup's, shared with
+  finetune's DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -22,66 +22,21 @@ import json
 import os
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .cache import IDENTITY_DEFAULTS, IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, FileLock, open_read, read_cache, read_table
-from .errors import UserError
+from .cache import IDENTITY_DEFAULTS, IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, open_read, read_cache, read_table
+from featseq.common.errors import UserError
+from featseq.common.lock import FileLock
+from featseq.common.procgroup import process_group, torchrun_env
 
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)\.h5$")
 
 
 # ---------------------------------------------------------------- which shard
-
-def torchrun_env(env: dict | None = None) -> tuple[int, int] | None:
-    """(RANK, WORLD_SIZE) of a torchrun rank (any launcher that sets both, as torchrun does); None outside one, or
-    for a world of one process."""
-    env = os.environ if env is None else env
-    if "RANK" not in env or "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) < 2:
-        return None
-    return int(env["RANK"]), int(env["WORLD_SIZE"])
-
-
-def rank_device(asked: str, device):
-    """The torch device of this process: a torchrun rank that asked for ``auto`` or ``cuda`` and got a GPU takes
-    ``cuda:LOCAL_RANK`` (one GPU per rank); otherwise ``device`` (featurize.backbones.resolve_device's) as it is."""
-    import torch
-
-    if asked in ("auto", "cuda") and device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return device
-
-
-@contextmanager
-def process_group(backend: str = "gloo", timeout_s: float = 24 * 3600.0):
-    """torch.distributed among torchrun's ranks for the block; yields the group to pass to collectives.
-
-    Without a default process group, one is initialized on ``backend`` (rendezvous from torchrun's environment) and
-    destroyed after the block; the group yielded is None (the default). Where one exists already (finetune's), a new
-    group of every rank on ``backend`` with its own timeout is made instead: a default group cannot be reliably
-    initialized twice in one process."""
-    import datetime
-
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if dist.is_initialized():
-        group = dist.new_group(backend=backend, timeout=timeout)
-        try:
-            yield group
-        finally:
-            dist.destroy_process_group(group)
-        return
-    dist.init_process_group(backend, timeout=timeout)
-    try:
-        yield None
-    finally:
-        dist.destroy_process_group()
-
 
 def from_env(env: dict | None = None) -> tuple[int, int] | None:
     """(K, N) from torchrun's RANK / WORLD_SIZE or a SLURM array's task variables; None outside both."""
@@ -220,7 +175,7 @@ def merge(target: str, parts: list[str] | None = None, allow_missing: bool = Fal
     errors = {s: why for p, _, _ in info for s, why in _errors(p).items()}
     missing = {s: errors.get(s, f"shard {k} has no part file" if k in absent else f"not published in shard {k} (not "
                                 f"finished?)") for s, k in a0["shard_plan"].items() if s not in owner}
-    lock = FileLock(target).acquire()
+    lock = FileLock(target, "is writing this cache").acquire()
     try:
         kept_ids = set()
         if os.path.exists(target):

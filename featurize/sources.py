@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .cache import SPLIT_VALUES
-from .errors import UserError
+from featseq.common.errors import UserError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 GINGERBREAD_LABELS = ((range(1, 5), "Classicalmusic"), (range(5, 9), "Instrumentalmusic"), (range(9, 13), "Popmusic"))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .decoder import LEGACY_DECODER
-from .errors import UserError
+from featseq.common.errors import UserError
 
 BUILTIN_WEIGHTS = ("none", "imagenet")
 

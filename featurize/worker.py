@@ -170,7 +170,7 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
 
     from .decoder import open_decoder, video_info
     from .sampling import frame_at, plan_segment
-    from .stop import ignore_interrupts
+    from featseq.common.signals import ignore_interrupts
 
     ignore_interrupts()  # Ctrl-C reaches the whole process group: the parent stops its workers
 

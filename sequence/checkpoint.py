@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from featurize.errors import UserError
-from featurize.files import replaced
+from featseq.common.errors import UserError
+from featseq.common.files import replaced
 
 PLAIN = (str, int, float, bool, type(None))  # exactly these types: numpy's float64 is a float subclass
 FILES = ("checkpoint.pt", "last.pt")   # what featseq writes into a run folder (folds/*/ included)
@@ -71,7 +71,7 @@ def plain_problem(obj, where: str = "checkpoint") -> str | None:
 
 def save(obj: dict, path: Path) -> None:
     """torch.save of tensors and plain data, atomically. Serialised in memory first: torch's own file writer reports a
-    full disk as "unexpected pos", a plain write as the OSError it is (featurize.files.DiskFullError naming ``path``).
+    full disk as "unexpected pos", a plain write as the OSError it is (featseq.common.files.DiskFullError naming ``path``).
     """
     problem = plain_problem(obj)
     if problem:  # featseq's own bug: such a file would not load weights-only

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize.backbones import resolve_device
-from featurize.cache import Cache, read_cache
-from featurize.errors import UserError
+from featseq.featurize.backbones import resolve_device
+from featseq.featurize.cache import Cache, read_cache
+from featseq.common.errors import UserError
 
 from . import plots
 from .reader import EPS, check_fps, resolve_seq_len

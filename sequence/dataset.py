@@ -24,7 +24,7 @@ import weakref
 import numpy as np
 import torch
 
-from featurize.cache import open_read, read_cache
+from featseq.featurize.cache import open_read, read_cache
 
 from .config import TrainConfig
 from .reader import EPS, build, select

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurize.errors import UserError
-from featurize.shard import process_group, torchrun_env
+from featseq.common.errors import UserError
+from featseq.common.procgroup import process_group, torchrun_env
 
 
 class Stopped(BaseException):

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurize import backbones as bb
-from featurize.allocator import tune_cpu_allocator
-from featurize.cache import Cache, read_cache, read_frames
-from featurize.errors import UserError
-from featurize.shard import after_torchrun, rank_device, torchrun_env
-from featurize.spec import FeatureSpec
-from featurize.stop import Interrupted
+from featseq.featurize import backbones as bb
+from featseq.featurize.allocator import tune_cpu_allocator
+from featseq.featurize.cache import Cache, read_cache, read_frames
+from featseq.common.errors import UserError
+from featseq.common.procgroup import rank_device, torchrun_env
+from featseq.featurize.shard import after_torchrun
+from featseq.featurize.spec import FeatureSpec
+from featseq.common.signals import Interrupted
 
 from . import checkpoint
 from . import models as M
@@ -148,8 +149,8 @@ class Frames:
             want = np.unique(r[m])
             out[m] = read_frames(self.cache.path, want)[np.searchsorted(want, r[m])]
         else:
-            from featurize.decoder import resolve_decoder
-            from featurize.worker import DecodePool
+            from featseq.featurize.decoder import resolve_decoder
+            from featseq.featurize.worker import DecodePool
 
             if self._pool is None:  # the decoder that made the cache's features
                 self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder),
@@ -224,7 +225,7 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     torchrun: one shard per rank, merged by rank 0, as ``torchrun featseq featurize`` does)."""
     if str(cfg.cache).endswith((".h5", ".hdf5")):
         return cfg.cache
-    from featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.featurize.pipeline import FeaturizeConfig, featurize
 
     env = torchrun_env()
     shard = f"{env[0]}/{env[1]}" if env else None
@@ -289,7 +290,7 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     Options left at None are inherited from ``cfg.from_run`` (see :class:`FinetuneConfig`). Under torchrun every rank
     calls this with the same config (sequence.ddp). Process-wide settings: the CPU allocator is tuned here when the
     CNN runs on the CPU; threads are the caller's. Raises :class:`sequence.ddp.Stopped` when another rank died or a
-    signal stopped it (featurize.stop.Interrupted), saying how to resume.
+    signal stopped it (featseq.common.signals.Interrupted), saying how to resume.
     """
     t0 = time.monotonic()
     check_run_folder(cfg.out, cfg.overwrite, cfg.resume)  # a finished run is not replaced without --overwrite
@@ -314,7 +315,7 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     with ranks(device, cfg.dist_timeout) as rk:
         try:
             return _finetune(cfg, warm, device, rk, log if rk.main else (lambda s: None), t0, done)
-        except Interrupted as e:  # SIGTERM / SIGINT (featurize.stop, installed by the CLI)
+        except Interrupted as e:  # SIGTERM / SIGINT (featseq.common.signals, installed by the CLI)
             why = (f"{e} (torchrun stops every rank when one fails; schedulers send it at a time limit)"
                    if e.name == "SIGTERM" else str(e))
             raise _stopped(why, rk, Path(cfg.out), done["epoch"], cfg.epochs, e.exit_code) from None

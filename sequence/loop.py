@@ -66,7 +66,7 @@ class Amp:
     """Autocast and gradient scaling for a precision on a device (fp32: both off)."""
 
     def __init__(self, device: torch.device, precision: str = "fp32"):
-        from featurize.backbones import PRECISIONS
+        from featseq.featurize.backbones import PRECISIONS
 
         self.device, self.precision = device, precision
         self.dtype = PRECISIONS[precision]

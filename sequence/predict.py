@@ -36,11 +36,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from featurize.backbones import resolve_device
-from featurize.cache import read_cache
-from featurize.errors import UserError
-from featurize.sources import Segment
-from featurize.spec import FeatureSpec, weights_id
+from featseq.featurize.backbones import resolve_device
+from featseq.featurize.cache import read_cache
+from featseq.common.errors import UserError
+from featseq.featurize.sources import Segment
+from featseq.featurize.spec import FeatureSpec, weights_id
 
 from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
@@ -98,7 +98,7 @@ def featurize_spec(run: Run) -> Iterator[FeatureSpec]:
         spec.check_weights(str(run.path))
         yield spec
         return
-    from featurize.backbones import sha256_file
+    from featseq.featurize.backbones import sha256_file
 
     with tempfile.TemporaryDirectory(prefix="featseq-trunk-") as d:
         trunk = Path(d) / "finetuned_trunk.pt"
@@ -163,7 +163,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
                            f"inconsistent run folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    from featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.featurize.pipeline import FeaturizeConfig, featurize
 
     tmpdir = None
     if cfg.cache:

@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize.cache import Cache, features_to_npy, read_cache
-from featurize.errors import UserError
-from featurize.files import replaced
-from featurize.spec import featurize_command
+from featseq.featurize.cache import Cache, features_to_npy, read_cache
+from featseq.common.errors import UserError
+from featseq.common.files import replaced
+from featseq.featurize.spec import featurize_command
 
 from .config import OFFSETS, ReaderConfig  # noqa: F401  (re-exported)
 

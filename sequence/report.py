@@ -25,8 +25,8 @@ from pathlib import Path
 
 import jinja2
 
-from featurize.errors import UserError
-from featurize.files import replaced
+from featseq.common.errors import UserError
+from featseq.common.files import replaced
 
 
 class ReportError(UserError):

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize.cache import Cache, CacheError, summary
-from featurize.errors import UserError
-from featurize.files import replaced, writing
-from featurize.spec import FeatureSpec
+from featseq.featurize.cache import Cache, CacheError, summary
+from featseq.common.errors import UserError
+from featseq.common.files import replaced, writing
+from featseq.featurize.spec import FeatureSpec
 
 from . import checkpoint
 from . import models as M

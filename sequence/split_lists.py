@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize.cache import SPLIT_VALUES, Cache
+from featseq.featurize.cache import SPLIT_VALUES, Cache
 
 from .config import parse_split
 

@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 
 from .config import AUTO_SPLIT, parse_split
-from featurize.cache import Cache
-from featurize.errors import UserError
+from featseq.featurize.cache import Cache
+from featseq.common.errors import UserError
 from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
                                      train_test_split)
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize import backbones as bb
-from featurize.decoder import center_crop, decode_dims
-from featurize.errors import UserError
-from featurize.sampling import EPS
+from featseq.featurize import backbones as bb
+from featseq.featurize.decoder import center_crop, decode_dims
+from featseq.common.errors import UserError
+from featseq.featurize.sampling import EPS
 
 from .loop import FeatureInputs, probabilities
 from .run import Run, resolve_run_folder, write_json
@@ -144,7 +144,7 @@ class _Reader(threading.Thread):
     def run(self) -> None:
         from av.video.reformatter import VideoReformatter
 
-        from featurize.decoders.pyav_decoder import to_rgb
+        from featseq.featurize.decoders.pyav_decoder import to_rgb
 
         try:
             st = self.c.streams.video[0]
@@ -230,7 +230,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
 
     device = bb.resolve_device(cfg.device)
     if device.type == "cpu":
-        from featurize.allocator import tune_cpu_allocator
+        from featseq.featurize.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
     precision = bb.resolve_precision(cfg.precision or spec.precision, device)

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 
-from featurize.cache import read_cache
-from featurize.errors import UserError
-from featurize.files import DiskFullError, replaced
+from featseq.featurize.cache import read_cache
+from featseq.common.errors import UserError
+from featseq.common.files import DiskFullError, replaced
 
 from . import models as M
 from . import plots
@@ -412,14 +412,14 @@ def enqueue_grid(study, cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], log
     under a lock file next to the study, so workers started together enqueue each variant once."""
     from optuna.trial import TrialState
 
-    from featurize.cache import FileLock
+    from featseq.common.lock import FileLock, Locked
 
-    with_lock = FileLock(str(Path(cfg.out) / "study"))
+    with_lock = FileLock(str(Path(cfg.out) / "study"), "is running this sweep")
     for _ in range(600):  # another worker may be enqueueing: wait for it (at most a minute)
         try:
             with_lock.acquire()
             break
-        except ValueError:
+        except Locked:
             time.sleep(0.1)
     else:
         raise UserError(f"{cfg.out}: another sweep worker has held {with_lock.path} for over a minute; wait for it, or "
@@ -444,9 +444,9 @@ _WORKER: dict = {}
 def _init_worker(threads: int, cache: str) -> None:
     import torch
 
-    from featurize import stop
+    from featseq.common import signals
 
-    stop.install()  # SIGTERM / SIGINT: the trial is marked failed, then the worker ends (see _pool_work)
+    signals.install()  # SIGTERM / SIGINT: the trial is marked failed, then the worker ends (see _pool_work)
 
     torch.set_num_threads(threads)
     try:
@@ -459,7 +459,7 @@ def _init_worker(threads: int, cache: str) -> None:
 def _pool_work(job: dict) -> dict:
     """:func:`_work` in a pool worker process: stopped by a signal, it ends the process (with 128 + the signal's
     number) rather than wait for another trial."""
-    from featurize.stop import Interrupted
+    from featseq.common.signals import Interrupted
 
     try:
         return _work(job)

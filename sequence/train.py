@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurize.backbones import resolve_device
-from featurize.cache import Cache
-from featurize.errors import UserError
-from featurize.spec import FeatureSpec
+from featseq.featurize.backbones import resolve_device
+from featseq.featurize.cache import Cache
+from featseq.common.errors import UserError
+from featseq.featurize.spec import FeatureSpec
 
 from . import models as M
 from .config import TrainConfig

@@ -1,12 +1,23 @@
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch  # noqa: F401  (torch before decord, always)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# This checkout is the package featseq (pyproject.toml maps the repository root to it). IMPORT_ROOT is a folder whose
+# only entry, featseq, links to the checkout: first on sys.path here and on PYTHONPATH in the processes the tests
+# start, it makes them run this checkout's code whichever featseq is installed (a git worktree, another clone).
+IMPORT_ROOT = Path(tempfile.mkdtemp(prefix="featseq-import-"))
+(IMPORT_ROOT / "featseq").symlink_to(ROOT, target_is_directory=True)
+atexit.register(shutil.rmtree, IMPORT_ROOT, True)
+sys.path.insert(0, str(IMPORT_ROOT))
 GINGERBREAD = ROOT.parent / "shared" / "data" / "gingerbread" / "segments"
 EFFNET_WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0_timm.pth"
 
@@ -17,7 +28,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # the environment of featseq processes the tests start: this checkout's code first, and none of the torchrun or SLURM
 # variables of the shell that runs pytest
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IMPORT_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
     CHILD_ENV.pop(_k, None)
 
@@ -35,13 +46,13 @@ def torchrun_cmd(nproc: int, *args) -> list[str]:
     if not torchrun.exists():
         pytest.skip(f"torchrun not found next to {sys.executable}")
     return [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-            str(free_port()), "-m", "cli", *map(str, args)]
+            str(free_port()), "-m", "featseq", *map(str, args)]
 
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """A small synthetic dataset with burned-in frame numbers (64x64, 30 fps), plus one long video."""
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     out = tmp_path_factory.mktemp("synth")
     return render_dataset(out, clips_per_class_per_group=1, groups=2, width=64, height=64, video_fps=30,
@@ -49,7 +60,7 @@ def synth_data(tmp_path_factory):
 
 
 def featurize_cfg(source, out, **kw):
-    from featurize.pipeline import FeaturizeConfig
+    from featseq.featurize.pipeline import FeaturizeConfig
 
     kw.setdefault("size", 32)
     kw.setdefault("fps", 6.0)
@@ -70,7 +81,7 @@ def clip_folder(clips, root: Path) -> Path:
 
 def published_segments(path) -> int:
     """Segments a (possibly half-written) cache publishes; 0 while it doesn't exist yet."""
-    from featurize.cache import open_read
+    from featseq.featurize.cache import open_read
 
     try:
         with open_read(path) as f:
@@ -81,9 +92,9 @@ def published_segments(path) -> int:
 
 def small_run(d):
     """A conv1d run on synthetic 32 px clips featurized at 2 fps (8 frames = 4 s windows): (clips root, cache, run)."""
-    from featurize.pipeline import featurize
-    from featurize.synth import render_dataset
-    from sequence.train import TrainConfig, train
+    from featseq.featurize.pipeline import featurize
+    from featseq.featurize.synth import render_dataset
+    from featseq.sequence.train import TrainConfig, train
 
     src = render_dataset(d / "v", clips_per_class_per_group=6, groups=4, width=32, height=32, duration=(6, 8),
                          long_videos=0, seed=0)["clips_root"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch  # noqa: F401  (torch before decord, always)
 
-from featurize.cache import CacheWriter, string_widths
+from featseq.featurize.cache import CacheWriter, string_widths
 
 
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
@@ -55,8 +55,8 @@ def synthetic_cache(tmp_path_factory) -> str:
 
     Classes differ only in temporal order, so order-blind models sit near chance. Built once per session.
     """
-    from featurize.pipeline import featurize
-    from featurize.synth import render_dataset
+    from featseq.featurize.pipeline import featurize
+    from featseq.featurize.synth import render_dataset
     from conftest import featurize_cfg
 
     base = Path(tmp_path_factory.getbasetemp()) / "seq_synthetic"

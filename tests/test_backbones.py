@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import EFFNET_WEIGHTS
-from featurize.backbones import REGISTRY, WeightsError, create_backbone
+from featseq.featurize.backbones import REGISTRY, WeightsError, create_backbone
 
 # small inputs keep every registered model fast on 2 CPU cores (vgg16 included: its classifier sits
 # behind an adaptive pool, so the input size does not change its 4096-dim output)
@@ -132,9 +132,9 @@ def test_timm_weights_file(tmp_path):
     a cache's attributes), and outputs unlike the random init's."""
     pytest.importorskip("timm")
     from conftest import featurize_cfg
-    from featurize.cache import read_cache
-    from featurize.pipeline import featurize
-    from featurize.synth import render_clip
+    from featseq.featurize.cache import read_cache
+    from featseq.featurize.pipeline import featurize
+    from featseq.featurize.synth import render_clip
 
     sha = hashlib.sha256(EFFNET_WEIGHTS.read_bytes()).hexdigest()
     pre = create_backbone("timm:efficientnet_lite0", str(EFFNET_WEIGHTS), 0)
@@ -160,7 +160,7 @@ def test_timm_weights_file(tmp_path):
 @pytest.fixture(scope="module")
 def wide_video(tmp_path_factory):
     """A real rendered 128x64 (2:1) video with burned-in frame numbers (16 bands across the top rows)."""
-    from featurize.synth import render_clip
+    from featseq.featurize.synth import render_clip
 
     path = tmp_path_factory.mktemp("wide") / "wide.mp4"
     render_clip(path, label="pingpong", group_index=1, clip_index=1, width=128, height=64, video_fps=10, duration=1.0,
@@ -178,7 +178,7 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video, backend):
     with every decoder backend. References are made here from the natively decoded frames (decord directly, PIL resize)."""
     import decord
 
-    from featurize.decoder import open_decoder, unavailable
+    from featseq.featurize.decoder import open_decoder, unavailable
 
     if why := unavailable(backend):
         pytest.skip(why)
@@ -206,7 +206,7 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video, backend):
     assert err(got["crop"], ref_crop) < 0.3 * err(got["crop"], ref_squash)
     # the burned frame numbers span the full width: squash keeps all 16 bands, so they read back; the crop
     # shows only the middle 8 bands, each twice as wide, so they do not
-    from featurize.synth import read_frame_number
+    from featseq.featurize.synth import read_frame_number
 
     assert [read_frame_number(f.astype(np.uint8)) for f in got["squash"]] == idx.tolist()
     assert [read_frame_number(f.astype(np.uint8)) for f in got["crop"]] != idx.tolist()
@@ -221,13 +221,13 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video, backend):
     ("", False),
 ])
 def test_cpu_bf16_detection_from_cpuinfo(cpuinfo, native):
-    from featurize.backbones import cpu_bf16_native
+    from featseq.featurize.backbones import cpu_bf16_native
 
     assert cpu_bf16_native(cpuinfo) is native
 
 
 def test_precision_auto_picks_bf16_on_the_cpu_only_where_native(monkeypatch):
-    import featurize.backbones as bbm
+    import featseq.featurize.backbones as bbm
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native, want in ((True, "bf16"), (False, "fp32")):

@@ -4,7 +4,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 
 
 def _options(text: str) -> dict[str, str]:

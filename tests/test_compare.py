@@ -6,14 +6,14 @@ import pytest
 import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import featurize_cfg
-from featurize.pipeline import featurize
+from featseq.featurize.pipeline import featurize
 
 
 @pytest.fixture(scope="module")
 def cmp_data(tmp_path_factory):
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("compare")
     src = render_dataset(d / "v", clips_per_class_per_group=2, groups=4, width=32, height=32, duration=(4, 5),
@@ -49,7 +49,7 @@ def test_cache_against_itself(cmp_data):
 
 
 def test_two_resolutions_dims_match(cmp_data):
-    from sequence.compare import CompareConfig, compare
+    from featseq.sequence.compare import CompareConfig, compare
 
     res = compare(CompareConfig(cmp_data["a"], cmp_data["b"], str(cmp_data["d"] / "res"),
                                 grid={"model": ["mlp"], "epochs": [3], "seq_len": [6], "device": ["cpu"]},
@@ -62,7 +62,7 @@ def test_two_resolutions_dims_match(cmp_data):
 
 
 def test_linear_cka_and_matching():
-    from sequence.compare import linear_cka, match_frames
+    from featseq.sequence.compare import linear_cka, match_frames
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 8))
@@ -76,7 +76,7 @@ def test_linear_cka_and_matching():
 def test_refusals(cmp_data, tmp_path):
     from pathlib import Path
 
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     # same ids (<label>/<clip name>) but other clips: different time ranges
     other = render_dataset(tmp_path / "o", clips_per_class_per_group=1, groups=1, width=32, height=32, duration=(3, 3.5),
@@ -112,8 +112,8 @@ def test_cross_validated_compare_scores_and_cross_evaluates_every_fold(cmp_data,
     v = json.loads((out / "compare.json").read_text())["variants"][0]
     assert v["split"] == split and v["test_A"] is not None and v["test_B"] is not None
     assert v["cross_A->B"] is not None and v["cross_B->A"] is not None
-    from sequence.compare import _cross
-    from featurize.cache import read_cache
+    from featseq.sequence.compare import _cross
+    from featseq.featurize.cache import read_cache
 
     run = out / "runs" / "A" / "mlp" / "seed0"
     folds = sorted((run / "folds").iterdir())

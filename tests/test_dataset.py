@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from featurize.cache import read_cache
+from conftest import IMPORT_ROOT, ROOT
+from featseq.featurize.cache import read_cache
 from seq_fixtures import write_fake_cache
-from sequence.config import TrainConfig
-from sequence.dataset import CacheDataset
-from sequence.reader import build
-from sequence.splits import folds_for
+from featseq.sequence.config import TrainConfig
+from featseq.sequence.dataset import CacheDataset
+from featseq.sequence.reader import build
+from featseq.sequence.splits import folds_for
 
 N = 40
 LABELS = ["a", "b", "c", "d"] * 10
@@ -109,6 +109,6 @@ def test_readme_example_trains_a_model_of_your_own(cache, tmp_path):
     script.write_text(code.replace('"X.h5"', repr(cache)).replace('split="ucf101:1"', 'split="predefined"')
                       + "\nprint('loss', float(loss))\n")
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": str(IMPORT_ROOT)})
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.split()[-1]) > 0

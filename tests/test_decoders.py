@@ -11,10 +11,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from featurize.decoder import BACKENDS, frame_table, unavailable
-from featurize.sampling import plan_segment
-from featurize.synth import read_frame_number, render_clip
-from featurize.worker import DecodePool, decode_job
+from featseq.featurize.decoder import BACKENDS, frame_table, unavailable
+from featseq.featurize.sampling import plan_segment
+from featseq.featurize.synth import read_frame_number, render_clip
+from featseq.featurize.worker import DecodePool, decode_job
 
 CUTS = [(0.0, None), (1.37, 7.9), (10.0, 10.45), (20.3, None)]
 RATES = [1.0, 2.5, 6.0, 30.0]
@@ -84,7 +84,7 @@ def test_a_backend_that_cannot_run_is_refused_with_the_fix(monkeypatch, synth_da
 
     from click.testing import CliRunner
 
-    from cli import main
+    from featseq.cli import main
 
     class NoFFmpeg:
         def find_spec(self, name, path=None, target=None):

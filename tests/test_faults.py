@@ -16,13 +16,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from conftest import ROOT, clip_folder, featurize_cfg, published_segments
-from featurize.cache import read_cache, verify
-from featurize.pipeline import featurize
+from featseq.cli import main
+from conftest import IMPORT_ROOT, ROOT, clip_folder, featurize_cfg, published_segments
+from featseq.featurize.cache import read_cache, verify
+from featseq.featurize.pipeline import featurize
 from seq_fixtures import write_fake_cache
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _limit(nbytes):
@@ -34,12 +34,12 @@ def _limit(nbytes):
 
 def featseq(*args, limit=None, timeout=300):
     """Run the featseq CLI in a real process (under a file-size limit when given)."""
-    return subprocess.run([sys.executable, "-c", "from cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-c", "from featseq.cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=_limit(limit) if limit else None)
 
 
 def start(*args):
-    return subprocess.Popen([sys.executable, "-c", "from cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-c", "from featseq.cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -148,8 +148,8 @@ def test_train_and_sweep_on_a_full_disk_leave_no_complete_looking_run(tmp_path):
 @pytest.fixture(scope="module")
 def small_ft(tmp_path_factory):
     """12 synthetic 32 px clips at 2 fps with frames kept, and a GRU run on them to fine-tune from."""
-    from featurize.synth import render_dataset
-    from sequence.train import TrainConfig, train
+    from featseq.featurize.synth import render_dataset
+    from featseq.sequence.train import TrainConfig, train
 
     d = tmp_path_factory.mktemp("ftfault")
     src = render_dataset(d / "v", clips_per_class_per_group=2, groups=2, width=32, height=32, duration=(5, 6),
@@ -359,8 +359,8 @@ def test_features_beyond_float16_stop_the_run_with_the_fix(synth_data, tmp_path)
 # ---------------------------------------------------------------- 6. readers beside a writer
 
 def test_train_info_and_compare_read_only_published_segments_while_featurize_appends(small_ft, synth_data, tmp_path):
-    from sequence.compare import CompareConfig, compare
-    from sequence.train import TrainConfig, train
+    from featseq.sequence.compare import CompareConfig, compare
+    from featseq.sequence.train import TrainConfig, train
 
     base = featurize(featurize_cfg(small_ft["src"], tmp_path / "base.h5", size=96, keep_frames=True, batch_size=8)).path
     out = tmp_path / "grow.h5"

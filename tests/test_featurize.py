@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from conftest import CHILD_ENV, ROOT, clip_folder, featurize_cfg, published_segments
-from featurize.cache import CacheError, FileLock, read_cache, read_segment, summary
-from featurize.pipeline import featurize
-from featurize.sources import SourceError, load_segments
-from featurize.synth import read_frame_number
+from featseq.cli import main
+from conftest import CHILD_ENV, IMPORT_ROOT, ROOT, clip_folder, featurize_cfg, published_segments
+from featseq.common.lock import FileLock, Locked
+from featseq.featurize.cache import CacheError, read_cache, read_segment, summary
+from featseq.featurize.pipeline import featurize
+from featseq.featurize.sources import SourceError, load_segments
+from featseq.featurize.synth import read_frame_number
 
 VENV_PY = sys.executable
 
@@ -103,9 +104,9 @@ def test_schema_round_trip_and_cli_equals_api(synth_data, tmp_path):
     one = read_segment(api.path, a.ids[3])
     assert np.array_equal(one["features"], a.segment(3)[0]) and one["label"] == a.segments["label"][3]
     # features equal a fresh embedding of freshly decoded frames (same decoder + preprocessing path)
-    from featurize.backbones import Embedder, create_backbone
-    from featurize.decoder import open_decoder
-    from featurize.sampling import plan_segment
+    from featseq.featurize.backbones import Embedder, create_backbone
+    from featseq.featurize.decoder import open_decoder
+    from featseq.featurize.sampling import plan_segment
     import torch
 
     dec = open_decoder(a.segments["path"][0], size=32, backend=a.attrs["decoder"])
@@ -152,7 +153,7 @@ def test_second_writer_refused(synth_data, tmp_path):
     out = tmp_path / "x.h5"
     lock = FileLock(str(out)).acquire()
     try:
-        with pytest.raises(CacheError, match="another featseq process"):
+        with pytest.raises(Locked, match="another featseq process"):
             featurize(featurize_cfg(synth_data["clips_root"], out))
     finally:
         lock.release()
@@ -166,7 +167,7 @@ def test_lock_release_race_gives_no_second_holder(tmp_path, monkeypatch):
     import fcntl
     from types import SimpleNamespace
 
-    import featurize.cache as cache_mod
+    import featseq.common.lock as lock_mod
 
     out = str(tmp_path / "x.h5")
     a = FileLock(out).acquire()
@@ -179,12 +180,12 @@ def test_lock_release_race_gives_no_second_holder(tmp_path, monkeypatch):
             assert not os.path.exists(out + ".lock")
         return real_flock(fh, op)
 
-    monkeypatch.setattr(cache_mod, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+    monkeypatch.setattr(lock_mod, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
                                                             LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
     c = FileLock(out).acquire()
     assert not armed[0]
     try:
-        with pytest.raises(CacheError, match=rf"another featseq process \(pid {os.getpid()}\) is writing this cache"):
+        with pytest.raises(Locked, match=rf"another featseq process \(pid {os.getpid()}\) is writing it"):
             FileLock(out).acquire()  # B
         # C's lock is on the file that the path names (with C's pid in it), not on an unlinked inode
         assert os.fstat(c._fh.fileno()).st_ino == os.stat(out + ".lock").st_ino
@@ -196,13 +197,13 @@ def test_lock_release_race_gives_no_second_holder(tmp_path, monkeypatch):
 _LOCK_HAMMER = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from featurize.cache import CacheError, FileLock
+from featseq.common.lock import FileLock, Locked
 out, marker, stop = sys.argv[2], sys.argv[2] + ".holder", time.monotonic() + float(sys.argv[3])
 held = clash = 0
 while time.monotonic() < stop:
     try:
         lock = FileLock(out).acquire()
-    except CacheError:
+    except Locked:
         continue
     held += 1
     try:
@@ -219,7 +220,7 @@ def test_lock_holders_never_overlap_across_processes(tmp_path):
     """Three processes take and release the lock as fast as they can for a second; none ever finds the
     holder marker of another (a smoke test with real processes; the test above pins the interleaving)."""
     out = str(tmp_path / "x.h5")
-    procs = [subprocess.Popen([VENV_PY, "-c", _LOCK_HAMMER, str(ROOT), out, "1.0"], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([VENV_PY, "-c", _LOCK_HAMMER, str(IMPORT_ROOT), out, "1.0"], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     results = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -304,7 +305,7 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     """A real featurize process with two decode workers is SIGKILLed mid-run; the file opens, the rerun completes
     with no duplicates, and the features equal a one-worker run's."""
     out = tmp_path / "k.h5"
-    cmd = [VENV_PY, "-c", "from cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
+    cmd = [VENV_PY, "-c", "from featseq.cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
            "--fps", "6", "--batch-size", "4", "--decode-workers", "2", "--out", str(out), "-q"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -362,7 +363,7 @@ def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
     """On the CPU the Embedder slices a batch into CPU_SLICE_PIXELS; the features are those of one call."""
     import torch
 
-    from featurize.backbones import CPU_SLICE_PIXELS, Embedder, create_backbone
+    from featseq.featurize.backbones import CPU_SLICE_PIXELS, Embedder, create_backbone
 
     emb = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")
     per_slice = CPU_SLICE_PIXELS // (32 * 32)
@@ -379,7 +380,7 @@ def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
 
 
 def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
-    import featurize.backbones as bbm
+    import featseq.featurize.backbones as bbm
 
     monkeypatch.setattr(bbm, "cpu_bf16_native", lambda cpuinfo=None: False)
     notes = []
@@ -452,11 +453,11 @@ def test_a_relabel_killed_midway_leaves_the_old_table(synth_data, tmp_path, wher
     featurize(featurize_cfg(m, out, size=32))
     before = read_cache(out)
     m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: c["label"].upper())
-    hook = ("featurize.cache._relabelled" if where == "copying" else "os.replace")
+    hook = ("featseq.featurize.cache._relabelled" if where == "copying" else "os.replace")
     script = f"""
 import os, sys, time
-import featurize.cache, featurize.pipeline
-from featurize.pipeline import featurize as run
+import featseq.featurize.cache, featseq.featurize.pipeline
+from featseq.featurize.pipeline import featurize as run
 from conftest import featurize_cfg
 real = {hook}
 def stall(*a, **k):
@@ -464,7 +465,7 @@ def stall(*a, **k):
         print("stalled", flush=True)
         time.sleep(120)
     return real(*a, **k)
-{'featurize.cache._relabelled' if where == 'copying' else 'os.replace'} = stall
+{'featseq.featurize.cache._relabelled' if where == 'copying' else 'os.replace'} = stall
 run(featurize_cfg({m2!r}, {str(out)!r}, size=32))
 """
     p = subprocess.Popen([VENV_PY, "-c", script], cwd=ROOT / "tests", env=CHILD_ENV, stdout=subprocess.PIPE,

@@ -11,22 +11,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import CHILD_ENV, ROOT, featurize_cfg
-from featurize import backbones as bb
-from featurize.cache import read_cache
-from featurize.pipeline import featurize
-from featurize.spec import FeatureSpec
-from sequence import models as M
-from sequence.finetune import CNNSequence, FinetuneConfig, Frames, finetune, set_trainable
-from sequence.reader import ReaderConfig, build
-from sequence.train import TrainConfig, train
+from featseq.featurize import backbones as bb
+from featseq.featurize.cache import read_cache
+from featseq.featurize.pipeline import featurize
+from featseq.featurize.spec import FeatureSpec
+from featseq.sequence import models as M
+from featseq.sequence.finetune import CNNSequence, FinetuneConfig, Frames, finetune, set_trainable
+from featseq.sequence.reader import ReaderConfig, build
+from featseq.sequence.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def ft_data(tmp_path_factory):
     """48 synthetic clips at 32 px, 2 fps, with frames kept; a cached-feature LSTM run on them."""
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("ft")
     src = render_dataset(d / "v", clips_per_class_per_group=4, groups=4, width=32, height=32, duration=(5, 7),
@@ -117,7 +117,7 @@ def test_frozen_finetune_reproduces_the_warm_start(ft_data, tmp_path):
 
 def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
     out = tmp_path / "k"
-    cmd = [sys.executable, "-c", "from cli import main; main()", "finetune", ft_data["plain"], "--from", ft_data["run"],
+    cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "finetune", ft_data["plain"], "--from", ft_data["run"],
            "--out", str(out), "--unfreeze", "1", "--epochs", "4", "--patience", "10", "--device", "cpu", "--no-plots"]
     env = CHILD_ENV
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -157,7 +157,7 @@ def test_finetune_errors(ft_data, tmp_path):
 
 
 def test_augment_applies_one_crop_and_flip_to_every_frame_of_a_clip():
-    from sequence.finetune import augment_clip
+    from featseq.sequence.finetune import augment_clip
 
     clip = torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8)
     changed = 0
@@ -207,7 +207,7 @@ def test_cli_finetune_with_augment_accumulate_and_checkpointing(ft_data, tmp_pat
 
 def test_finetune_config_defaults_agree_with_the_cli(ft_data, tmp_path):
     """finetune's own defaults live in FinetuneConfig: the Python API and the command line get the same."""
-    from sequence.config import FinetuneConfig as F
+    from featseq.sequence.config import FinetuneConfig as F
 
     assert (F(cache="c", out="o").epochs, F(cache="c", out="o").batch_size) == (5, 8)
     r = CliRunner().invoke(main, ["finetune", "--help"])

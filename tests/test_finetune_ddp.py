@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from conftest import CHILD_ENV, ROOT, featurize_cfg, torchrun_cmd
-from featurize import backbones as bb
-from featurize.pipeline import featurize
-from sequence.config import FinetuneConfig
-from sequence.finetune import finetune
-from sequence.train import TrainConfig, train
+from featseq.featurize import backbones as bb
+from featseq.featurize.pipeline import featurize
+from featseq.sequence.config import FinetuneConfig
+from featseq.sequence.finetune import finetune
+from featseq.sequence.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
     """36 synthetic clips at 32 px, 2 fps, frames kept; a cached-feature GRU run on them (random split: 23 training
     clips, so global batches of 11 are 11, 11, 1: uneven shares on 2 ranks, and one rank without a share)."""
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("ddp")
     src = render_dataset(d / "v", clips_per_class_per_group=3, groups=4, width=32, height=32, duration=(5, 7),
@@ -185,10 +185,10 @@ def test_distributed_options_are_checked_before_any_work(ddp_data, tmp_path, mon
 def test_augmentation_of_a_clip_does_not_depend_on_its_batch_or_rank(ddp_data):
     """A clip's random crop and flip come from (seed, epoch, its index): the same whichever rank's share or batch
     holds it, and another epoch draws anew."""
-    from featurize.cache import read_cache
-    from featurize.spec import FeatureSpec
-    from sequence.finetune import FrameInputs, Frames
-    from sequence.reader import ReaderConfig, build
+    from featseq.featurize.cache import read_cache
+    from featseq.featurize.spec import FeatureSpec
+    from featseq.sequence.finetune import FrameInputs, Frames
+    from featseq.sequence.reader import ReaderConfig, build
 
     cache = read_cache(ddp_data["cache"], features=False)
     data = build(cache, ReaderConfig(fps=2, seq_len=8))

@@ -9,13 +9,13 @@ import time
 import numpy as np
 
 from conftest import CHILD_ENV, GINGERBREAD, ROOT, needs_gingerbread, published_segments
-from featurize.cache import read_cache
+from featseq.featurize.cache import read_cache
 
 
 @needs_gingerbread
 def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
     out = tmp_path / "gb.h5"
-    cmd = [sys.executable, "-c", "from cli import main; main()", "featurize", str(GINGERBREAD), "--backbone", "resnet18",
+    cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "featurize", str(GINGERBREAD), "--backbone", "resnet18",
            "--weights", "none", "--fps", "1", "--size", "64", "--out", str(out), "-q"]
     env = CHILD_ENV
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -42,7 +42,7 @@ def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
     assert c.features.shape == (int(c.segments["length"].sum()), 512) and np.isfinite(c.features).all()
     # the caution of docs/gingerbread.md, on the real clips: clip length alone gives the label away ...
     from bench.gingerbread_study import duration_baseline
-    from sequence.reader import ReaderConfig, build
+    from featseq.sequence.reader import ReaderConfig, build
 
     leak = duration_baseline(str(out))
     assert leak["seed-compat"]["mean"] > 0.6 and leak["group-kfold"]["mean"] > 0.6  # chance is 1/3

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import featurize_cfg
-from featurize.backbones import Embedder, create_backbone
-from featurize.cache import read_cache
-from featurize.decoder import unavailable
-from featurize.pipeline import featurize
+from featseq.featurize.backbones import Embedder, create_backbone
+from featseq.featurize.cache import read_cache
+from featseq.featurize.decoder import unavailable
+from featseq.featurize.pipeline import featurize
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here; run on a GPU machine")]

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import CHILD_ENV, ROOT
-from featurize.cache import CacheWriter, open_read, read_cache, string_widths, verify
+from featseq.featurize.cache import CacheWriter, open_read, read_cache, string_widths, verify
 
 N, DIM = 30000, 16
 
 WRITER = textwrap.dedent(f"""
     import sys
     import numpy as np
-    from featurize.cache import CacheWriter, string_widths
+    from featseq.featurize.cache import CacheWriter, string_widths
 
     path, group_seconds = sys.argv[1], float(sys.argv[2])
     rows = [{{"id": f"s{{i:05d}}", "label": f"c{{i % 7}}", "group": f"g{{i % 5}}", "path": f"/v/{{i}}.mp4"}} for i in range({N})]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from featurize.cache import read_cache, verify
-from featurize.sources import read_source, validate
+from featseq.cli import main
+from featseq.featurize.cache import read_cache, verify
+from featseq.featurize.sources import read_source, validate
 
 
 def _run(*args):
@@ -83,7 +83,7 @@ def test_manifest_bad_numbers_ids_alike_and_broken_text(synth_data, tmp_path):
 @pytest.mark.slow
 def test_a_100000_row_manifest_validates_in_seconds(synth_data, tmp_path):
     """100,000 segments cut from 6 videos: every row checked, each video probed once (the time is in README)."""
-    from featurize.worker import DecodePool
+    from featseq.featurize.worker import DecodePool
 
     clips = [c["path"] for c in synth_data["clips"]]
     m = tmp_path / "big.csv"

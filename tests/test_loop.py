@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from sequence import models as M
-from sequence.loop import BestEpoch, FeatureInputs, FitOptions, fit
-from sequence.reader import ReaderConfig, build
-from sequence.splits import Fold
+from featseq.sequence import models as M
+from featseq.sequence.loop import BestEpoch, FeatureInputs, FitOptions, fit
+from featseq.sequence.reader import ReaderConfig, build
+from featseq.sequence.splits import Fold
 
 
 @pytest.fixture(scope="module")
 def seqs(tmp_path_factory):
-    from featurize.cache import read_cache
+    from featseq.featurize.cache import read_cache
     from seq_fixtures import write_fake_cache
 
     path = write_fake_cache(tmp_path_factory.mktemp("loop") / "c.h5", ["a", "b"] * 12, dim=8, seed=4)
@@ -79,7 +79,7 @@ def test_early_stop_after_patience_epochs_without_improvement(seqs):
     the model left is scored like the best epoch."""
     model, res = _fit(seqs, epochs=30, patience=2, lr=0.0)
     assert [h["epoch"] for h in res.history] == [1, 2, 3] and res.best_epoch == 1
-    from sequence.loop import logits
+    from featseq.sequence.loop import logits
 
     lg = logits(model, FeatureInputs.of(seqs), _fold().val, torch.device("cpu"))
     assert float((lg.argmax(1) == seqs.labels[_fold().val]).float().mean()) == pytest.approx(res.history[0]["val_accuracy"])

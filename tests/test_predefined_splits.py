@@ -6,13 +6,13 @@ import h5py
 import numpy as np
 import pytest
 
-from featurize.cache import CacheError, CacheWriter, read_cache, string_widths
-from featurize.sources import SourceError, load_segments
+from featseq.featurize.cache import CacheError, CacheWriter, read_cache, string_widths
+from featseq.featurize.sources import SourceError, load_segments
 from seq_fixtures import write_fake_cache
-from sequence.config import TrainConfig, parse_split
-from sequence.reader import ReaderConfig, build
-from sequence.split_lists import ListError, from_lists, read_hmdb51, read_ucf101, segment_parts
-from sequence.splits import SplitError, folds_for, make_folds
+from featseq.sequence.config import TrainConfig, parse_split
+from featseq.sequence.reader import ReaderConfig, build
+from featseq.sequence.split_lists import ListError, from_lists, read_hmdb51, read_ucf101, segment_parts
+from featseq.sequence.splits import SplitError, folds_for, make_folds
 
 
 def test_manifest_split_column_spellings_and_bad_values(tmp_path):

@@ -8,13 +8,13 @@ import pytest
 import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import small_run
 
 
 @pytest.fixture(scope="module")
 def pr_data(tmp_path_factory):
-    from featurize.synth import render_long_video
+    from featseq.featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("predict")
     src, cache, run, res = small_run(d)
@@ -61,7 +61,7 @@ def test_windows_follow_the_class_change(pr_data):
 
 
 def test_whole_clips_and_python_api(pr_data):
-    from sequence.predict import PredictConfig, predict
+    from featseq.sequence.predict import PredictConfig, predict
 
     clips = sorted(Path(pr_data["src"]).rglob("*.mp4"))[:3]
     res = predict(PredictConfig(run=pr_data["run"], videos=[str(c) for c in clips], out=str(pr_data["d"] / "whole"),
@@ -74,9 +74,9 @@ def test_whole_clips_and_python_api(pr_data):
 
 
 def test_finetune_run(pr_data):
-    from featurize.backbones import create_backbone
-    from featurize.cache import read_cache
-    from sequence.finetune import FinetuneConfig, finetune
+    from featseq.featurize.backbones import create_backbone
+    from featseq.featurize.cache import read_cache
+    from featseq.sequence.finetune import FinetuneConfig, finetune
 
     ft = pr_data["d"] / "ft"
     finetune(FinetuneConfig(cache=pr_data["cache"], out=str(ft), from_run=pr_data["run"], epochs=1, plots=False,
@@ -92,7 +92,7 @@ def test_finetune_run(pr_data):
     assert not list(out.glob("*.pt")) and json.loads((out / "predict.json").read_text())["featurize"]["finetuned"]
     # a frozen trunk (--unfreeze 0): the fine-tuned trunk equals the run's backbone (resnet18, random init seed 0,
     # the cache's), tensor by tensor, BatchNorm statistics included ...
-    from sequence.run import Run
+    from featseq.sequence.run import Run
 
     trunk = Run(ft).trunk_state
     orig = create_backbone("resnet18", "none", 0).trunk.state_dict()
@@ -138,9 +138,9 @@ def test_refuses_inconsistent_run(pr_data, tmp_path):
 def test_a_cross_validation_predicts_and_finetunes_from_its_best_fold(pr_data):
     """A cross-validated run (a cross-validated sweep variant) is used as it is: its best fold by validation
     accuracy, never by test accuracy."""
-    from sequence.finetune import FinetuneConfig, finetune
-    from sequence.run import resolve_run_folder
-    from sequence.train import TrainConfig, train
+    from featseq.sequence.finetune import FinetuneConfig, finetune
+    from featseq.sequence.run import resolve_run_folder
+    from featseq.sequence.train import TrainConfig, train
 
     cv = pr_data["d"] / "cv"
     res = train(TrainConfig(cache=pr_data["cache"], out=str(cv), model="conv1d", fps=2, seq_len=8, split="group-kfold",

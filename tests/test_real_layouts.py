@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import ROOT
-from featurize.cache import read_cache
-from featurize.synth import read_frame_number
-from sequence.dataset import CacheDataset
+from featseq.featurize.cache import read_cache
+from featseq.featurize.synth import read_frame_number
+from featseq.sequence.dataset import CacheDataset
 from test_featurize import expected_indices
 
 
 def synth(out, *args):
     """`featseq synth` in its own process (PyAV's VP9 encoder fails in a process that imported decord first)."""
-    r = subprocess.run([sys.executable, "-c", "from cli import main; main()", "synth", str(out), "--long-videos", "0",
+    r = subprocess.run([sys.executable, "-c", "from featseq.cli import main; main()", "synth", str(out), "--long-videos", "0",
                         *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return Path(r.stdout.strip().splitlines()[-1])

@@ -9,15 +9,15 @@ import pytest
 import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import featurize_cfg
-from featurize.pipeline import featurize
-from sequence.report import fmt
+from featseq.featurize.pipeline import featurize
+from featseq.sequence.report import fmt
 
 
 @pytest.fixture(scope="module")
 def rp_data(tmp_path_factory):
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("report")
     src = render_dataset(d / "v", clips_per_class_per_group=2, groups=4, width=32, height=32, duration=(4, 5),

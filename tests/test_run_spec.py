@@ -8,18 +8,18 @@ import pytest
 import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import featurize_cfg
-from featurize.cache import read_cache, read_segment
-from featurize.pipeline import featurize
-from sequence.run import Run
-from sequence.train import TrainConfig, train
+from featseq.featurize.cache import read_cache, read_segment
+from featseq.featurize.pipeline import featurize
+from featseq.sequence.run import Run
+from featseq.sequence.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """12 clips twice as wide as high, featurized with --resize crop and with --resize squash (32 px, 2 fps)."""
-    from featurize.synth import render_dataset
+    from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("spec")
     src = render_dataset(d / "v", clips_per_class_per_group=2, groups=2, width=64, height=32, duration=(3, 4),
@@ -63,7 +63,7 @@ def test_crop_run_predicts_with_crop_features_after_its_cache_is_gone(wide):
 
 
 def test_a_run_whose_weights_file_is_gone_is_refused(wide, tmp_path):
-    from featurize.backbones import create_backbone
+    from featseq.featurize.backbones import create_backbone
 
     weights = tmp_path / "mine.pth"
     torch.save(create_backbone("resnet18", "none", 7).trunk.state_dict(), weights)

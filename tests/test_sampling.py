@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from featurize.sampling import expected_frames, frame_at, plan_segment, time_grid
+from featseq.featurize.sampling import expected_frames, frame_at, plan_segment, time_grid
 
 
 # (start, end, fps, n, last): how many grid times start + k/fps lie strictly before end, and the last one,

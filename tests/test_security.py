@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import featurize_cfg, small_run
 
 
@@ -51,7 +51,7 @@ def _hostile_copy(sec, tmp_path, name="checkpoint.pt") -> tuple[Path, Path]:
 
 
 def test_fresh_checkpoints_are_tensors_and_plain_data(sec):
-    from sequence.checkpoint import plain_problem
+    from featseq.sequence.checkpoint import plain_problem
 
     ck = torch.load(sec["run"] / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert plain_problem(ck) is None
@@ -59,7 +59,7 @@ def test_fresh_checkpoints_are_tensors_and_plain_data(sec):
 
 
 def test_saving_anything_else_is_refused_before_the_file_is_written(tmp_path):
-    from sequence.checkpoint import save
+    from featseq.sequence.checkpoint import save
 
     for bad in ({"config": {"out": tmp_path}}, {"lr": np.float64(1e-3)}, {"x": {1, 2}}):
         with pytest.raises(TypeError, match="tensors and plain data only"):
@@ -212,9 +212,9 @@ class _Tags(HTMLParser):
 def test_html_in_a_manifest_reaches_the_report_as_text(tmp_path):
     """Labels and ids of a manifest, and a video's file name, that are HTML: the report (a run with its predictions)
     holds no script element and no event-handler attribute from them, and shows them as text."""
-    from featurize.pipeline import featurize
-    from featurize.synth import render_dataset
-    from sequence.train import TrainConfig, train
+    from featseq.featurize.pipeline import featurize
+    from featseq.featurize.synth import render_dataset
+    from featseq.sequence.train import TrainConfig, train
 
     src = Path(render_dataset(tmp_path / "v", clips_per_class_per_group=2, groups=2, width=32, height=32,
                               duration=(3, 4), long_videos=0, seed=0)["clips_root"])

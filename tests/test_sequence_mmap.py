@@ -1,9 +1,9 @@
 """Caches larger than the RAM budget are memory-mapped; training gives the same results."""
 import numpy as np
 
-from sequence.config import TrainConfig
-from sequence.reader import load_features
-from sequence.train import train
+from featseq.sequence.config import TrainConfig
+from featseq.sequence.reader import load_features
+from featseq.sequence.train import train
 
 
 def test_memory_mapped_features_train_identically(tmp_path, monkeypatch):
@@ -32,8 +32,8 @@ def test_features_are_held_once_in_the_caches_dtype(tmp_path, monkeypatch):
     import torch
 
     from seq_fixtures import write_fake_cache
-    from sequence.loop import FeatureInputs
-    from sequence.reader import ReaderConfig, build
+    from featseq.sequence.loop import FeatureInputs
+    from featseq.sequence.reader import ReaderConfig, build
 
     path = write_fake_cache(tmp_path / "c.h5", ["a", "b"] * 6, dim=32)
     cache, feats = load_features(str(path))
@@ -56,7 +56,7 @@ def test_standardize_fits_in_blocks_like_the_whole(tmp_path):
     gathered frames."""
     import torch
 
-    from sequence.models import Standardize
+    from featseq.sequence.models import Standardize
 
     feats = (torch.randn(5000, 24) * 3 + 2).half()
     rows = torch.randint(0, 5000, (300, 7))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sequence import config, models as M, splits
+from featseq.sequence import config, models as M, splits
 
 VARIANTS = [(name, {}) for name in M.MODELS] + [
     ("lstm", {"bidirectional": True, "layers": 2}), ("gru", {"pooling": "attention", "bidirectional": True}),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import featurize_cfg
-from featurize.cache import read_cache
+from featseq.featurize.cache import read_cache
 from seq_fixtures import write_fake_cache
-from sequence.reader import (ReaderConfig, ReaderError, build, default_seconds, select, shifts, window_frames)
+from featseq.sequence.reader import (ReaderConfig, ReaderError, build, default_seconds, select, shifts, window_frames)
 
 # the original study's sequence lengths: fps -> {percent: frames}
 ORIGINAL = {1: {100: 25, 80: 20, 50: 12}, 2: {100: 51, 80: 41, 50: 25}, 3: {100: 77, 80: 62, 50: 38}}
@@ -81,7 +81,7 @@ def test_selection_matches_independent_formula(tmp_path, fps, seq_len, offset, j
 
 def test_build_on_featurized_cache(synth_data, tmp_path):
     """Real cache (6 fps): 2 fps sequences take the stored frames nearest to start + k/2; short clips are padded."""
-    from featurize.pipeline import featurize
+    from featseq.featurize.pipeline import featurize
 
     res = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "c.h5"))
     c = read_cache(res.path)
@@ -143,9 +143,9 @@ def test_fps_hint_reproduces_the_cache(synth_data, tmp_path):
 
     import torchvision
 
-    from cli import main
-    from featurize.cache import IDENTITY_KEYS, read_table
-    from featurize.pipeline import featurize
+    from featseq.cli import main
+    from featseq.featurize.cache import IDENTITY_KEYS, read_table
+    from featseq.featurize.pipeline import featurize
 
     weights = tmp_path / "my_resnet18.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
@@ -165,7 +165,7 @@ def test_fps_hint_reproduces_the_cache(synth_data, tmp_path):
     (old, _), (new, _) = read_table(cache), read_table(args[args.index("--out") + 1])
     assert {k: new[k] for k in IDENTITY_KEYS if k != "fps"} == {k: old[k] for k in IDENTITY_KEYS if k != "fps"}
     assert new["fps"] == 6.0 and new["source"] == old["source"]
-    from featurize.cache import CacheError, read_frames  # the hint of a cache without frames (finetune) likewise
+    from featseq.featurize.cache import CacheError, read_frames  # the hint of a cache without frames (finetune) likewise
 
     with pytest.raises(CacheError) as e:
         read_frames(cache, np.array([0]))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
-from sequence.splits import SplitError, make_folds
+from featseq.sequence.splits import SplitError, make_folds
 
 RNG = np.random.default_rng(0)
 # Gingerbread-like: 184 segments, 3 classes (60/64/60), 23 groups of 8

@@ -9,13 +9,13 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 from sklearn.model_selection import GroupShuffleSplit
 
-from cli import main
+from featseq.cli import main
 from conftest import GINGERBREAD, featurize_cfg, needs_gingerbread
 from seq_fixtures import synthetic_cache, write_fake_cache
-from sequence.splits import SplitError, make_folds
-from sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
-from sequence.run import Run
-from sequence.train import TrainConfig, evaluate, train
+from featseq.sequence.splits import SplitError, make_folds
+from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
+from featseq.sequence.run import Run
+from featseq.sequence.train import TrainConfig, evaluate, train
 
 RUN_FILES = ["config.json", "results.json", "history.csv", "CRNN_epoch_training_loss.npy", "CRNN_epoch_training_accuracy.npy",
              "CRNN_epoch_test_loss.npy", "CRNN_epoch_test_accuracy.npy", "curves.png", "confusion.png", "per_class.csv",
@@ -202,7 +202,7 @@ def test_cli_train_sweep_evaluate_and_errors(synth, tmp_path):
 @pytest.mark.slow
 def test_gingerbread_seed_compat(tmp_path):
     """The original study's split on the real clips: 37 test clips; every output written."""
-    from featurize.pipeline import featurize
+    from featseq.featurize.pipeline import featurize
 
     cache = featurize(featurize_cfg(GINGERBREAD, tmp_path / "gb.h5", size=64, fps=1.0)).path
     res = train(TrainConfig(cache=cache, out=str(tmp_path / "R"), split="seed-compat", fps=1, seq_len=25, model="lstm",
@@ -260,7 +260,7 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path):
 
 
 def test_finetune_refuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path):
-    from sequence.run import RunError, check_run_folder, prepare_run_folder
+    from featseq.sequence.run import RunError, check_run_folder, prepare_run_folder
 
     cache = _grouped_fake(tmp_path / "c.h5")
     run = tmp_path / "R"
@@ -301,7 +301,7 @@ def test_the_default_split_holds_groups_out_and_says_so(tmp_path):
     r = _cli_train(grouped, tmp_path / "r", "--split", "random")
     assert r.exit_code == 0 and "warning: --split random" in r.output and "leak across train and test" in r.output
     # sweep and CacheDataset choose the same default
-    from sequence.dataset import CacheDataset
+    from featseq.sequence.dataset import CacheDataset
 
     res = sweep(SweepConfig(cache=grouped, out=str(tmp_path / "sw"), grid={"model": ["mlp"], "hidden": [8], "epochs": [1],
                                                                           "seq_len": [6], "device": ["cpu"], "plots": [False]}))

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments, torchrun_cmd
-from featurize import shard
-from featurize.cache import read_cache
-from featurize.pipeline import featurize
+from featseq.featurize import shard
+from featseq.featurize.cache import read_cache
+from featseq.featurize.pipeline import featurize
 
 ENV = CHILD_ENV
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "from cli import main; main()", *args]
+    return [sys.executable, "-c", "from featseq.cli import main; main()", *args]
 
 
 def _featurize_cmd(src, out, *extra) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 import torch  # noqa: F401  (torch before decord)
 
 from conftest import CHILD_ENV, ROOT, small_run
-from featurize.cache import read_cache
+from featseq.featurize.cache import read_cache
 
 HALF = 8.0  # seconds of each class in the long video
 
@@ -23,7 +23,7 @@ HALF = 8.0  # seconds of each class in the long video
 def st_data(tmp_path_factory):
     import av
 
-    from featurize.synth import render_long_video
+    from featseq.featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("stream")
     _, _, run, _ = small_run(d)
@@ -40,7 +40,7 @@ def st_data(tmp_path_factory):
 
 
 def _cmd(*args):
-    return [sys.executable, "-c", "from cli import main; main()", "predict", *args]
+    return [sys.executable, "-c", "from featseq.cli import main; main()", "predict", *args]
 
 
 def _rows(path):

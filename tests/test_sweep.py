@@ -9,7 +9,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from featseq.cli import main
 from conftest import CHILD_ENV, ROOT
 from seq_fixtures import synthetic_cache, write_fake_cache
 
@@ -24,7 +24,7 @@ def fake(tmp_path_factory):
 
 
 def _sweep_cmd(cache, out, *extra):
-    return [sys.executable, "-c", "from cli import main; main()", "sweep", cache, "--out", str(out), *extra]
+    return [sys.executable, "-c", "from featseq.cli import main; main()", "sweep", cache, "--out", str(out), *extra]
 
 
 def _trials(out, study="featseq-sweep"):
@@ -150,7 +150,7 @@ def test_parallel_workers_draw_different_parameters(fake, tmp_path):
 
 
 def test_a_search_whose_trials_all_fail_stops_at_its_trial_count(fake, tmp_path, monkeypatch):
-    import sequence.sweep as S
+    import featseq.sequence.sweep as S
 
     def broken(*a, **k):
         raise RuntimeError("always fails")

@@ -9,7 +9,7 @@ import pytest
 import av
 import torch
 
-from featurize import synth
+from featseq.featurize import synth
 
 FPS = 30
 
@@ -263,7 +263,7 @@ def test_a_rerun_keeps_the_videos_it_already_rendered(tmp_path):
     asked-for video is rendered again."""
     from click.testing import CliRunner
 
-    from cli import main
+    from featseq.cli import main
 
     kw = dict(groups=1, clips_per_class_per_group=1, long_videos=1, long_duration=10.0, duration=(2.0, 3.0), width=32,
               height=32)

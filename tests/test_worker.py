@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from featurize.worker import DecodePool, decode_job
+from featseq.featurize.worker import DecodePool, decode_job
 
 
 def _jobs(synth_data, n=3):
@@ -61,9 +61,9 @@ def test_decoder_release_between_chunks_reads_the_same_frames(synth_data, backen
     next read); the frames must be the same as read straight through."""
     import numpy as np
 
-    from featurize.decoder import open_decoder
-    from featurize.sampling import plan_segment
-    from featurize.synth import read_frame_number
+    from featseq.featurize.decoder import open_decoder
+    from featseq.featurize.sampling import plan_segment
+    from featseq.featurize.synth import read_frame_number
 
     path = synth_data["long_csv"].replace("long_segments.csv", "long/long_01.mp4")
     d = open_decoder(path, size=48, backend=backend)
@@ -163,7 +163,7 @@ def test_a_worker_waits_for_a_block_and_remakes_one_too_small():
     import numpy as np
     from multiprocessing.shared_memory import SharedMemory
 
-    from featurize.worker import _Slots
+    from featseq.featurize.worker import _Slots
 
     seen = {}
 
@@ -196,7 +196,7 @@ def test_a_full_dev_shm_falls_back_to_the_pipe(monkeypatch):
 
     import numpy as np
 
-    from featurize.worker import _Slots
+    from featseq.featurize.worker import _Slots
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -225,7 +225,7 @@ def test_blocks_a_dead_worker_never_handed_over_are_removed():
 _NO_ROOM = r'''
 import json, resource, sys
 import numpy as np
-from featurize.worker import DecodePool, decode_job
+from featseq.featurize.worker import DecodePool, decode_job
 
 if __name__ == "__main__":
     jobs = [decode_job(i, p, 0.0, None, 6.0, 128, "squash", 64) for i, p in enumerate(sys.argv[1:])]
