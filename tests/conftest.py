@@ -18,6 +18,7 @@ IMPORT_ROOT = Path(tempfile.mkdtemp(prefix="featseq-import-"))
 (IMPORT_ROOT / "featseq").symlink_to(ROOT, target_is_directory=True)
 atexit.register(shutil.rmtree, IMPORT_ROOT, True)
 sys.path.insert(0, str(IMPORT_ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(IMPORT_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 GINGERBREAD = ROOT.parent / "shared" / "data" / "gingerbread" / "segments"
 EFFNET_WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0_timm.pth"
 
@@ -26,9 +27,9 @@ needs_gingerbread = pytest.mark.skipif(
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# the environment of featseq processes the tests start: this checkout's code first, and none of the torchrun or SLURM
-# variables of the shell that runs pytest
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IMPORT_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+# the environment of featseq processes the tests start: this checkout's code first (PYTHONPATH, above), and none of
+# the torchrun or SLURM variables of the shell that runs pytest
+CHILD_ENV = dict(os.environ)
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
     CHILD_ENV.pop(_k, None)
 
