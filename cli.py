@@ -69,6 +69,11 @@ class Main(click.Group):
             ctx.exit(1)
 
 
+def _score(x: float | None) -> str:
+    """An accuracy for a summary line; "n/a" where the run has no such part (no val segments in a small split)."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _threads(n: int | None) -> None:
     """torch's CPU threads for this process (the one place a command sets them)."""
     if n:
@@ -403,8 +408,7 @@ def train(cache, out, quiet, **opts):
     std = f" ± {res['test_accuracy_std']:.3f} over {res['folds']} folds" if res.get("test_accuracy_std") is not None else ""
     click.echo(f"{cfg.model}: test accuracy {res['test_accuracy']:.3f}{std} "
                f"({res.get('n_test', sum(f['n_test'] for f in res.get('per_fold', [])))} test segments), "
-               f"val accuracy {res['val_accuracy'] if res['val_accuracy'] is not None else float('nan'):.3f}, "
-               f"best epoch {res['best_epoch']}, seq_len {res['seq_len']} at {res['fps']:g} fps, {res['params']} parameters, "
+               f"val accuracy {_score(res['val_accuracy'])}, best epoch {res['best_epoch']}, seq_len {res['seq_len']} at {res['fps']:g} fps, {res['params']} parameters, "
                f"{res['timings']['total_s']:.1f} s", err=True)
     click.echo(out)
 
@@ -516,7 +520,7 @@ def finetune(source, out, quiet, **opts):
     if res is None:  # a torchrun rank other than 0: rank 0 writes and reports
         return
     click.echo(f"finetune {res['backbone']} + {res['model']} (unfreeze {res['unfreeze']}): test accuracy "
-               f"{res['test_accuracy']:.3f} ({res['n_test']} test segments), val accuracy {res['val_accuracy']:.3f}, "
+               f"{_score(res['test_accuracy'])} ({res['n_test']} test segments), val accuracy {_score(res['val_accuracy'])}, "
                f"best epoch {res['best_epoch']}, {res['timings']['per_epoch_s']:.1f} s/epoch", err=True)
     click.echo(out)
 

@@ -1,0 +1,310 @@
+"""The one GPU check: everything featseq does on CUDA, in one command that fits in a few minutes of a lent machine.
+
+    python bench/gpu_check.py [--out DIR] [--budget-s 480] [--quick]
+
+On a CUDA machine it runs the cuda-marked tests; ResNet-50 backbone-only frames/s (fp16, bf16, eager and
+torch.compile); featurize end to end (fp16 and bf16, 1 and N decode workers) with the GPU's utilisation sampled
+while it runs; NVDEC (torchcodec on cuda) against CPU decoding at 224p and 720p; two epochs of finetune; a 2-rank
+nccl finetune when there are two GPUs; predict --stream with its latency. On a machine without CUDA it says so,
+runs the CPU side of the same steps at small sizes (so the script itself stays tested: tests/test_gpu_check.py)
+and exits 0. Each step is timed against the budget and skipped (with the reason) when too little is left; a step
+that fails is recorded with its error and the rest go on. Writes DIR/gpu_check.json and DIR/gpu_check.md
+(DIR: $OUT when set, as on the device machine, else bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+
+FEATSEQ = [sys.executable, "-m", "featseq"]
+
+
+class Check:
+    """The run's state: device, sizes, budget, the rows of each step."""
+
+    def __init__(self, out: Path, budget_s: float, quick: bool):
+        self.cuda = torch.cuda.is_available()
+        self.device = "cuda" if self.cuda else "cpu"
+        self.quick = quick or not self.cuda
+        self.deadline = time.monotonic() + budget_s
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+        self.steps: list[dict] = []
+        # sizes: a GPU needs thousands of frames to show its rate; the CPU side only proves the script runs
+        self.backbone = "resnet50" if self.cuda else "resnet18"
+        self.size = 224 if self.cuda else 64
+        self.batch = 128 if self.cuda else 8
+        self.workers = max(2, min(8, (os.cpu_count() or 2) // 2)) if self.cuda else 2
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def step(self, name: str, needs_s: float, fn, *args) -> None:
+        t = time.monotonic()
+        if self.left() < needs_s:
+            self.steps.append({"step": name, "status": "skipped", "why": f"{self.left():.0f} s of the budget left, "
+                               f"needs about {needs_s:.0f} s", "rows": []})
+            return
+        try:
+            rows, note = fn(self, *args)
+            self.steps.append({"step": name, "status": "ok", "seconds": round(time.monotonic() - t, 1),
+                               "rows": rows, **({"note": note} if note else {})})
+        except Exception as e:  # one failing step must not hide the others' figures
+            self.steps.append({"step": name, "status": "failed", "seconds": round(time.monotonic() - t, 1),
+                               "why": f"{type(e).__name__}: {e}"[-2000:], "trace": traceback.format_exc()[-4000:],
+                               "rows": []})
+        print(f"[{time.monotonic() - t:6.1f} s] {name}: {self.steps[-1]['status']}", flush=True)
+
+
+def featseq(*args, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(FEATSEQ + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"featseq {' '.join(map(str, args[:2]))} exited {r.returncode}: {r.stderr[-1500:]}")
+    return r
+
+
+class GpuSampler(threading.Thread):
+    """nvidia-smi's utilisation of GPU 0 every 0.2 s while a step runs (empty off CUDA or without nvidia-smi)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self._done = threading.Event()
+
+    def run(self):
+        smi = shutil.which("nvidia-smi")
+        while smi and not self._done.wait(0.2):
+            try:
+                out = subprocess.run([smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=5).stdout.strip()
+                self.samples.append(float(out))
+            except (subprocess.SubprocessError, ValueError):
+                pass
+
+    def stop(self) -> dict:
+        self._done.set()
+        self.join(timeout=2)
+        s = self.samples
+        return {"gpu_util_mean": round(float(np.mean(s)), 1) if s else None, "gpu_util_max": max(s) if s else None}
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+def environment(c: Check):
+    from featseq.featurize.decoder import unavailable
+
+    row = {**machine(), "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": c.cuda,
+           "gpus": torch.cuda.device_count() if c.cuda else 0,
+           "torchcodec_cuda": unavailable("torchcodec", "cuda") or "available"}
+    if c.cuda:
+        p = torch.cuda.get_device_properties(0)
+        row.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   bf16=torch.cuda.is_bf16_supported())
+    return [row], None if c.cuda else "no CUDA device here: the CPU side of each step ran, at small sizes"
+
+
+def cuda_tests(c: Check):
+    if not c.cuda:
+        return [], "no CUDA device: the cuda-marked tests skip here (they run in the step list on a GPU machine)"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, c.left() - 240))
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", r.stdout)}
+    failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    return [{**counts, "exit": r.returncode, "failed": failed[:20]}], r.stdout[-3000:] if r.returncode else None
+
+
+def backbone_only(c: Check):
+    from featseq.featurize.backbones import Embedder, create_backbone
+
+    frames = np.random.default_rng(0).integers(0, 255, (c.batch * (8 if c.cuda else 2), c.size, c.size, 3),
+                                               dtype=np.uint8)
+    precisions = ["fp16", "bf16"] if c.cuda else ["fp32"]
+    rows = []
+    for precision in precisions:
+        for compiled in ([False, True] if not c.quick or c.cuda else [False]):
+            emb = Embedder(create_backbone(c.backbone, "none", 0), torch.device(c.device), precision)
+            t0 = time.perf_counter()
+            if compiled:
+                emb.model = torch.compile(emb.model)
+            emb(frames[:c.batch])  # warm-up (and compilation)
+            warm = time.perf_counter() - t0
+            t = time.perf_counter()
+            for i in range(0, len(frames), c.batch):
+                emb(frames[i:i + c.batch])
+            if c.cuda:
+                torch.cuda.synchronize()
+            rows.append({"backbone": c.backbone, "size": c.size, "precision": precision, "compiled": compiled,
+                         "batch": c.batch, "frames_per_s": round(len(frames) / (time.perf_counter() - t), 1),
+                         "warmup_s": round(warm, 1)})
+    return rows, None
+
+
+def clips(c: Check) -> Path:
+    """Synthetic 224 px clips (64 px on the CPU side), rendered once per check."""
+    data = c.tmp / "data"
+    if not (data / "clips").is_dir():
+        n, dur = (4, 20.0) if c.cuda else (1, 3.0)
+        featseq("synth", data, "--clips", n, "--groups", 2, "--width", c.size, "--height", c.size, "--min-duration", dur,
+                "--max-duration", dur, "--long-videos", 0, timeout=max(60.0, c.left()))
+    return data / "clips"
+
+
+def featurize(c: Check):
+    src = clips(c)
+    rows = []
+    backbone_rate = {r["precision"]: r["frames_per_s"] for s in c.steps if s["step"] == "backbone only"
+                     for r in s["rows"] if not r["compiled"]}
+    for precision in (["fp16", "bf16"] if c.cuda else ["fp32"]):
+        for workers in (1, c.workers):
+            out = c.tmp / f"f_{precision}_{workers}.h5"
+            sampler = GpuSampler()
+            sampler.start()
+            t = time.perf_counter()
+            featseq("featurize", src, "--backbone", c.backbone, "--weights", "none", "--size", c.size, "--fps", 6,
+                    "--device", c.device, "--precision", precision, "--decode-workers", workers,
+                    "--batch-size", c.batch, "--out", out, "-q", timeout=max(60.0, c.left()))
+            seconds = time.perf_counter() - t
+            from featseq.featurize.cache import summary
+
+            frames = summary(out)["frames"]
+            rate = frames / seconds
+            rows.append({"precision": precision, "decode_workers": workers, "frames": frames,
+                         "seconds": round(seconds, 1), "frames_per_s": round(rate, 1),
+                         "vs_backbone_only": round(rate / backbone_rate[precision], 2)
+                         if precision in backbone_rate else None, **sampler.stop()})
+    return rows, "whole command, process start and model load included"
+
+
+def decode(c: Check):
+    from featseq.featurize.decoder import open_decoder, unavailable
+    from featseq.featurize.synth import render_long_video
+
+    rows = []
+    heights = (224, 720) if c.cuda else (64,)
+    for h in heights:
+        w = h * 16 // 9 if h == 720 else h
+        path = c.tmp / f"decode_{h}p.mp4"
+        render_long_video(str(path), parts=[("ascending", 10.0 if c.cuda else 2.0)], width=w, height=h, video_fps=30,
+                          seed=1)
+        for backend, device in (("pyav", "cpu"), ("torchcodec", "cuda")):
+            if why := unavailable(backend, device):
+                rows.append({"video": f"{w}x{h}", "decoder": f"{backend} on {device}", "skipped": why})
+                continue
+            dec = open_decoder(str(path), size=224, backend=backend, device=device)
+            idx = np.arange(dec.info.n_frames)
+            t = time.perf_counter()
+            n = sum(len(chunk) for chunk in dec.read(idx))
+            rows.append({"video": f"{w}x{h}", "decoder": f"{backend} on {device}", "frames": n,
+                         "frames_per_s": round(n / (time.perf_counter() - t), 1)})
+    return rows, "every frame, resized to 224 px, into this process"
+
+
+def _run_to_finetune(c: Check) -> tuple[Path, Path]:
+    """A small resnet18 cache and an lstm run trained on it: finetune's --from."""
+    cache, run = c.tmp / "ft.h5", c.tmp / "ft_run"
+    if not run.is_dir():
+        featseq("featurize", clips(c), "--backbone", "resnet18", "--weights", "none", "--size", 112 if c.cuda else 64,
+                "--fps", 2, "--device", c.device, "--out", cache, "-q", timeout=max(60.0, c.left()))
+        featseq("train", cache, "--model", "lstm", "--fps", 2, "--epochs", 2, "--split", "group", "--out", run, "-q",
+                timeout=max(60.0, c.left()))
+    return cache, run
+
+
+def finetune(c: Check):
+    cache, run = _run_to_finetune(c)
+    rows = []
+    epochs = 2 if c.cuda else 1
+    t = time.perf_counter()
+    featseq("finetune", cache, "--from", run, "--unfreeze", 1, "--epochs", epochs, "--device", c.device,
+            "--out", c.tmp / "ft", "-q", timeout=max(60.0, c.left()))
+    rows.append({"ranks": 1, "epochs": epochs, "device": c.device, "seconds": round(time.perf_counter() - t, 1)})
+    if c.cuda and torch.cuda.device_count() >= 2:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        t = time.perf_counter()
+        r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "featseq", "finetune", str(cache), "--from",
+                            str(run), "--unfreeze", "1", "--epochs", str(epochs), "--device", "cuda", "--out",
+                            str(c.tmp / "ft_ddp"), "-q"], capture_output=True, text=True, timeout=max(60.0, c.left()))
+        if r.returncode:
+            raise RuntimeError(f"2-rank nccl finetune exited {r.returncode}: {r.stderr[-1500:]}")
+        rows.append({"ranks": 2, "epochs": epochs, "device": "cuda (nccl)", "seconds": round(time.perf_counter() - t, 1)})
+    return rows, None if len(rows) > 1 or not c.cuda else "one GPU: the 2-rank nccl finetune needs two"
+
+
+def stream(c: Check):
+    from featseq.featurize.synth import render_long_video
+
+    _, run = _run_to_finetune(c)
+    video = c.tmp / "stream.mp4"
+    half = 6.0 if c.cuda else 2.0
+    render_long_video(str(video), parts=[("ascending", half), ("descending", half)], width=c.size, height=c.size,
+                      video_fps=30, seed=2)
+    out = c.tmp / "stream_out"
+    featseq("predict", run, "--stream", video, "--realtime", "--stride", 1, "--device", c.device, "--out", out,
+            "--no-plots", timeout=max(60.0, c.left()))
+    res = json.loads((out / "predict.json").read_text())
+    return [{"device": c.device, **{f"latency_{k}_ms": round(v * 1000, 1) for k, v in res["latency_s"].items()}}], None
+
+
+STEPS = [("environment", 5, environment), ("cuda-marked tests", 60, cuda_tests), ("backbone only", 20, backbone_only),
+         ("featurize", 40, featurize), ("decode: NVDEC vs CPU", 15, decode), ("finetune", 40, finetune),
+         ("predict --stream", 30, stream)]
+
+
+def markdown(c: Check) -> str:
+    lines = [f"# GPU check ({'CUDA: ' + torch.cuda.get_device_name(0) if c.cuda else 'no CUDA: the CPU side'})", ""]
+    for s in c.steps:
+        lines.append(f"## {s['step']}: {s['status']}" + (f" ({s['seconds']} s)" if "seconds" in s else ""))
+        if s.get("why"):
+            lines.append(f"\n{s['why'].splitlines()[0]}")
+        if s.get("note"):
+            lines.append(f"\n{s['note'].splitlines()[0]}")
+        rows = s["rows"]
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting steps past this many seconds")
+    ap.add_argument("--quick", action="store_true", help="small sizes even on CUDA (a smoke test of the script)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = Check(out, args.budget_s, args.quick)
+    try:
+        for name, needs, fn in STEPS:
+            c.step(name, needs, fn)
+    finally:
+        shutil.rmtree(c.tmp, ignore_errors=True)
+    (out / "gpu_check.json").write_text(json.dumps({"cuda": c.cuda, "steps": c.steps}, indent=1))
+    (out / "gpu_check.md").write_text(markdown(c))
+    print(markdown(c))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
