@@ -12,7 +12,7 @@
    same frame grid, same preprocessing), handed over as segment records, into a feature cache
    (``--cache FILE`` keeps it and is resumed on the next call; otherwise a temporary file).
 3. Each window is treated like a clip by the reader: the run's ``seq_len`` frames at the run's fps,
-   nearest cached timestamps (:func:`sequence.reader.select`), the run's offset policy inside the
+   nearest cached timestamps (:func:`sequence.windows.sliding_selection`), the run's offset policy inside the
    window (``center``/``random`` -> centred, ``start`` -> from the window's start), padding masked.
    Without ``--window`` the whole video is one window.
 
@@ -44,8 +44,8 @@ from featseq.featurize.spec import FeatureSpec, weights_id
 
 from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
-from .reader import EPS, select, shifts
 from .run import CHECKPOINT, Run, resolve_run_folder, write_json
+from .windows import EPS, eval_offset, sliding_selection
 
 
 class PredictError(UserError):
@@ -115,21 +115,6 @@ def spec_record(run: Run, spec: FeatureSpec) -> dict:
     return {**d, "finetuned": run.trunk_state is not None}
 
 
-# ---------------------------------------------------------------- windows
-
-def windows(duration: float, window: float | None, stride: float | None) -> list[tuple[float, float]]:
-    """[start, end) of each window: the whole video, or every ``stride`` s a ``window``-s window that fits
-    (one window [0, duration) when the video is shorter than the window)."""
-    if window is None:
-        return [(0.0, float(duration))]
-    stride = stride or window
-    out, t = [], 0.0
-    while t + window <= duration + EPS:
-        out.append((t, t + window))
-        t = round(t + stride, 9)
-    return out or [(0.0, float(duration))]
-
-
 def _video_id(path: str) -> str:
     p = Path(path).resolve()
     return f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:10]}"
@@ -178,11 +163,9 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
         ids = [_video_id(v) for v in cfg.videos]
         records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
                    for v, i in zip(cfg.videos, ids)]
-        fcfg = FeaturizeConfig(source="featseq predict", backbone=spec.backbone, weights=spec.weights_arg(),
-                               seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps,
-                               precision=cfg.precision or spec.precision, decoder=spec.decoder, device=cfg.device,
-                               out=str(cache_path),
-                               batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True,
+        fcfg = FeaturizeConfig(source="featseq predict", **spec.featurize_options(precision=cfg.precision),
+                               device=cfg.device, out=str(cache_path), batch_size=cfg.batch_size,
+                               decode_timeout=cfg.decode_timeout, skip_errors=True,
                                shard=None, refresh=True)  # a video changed since --cache kept it: its features now
         log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"
             f"{' (fine-tuned trunk)' if run.trunk_state is not None else ''}")
@@ -203,20 +186,9 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
             raise PredictError("no video could be decoded: " + "; ".join(failed.values()))
 
         # windows -> reader selections
-        recs, offs, lens, starts, ends = [], [], [], [], []
-        for v, i in todo:
-            k = pos[i]
-            s0, e0 = float(seg["start"][k]), float(seg["end"][k])
-            for a, b in windows(e0 - s0, cfg.window, cfg.stride):
-                recs.append((v, a, min(b, e0 - s0)))
-                offs.append(seg["offset"][k])
-                lens.append(seg["length"][k])
-                starts.append(s0 + a)
-                ends.append(s0 + min(b, e0 - s0))
-        starts, ends = np.asarray(starts), np.asarray(ends)
-        off = "center" if offset in ("center", "random") else "start"
-        sh = shifts(ends - starts, seq_len, fps, spec.fps, off)
-        sel = select(cache.timestamps, np.asarray(offs), np.asarray(lens), starts, ends, fps, seq_len, spec.fps, sh)
+        recs, sel = sliding_selection(seg, [pos[i] for _, i in todo], cache.timestamps, cfg.window, cfg.stride, fps,
+                                      seq_len, spec.fps, offset)
+        recs = [(todo[n][0], a, b) for n, a, b in recs]
         device = resolve_device(cfg.device)
         run.model.to(device)
         t1 = time.monotonic()
@@ -249,7 +221,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
     res = {
         "status": "complete", "run": str(cfg.run), "kind": run.kind, "videos": [v for v, _ in todo],
         "failed": failed, "classes": classes, "window": cfg.window, "stride": cfg.stride or cfg.window,
-        "threshold": cfg.threshold, "fps": fps, "seq_len": seq_len, "offset": off,
+        "threshold": cfg.threshold, "fps": fps, "seq_len": seq_len, "offset": eval_offset(offset),
         "featurize": {**spec_record(run, spec), "precision": fcfg.precision},
         "windows": len(recs), "frames": frames, "frames_featurized": fres.frames,
         "featurize_s": round(fres.seconds, 3), "classify_s": round(t_cls, 4),
