@@ -96,6 +96,10 @@ class _WorkerProcess:
                 self.parent_alive()
 
     def serve(self) -> None:
+        import numpy  # noqa: F401  (imported before Ready: a slow import counts against the start, not a job)
+
+        from . import decoder, sampling  # noqa: F401
+
         threading.Thread(target=self._send, daemon=True).start()
         threading.Thread(target=self._receive, daemon=True).start()
         self.put(Ready(READY))
