@@ -18,8 +18,11 @@ Backends (``BACKENDS``) and what ``auto`` picks (:func:`resolve_decoder`):
 - ``torchcodec``: optional (`pip install 'featseq[torchcodec]'` plus FFmpeg 4 to 7 from the system); on the CPU or
   on CUDA (NVDEC) with ``--decode-device cuda``, which is what ``auto`` picks then.
 
-Every backend runs inside a decode worker process (featurize/worker.py) that is timed out and replaced: hangs and
-aborts are not only decord's.
+Live sources (a device, a network stream, standard input, a file played once) have no frame table: they are read
+once, in order, as they play (:class:`LiveSource`, :func:`open_live`; PyAV in featurize/decoders/live.py).
+
+Every backend, live sources included, runs inside a decode worker process (featurize/worker.py) that is timed out
+and replaced: hangs and aborts are not only decord's.
 """
 from __future__ import annotations
 
