@@ -582,8 +582,7 @@ def predict(run_dir, videos, stream_source, realtime, positive_windows, stall_ti
         click.echo(res["out"], err=True)
         sys.stdout.flush()
         sys.stderr.flush()
-        # the reader thread may still be blocked reading the source (a stalled pipe holds stdin's lock): end now,
-        # everything is written
+        # everything is written and the decode worker is stopped: end now, whatever threads torch or PyAV still hold
         os._exit(res["exit_code"])
     if not videos:
         raise click.UsageError("give VIDEO... or --stream SOURCE")

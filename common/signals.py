@@ -27,6 +27,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {self.name}")
 
 
+_HOLD = {"depth": 0, "pending": None}  # see held()
+
+
 def install() -> dict:
     """Make SIGTERM and SIGINT raise :class:`Interrupted` in this process's main thread (once: a second signal while
     the first is being handled is ignored, so the clean-up it started can finish; kill -9 still ends it at once).
@@ -37,6 +40,9 @@ def install() -> dict:
         if fired:
             return
         fired.append(signum)
+        if _HOLD["depth"]:
+            _HOLD["pending"] = signum
+            return
         raise Interrupted(signum)
 
     return {s: signal.signal(s, handler) for s in SIGNALS}
@@ -54,6 +60,21 @@ def on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A short step that must not be cut in the middle (a prediction row and the count beside it): a signal that
+    arrives in the block (handled as :func:`install` set up) raises :class:`Interrupted` when the block ends. Main
+    thread only, where the handler runs."""
+    _HOLD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HOLD["depth"] -= 1
+        if not _HOLD["depth"] and _HOLD["pending"] is not None:
+            signum, _HOLD["pending"] = _HOLD["pending"], None
+            raise Interrupted(signum)
 
 
 def ignore_interrupts() -> None:

@@ -18,8 +18,11 @@ Backends (``BACKENDS``) and what ``auto`` picks (:func:`resolve_decoder`):
 - ``torchcodec``: optional (`pip install 'featseq[torchcodec]'` plus FFmpeg 4 to 7 from the system); on the CPU or
   on CUDA (NVDEC) with ``--decode-device cuda``, which is what ``auto`` picks then.
 
-Every backend runs inside a decode worker process (featurize/worker.py) that is timed out and replaced: hangs and
-aborts are not only decord's.
+Live sources (a device, a network stream, standard input, a file played once) have no frame table: they are read
+once, in order, as they play (:class:`LiveSource`, :func:`open_live`; PyAV in featurize/decoders/live.py).
+
+Every backend, live sources included, runs inside a decode worker process (featurize/worker.py) that is timed out
+and replaced: hangs and aborts are not only decord's.
 """
 from __future__ import annotations
 
@@ -317,3 +320,39 @@ def open_decoder(path: str, size: int | None = None, policy: str = "squash", bac
                  device: str = "cpu") -> Decoder:
     """Open ``path`` with ``backend`` (a name from BACKENDS) on ``device``."""
     return backend_class(backend)(path, size=size, policy=policy, device=device)
+
+
+class LiveSource:
+    """A source read once, in order, as it plays (a device, a network stream, standard input, a file played once):
+    no frame table, no seeking. :meth:`frames` yields (grid time k / fps in seconds on the stream's clock, the
+    frame's arrival as time.monotonic(), (S, S, 3) uint8 RGB) for the frame on screen at each grid time, as it
+    arrives; DecodeError naming the source when it cannot be opened or breaks off. Used inside a decode worker only
+    (a StreamJob), so the worker's timeout covers it like any video."""
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def frames(self) -> Iterator[tuple[float, float, np.ndarray]]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Nothing to stop: a live source is read as it comes."""
+
+    def close(self) -> None:
+        """Free the source."""
+
+
+def open_live(source: str, fps: float, size: int, policy: str = "squash", realtime: bool = False,
+              stall_timeout: float = 10.0) -> LiveSource:
+    """Open a live ``source`` (PyAV: decord and torchcodec open neither devices nor network streams), sampled at
+    ``fps`` and scaled to ``size`` by ``policy``; ``realtime`` plays a file at its own rate."""
+    return importlib.import_module("featseq.featurize.decoders.live").DECODER(source, fps, size, policy, realtime,
+                                                                              stall_timeout)
+
+
+def live_source_problem(source: str) -> str | None:
+    """Why ``source`` names nothing a live source can open (a cheap check before a worker starts), or None."""
+    if source == "-" or source.startswith("/dev/video") or "://" in source or os.path.isfile(source):
+        return None
+    return (f"{source}: no such file, device or URL (give /dev/videoN, rtsp://..., http://..., udp://..., - for "
+            f"standard input, or a video file)")

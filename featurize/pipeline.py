@@ -28,6 +28,7 @@ from featseq.common.files import replaced
 from featseq.common.errors import UserError
 from .sources import Segment, SourceError, read_source, validate
 from .spec import featurize_command, weights_id
+from .messages import CHUNK, DONE, ERROR, START
 from .worker import DecodePool, decode_job, default_workers
 
 DEFAULT_CACHE_DIR = "cache"
@@ -368,27 +369,27 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
 
     for msg in pool.run(jobs, idle=writer.publish_due):  # held segments wait about CacheWriter.group_seconds at most
         writer.publish_due()
-        kind, key = msg[0], msg[1]
-        if kind == "start":
-            pending[key] = {"info": msg[2], "feats": [], "ts": [], "frames": [], "n": 0, "done": False}
-        elif kind == "chunk":
+        kind, key = msg.kind, msg.key
+        if kind == START:
+            pending[key] = {"info": msg.info, "feats": [], "ts": [], "frames": [], "n": 0, "done": False}
+        elif kind == CHUNK:
             st = pending[key]
-            st["ts"].append(msg[3])
-            st["n"] += len(msg[2])
+            st["ts"].append(msg.times)
+            st["n"] += len(msg.frames)
             if cfg.keep_frames:
-                st["frames"].append(msg[2])
-            batch.append((key, msg[2]))
+                st["frames"].append(msg.frames)
+            batch.append((key, msg.frames))
             if sum(len(b[1]) for b in batch) >= cfg.batch_size:
                 run_batch()
                 commit_ready()
-        elif kind == "done":
+        elif kind == DONE:
             pending[key]["done"] = True
             commit_ready()
-        elif kind == "error":
+        elif kind == ERROR:
             pending.pop(key, None)
             batch[:] = [b for b in batch if b[0] != key]
-            result.failures[by_key[key].id] = msg[2]
-            log(f"skipped {by_key[key].id}: {msg[2]}")
+            result.failures[by_key[key].id] = msg.message
+            log(f"skipped {by_key[key].id}: {msg.message}")
             commit_ready()
     run_batch(flush=True)
     commit_ready()

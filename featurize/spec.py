@@ -71,6 +71,13 @@ class FeatureSpec:
             return self.weights_path
         return "imagenet" if self.weights == "imagenet" else "none"
 
+    def featurize_options(self, weights: str | None = None, precision: str | None = None) -> dict:
+        """The featurize settings (fields of featurize.pipeline.FeaturizeConfig) that make these features again, for
+        predict, stream and finetune alike: ``weights`` replaces :meth:`weights_arg` (e.g. after
+        :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another)."""
+        return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
+                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder}
+
     def check_weights(self, what: str) -> str:
         """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
         arg = self.weights_arg()

@@ -1,38 +1,20 @@
 """Decoding in worker processes that can be timed out and replaced.
 
-A decoder can hang (holding the GIL) or abort the whole process on some files, whichever backend it is. Every
-probe and decode therefore runs in a worker process started with ``spawn``; a :class:`DecodePool` runs N of them
-(``--decode-workers``). Jobs are dealt out as workers free up (two at a time per worker, so one is always
-waiting); messages come back in the order workers produce them, each job's own messages in order. A worker that
-gives no message for ``timeout`` seconds of the parent's waiting is killed, one that died is noted; the job it
-was on is reported as failed, the job queued behind it goes back to the others, and a fresh worker takes its
-place. The other workers' work is untouched.
+A decoder can hang (holding the GIL) or abort the whole process on some files, whichever backend it is, and so
+can a live source. Every probe, decode and stream therefore runs in a worker process started with ``spawn``; a
+:class:`DecodePool` runs N of them (``--decode-workers``). Jobs are dealt out as workers free up (two at a time
+per worker, so one is always waiting); messages come back in the order workers produce them, each job's own
+messages in order. A worker that gives no message for ``timeout`` seconds of the parent's waiting is killed, one
+that died is noted; the job it was on is reported as failed, the job queued behind it goes back to the others,
+and a fresh worker takes its place. The other workers' work is untouched.
 
 Memory stays bounded: each worker decodes ahead of the consumer by at most ``queue_chunks`` chunks (a bounded
-queue in the worker, drained into a pipe by a sender thread), so decoding overlaps the backbone's compute.
-
-Frames travel through shared memory, not through the pipe: a worker writes each chunk into one of its
-``queue_chunks + 1`` shared blocks and sends only the block's name and the chunk's shape; the parent copies the
-chunk out and hands the block back (("free", slot) on the jobs pipe). Pickled through the pipe, two workers'
-224 px frames cost the parent 195 ms of CPU per 1000 frames, against 18 ms this way (bench/decode_bench.py), CPU
-the decoders need when they share the cores with it. The parent unlinks a
-block's name as soon as it maps it, and a retired worker's unmapped blocks by their prefix, so nothing is left in
-/dev/shm. Where a block cannot be had (/dev/shm full or too small, e.g. Docker's default 64 MB), the worker sends
-frames through the pipe as before.
-
-Messages of a job:
-  ("info",  key, info_dict)                       reply to a probe job
-  ("start", key, info_dict)                       a decode job opened its video
-  ("chunk", key, frames uint8 (k,S,S,3), times float64 (k,))   (from the worker: frames is a shared-block reference)
-  ("done",  key, n_frames)                        a decode job finished
-  ("error", key, message)                         a job failed (message names the file)
-  ("note",  None, message)                        something the user should know (e.g. /dev/shm is full); logged
+queue in the worker, drained into a pipe by a sender thread), so decoding overlaps the backbone's compute. Frames
+travel through shared memory (featurize/shm.py). The jobs and messages are named records (featurize/messages.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
-import glob
 import multiprocessing as mp
 import os
 import queue
@@ -42,26 +24,14 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Iterable, Iterator
 
-PROBE = "probe"
-DECODE = "decode"
-TIMES = "times"
-FREE = "free"  # parent -> worker: a shared block is copied out and may be written again
-SHM_PREFIX = "featseq"  # shared blocks are named featseq_<worker pid>_<slot>_<generation>
+from .messages import (CHUNK, DONE, ERROR, FREE, INFO, NOTE, PROBE, READY, START, STREAM, TIMES, Chunk, Done, Error,
+                       Free, Info, Note, Ready, ShmRef, Start, decode_job, probe_job, stream_job, times_job)
+from .shm import Blocks, Slots, unlink_blocks
+
+__all__ = ["DecodePool", "WorkerStartError", "decode_job", "default_workers", "probe_job", "stream_job", "times_job"]
+
 JOBS_PER_WORKER = 2  # the one decoding and the next, so a worker never waits for the parent between jobs
 START_TIMEOUT = 120.0
-
-
-def probe_job(key, path: str) -> tuple:
-    return (PROBE, key, path)
-
-
-def decode_job(key, path: str, start: float, end: float | None, fps: float, size: int, policy: str, chunk: int) -> tuple:
-    return (DECODE, key, path, start, end, fps, size, policy, chunk)
-
-
-def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> tuple:
-    """Frames shown at explicit times (e.g. cached timestamps a sequence selected), for finetune/predict."""
-    return (TIMES, key, path, [float(t) for t in times], size, policy, chunk)
 
 
 def default_workers(decode_device: str, cnn_device: str) -> int:
@@ -77,201 +47,143 @@ def default_workers(decode_device: str, cnn_device: str) -> int:
     return min(2, cores)
 
 
-class _Slots:
-    """A worker's shared blocks (see the module docstring): at most ``n``, made as needed, a block remade larger
-    when a chunk does not fit. :meth:`pack` returns what a chunk message carries: a reference to the block the
-    frames were copied into, or the frames themselves when shared memory cannot be had (then for good)."""
+class _WorkerProcess:
+    """A decode worker's side of the pipes: a receiver thread reads jobs (and freed blocks) as they come, so the
+    parent never blocks on a busy worker; the main thread decodes; a sender thread pickles and writes messages
+    from a bounded queue while the next chunk decodes.
 
-    def __init__(self, n: int, enabled: bool = True):
-        self.n, self.enabled = n, enabled
-        self.blocks: list = []  # slot -> SharedMemory
-        self.made = 0
-        self.free: queue.Queue = queue.Queue()  # slots the parent has handed back
-        self.note = ""  # why shared memory was given up, until the worker has sent it on
+    The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once a second
+    while idle or blocked on a full queue, and a send into a closed pipe ends it too. (Not PR_SET_PDEATHSIG: that
+    fires when the *thread* that started the worker ends, and finetune starts it from a prefetch thread.)"""
 
-    def returned(self, slot: int) -> None:
-        self.free.put(slot)
+    def __init__(self, jobs_conn, out_conn, backend: str, device: str, queue_chunks: int, shared: bool):
+        self.jobs_conn, self.out_conn, self.backend, self.device = jobs_conn, out_conn, backend, device
+        self.parent = os.getppid()
+        self.out: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self.jobs: queue.Queue = queue.Queue()
+        self.slots = Slots(queue_chunks + 1, enabled=shared)
 
-    def _make(self, slot: int, nbytes: int):
-        """A new block of ``nbytes``, its pages reserved: a full /dev/shm fails here (OSError), rather than with
-        SIGBUS while frames are copied. The block is sized and reserved before SharedMemory maps it (and registers it
-        with the resource tracker, which removes it if every process dies): SharedMemory's own error path would
-        unregister a name it never registered, and the tracker prints a traceback."""
-        import _posixshmem
-        from multiprocessing.shared_memory import SharedMemory
-
-        for _ in range(100):  # a name left by a dead process of the same pid is skipped
-            name = f"{SHM_PREFIX}_{os.getpid()}_{slot}_{self.made}"
-            self.made += 1
+    def _send(self) -> None:
+        while True:
+            msg = self.out.get()
             try:
-                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-                break
-            except FileExistsError:
+                self.out_conn.send(msg)
+            except OSError:  # the parent closed its end
+                os._exit(0)
+            self.out.task_done()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self.jobs_conn.recv()
+            except (EOFError, OSError):
+                self.jobs.put(None)
+                return
+            if msg is not None and msg.kind == FREE:
+                self.slots.returned(msg.slot)
+            else:
+                self.jobs.put(msg)
+
+    def parent_alive(self) -> None:
+        if os.getppid() != self.parent:
+            os._exit(0)
+
+    def put(self, msg) -> None:
+        while True:
+            try:
+                return self.out.put(msg, timeout=1.0)
+            except queue.Full:
+                self.parent_alive()
+
+    def serve(self) -> None:
+        import numpy  # noqa: F401  (imported before Ready: a slow import counts against the start, not a job)
+
+        from . import decoder, sampling  # noqa: F401
+
+        threading.Thread(target=self._send, daemon=True).start()
+        threading.Thread(target=self._receive, daemon=True).start()
+        self.put(Ready(READY))
+        while True:
+            try:
+                job = self.jobs.get(timeout=1.0)
+            except queue.Empty:
+                self.parent_alive()
                 continue
-        else:
-            raise OSError(errno.EEXIST, "no free name for a shared block")
-        try:
-            os.ftruncate(fd, nbytes)
+            if job is None:
+                break
             try:
-                os.posix_fallocate(fd, 0, nbytes)
-            except AttributeError:  # no posix_fallocate (macOS): nothing to reserve ahead
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-            return SharedMemory(name=name)
-        except BaseException:
-            _posixshmem.shm_unlink("/" + name)
-            raise
-        finally:
-            os.close(fd)
+                if job.kind == PROBE:
+                    from .decoder import video_info
 
-    def pack(self, frames, wait_for_free):
-        """Copy ``frames`` into a free block (calling ``wait_for_free()`` repeatedly while none is, e.g. to check
-        that the parent is alive) and return ("shm", slot, name, shape); or return ``frames`` when disabled."""
+                    self.put(Info(INFO, job.key, dataclasses.asdict(video_info(job.path))))
+                elif job.kind == STREAM:
+                    self._stream(job)
+                else:
+                    self._decode(job)
+            except Exception as e:  # reported per job; the worker goes on with the next one
+                msg = str(e) if str(e).startswith(str(job.path)) else f"{job.path}: {type(e).__name__}: {e}"
+                self.put(Error(ERROR, job.key, msg))
+        self.out.join()  # every message sent before the process ends
+
+    def _chunk(self, key, frames, times, release: Callable[[], None], arrivals=None) -> None:
+        """Send one chunk; while the consumer is busy, a backend that decodes ahead stops (``release``, once)."""
+        released = []
+
+        def consumer_busy() -> None:
+            if not released:
+                release()
+                released.append(True)
+            self.parent_alive()
+
+        if self.out.full():
+            consumer_busy()
+        self.put(Chunk(CHUNK, key, self.slots.pack(frames, consumer_busy), times, arrivals))
+        if self.slots.note:
+            self.put(Note(NOTE, None, self.slots.note))
+            self.slots.note = ""
+
+    def _decode(self, job) -> None:
         import numpy as np
 
-        if not self.enabled or frames.nbytes == 0:
-            return frames
-        try:
-            slot = self.free.get_nowait()
-        except queue.Empty:
-            if len(self.blocks) < self.n:
-                self.blocks.append(None)
-                slot = len(self.blocks) - 1
-            else:
-                slot = None
-                while slot is None:
-                    wait_for_free()
-                    try:
-                        slot = self.free.get(timeout=1.0)
-                    except queue.Empty:
-                        pass
-        shm = self.blocks[slot]
-        if shm is None or shm.size < frames.nbytes:
-            if shm is not None:
-                shm.close()  # the parent unlinked its name when it first mapped it
-            try:
-                shm = self.blocks[slot] = self._make(slot, frames.nbytes)
-            except OSError as e:
-                self.enabled = False  # e.g. /dev/shm is full or missing: frames go through the pipe from now on
-                self.blocks[slot] = None
-                self.note = (f"a decode worker cannot have shared memory for its frames ({e}; it needs "
-                             f"{self.n} blocks of one chunk each), so its frames go through a pipe instead, which costs this process CPU "
-                             "time; give it more shared memory (a container: docker run --shm-size=2g, or a larger "
-                             "/dev/shm), or lower --batch-size")
-                return frames
-        np.ndarray(frames.shape, np.uint8, buffer=shm.buf)[...] = frames
-        return ("shm", slot, shm.name, frames.shape)
+        from .decoder import open_decoder
+        from .sampling import frame_at, plan_segment
+
+        dec = open_decoder(job.path, size=job.size, policy=job.policy, backend=self.backend, device=self.device)
+        info = dec.info
+        self.put(Start(START, job.key, dataclasses.asdict(info)))
+        if job.kind == TIMES:
+            idx = frame_at(np.asarray(job.times, dtype=np.float64), dec.frame_starts)
+            ftimes = dec.frame_starts[idx]
+        else:
+            plan = plan_segment(dec.frame_starts, info.duration, job.start, job.end, job.fps)
+            idx, ftimes = plan.indices, plan.times
+        pos = 0
+        for frames in dec.read(idx, job.chunk):
+            self._chunk(job.key, frames, ftimes[pos:pos + len(frames)], dec.release)
+            pos += len(frames)
+        dec.close()
+        self.put(Done(DONE, job.key, pos))
+
+    def _stream(self, job) -> None:
+        import numpy as np
+
+        from .decoder import open_live
+
+        src = open_live(job.path, job.fps, job.size, job.policy, job.realtime, job.stall_timeout)
+        self.put(Start(START, job.key, src.describe()))
+        n = 0
+        for t, arrival, rgb in src.frames():  # one chunk per grid frame: handed over as soon as it is on screen
+            self._chunk(job.key, rgb[None], np.array([t]), src.release, np.array([arrival]))
+            n += 1
+        src.close()
+        self.put(Done(DONE, job.key, n))
 
 
 def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: int, shared: bool = True) -> None:
-    import numpy as np
-
-    from .decoder import open_decoder, video_info
-    from .sampling import frame_at, plan_segment
     from featseq.common.signals import ignore_interrupts
 
     ignore_interrupts()  # Ctrl-C reaches the whole process group: the parent stops its workers
-
-    # The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once a
-    # second while idle or blocked on a full queue, and a send into a closed pipe ends it too. (Not
-    # PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends, and finetune starts it from a
-    # prefetch thread.)
-    parent = os.getppid()
-    out: queue.Queue = queue.Queue(maxsize=queue_chunks)
-    jobs: queue.Queue = queue.Queue()
-    slots = _Slots(queue_chunks + 1, enabled=shared)
-
-    def send() -> None:  # pickling and writing happen here, while the main thread decodes the next chunk
-        while True:
-            msg = out.get()
-            try:
-                out_conn.send(msg)
-            except OSError:  # the parent closed its end
-                os._exit(0)
-            out.task_done()
-
-    def receive() -> None:  # jobs (and freed blocks) are read as they come, so the parent never blocks on a busy worker
-        while True:
-            try:
-                msg = jobs_conn.recv()
-            except (EOFError, OSError):
-                jobs.put(None)
-                return
-            if msg is not None and msg[0] == FREE:
-                slots.returned(msg[1])
-            else:
-                jobs.put(msg)
-
-    def parent_alive() -> None:
-        if os.getppid() != parent:
-            os._exit(0)
-
-    def put(msg) -> None:
-        while True:
-            try:
-                return out.put(msg, timeout=1.0)
-            except queue.Full:
-                if os.getppid() != parent:
-                    os._exit(0)
-
-    threading.Thread(target=send, daemon=True).start()
-    threading.Thread(target=receive, daemon=True).start()
-    put(("ready", None, None))
-    while True:
-        try:
-            job = jobs.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:
-                os._exit(0)
-            continue
-        if job is None:
-            break
-        kind, key = job[0], job[1]
-        try:
-            if kind == PROBE:
-                put(("info", key, dataclasses.asdict(video_info(job[2]))))
-                continue
-            if kind == TIMES:
-                _, _, path, times, size, policy, chunk = job
-            else:
-                _, _, path, start, end, fps, size, policy, chunk = job
-            dec = open_decoder(path, size=size, policy=policy, backend=backend, device=device)
-            info = dec.info
-            put(("start", key, dataclasses.asdict(info)))
-            if kind == TIMES:
-                idx = frame_at(np.asarray(times, dtype=np.float64), dec.frame_starts)
-                ftimes = dec.frame_starts[idx]
-            else:
-                plan = plan_segment(dec.frame_starts, info.duration, start, end, fps)
-                idx, ftimes = plan.indices, plan.times
-            pos = 0
-            released = False
-
-            def consumer_busy() -> None:  # a backend that decodes ahead stops while the consumer is busy
-                nonlocal released
-                if not released:
-                    dec.release()
-                    released = True
-                parent_alive()
-
-            for frames in dec.read(idx, chunk):
-                k = len(frames)
-                released = False
-                if out.full():
-                    consumer_busy()
-                put(("chunk", key, slots.pack(frames, consumer_busy), ftimes[pos:pos + k]))
-                pos += k
-                if slots.note:
-                    put(("note", None, slots.note))
-                    slots.note = ""
-            dec.close()
-            put(("done", key, pos))
-        except Exception as e:  # reported per job; the worker goes on with the next one
-            msg = str(e) if str(e).startswith(str(job[2])) else f"{job[2]}: {type(e).__name__}: {e}"
-            put(("error", key, msg))
-    out.join()  # every message sent before the process ends
+    _WorkerProcess(jobs_conn, out_conn, backend, device, queue_chunks, shared).serve()
 
 
 class WorkerStartError(RuntimeError):
@@ -291,18 +203,6 @@ def _widen(conn) -> None:
         pass  # not Linux, or not allowed: the default buffer works, only slower
 
 
-def _unlink_blocks(pid: int) -> None:
-    """Remove the shared blocks a worker made that the parent never mapped (it was killed or died meanwhile)."""
-    from multiprocessing import resource_tracker
-
-    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}_{pid}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            continue
-        resource_tracker.unregister("/" + os.path.basename(path), "shared_memory")
-
-
 class _Worker:
     def __init__(self, ctx, backend: str, device: str, queue_chunks: int, shared: bool):
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
@@ -317,25 +217,15 @@ class _Worker:
         self.ready = False
         self.eof = False  # its pipe reached end-of-file: the process is gone
         self.silent = 0.0  # seconds the parent has waited since this worker's last message
-        self.blocks: dict = {}  # slot -> the worker's shared block, mapped here
+        self.blocks = Blocks()  # the worker's shared blocks, mapped here
 
     def frames(self, ref):
         """The frames of a chunk message: copied out of the shared block it names, which goes back to the worker."""
-        if not isinstance(ref, tuple):
+        if not isinstance(ref, ShmRef):
             return ref  # sent through the pipe
-        import numpy as np
-        from multiprocessing.shared_memory import SharedMemory
-
-        _, slot, name, shape = ref
-        shm = self.blocks.get(slot)
-        if shm is None or shm.name != name:
-            if shm is not None:
-                shm.close()
-            shm = self.blocks[slot] = SharedMemory(name=name)
-            shm.unlink()  # the name goes at once: the memory is freed when both sides unmap it, however they end
-        frames = np.ndarray(shape, np.uint8, buffer=shm.buf).copy()
+        frames = self.blocks.take(ref)
         try:
-            self.jobs.send((FREE, slot))
+            self.jobs.send(Free(FREE, ref.slot))
         except OSError:  # it died: noticed by the pool
             pass
         return frames
@@ -352,10 +242,8 @@ class _Worker:
             self.proc.join(timeout=5)
         self.jobs.close()
         self.out.close()
-        for shm in self.blocks.values():
-            shm.close()
-        self.blocks.clear()
-        _unlink_blocks(self.proc.pid)
+        self.blocks.close()
+        unlink_blocks(self.proc.pid)
 
 
 class DecodePool:
@@ -413,7 +301,7 @@ class DecodePool:
 
     def _failed(self, w: _Worker) -> str | None:
         """Why a busy worker is declared lost (naming its job's file), or None while it is fine."""
-        path = w.assigned[0][2]
+        path = w.assigned[0].path
         if w.eof or (not w.proc.is_alive() and not w.out.poll()):
             w.proc.join(timeout=5)
             if not w.ready:
@@ -429,7 +317,8 @@ class DecodePool:
         return None
 
     def run(self, jobs: Iterable[tuple], idle: Callable[[], None] | None = None) -> Iterator[tuple]:
-        """Yield the messages of every job as the workers produce them, replacing workers that fail; ``idle`` is
+        """Yield the messages (featurize.messages records; a Chunk's frames as an array) of every job (job records) as the
+        workers produce them, replacing workers that fail; ``idle`` is
         called whenever half a second passes with no message (the cache writer publishes what it holds).
 
         Abandoning the iterator early kills the workers (they may hold queued frames); the next call starts new ones.
@@ -467,19 +356,19 @@ class DecodePool:
                         w.eof = True  # died: noticed below
                         continue
                     w.silent = 0.0
-                    if msg[0] == "ready":
+                    if msg.kind == READY:
                         w.ready = True
                         continue
-                    if msg[0] == "note":
-                        if msg[2] not in self.notes:
-                            self.notes.append(msg[2])
+                    if msg.kind == NOTE:
+                        if msg.message not in self.notes:
+                            self.notes.append(msg.message)
                             if self.log is not None:
-                                self.log(f"note: {msg[2]}")
+                                self.log(f"note: {msg.message}")
                         continue
-                    if msg[0] == "chunk":
-                        self.chunks["shm" if isinstance(msg[2], tuple) else "pipe"] += 1
-                        msg = (msg[0], msg[1], w.frames(msg[2]), msg[3])
-                    elif msg[0] in ("info", "done", "error"):
+                    if msg.kind == CHUNK:
+                        self.chunks["shm" if isinstance(msg.frames, ShmRef) else "pipe"] += 1
+                        msg = msg._replace(frames=w.frames(msg.frames))
+                    elif msg.kind in (INFO, DONE, ERROR):
                         w.assigned.popleft()
                     yield msg
                 for i, w in enumerate(self._w):
@@ -489,7 +378,7 @@ class DecodePool:
                     pending.extendleft(reversed(w.assigned))  # its next job goes back to the others
                     self.restarts += 1
                     self._retire(i, kill=True)
-                    yield ("error", job[1], why)
+                    yield Error(ERROR, job.key, why)
             complete = True
         finally:
             if not complete:
@@ -503,19 +392,20 @@ class DecodePool:
 
         parts: dict = {}
         out: dict = {}
-        for kind, key, *payload in self.run([times_job(k, p, t, size, policy, chunk) for k, p, t in requests]):
-            if kind == "chunk":
-                parts.setdefault(key, []).append(payload[0])
-            elif kind == "done":
-                out[key] = np.concatenate(parts.pop(key)) if key in parts else np.zeros((0, size, size, 3), np.uint8)
-            elif kind == "error":
-                parts.pop(key, None)
-                out[key] = payload[0]
+        for msg in self.run([times_job(k, p, t, size, policy, chunk) for k, p, t in requests]):
+            if msg.kind == CHUNK:
+                parts.setdefault(msg.key, []).append(msg.frames)
+            elif msg.kind == DONE:
+                out[msg.key] = (np.concatenate(parts.pop(msg.key)) if msg.key in parts
+                                else np.zeros((0, size, size, 3), np.uint8))
+            elif msg.kind == ERROR:
+                parts.pop(msg.key, None)
+                out[msg.key] = msg.message
         return out
 
     def probe(self, paths: Iterable[str]) -> dict[str, dict | str]:
         """path -> info dict, or an error message for a file that cannot be opened."""
         out: dict[str, dict | str] = {}
-        for _kind, key, payload in self.run([probe_job(p, p) for p in dict.fromkeys(paths)]):
-            out[key] = payload
+        for msg in self.run([probe_job(p, p) for p in dict.fromkeys(paths)]):
+            out[msg.key] = msg.info if msg.kind == INFO else msg.message
         return out

@@ -30,9 +30,10 @@ from featseq.featurize.cache import Cache, read_cache
 from featseq.common.errors import UserError
 
 from . import plots
-from .reader import EPS, check_fps, resolve_seq_len
+from .reader import check_fps
 from .run import CHECKPOINT, Run, mean_std, write_json
 from .train import train
+from .windows import EPS, match_frames, resolve_seq_len
 
 
 class CompareError(UserError):
@@ -116,20 +117,6 @@ def check_sampling(a: Cache, b: Cache, fps: float | None) -> float:
 
 
 # ---------------------------------------------------------------- feature similarity
-
-def match_frames(ta: np.ndarray, tb: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i into ta, j into tb) of frames at the same time (nearest within tol), one per frame of the slower."""
-    if len(ta) == 0 or len(tb) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    swap = len(ta) > len(tb)
-    x, y = (tb, ta) if swap else (ta, tb)
-    j = np.clip(np.searchsorted(y, x), 1, max(1, len(y) - 1)) if len(y) > 1 else np.zeros(len(x), np.int64)
-    if len(y) > 1:
-        j = np.where(np.abs(y[j] - x) < np.abs(y[j - 1] - x), j, j - 1)
-    ok = np.abs(y[j] - x) <= tol
-    i = np.nonzero(ok)[0]
-    return (j[ok], i) if swap else (i, j[ok])
-
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA of two (n, d1), (n, d2) matrices of the same n rows (1: same up to rotation and scale)."""

@@ -5,7 +5,8 @@
 
 The options are train's (:data:`OPTIONS`, the fields of :class:`sequence.config.TrainConfig`, with its defaults
 and checks), so the same options give the same sequences, the same parts and the same tensors as the trainer's
-reader (:func:`sequence.reader.build` and :func:`sequence.splits.folds_for`): ``part`` is ``train``, ``val``,
+reader (:func:`sequence.reader.build`, the window policy of :mod:`sequence.windows`, and
+:func:`sequence.splits.folds_for`): ``part`` is ``train``, ``val``,
 ``test`` or ``all`` (every usable segment), ``fold`` picks a fold of a cross-validation split. Labels index
 :attr:`CacheDataset.classes`. With ``offset="random"`` the training part draws a new window shift (on the cache's
 frame grid) at every access from torch's RNG, which DataLoader seeds per worker; the other parts use ``center``,
@@ -27,7 +28,8 @@ import torch
 from featseq.featurize.cache import open_read, read_cache
 
 from .config import TrainConfig
-from .reader import EPS, build, select
+from .reader import build
+from .windows import select, shift_steps
 from .splits import choose_split, folds_for, split_entry
 
 OPTIONS = ("fps", "seconds", "percent", "seq_len", "offset", "min_coverage", "split", "split_dir", "test_size",
@@ -91,9 +93,8 @@ class CacheDataset(torch.utils.data.Dataset):
     def _rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.random:
             return self.rows[i], self.mask[i]
-        slack = max(0.0, float(self._durations[i]) - self.seq_len / self.fps)
-        steps = int(np.floor(slack * self.cache_fps + EPS))
-        shift = int(torch.randint(0, steps + 1, ())) / self.cache_fps
+        steps = int(shift_steps(self._durations[i:i + 1], self.seq_len, self.fps, self.cache_fps)[0])
+        shift = int(torch.randint(0, steps + 1, ())) / self.cache_fps  # torch's RNG: DataLoader seeds it per worker
         b = {k: v[i:i + 1] for k, v in self._bounds.items()}
         sel = select(self._timestamps, b["offset"], b["length"], b["start"], b["end"], self.fps, self.seq_len,
                      self.cache_fps, np.array([shift]))

@@ -230,9 +230,8 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     env = torchrun_env()
     shard = f"{env[0]}/{env[1]}" if env else None
     if spec is not None:
-        fcfg = FeaturizeConfig(source=cfg.cache, backbone=spec.backbone, weights=spec.check_weights(f"--from {cfg.from_run}"),
-                               seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps, precision=spec.precision,
-                               decoder=spec.decoder, keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
+        fcfg = FeaturizeConfig(source=cfg.cache, **spec.featurize_options(spec.check_weights(f"--from {cfg.from_run}")),
+                               keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
     elif cfg.backbone:
         fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
                                size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,

@@ -12,7 +12,7 @@
    same frame grid, same preprocessing), handed over as segment records, into a feature cache
    (``--cache FILE`` keeps it and is resumed on the next call; otherwise a temporary file).
 3. Each window is treated like a clip by the reader: the run's ``seq_len`` frames at the run's fps,
-   nearest cached timestamps (:func:`sequence.reader.select`), the run's offset policy inside the
+   nearest cached timestamps (:func:`sequence.windows.sliding_selection`), the run's offset policy inside the
    window (``center``/``random`` -> centred, ``start`` -> from the window's start), padding masked.
    Without ``--window`` the whole video is one window.
 
@@ -28,24 +28,27 @@ import os
 import re
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from featseq.featurize.backbones import resolve_device
-from featseq.featurize.cache import read_cache
+from featseq.featurize.cache import Cache, read_cache
 from featseq.common.errors import UserError
 from featseq.featurize.sources import Segment
 from featseq.featurize.spec import FeatureSpec, weights_id
 
 from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
-from .reader import EPS, select, shifts
 from .run import CHECKPOINT, Run, resolve_run_folder, write_json
+from .windows import EPS, eval_offset, sliding_selection
+
+if TYPE_CHECKING:
+    from featseq.featurize.pipeline import FeaturizeResult
 
 
 class PredictError(UserError):
@@ -115,21 +118,6 @@ def spec_record(run: Run, spec: FeatureSpec) -> dict:
     return {**d, "finetuned": run.trunk_state is not None}
 
 
-# ---------------------------------------------------------------- windows
-
-def windows(duration: float, window: float | None, stride: float | None) -> list[tuple[float, float]]:
-    """[start, end) of each window: the whole video, or every ``stride`` s a ``window``-s window that fits
-    (one window [0, duration) when the video is shorter than the window)."""
-    if window is None:
-        return [(0.0, float(duration))]
-    stride = stride or window
-    out, t = [], 0.0
-    while t + window <= duration + EPS:
-        out.append((t, t + window))
-        t = round(t + stride, 9)
-    return out or [(0.0, float(duration))]
-
-
 def _video_id(path: str) -> str:
     p = Path(path).resolve()
     return f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:10]}"
@@ -146,113 +134,129 @@ def _stem(name: str, used: set) -> str:
 
 # ---------------------------------------------------------------- predict
 
-def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
-    """Featurize ``cfg.videos`` like the run's features, classify windows, write OUT; returns predict.json's content."""
-    cfg.validate()
-    t0 = time.monotonic()
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict"
-    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
-    spec = run.spec
-    classes = run.classes
-    fps, seq_len, offset = float(run.reader.fps), int(run.reader.seq_len), run.reader.offset
+def _check_run(cfg: PredictConfig, run: Run) -> None:
+    spec, fps = run.spec, float(run.reader.fps)
     if spec.feature_dim and spec.feature_dim != run.input_dim:
         raise PredictError(f"{cfg.run}: its model takes {run.input_dim}-dim features but its features were "
                            f"{spec.feature_dim}-dim; the run folder is inconsistent")
     if fps > spec.fps + EPS:
         raise PredictError(f"{cfg.run}: the run reads {fps:g} fps from features made at {spec.fps:g} fps; "
                            f"inconsistent run folder")
-    out.mkdir(parents=True, exist_ok=True)
 
+
+@contextmanager
+def _cache_file(cfg: PredictConfig) -> Iterator[Path]:
+    """Where the new videos' features go: ``--cache`` (kept, resumed next time) or a temporary file."""
+    if cfg.cache:
+        path = Path(cfg.cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="featseq-predict-") as d:
+        yield Path(d) / "predict.h5"
+
+
+@dataclass
+class _Featurized:
+    cache: Cache           # the features (float32, in memory)
+    result: "FeaturizeResult"
+    precision: str         # the precision featurize ran at
+    failed: dict           # video id -> why it was skipped
+    todo: list             # (video, position in the cache's segment table) of every video that was featurized
+
+
+def _featurize(cfg: PredictConfig, run: Run, spec: FeatureSpec, cache_path: Path, log) -> _Featurized:
+    """The videos featurized by featurize itself, with ``spec``; PredictError when none could be, or when the
+    features made would differ from the run's."""
     from featseq.featurize.pipeline import FeaturizeConfig, featurize
 
-    tmpdir = None
-    if cfg.cache:
-        cache_path = Path(cfg.cache)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        tmpdir = tempfile.TemporaryDirectory(prefix="featseq-predict-")
-        cache_path = Path(tmpdir.name) / "predict.h5"
-    trunk = ExitStack()  # a finetune run's trunk as a temporary weights file, until the videos are featurized
-    try:
-        spec = trunk.enter_context(featurize_spec(run))
-        ids = [_video_id(v) for v in cfg.videos]
-        records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
-                   for v, i in zip(cfg.videos, ids)]
-        fcfg = FeaturizeConfig(source="featseq predict", backbone=spec.backbone, weights=spec.weights_arg(),
-                               seed=spec.seed, size=spec.size, resize=spec.resize, fps=spec.fps,
-                               precision=cfg.precision or spec.precision, decoder=spec.decoder, device=cfg.device,
-                               out=str(cache_path),
-                               batch_size=cfg.batch_size, decode_timeout=cfg.decode_timeout, skip_errors=True,
-                               shard=None, refresh=True)  # a video changed since --cache kept it: its features now
-        log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"
-            f"{' (fine-tuned trunk)' if run.trunk_state is not None else ''}")
-        fres = featurize(fcfg, segments=records)
-        cache = read_cache(str(cache_path), dtype=np.float32)
-        made = FeatureSpec.from_attrs(cache.attrs)
-        if diff := spec.same_features(made) + [f"{k}: {getattr(spec, k)} vs {getattr(made, k)}" for k in ("mean", "std")
-                                               if getattr(spec, k) and getattr(spec, k) != getattr(made, k)]:
-            raise PredictError(f"{cfg.run}: the new videos' features would differ from the run's ({'; '.join(diff)}); "
-                               f"featurize them with the run's settings (check --cache {cache_path})")
-        failed = {i: why for i, why in fres.failures.items() if i in ids}
-        for i, why in failed.items():
-            log(f"skipped: {why}")
-        seg = cache.segments
-        pos = {s: k for k, s in enumerate(seg["id"])}
-        todo = [(v, i) for v, i in zip(cfg.videos, ids) if i in pos]
-        if not todo:
-            raise PredictError("no video could be decoded: " + "; ".join(failed.values()))
+    ids = [_video_id(v) for v in cfg.videos]
+    records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
+               for v, i in zip(cfg.videos, ids)]
+    fcfg = FeaturizeConfig(source="featseq predict", **spec.featurize_options(precision=cfg.precision),
+                           device=cfg.device, out=str(cache_path), batch_size=cfg.batch_size,
+                           decode_timeout=cfg.decode_timeout, skip_errors=True,
+                           shard=None, refresh=True)  # a video changed since --cache kept it: its features now
+    log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"
+        f"{' (fine-tuned trunk)' if run.trunk_state is not None else ''}")
+    fres = featurize(fcfg, segments=records)
+    cache = read_cache(str(cache_path), dtype=np.float32)
+    made = FeatureSpec.from_attrs(cache.attrs)
+    if diff := spec.same_features(made) + [f"{k}: {getattr(spec, k)} vs {getattr(made, k)}" for k in ("mean", "std")
+                                           if getattr(spec, k) and getattr(spec, k) != getattr(made, k)]:
+        raise PredictError(f"{cfg.run}: the new videos' features would differ from the run's ({'; '.join(diff)}); "
+                           f"featurize them with the run's settings (check --cache {cache_path})")
+    failed = {i: why for i, why in fres.failures.items() if i in ids}
+    for why in failed.values():
+        log(f"skipped: {why}")
+    pos = {s: k for k, s in enumerate(cache.segments["id"])}
+    todo = [(v, pos[i]) for v, i in zip(cfg.videos, ids) if i in pos]
+    if not todo:
+        raise PredictError("no video could be decoded: " + "; ".join(failed.values()))
+    return _Featurized(cache, fres, fcfg.precision, failed, todo)
 
-        # windows -> reader selections
-        recs, offs, lens, starts, ends = [], [], [], [], []
-        for v, i in todo:
-            k = pos[i]
-            s0, e0 = float(seg["start"][k]), float(seg["end"][k])
-            for a, b in windows(e0 - s0, cfg.window, cfg.stride):
-                recs.append((v, a, min(b, e0 - s0)))
-                offs.append(seg["offset"][k])
-                lens.append(seg["length"][k])
-                starts.append(s0 + a)
-                ends.append(s0 + min(b, e0 - s0))
-        starts, ends = np.asarray(starts), np.asarray(ends)
-        off = "center" if offset in ("center", "random") else "start"
-        sh = shifts(ends - starts, seq_len, fps, spec.fps, off)
-        sel = select(cache.timestamps, np.asarray(offs), np.asarray(lens), starts, ends, fps, seq_len, spec.fps, sh)
-        device = resolve_device(cfg.device)
-        run.model.to(device)
-        t1 = time.monotonic()
-        inputs = FeatureInputs(torch.from_numpy(cache.features), torch.from_numpy(sel.rows), torch.from_numpy(sel.mask))
-        probs = probabilities(run.model, inputs, sel.mask, len(classes), device)
-        t_cls = time.monotonic() - t1
-    finally:
-        trunk.close()
-        if tmpdir is not None:
-            tmpdir.cleanup()
 
-    pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
-    with open(out / "predictions.csv", "w", newline="") as fh:
+def _classify(cfg: PredictConfig, run: Run, spec: FeatureSpec, f: _Featurized) -> tuple[list, np.ndarray, float]:
+    """([(video, window start, window end)], probabilities (windows, C), seconds it took) of every window."""
+    reader = run.reader
+    recs, sel = sliding_selection(f.cache.segments, [k for _, k in f.todo], f.cache.timestamps, cfg.window, cfg.stride,
+                                  float(reader.fps), int(reader.seq_len), spec.fps, reader.offset)
+    recs = [(f.todo[n][0], a, b) for n, a, b in recs]
+    device = resolve_device(cfg.device)
+    run.model.to(device)
+    t1 = time.monotonic()
+    inputs = FeatureInputs(torch.from_numpy(f.cache.features), torch.from_numpy(sel.rows), torch.from_numpy(sel.mask))
+    probs = probabilities(run.model, inputs, sel.mask, len(run.classes), device)
+    return recs, probs, time.monotonic() - t1
+
+
+def _write_predictions(path: Path, recs: list, probs: np.ndarray, pred: np.ndarray, classes: list, threshold: float):
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["video", "window_start", "window_end"] + [f"p_{c}" for c in classes] + ["predicted", "above_threshold"])
         for r, (v, a, b) in enumerate(recs):
             ok = pred[r] >= 0
             w.writerow([v, f"{a:.3f}", f"{b:.3f}"] + [("" if np.isnan(p) else f"{p:.6f}") for p in probs[r]]
-                       + [classes[pred[r]] if ok else "", int(ok and probs[r, pred[r]] >= cfg.threshold)])
-    timelines = {}
-    if cfg.plots:
-        used: set = set()
-        for v, _ in todo:
-            sel_r = [r for r, rec in enumerate(recs) if rec[0] == v]
-            path = out / f"timeline_{_stem(v, used)}.png"
-            plots.timeline(path, v, [recs[r][1] for r in sel_r], [recs[r][2] for r in sel_r], probs[sel_r], pred[sel_r],
-                           classes, cfg.threshold)
-            timelines[v] = str(path)
-    frames = int(sum(int(seg["length"][pos[i]]) for _, i in todo))
+                       + [classes[pred[r]] if ok else "", int(ok and probs[r, pred[r]] >= threshold)])
+
+
+def _timelines(out: Path, videos: list, recs: list, probs: np.ndarray, pred: np.ndarray, classes: list,
+               threshold: float) -> dict:
+    """timeline_<video stem>.png per video; video -> its path."""
+    timelines, used = {}, set()
+    for v in videos:
+        rows = [r for r, rec in enumerate(recs) if rec[0] == v]
+        path = out / f"timeline_{_stem(v, used)}.png"
+        plots.timeline(path, v, [recs[r][1] for r in rows], [recs[r][2] for r in rows], probs[rows], pred[rows],
+                       classes, threshold)
+        timelines[v] = str(path)
+    return timelines
+
+
+def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
+    """Featurize ``cfg.videos`` like the run's features, classify windows, write OUT; returns predict.json's content."""
+    cfg.validate()
+    t0 = time.monotonic()
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "predict"
+    run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
+    _check_run(cfg, run)
+    out.mkdir(parents=True, exist_ok=True)
+    # a finetune run's trunk is a temporary weights file until the videos are featurized
+    with _cache_file(cfg) as cache_path, featurize_spec(run) as spec:
+        f = _featurize(cfg, run, spec, cache_path, log)
+        recs, probs, t_cls = _classify(cfg, run, spec, f)
+    classes, videos = run.classes, [v for v, _ in f.todo]
+    pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
+    _write_predictions(out / "predictions.csv", recs, probs, pred, classes, cfg.threshold)
+    timelines = _timelines(out, videos, recs, probs, pred, classes, cfg.threshold) if cfg.plots else {}
+    fres = f.result
     res = {
-        "status": "complete", "run": str(cfg.run), "kind": run.kind, "videos": [v for v, _ in todo],
-        "failed": failed, "classes": classes, "window": cfg.window, "stride": cfg.stride or cfg.window,
-        "threshold": cfg.threshold, "fps": fps, "seq_len": seq_len, "offset": off,
-        "featurize": {**spec_record(run, spec), "precision": fcfg.precision},
-        "windows": len(recs), "frames": frames, "frames_featurized": fres.frames,
-        "featurize_s": round(fres.seconds, 3), "classify_s": round(t_cls, 4),
+        "status": "complete", "run": str(cfg.run), "kind": run.kind, "videos": videos,
+        "failed": f.failed, "classes": classes, "window": cfg.window, "stride": cfg.stride or cfg.window,
+        "threshold": cfg.threshold, "fps": float(run.reader.fps), "seq_len": int(run.reader.seq_len),
+        "offset": eval_offset(run.reader.offset), "featurize": {**spec_record(run, spec), "precision": f.precision},
+        "windows": len(recs), "frames": int(sum(int(f.cache.segments["length"][k]) for _, k in f.todo)),
+        "frames_featurized": fres.frames, "featurize_s": round(fres.seconds, 3), "classify_s": round(t_cls, 4),
         "frames_per_s": round(fres.frames / fres.stream_seconds, 2) if fres.frames and fres.stream_seconds else None,
         "windows_per_s": round(len(recs) / t_cls, 1) if t_cls > 0 else None,
         "cache": str(cache_path) if cfg.cache else None, "plots": timelines,

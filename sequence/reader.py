@@ -1,31 +1,10 @@
-"""Fixed-length sequences from a feature cache: pure selection math, then tensors in memory.
+"""Fixed-length sequences from a feature cache: the window policy (sequence.windows) applied to a cache's segment
+table, then tensors in memory.
 
-A request is (fps F, window length L frames, offset policy). For segment i with start s and end e
-(its bounds in the cache, seconds on the video's clock) and a window shift o (seconds), the grid is
-
-    t_k = s + o + k / F,   k = 0 .. L-1
-
-and each grid time takes the cached frame whose *stored timestamp* is nearest to it (ties go to the
-earlier frame). A grid time at or past the segment's end (or with no cached frame within one cache
-period) is padding: mask False, features zero. Padding therefore only ever sits at the end of a
-sequence (the mask is a prefix of True values).
-
-Window length, in frames (the first rule that applies):
-  * ``--seq-len L``: exactly L;
-  * ``--seconds S --percent P``: L = floor(S * P/100 * F) (+1e-6 against rounding), at least 1;
-  * ``--percent P`` alone: S defaults to the 5th percentile of the segments' durations, so one very
-    short clip does not shorten every sequence.
-
-The original study's counts (1 fps: 25/20/12 frames for 100/80/50 %, 2 fps: 51/41/25,
-3 fps: 77/62/38) are floor(W * F * P) for any window W in [25.834, 26) s, e.g. ``--seconds 25.9``;
-floor(25.5 * F * P) does *not* reproduce them (it gives 40 at 2 fps/80 % and 76 at 3 fps/100 %).
-``--seq-len`` reproduces any count directly.
-
-Offsets (snapped to the cache's frame grid so they stay exact):
-  * ``start``: o = 0;
-  * ``center``: o = (duration - L/F) / 2, or 0 when the clip is shorter than the window;
-  * ``random``: o uniform over the cache frames in [0, duration - L/F] (temporal jitter; the trainer
-    draws it anew every epoch for training sequences and uses ``center`` for evaluation).
+:func:`build` reads every segment's sequence at the requested fps, length and offset; the rows it selects index
+one (frames, D) features tensor that the trainer gathers batches from (sequence.loop.FeatureInputs, the one
+gather). :func:`check_fps` refuses a rate the cache cannot give back exactly; :func:`load_features` holds the
+features once, in the cache's dtype, in RAM or memory-mapped.
 """
 from __future__ import annotations
 
@@ -47,22 +26,11 @@ from featseq.common.files import replaced
 from featseq.featurize.spec import featurize_command
 
 from .config import OFFSETS, ReaderConfig  # noqa: F401  (re-exported)
-
-EPS = 1e-6
+from .windows import EPS, eval_offset, resolve_seq_len, select, shifts
 
 
 class ReaderError(UserError):
     """A sequence request the cache cannot serve (the message names the flag and the fix)."""
-
-
-def window_frames(seconds: float, fps: float, percent: float = 100.0) -> int:
-    """Frames in P% of an S-second window at F fps: floor(S * P/100 * F), at least 1."""
-    return max(1, int(math.floor(seconds * percent / 100.0 * fps + EPS)))
-
-
-def default_seconds(durations: np.ndarray) -> float:
-    """A window nearly all clips reach: the 5th percentile of the durations."""
-    return float(np.percentile(np.asarray(durations, dtype=np.float64), 5)) if len(durations) else 0.0
 
 
 def on_grid(fps: float, cache_fps: float) -> bool:
@@ -103,66 +71,6 @@ def check_fps(fps: float, cache_fps: float, cache_path: str = "", source: str = 
 
 
 @dataclass
-class Selection:
-    """Which cache rows fill each sequence.
-
-    rows:     (N, L) int64, row of the cache's features array (0 where padded)
-    mask:     (N, L) bool, True for a real frame (a prefix of each row)
-    times:    (N, L) float64, requested grid times
-    coverage: (N,) float64, fraction of the window holding real frames
-    """
-
-    rows: np.ndarray
-    mask: np.ndarray
-    times: np.ndarray
-    coverage: np.ndarray
-
-
-def shifts(durations: np.ndarray, seq_len: int, fps: float, cache_fps: float, offset: str,
-           rng: np.random.Generator | None = None) -> np.ndarray:
-    """Window shift (s) per segment, snapped to the cache's frame grid."""
-    slack = np.maximum(0.0, np.asarray(durations, dtype=np.float64) - seq_len / fps)
-    if offset == "start":
-        return np.zeros_like(slack)
-    if offset == "center":
-        return np.round(slack / 2 * cache_fps) / cache_fps
-    if offset == "random":
-        rng = rng if rng is not None else np.random.default_rng(0)
-        steps = np.floor(slack * cache_fps + EPS).astype(np.int64)
-        return rng.integers(0, steps + 1) / cache_fps
-    raise ValueError(f"--offset must be one of {', '.join(OFFSETS)}, got {offset!r}")
-
-
-def select(timestamps: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-           fps: float, seq_len: int, cache_fps: float, shift: np.ndarray | None = None) -> Selection:
-    """Nearest cached frame to each grid time ``start + shift + k / fps`` (see the module docstring)."""
-    n = len(offsets)
-    shift = np.zeros(n) if shift is None else np.asarray(shift, dtype=np.float64)
-    k = np.arange(seq_len, dtype=np.float64)
-    times = np.asarray(starts, np.float64)[:, None] + shift[:, None] + k[None, :] / fps
-    rows = np.zeros((n, seq_len), dtype=np.int64)
-    mask = np.zeros((n, seq_len), dtype=bool)
-    tol = 1.0 / cache_fps + EPS
-    for i in range(n):
-        o, m = int(offsets[i]), int(lengths[i])
-        if m == 0:
-            continue
-        ts = timestamps[o:o + m]
-        t = times[i]
-        j = np.clip(np.searchsorted(ts, t, side="left"), 1, max(1, m - 1)) if m > 1 else np.zeros(seq_len, np.int64)
-        if m > 1:
-            left, right = ts[j - 1], ts[j]
-            j = np.where(right - t < t - left - 1e-9, j, j - 1)  # nearest, ties to the earlier frame
-        ok = (t < ends[i] - EPS) & (np.abs(ts[j] - t) <= tol)
-        rows[i] = np.where(ok, o + j, 0)
-        mask[i] = ok
-    # keep padding at the end only: a grid time after a gap is dropped too
-    mask = np.cumprod(mask, axis=1).astype(bool)
-    rows = np.where(mask, rows, 0)
-    return Selection(rows=rows, mask=mask, times=times, coverage=mask.mean(axis=1) if seq_len else np.zeros(n))
-
-
-@dataclass
 class Sequences:
     """A cache's sequences in memory: features stay one (frames, D) tensor; rows/mask index into it."""
 
@@ -186,13 +94,6 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, idx: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x (B, L, D) float32 with zeros at padding, mask (B, L) bool) for the sequences ``idx``."""
-        r = (self.rows if rows is None else rows)[idx]
-        m = self.mask[idx]
-        x = self.features[r].float()  # gathered in the cache's dtype, float32 per batch
-        return x * m.unsqueeze(-1), m
-
     def resample(self, offset: str, rng: np.random.Generator) -> torch.Tensor:
         """Rows of every sequence for a new draw of the offset (random jitter)."""
         s = self._seg
@@ -206,13 +107,6 @@ class Sequences:
         return {"fps": self.fps, "seq_len": self.seq_len, "seconds": self.seconds, "cache_fps": self.cache_fps,
                 "segments": len(self), "used": int(self.keep.sum()), "padded": int(padded.sum()),
                 "dropped": int((~self.keep).sum()), "mean_coverage": float(self.coverage[self.keep].mean()) if self.keep.any() else 0.0}
-
-
-def resolve_seq_len(cfg: ReaderConfig, fps: float, durations: np.ndarray) -> tuple[int, float | None]:
-    if cfg.seq_len is not None:
-        return int(cfg.seq_len), None
-    seconds = cfg.seconds if cfg.seconds is not None else default_seconds(durations)
-    return window_frames(seconds, fps, cfg.percent), seconds
 
 
 def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, offset: str | None = None,
@@ -238,10 +132,7 @@ def build(cache: Cache, cfg: ReaderConfig, classes: list[str] | None = None, off
         seq_len, seconds = resolve_seq_len(cfg, fps, durations)
     else:
         seconds = None
-    off = offset or cfg.offset
-    if off == "random":
-        off = "center"
-    sh = shifts(durations, seq_len, fps, cache_fps, off)
+    sh = shifts(durations, seq_len, fps, cache_fps, eval_offset(offset or cfg.offset))
     sel = select(cache.timestamps, s["offset"], s["length"], s["start"], s["end"], fps, seq_len, cache_fps, sh)
     keep = (sel.coverage >= cfg.min_coverage - EPS) & sel.mask.any(axis=1)
     labels_str = np.asarray(s["label"]).astype(str)

@@ -62,7 +62,8 @@ def test_two_resolutions_dims_match(cmp_data):
 
 
 def test_linear_cka_and_matching():
-    from featseq.sequence.compare import linear_cka, match_frames
+    from featseq.sequence.compare import linear_cka
+    from featseq.sequence.windows import match_frames
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 8))

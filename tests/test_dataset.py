@@ -15,7 +15,8 @@ from featseq.featurize.cache import read_cache
 from seq_fixtures import write_fake_cache
 from featseq.sequence.config import TrainConfig
 from featseq.sequence.dataset import CacheDataset
-from featseq.sequence.reader import build
+from featseq.sequence.loop import FeatureInputs
+from featseq.sequence.reader import build, load_features
 from featseq.sequence.splits import folds_for
 
 N = 40
@@ -31,12 +32,13 @@ def cache(tmp_path_factory):
 
 
 def trainer_tensors(path, part, fold=0, **options):
-    """What the trainer feeds its model for these options: reader.build + splits.folds_for + Sequences.batch."""
+    """What the trainer feeds its model for these options: reader.build + splits.folds_for + FeatureInputs.batches
+    (the gather sequence.loop.fit takes its batches from), on the features as train loads them."""
     cfg = TrainConfig(cache=path, out="", **options)
-    c = read_cache(path, dtype=np.float32)
-    seqs = build(c, cfg.reader())
+    c, features = load_features(path)
+    seqs = build(c, cfg.reader(), features=features)
     idx = getattr(folds_for(cfg, seqs, c)[fold], part)
-    x, m = seqs.batch(torch.as_tensor(idx))
+    ((_, x, m),) = FeatureInputs.of(seqs).batches([idx])
     return x, m, seqs.labels[idx], [seqs.ids[i] for i in idx]
 
 

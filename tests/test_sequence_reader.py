@@ -8,7 +8,9 @@ import torch
 from conftest import featurize_cfg
 from featseq.featurize.cache import read_cache
 from seq_fixtures import write_fake_cache
-from featseq.sequence.reader import (ReaderConfig, ReaderError, build, default_seconds, select, shifts, window_frames)
+from featseq.sequence.loop import FeatureInputs
+from featseq.sequence.reader import ReaderConfig, ReaderError, build
+from featseq.sequence.windows import default_seconds, select, shifts, window_frames
 
 # the original study's sequence lengths: fps -> {percent: frames}
 ORIGINAL = {1: {100: 25, 80: 20, 50: 12}, 2: {100: 51, 80: 41, 50: 25}, 3: {100: 77, 80: 62, 50: 38}}
@@ -96,7 +98,7 @@ def test_build_on_featurized_cache(synth_data, tmp_path):
                 t = c.segments["start"][i] + k / 2
                 assert abs(c.timestamps[int(data.rows[i, k])] - t) < 1 / 30 + 1e-6
                 assert int(data.rows[i, k]) - c.segments["offset"][i] == nearest_independent(ts, t)
-    x, m = data.batch(torch.arange(len(c)))
+    ((_, x, m),) = FeatureInputs.of(data).batches([np.arange(len(c))])  # what the trainer feeds its model
     assert x.shape == (len(c), data.seq_len, 512) and x.dtype == torch.float32
     assert torch.equal(x[0, 0], torch.from_numpy(c.features[int(data.rows[0, 0])].astype(np.float32)))
     assert (x[~m] == 0).all()

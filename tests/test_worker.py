@@ -163,7 +163,7 @@ def test_a_worker_waits_for_a_block_and_remakes_one_too_small():
     import numpy as np
     from multiprocessing.shared_memory import SharedMemory
 
-    from featseq.featurize.worker import _Slots
+    from featseq.featurize.shm import Slots
 
     seen = {}
 
@@ -173,7 +173,7 @@ def test_a_worker_waits_for_a_block_and_remakes_one_too_small():
             seen[ref[2]].unlink()
         return np.ndarray(ref[3], np.uint8, buffer=seen[ref[2]].buf).copy()
 
-    slots = _Slots(1)
+    slots = Slots(1)
     small = np.full((2, 8, 8, 3), 7, np.uint8)
     ref = slots.pack(small, lambda: None)
     assert ref[:2] == ("shm", 0) and np.array_equal(take(ref), small)
@@ -196,13 +196,13 @@ def test_a_full_dev_shm_falls_back_to_the_pipe(monkeypatch):
 
     import numpy as np
 
-    from featseq.featurize.worker import _Slots
+    from featseq.featurize.shm import Slots
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    slots = _Slots(2)
+    slots = Slots(2)
     frames = np.ones((2, 8, 8, 3), np.uint8)
     assert slots.pack(frames, lambda: None) is frames and not slots.enabled
     assert slots.pack(frames, lambda: None) is frames

@@ -17,7 +17,7 @@ from ..decoder import SEEK_GAP, DecodeError, Decoder, chunked
 
 def to_rgb(reformatter, frame, width: int, height: int) -> np.ndarray:
     """One decoded frame scaled to (height, width, 3) uint8 RGB: scaling and conversion in one swscale call, bilinear.
-    The one place this backend (and the live-stream reader, sequence/stream.py) turns a frame into pixels."""
+    The one place this backend (and the live-source backend, decoders/live.py) turns a frame into pixels."""
     return reformatter.reformat(frame, width=width, height=height, format="rgb24",
                                 interpolation=Interpolation.BILINEAR).to_ndarray()
 
