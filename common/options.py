@@ -33,9 +33,8 @@ def meta(cls, name: str) -> dict:
     return {}
 
 
-def base_type(cls, name: str):
-    """The annotation of field ``name`` without its Optional: ``float | None`` -> float."""
-    hint = typing.get_type_hints(cls)[name]
+def base_type(hint):
+    """An annotation without its Optional: ``float | None`` -> float."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -53,6 +52,7 @@ def config_options(cls, skip=(), as_lists: bool = False, inherited=(), inherited
     None default means "inherited" (finetune's from --from RUN, else ``fallback``), said so in their help. ``bool_pairs``: every bool
     field as ``--x/--no-x`` (else a field off by default is a plain ``--x`` flag)."""
     decos = []
+    hints = typing.get_type_hints(cls)  # once: it evaluates every annotation
     for f in dataclasses.fields(cls):
         m = meta(cls, f.name)
         if f.name in skip or not m:
@@ -69,7 +69,7 @@ def config_options(cls, skip=(), as_lists: bool = False, inherited=(), inherited
         if f.name in inherited:
             help_ = f"{text}. [default: the {inherited_from}, else {said or fallback}]"
         shown = not said and f.name not in inherited
-        if base_type(cls, f.name) is bool:
+        if base_type(hints[f.name]) is bool:
             if flag.startswith("--no-") and "/" not in flag:  # sets the field to the opposite of its default
                 decos.append(click.option(flag, f.name, is_flag=True, flag_value=not default, default=default,
                                           help=help_))
@@ -79,7 +79,7 @@ def config_options(cls, skip=(), as_lists: bool = False, inherited=(), inherited
             else:
                 decos.append(click.option(flag, f.name, is_flag=True, default=False, help=help_))
             continue
-        kind = click.Choice(m["choices"]) if m.get("choices") else m.get("type") or base_type(cls, f.name)
+        kind = click.Choice(m["choices"]) if m.get("choices") else m.get("type") or base_type(hints[f.name])
         decos.append(click.option(flag, f.name, default=default, type=kind, metavar=m.get("metavar"),
                                   show_default=shown and default is not None, help=help_))
 

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: its schema (names, versions, identity) and the readers. The schema is a contract: README's
+"""The HDF5 feature cache: its schema (columns, versions) and the readers. The schema is a contract: README's
 "The cache (HDF5 schema, format_version 2)" section is where it is written down (objects, columns, attributes, commit
 protocol, checksums, versions); this module implements that text. The writer is featurize/writer.py, the whole-file
 check featurize/verify.py.

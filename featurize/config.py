@@ -10,7 +10,7 @@ import click
 
 from featseq.common.options import option
 
-from .decoder import DECODE_DEVICES, DECODERS, RESIZE_POLICIES
+from .decoders import DECODE_DEVICES, DECODERS, RESIZE_POLICIES
 from .precision import AUTO_HELP, CHOICES as PRECISION_CHOICES
 
 DEFAULT_CACHE_DIR = "cache"
@@ -60,25 +60,20 @@ class FeaturizeConfig:
     def validate(self) -> None:
         from .shard import parse  # (h5py: not imported by the command line before a command runs)
 
-        problems = []
-        if self.fps <= 0:
-            problems.append(f"--fps must be > 0, got {self.fps}")
-        if self.size < 16:
-            problems.append(f"--size must be >= 16 pixels, got {self.size}")
-        if self.resize not in RESIZE_POLICIES:
-            problems.append(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.decoder not in DECODERS:
-            problems.append(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.decode_device not in DECODE_DEVICES:
-            problems.append(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            problems.append(f"--decode-workers must be >= 1, got {self.decode_workers}")
-        if self.decode_timeout <= 0:
-            problems.append(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}")
+        checks = [
+            (self.fps > 0, f"--fps must be > 0, got {self.fps}"),
+            (self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.resize in RESIZE_POLICIES, f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
+            (self.dtype in DTYPES, f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),
+            (self.decode_device in DECODE_DEVICES,
+             f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}"),
+            (self.decode_workers is None or self.decode_workers >= 1,
+             f"--decode-workers must be >= 1, got {self.decode_workers}"),
+            (self.decode_timeout > 0, f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}"),
+        ]
+        problems = [why for ok, why in checks if not ok]
         try:
             parse(self.shard)
         except ValueError as e:

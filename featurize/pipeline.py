@@ -24,7 +24,8 @@ from .allocator import tune_cpu_allocator
 from .config import FeaturizeConfig
 from .precision import emulated, resolve_precision
 from .reconcile import reconcile
-from .decoder import LEGACY_DECODER, resolve_decoder
+from .decoder import resolve_decoder
+from .decoders import LEGACY_DECODER
 from . import shard as shard_mod
 from featseq.common.procgroup import rank_device
 from featseq.common.files import replaced

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .decoder import LEGACY_DECODER
+from .decoders import LEGACY_DECODER
 from featseq.common.errors import UserError
 
 BUILTIN_WEIGHTS = ("none", "imagenet")

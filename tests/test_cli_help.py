@@ -73,3 +73,17 @@ def test_generated_flags_take_the_dataclass_defaults(command, configs):
     if command == "featurize":
         assert "--shard" in opts and "[default: auto]" in opts["--shard"]
         assert "--no-channels-last" in opts and params["channels_last"].default is True
+
+
+def test_the_command_line_loads_no_heavy_library_to_start():
+    """Generating the flags from the config dataclasses reads only torch-, numpy- and h5py-free modules (the configs,
+    sequence/catalog.py, featurize/precision.py and the decoder names), so `featseq --help` starts fast."""
+    import subprocess
+    import sys
+
+    from conftest import CHILD_ENV
+
+    code = ("import sys, featseq.cli; "
+            "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'sklearn', 'av') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CHILD_ENV, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
