@@ -20,6 +20,7 @@ from bench.common import GINGERBREAD, median, run_with_peak_rss, save  # noqa: E
 from featseq.featurize import backbones as bb  # noqa: E402
 from featseq.featurize.allocator import tune_cpu_allocator  # noqa: E402
 from featseq.featurize.pipeline import FeaturizeConfig, featurize  # noqa: E402
+from featseq.featurize.precision import resolve_precision  # noqa: E402
 from featseq.featurize.worker import DecodePool, decode_job  # noqa: E402
 
 
@@ -133,7 +134,7 @@ def main(quick: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="featseq-bench-"))
     device = bb.resolve_device("auto")
     # fp32 and what --precision auto picks here (bf16 only on a CPU that computes it natively)
-    precisions = list(dict.fromkeys(["fp32", bb.resolve_precision("auto", device)]))
+    precisions = list(dict.fromkeys(["fp32", resolve_precision("auto", device)]))
     n_clips = 2 if quick else 12
     repeats = 1 if quick else 3
     paths = clips(tmp, n_clips)

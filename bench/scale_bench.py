@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, median, save  # noqa: E402
-from featseq.featurize.cache import GROUP_SECONDS, CacheWriter, string_widths  # noqa: E402
+from featseq.featurize.cache import string_widths  # noqa: E402
+from featseq.featurize.writer import GROUP_SECONDS, CacheWriter  # noqa: E402
 
 DIM = 2048
 FEATSEQ = [sys.executable, "-m", "featseq"]

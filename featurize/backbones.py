@@ -16,9 +16,12 @@ from torch import nn
 
 from featseq.common.errors import UserError
 
+from .precision import PRECISIONS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the torch dtype an autocast of each precision runs in (the precisions: featurize/precision.py)
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 class WeightsError(UserError):
@@ -242,39 +245,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension).
-
-    Elsewhere torch emulates bf16 on the CPU: ResNet-18 ran 8x slower in bf16 than in fp32 on an AVX2 EPYC
-    (bench/featurize_bench.py), while an EPYC with AVX512-BF16 ran it 1.7x faster (97.7 vs 56.8 frames/s:
-    ``bench/cpu_slices_bench.py --child resnet18 bf16 16 3`` and the same with fp32). ``cpuinfo``: the text of
-    /proc/cpuinfo (read when None; False where there is none)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """None: fp16 on CUDA, fp32 on CPU. auto: fp16 on CUDA; on the CPU bf16 where it is native
-    (:func:`cpu_bf16_native`), else fp32."""
-    if precision is None or (precision == "auto" and device.type == "cuda"):
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision == "auto":
-        return "bf16" if cpu_bf16_native() else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}")
-    return precision
-
-
 def preprocess(frames: np.ndarray | torch.Tensor, entry: BackboneEntry, device: torch.device,
                channels_last: bool = True) -> torch.Tensor:
     """uint8 (k, S, S, 3) RGB frames -> float32 (k, 3, S, S) normalised with the entry's mean/std."""
@@ -315,7 +285,7 @@ class Embedder:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = preprocess(x, self.backbone.entry, self.device, self.channels_last)
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
             return self.model(x).float().flatten(1)
 
     @torch.inference_mode()

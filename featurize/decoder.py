@@ -35,13 +35,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from featseq.common.errors import UserError
+from .decoders import BACKENDS, DECODE_DEVICES, DECODERS, RESIZE_POLICIES
 from .sampling import video_duration
 
-RESIZE_POLICIES = ("squash", "crop")
-BACKENDS = ("pyav", "decord", "torchcodec")
-DECODERS = ("auto",) + BACKENDS
-DECODE_DEVICES = ("cpu", "cuda")
-LEGACY_DECODER = "decord"  # what made a cache that records no decoder
 # Beyond this many frames between two wanted frames, seek instead of decoding through the gap.
 SEEK_GAP = 300
 

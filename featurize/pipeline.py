@@ -1,6 +1,6 @@
 """featurize: source -> validated segments -> decode worker -> backbone -> HDF5 cache.
 
-One dataclass config (validated up front, messages name the CLI flag) and one function.
+One function; its config is featurize/config.py's FeaturizeConfig.
 """
 from __future__ import annotations
 
@@ -17,75 +17,23 @@ import numpy as np
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
-from .cache import (CacheError, CacheWriter, check_identity, now_iso, published_ids, read_table, source_changes,
-                    string_widths)
+from .cache import CacheError, check_identity, now_iso, published_ids, read_table, string_widths
+from .verify import source_changes
+from .writer import CacheWriter
 from .allocator import tune_cpu_allocator
+from .config import FeaturizeConfig
+from .precision import emulated, resolve_precision
 from .reconcile import reconcile
-from .decoder import DECODE_DEVICES, DECODERS, LEGACY_DECODER, RESIZE_POLICIES, resolve_decoder
+from .decoder import resolve_decoder
+from .decoders import LEGACY_DECODER
 from . import shard as shard_mod
 from featseq.common.procgroup import rank_device
 from featseq.common.files import replaced
 from featseq.common.errors import UserError
 from .sources import Segment, SourceError, read_source, validate
-from .spec import featurize_command, weights_id
+from .spec import featurize_command, identity as cache_identity, weights_id
 from .messages import CHUNK, DONE, ERROR, START
 from .worker import DecodePool, decode_job, default_workers
-
-DEFAULT_CACHE_DIR = "cache"
-
-
-@dataclass
-class FeaturizeConfig:
-    source: str
-    backbone: str = "resnet18"
-    weights: str = "none"
-    size: int = 224
-    resize: str = "squash"
-    fps: float = 6.0
-    device: str = "auto"
-    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU; auto: bf16 on a CPU where it is native
-    dtype: str = "float16"
-    batch_size: int = 64
-    channels_last: bool = True
-    out: str | None = None
-    cache_dir: str = DEFAULT_CACHE_DIR
-    skip_errors: bool = False
-    keep_frames: bool = False
-    decode_timeout: float = 60.0
-    decoder: str = "auto"  # auto | pyav | decord | torchcodec (featurize/decoder.py says what auto picks)
-    decode_device: str = "cpu"
-    decode_workers: int | None = None  # None: worker.default_workers
-    seed: int = 0
-    shard: str | None = None  # "K/N": shard K of N into <out>.part-K-of-N.h5; "auto": from torchrun / a SLURM array
-    refresh: bool = False  # re-featurize cached segments whose video changed (size or mtime) instead of refusing
-
-    def validate(self) -> None:
-        problems = []
-        if self.fps <= 0:
-            problems.append(f"--fps must be > 0, got {self.fps}")
-        if self.size < 16:
-            problems.append(f"--size must be >= 16 pixels, got {self.size}")
-        if self.resize not in RESIZE_POLICIES:
-            problems.append(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
-        if self.dtype not in ("float16", "float32"):
-            problems.append(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.decoder not in DECODERS:
-            problems.append(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.decode_device not in DECODE_DEVICES:
-            problems.append(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            problems.append(f"--decode-workers must be >= 1, got {self.decode_workers}")
-        if self.decode_timeout <= 0:
-            problems.append(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}")
-        try:
-            shard_mod.parse(self.shard)
-        except ValueError as e:
-            problems.append(str(e))
-        if problems:
-            raise ValueError("; ".join(problems))
-
 
 @dataclass
 class FeaturizeResult:
@@ -172,8 +120,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         kind, row_problems, source_id = "records", [], cfg.source
     shard = shard_mod.parse(cfg.shard)
     device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
-    precision = bb.resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cpu" and not bb.cpu_bf16_native():
+    precision = resolve_precision(cfg.precision, device)
+    if emulated(precision, device):
         log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): ResNet-18 ran 8x slower than in "
             "fp32 on such a CPU (bench/featurize_bench.py); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
@@ -181,12 +129,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     target = cfg.out or default_cache_path(cfg, precision, wid)
     path = shard_mod.part_path(target, *shard) if shard else target
     decoder = _decoder_for(cfg, [path, target])
-    # what makes the features (the source's path is recorded, not compared: a moved dataset resumes by segment id)
-    identity = {
-        "backbone": cfg.backbone, "weights": wid, "weights_sha256": sha,
-        "seed": cfg.seed, "size": cfg.size, "resize": cfg.resize, "fps": float(cfg.fps), "precision": precision,
-        "dtype": cfg.dtype, "keep_frames": bool(cfg.keep_frames), "decoder": decoder,
-    }
+    identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
+                              resize=cfg.resize, fps=float(cfg.fps), precision=precision, dtype=cfg.dtype,
+                              keep_frames=bool(cfg.keep_frames), decoder=decoder)
     done: set[str] = set()
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)

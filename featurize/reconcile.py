@@ -1,7 +1,7 @@
 """A source (manifest, folder, Gingerbread layout) against a cache's segment table, matched by segment id.
 
 featurize reruns call :func:`reconcile`: labels, groups and splits the source changed for segments already cached
-are written into the table (:func:`featurize.cache.relabel`: the file is rewritten under a temporary name and
+are written into the table (:func:`featurize.writer.relabel`: the file is rewritten under a temporary name and
 renamed, so a kill leaves the old table or the new one; features are untouched), with a note listing every change.
 ``featseq cache check CACHE SOURCE`` reports the same differences without writing (:func:`differences`), plus the
 source's segments the cache lacks, cached segments the source no longer lists and videos that changed.
@@ -16,7 +16,9 @@ import numpy as np
 
 from featseq.common.lock import FileLock
 
-from .cache import CacheError, read_table, relabel
+from .cache import CacheError, read_table
+from .verify import source_changes
+from .writer import relabel
 from .sources import Segment
 
 RECONCILED = ("label", "group", "split")  # what a rerun updates in place (the features do not depend on them)
@@ -31,7 +33,7 @@ class Differences:
     extra: list[str] = field(default_factory=list)    # cached, not in the source
 
     def changes(self) -> dict[str, dict[str, str]]:
-        """id -> {column: the source's value}: what :func:`featurize.cache.relabel` writes."""
+        """id -> {column: the source's value}: what :func:`featurize.writer.relabel` writes."""
         return {sid: {k: new for k, (_, new) in cols.items()} for sid, cols in self.changed.items()}
 
     def changed_lines(self) -> list[str]:
@@ -103,7 +105,6 @@ def check(cache_path: str, source: str) -> dict:
     the source; ``videos_changed``: size or mtime differ from those recorded), with ``fix``: the featurize command
     that brings the cache in line (it updates labels, groups and splits in place and featurizes what is missing).
     Nothing is written. Raises SourceError for a source with bad rows."""
-    from .cache import source_changes
     from .sources import load_segments
     from .spec import featurize_command
 

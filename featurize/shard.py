@@ -28,7 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import IDENTITY_DEFAULTS, IDENTITY_KEYS, STR_FIELDS, CacheError, CacheWriter, open_read, read_cache, read_table
+from .cache import STR_FIELDS, CacheError, open_read, read_cache, read_table
+from .spec import IDENTITY_DEFAULTS, IDENTITY_KEYS
+from .writer import CacheWriter
 from featseq.common.errors import UserError
 from featseq.common.lock import FileLock
 from featseq.common.procgroup import process_group, torchrun_env
@@ -290,40 +292,3 @@ def after_torchrun(target: str, log: Callable[[str], None] = lambda s: None,
         res = merge(target, log=log, allow_missing=allow_missing) if dist.get_rank() == 0 else None
         dist.barrier(group=group)  # the merged cache exists when every rank returns
         return res
-
-
-# ---------------------------------------------------------------- SLURM through submitit
-
-def _run_shard(cfg) -> dict:
-    """One array task: featurize one shard (runs in the job's process)."""
-    from .pipeline import featurize
-
-    res = featurize(cfg)
-    return {"path": res.path, "target": res.target, "written": res.written, "failures": res.failures}
-
-
-def submit(cfg, n: int, folder: str, params: dict | None = None, log: Callable[[str], None] = lambda s: None) -> MergeResult:
-    """Featurize ``cfg`` as ``n`` shard jobs of one job array through submitit (SLURM when ``srun`` is there, local
-    processes otherwise), wait for them, and merge. A failed job leaves its part resumable: rerun the same command."""
-    from dataclasses import replace
-
-    try:
-        import submitit
-    except ImportError as e:
-        raise UserError("--slurm needs submitit: pip install 'featseq[slurm]' (or pip install submitit)") from e
-    executor = submitit.AutoExecutor(folder=folder)
-    executor.update_parameters(name="featseq-featurize", slurm_array_parallelism=n, **(params or {}))
-    jobs = executor.map_array(_run_shard, [replace(cfg, shard=f"{k}/{n}") for k in range(n)])
-    log(f"{n} shard job(s) submitted ({executor.cluster}), logs in {folder}: {', '.join(j.job_id for j in jobs[:4])}"
-        + (" ..." if n > 4 else ""))
-    results, failed = [], []
-    for k, job in enumerate(jobs):
-        try:
-            results.append(job.result())
-        except Exception as e:  # submitit.FailedJobError / UncompletedJobError: the shard's part stays resumable
-            failed.append(f"shard {k} (job {job.job_id}): {str(e).strip().splitlines()[-1] if str(e).strip() else e}")
-    if failed:
-        raise UserError(f"{len(failed)} of {n} shard job(s) failed: {'; '.join(failed[:3])}; their parts are kept, rerun "
-                        f"the same command to finish them (logs in {folder})")
-    log(f"all {n} shards done")
-    return merge(results[0]["target"], allow_missing=cfg.skip_errors, log=log)

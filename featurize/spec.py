@@ -11,10 +11,29 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .decoder import LEGACY_DECODER
+from .decoders import LEGACY_DECODER
 from featseq.common.errors import UserError
 
 BUILTIN_WEIGHTS = ("none", "imagenet")
+
+# A cache is identified by what changes its features: a different request aimed at an existing file is refused, parts
+# of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
+# are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
+IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
+                 "keep_frames", "decoder")
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER}  # identity attributes older caches lack, and what their absence means
+# Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
+# keep_frames say how they are stored, and precision changes an embedding within rounding only.
+FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames")) + ("feature_dim",)
+
+
+def identity(**values) -> dict:
+    """A cache's identity attributes, in :data:`IDENTITY_KEYS` order, from exactly those keys (TypeError naming
+    a key missing or unknown: the one list stays the one list)."""
+    if set(values) != set(IDENTITY_KEYS):
+        raise TypeError(f"identity: missing {sorted(set(IDENTITY_KEYS) - set(values))}, "
+                        f"unknown {sorted(set(values) - set(IDENTITY_KEYS))}")
+    return {k: values[k] for k in IDENTITY_KEYS}
 
 
 def weights_id(weights: str, sha256: str, seed: int) -> str:
@@ -94,9 +113,9 @@ class FeatureSpec:
         return arg
 
     def same_features(self, other: "FeatureSpec") -> list[str]:
-        """What differs in how two specs embed a frame (fps and precision aside); empty when nothing does."""
-        keys = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "feature_dim", "decoder")
-        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys if getattr(self, k) != getattr(other, k)]
+        """What differs in how two specs embed a frame (:data:`FRAME_KEYS`); empty when nothing does."""
+        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in FRAME_KEYS
+                if getattr(self, k) != getattr(other, k)]
 
     def describe(self) -> str:
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "

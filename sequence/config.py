@@ -1,19 +1,25 @@
-"""The options of train, sweep and finetune: one dataclass per command, validated up front with messages naming
-the CLI flag. Each dataclass owns its defaults; the CLI builds its flags from these fields and
-:data:`OPTION_HELP`, so the Python API and the command line agree.
+"""The options of train, sweep, finetune, predict and predict --stream: one dataclass per command, validated up front
+with messages naming the CLI flag. Each field carries its default and its help (featseq.common.options.option); the
+CLI builds its flags from them, so the Python API and the command line agree. The names of models and splits, and a
+model's option defaults, are sequence/catalog.py's.
 
 Kept free of torch imports so the command line starts fast.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
+import click
 
-MODEL_NAMES = ("lstm", "gru", "rnn", "conv1d", "transformer", "mlp", "frame")  # tests check this equals models.MODELS
-SPLIT_NAMES = ("random", "seed-compat", "group", "kfold", "group-kfold", "logo", "predefined", "ucf101",
-               "hmdb51")  # and splits.SPLITS
-SPLIT_LISTS = {"ucf101": 3, "hmdb51": 3}  # splits read from a dataset's official lists: --split NAME:K, K in 1..this
-POOLINGS = ("last", "mean", "max", "attention")
+from featseq.featurize.precision import AUTO as AUTO_PRECISION, AUTO_HELP as PRECISION_AUTO_HELP, CHOICES as PRECISIONS
+
+from . import catalog
+from featseq.common.options import option
+from featseq.featurize.config import FeaturizeConfig
+
+from .catalog import AUTO_SPLIT, MODEL_OPTIONS, model_option_problems, option_default, parse_split
+
 OFFSETS = ("start", "center", "random")
 
 
@@ -44,46 +50,7 @@ class ReaderConfig:
             raise ValueError("; ".join(problems))
 
 
-AUTO_SPLIT = "auto"  # the default --split: group when the cache's groups hold several segments, else random
-                    # (sequence.splits.choose_split resolves it from the cache before anything is split)
-
-
-def parse_split(split: str) -> tuple[str, int | None]:
-    """--split -> (name, K): 'ucf101:1' -> ('ucf101', 1), 'group' -> ('group', None). ValueError naming --split."""
-    if split == AUTO_SPLIT:
-        return AUTO_SPLIT, None
-    name, sep, k = str(split).partition(":")
-    if name not in SPLIT_NAMES:
-        raise ValueError(f"unknown --split {split!r}; known splits: {AUTO_SPLIT}, "
-                         f"{', '.join(n + ':K' if n in SPLIT_LISTS else n for n in SPLIT_NAMES)}")
-    if name not in SPLIT_LISTS:
-        if sep:
-            raise ValueError(f"--split {split}: {name} takes no :K (only {', '.join(SPLIT_LISTS)} do)")
-        return name, None
-    n = SPLIT_LISTS[name]
-    if not (k.isdigit() and 1 <= int(k) <= n):
-        raise ValueError(f"--split {split}: give {name}:K with K in 1..{n}, the official split number "
-                         f"(e.g. --split {name}:1)")
-    return name, int(k)
-
-
 CLASS_WEIGHTS = ("none", "balanced")
-# TrainConfig fields that are options of a sequence model: each model uses those its registry entry lists
-# (sequence.models), and the sweep treats the rest as irrelevant to it.
-MODEL_OPTIONS = ("hidden", "layers", "bidirectional", "dropout", "pooling", "kernel", "heads")
-
-
-def model_option_problems(opts: dict) -> list[str]:
-    """What is wrong with sequence-model options (None: the model's default), each naming its flag. The one check,
-    used by TrainConfig.validate and by sequence.models.create_model."""
-    checks = {"hidden": (lambda v: v >= 1, "must be >= 1"), "layers": (lambda v: 1 <= v <= 8, "must be in 1..8"),
-              "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "kernel": (lambda v: v >= 1, "must be >= 1"),
-              "heads": (lambda v: v >= 1, "must be >= 1"),
-              "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}")}
-    return [f"--{k} {text}, got {opts[k]!r}" for k, (ok, text) in checks.items()
-            if opts.get(k) is not None and not ok(opts[k])]
-
-
 # options that change nothing a run computes (how it runs or what it writes)
 RUNTIME_OPTIONS = ("device", "threads", "plots", "overwrite")
 
@@ -93,41 +60,66 @@ class TrainConfig:
     cache: str
     out: str
     # model
-    model: str = "lstm"
-    hidden: int = 128
-    layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.2
-    pooling: str | None = None       # None: the model's default (last for recurrent, max for conv1d, mean for transformer)
-    kernel: int = 3
-    heads: int = 4
+    model: str = option("lstm", f"Sequence model: {', '.join(catalog.MODELS)} ({' and '.join(catalog.ORDER_BLIND)} "
+                                f"are order-blind baselines).")
+    # the model's options: None takes its catalog default (sequence/catalog.py), filled in when the config is made
+    hidden: int | None = option(None, f"Hidden size [default: {option_default('hidden')}].")
+    layers: int | None = option(None, "Stacked layers (recurrent 1-3 typical; conv1d/transformer layers; mlp/frame "
+                                      f"hidden layers) [default: {option_default('layers')}].")
+    bidirectional: bool | None = option(None, "Bidirectional recurrent model "
+                                              f"[default: {option_default('bidirectional')}].")
+    dropout: float | None = option(None, f"Dropout [default: {option_default('dropout')}].")
+    pooling: str | None = option(None, f"Pooling over time: {', '.join(catalog.POOLINGS)} "
+                                       f"[default: {option_default('pooling')}].")
+    kernel: int | None = option(None, f"conv1d kernel size (frames) [default: {option_default('kernel')}].")
+    heads: int | None = option(None, f"transformer attention heads [default: {option_default('heads')}].")
     # sequences
-    fps: float | None = None
-    seconds: float | None = None
-    percent: float = 100.0
-    seq_len: int | None = None
-    offset: str = "start"
-    min_coverage: float = 0.0
+    fps: float | None = option(None, "Frames per second read from the cache (its fps divided by a whole number) "
+                                     "[default: the cache's fps].")
+    seconds: float | None = option(None, "Window length in seconds [default: 5th percentile of the clip durations].")
+    percent: float = option(100.0, "Percentage of the window used: seq_len = floor(seconds * percent/100 * fps).")
+    seq_len: int | None = option(None, "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 "
+                                       "at 1 fps, 51/41/25 at 2, 77/62/38 at 3).")
+    offset: str = option("start", "Where the window starts: start, center, random (temporal jitter in training; "
+                                  "center for evaluation).")
+    min_coverage: float = option(0.0, "Drop segments whose window is covered less than this fraction (0-1); shorter "
+                                      "ones are padded and masked.")
     # split
-    split: str = AUTO_SPLIT          # resolved from the cache's groups (sequence.splits.choose_split)
-    split_dir: str | None = None     # ucf101:K / hmdb51:K: the folder of the official lists (None: next to the source)
-    test_size: float = 0.2
-    val_size: float = 0.15
-    folds: int = 5
-    seed: int = 0
+    # resolved from the cache's groups (sequence.splits.choose_split)
+    split: str = option(AUTO_SPLIT, "auto (the default): group when the cache's groups hold several segments each "
+                                    "(participants, source videos), random when every segment is its own group; the "
+                                    "choice is printed. random (stratified), seed-compat (the original study's "
+                                    "sklearn split, random_state 42), group, kfold, group-kfold (whole groups per "
+                                    "fold), logo, predefined (the manifest's split column), ucf101:K or hmdb51:K (the "
+                                    "dataset's official split K from its lists, see --split-dir).")
+    split_dir: str | None = option(None, "Folder of the official split lists of --split ucf101:K (classInd.txt, "
+                                         "trainlist0K.txt, testlist0K.txt) or hmdb51:K (<class>_test_splitK.txt) "
+                                         "[default: found next to the source].")
+    test_size: float = option(0.2, "Test fraction (random, group).")
+    val_size: float = option(0.15, "Validation fraction, carved out of the training part (0: no early stopping, last "
+                                   "epoch kept).")
+    folds: int = option(5, "Folds of --split kfold and group-kfold.")
+    seed: int = option(0, "Seed of the split, the initialisation and the batch order.")
     # optimisation
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    patience: int = 10
-    class_weights: str = "none"
-    label_smoothing: float = 0.0
-    standardize: bool = True
-    device: str = "auto"
-    threads: int | None = None
-    plots: bool = True
-    overwrite: bool = False          # replace a finished run in ``out`` (its files are deleted first)
+    epochs: int = option(30, "Maximum epochs.")
+    batch_size: int = option(32, "Batch size (finetune under torchrun: the global batch, shared out among the ranks).")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(1e-2, "AdamW weight decay.")
+    patience: int = option(10, "Early stopping: epochs without validation improvement.")
+    class_weights: str = option("none", "none or balanced (inverse class frequency in the loss).")
+    label_smoothing: float = option(0.0, "Label smoothing of the loss.")
+    standardize: bool = option(True, "Z-score features with the training frames' mean/std (stored in the model).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    threads: int | None = option(None, "torch CPU threads [default: torch's; a sweep uses cores // jobs].")
+    plots: bool = option(True, "Write curves.png and confusion.png.")
+    overwrite: bool = option(False, "Replace the finished run --out holds (its files are deleted first); without it "
+                                    "such a folder is refused.")
+
+    def __post_init__(self) -> None:
+        """Unset options of the model take the catalog's defaults; options it does not use stay as given."""
+        if self.model in catalog.MODELS:
+            for k, v in catalog.model_options(self.model, **{k: getattr(self, k) for k in MODEL_OPTIONS}).items():
+                setattr(self, k, v)
 
     def reader(self) -> ReaderConfig:
         return ReaderConfig(fps=self.fps, seconds=self.seconds, percent=self.percent, seq_len=self.seq_len,
@@ -135,14 +127,12 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict:
         """The options of this config's model (None: the model's default)."""
-        from . import models as M
-
-        return M.model_options(self.model, **{k: getattr(self, k) for k in MODEL_OPTIONS})
+        return catalog.model_options(self.model, **{k: getattr(self, k) for k in MODEL_OPTIONS})
 
     def validate(self) -> None:
         problems = []
-        if self.model not in MODEL_NAMES:
-            problems.append(f"--model: unknown model {self.model!r}; known models: {', '.join(MODEL_NAMES)}")
+        if self.model not in catalog.MODELS:
+            problems.append(f"--model: unknown model {self.model!r}; known models: {', '.join(catalog.MODELS)}")
         try:
             parse_split(self.split)
         except ValueError as e:
@@ -178,11 +168,10 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # what --from RUN hands down to finetune when the option is left at None
 INHERITED = ("model",) + MODEL_OPTIONS + ("fps", "seconds", "percent", "seq_len", "offset", "min_coverage", "split",
-                                          "split_dir", "test_size", "val_size", "folds", "seed", "weight_decay", "class_weights",
-                                          "label_smoothing", "standardize")
+                                          "split_dir", "test_size", "val_size", "folds", "seed", "weight_decay",
+                                          "class_weights", "label_smoothing", "standardize")
 
 
 @dataclass
@@ -190,12 +179,6 @@ class FinetuneConfig(TrainConfig):
     """finetune's options. A field left at None is inherited from ``--from RUN`` (its config and split), or
     takes train's default without --from; finetune's own defaults (epochs, batch size) are its own."""
     model: str | None = None
-    hidden: int | None = None
-    layers: int | None = None
-    bidirectional: bool | None = None
-    dropout: float | None = None
-    kernel: int | None = None
-    heads: int | None = None
     percent: float | None = None
     offset: str | None = None
     min_coverage: float | None = None
@@ -210,34 +193,51 @@ class FinetuneConfig(TrainConfig):
     standardize: bool | None = None
     epochs: int = 5
     batch_size: int = 8
-    from_run: str | None = None
-    unfreeze: str = "0"              # "0" (frozen CNN), N (last N stages), "all"
-    backbone_lr: float = 1e-4
-    freeze_bn: bool = True           # keep BatchNorm statistics (small batches)
-    augment: bool = False            # random resized crop + flip, the same for every frame of a clip
-    accumulate: int = 1              # gradient accumulation steps
-    checkpointing: bool = False      # gradient checkpointing through the trunk
-    precision: str = "auto"          # auto: bf16/fp16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = True
-    resume: bool = False
-    keep_frames: bool = False        # when SOURCE is a video source: featurize with --keep-frames
+    from_run: str | None = option(None, "Warm-start from a cached-feature run: its sequence model, options, split and "
+                                        "featurize settings (a cross-validation folder, e.g. a cross-validated sweep "
+                                        "variant: its best fold by validation accuracy).", flag="--from")
+    # "0" (frozen CNN), N (last N stages), "all"
+    unfreeze: str = option("0", "0: frozen CNN (the original CRNN); N: its last N stages; all.")
+    backbone_lr: float = option(1e-4, "Learning rate of the CNN (--lr is the sequence model's).")
+    freeze_bn: bool = option(True, "Keep BatchNorm statistics frozen (small batches); --train-bn on several GPUs: "
+                                   "SyncBatchNorm.", flag="--freeze-bn/--train-bn")
+    augment: bool = option(False, "Random resized crop + flip per clip (off: position can carry meaning).")
+    accumulate: int = option(1, "Gradient accumulation steps.")
+    checkpointing: bool = option(False, "Gradient checkpointing through the CNN (less memory, more compute).")
+    precision: str = option(AUTO_PRECISION, f"Autocast precision; {PRECISION_AUTO_HELP}.", choices=PRECISIONS)
+    channels_last: bool = option(True, "NHWC memory format for the CNN on CUDA.")
+    resume: bool = option(False, "Continue an interrupted run from its last.pt (without it, or --overwrite, such a "
+                                 "folder is refused).")
+    keep_frames: bool = option(False, "When SOURCE is a video source: featurize it with --keep-frames first.")
     # to featurize a video SOURCE without --from (with --from, the run's featurize spec is used)
-    backbone: str | None = None
-    weights: str | None = None
-    size: int | None = None
-    decode_timeout: float = 120.0
-    dist_timeout: float = 1800.0     # under torchrun: seconds a rank waits for the others in a collective
+    backbone: str | None = option(None, "Without --from, to featurize a video SOURCE: the backbone (then --weights, "
+                                        "--size and --fps default to featurize's).")
+    weights: str | None = option(None, "Without --from, to featurize a video SOURCE: the weights "
+                                       f"[default: featurize's, {FeaturizeConfig.weights}].")
+    size: int | None = option(None, "Without --from, to featurize a video SOURCE: the input size "
+                                    f"[default: featurize's, {FeaturizeConfig.size}].")
+    decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before a decoder is "
+                                   "declared hung (featurizing a video SOURCE, and frames decoded from video).")
+    # under torchrun: seconds a rank waits for the others in a collective
+    dist_timeout: float = option(1800.0, "Under torchrun: seconds a rank waits for the others in a collective before "
+                                         "it stops.")
+
+    def __post_init__(self) -> None:
+        """Nothing filled here: a None is inherited (:meth:`inherit`), the model's options with the model."""
 
     def inherit(self, run_config: dict | None, reader: dict | None) -> "FinetuneConfig":
-        """Every None of :data:`INHERITED` filled from a run's config (or train's defaults without one). With none of
-        --fps/--seconds/--percent/--seq-len given, the run's resolved fps and sequence length are kept."""
-        base = TrainConfig(cache=self.cache, out=self.out)
+        """Every None of :data:`INHERITED` filled from a run's config (or train's defaults without one, a model's
+        options from the model's catalog entry). With none of --fps/--seconds/--percent/--seq-len given, the run's
+        resolved fps and sequence length are kept."""
+        model = self.model or (run_config or {}).get("model") or TrainConfig.model
+        base = TrainConfig(cache=self.cache, out=self.out, model=model)
         window = ("fps", "seconds", "percent", "seq_len")
         keep_window = run_config is not None and reader is not None and all(getattr(self, k) is None for k in window)
         filled = {}
         for k in INHERITED:
             if getattr(self, k) is None:
-                filled[k] = run_config[k] if run_config is not None and k in run_config else getattr(base, k)
+                given = run_config.get(k) if run_config is not None else None
+                filled[k] = given if given is not None else getattr(base, k)
         if keep_window:
             filled.update(fps=reader["fps"], seq_len=reader["seq_len"])
         return replace(self, **filled)
@@ -269,71 +269,90 @@ class FinetuneConfig(TrainConfig):
 
 def cv_split_problem(split: str | None) -> str | None:
     """Why finetune refuses ``split`` (a cross-validation: finetune trains one model), else None."""
-    from .splits import split_entry
-
-    if split is None or split == AUTO_SPLIT or not split_entry(split).cv:
+    if split is None or split == AUTO_SPLIT or not catalog.split_spec(split).cv:
         return None
     return (f"--split {split}: finetune trains one model; use random, seed-compat or group "
             f"(cross-validate with cached features: featseq train --split {split})")
 
 
-# ---------------------------------------------------------------- command-line help, shared by train and sweep
+# ---------------------------------------------------------------- predict and predict --stream
 
-OPTION_HELP = {
-    "model": f"Sequence model: {', '.join(MODEL_NAMES)} (mlp and frame are order-blind baselines).",
-    "hidden": "Hidden size.",
-    "layers": "Stacked layers (recurrent 1-3 typical; conv1d/transformer layers; mlp/frame hidden layers).",
-    "bidirectional": "Bidirectional recurrent model.",
-    "dropout": "Dropout.",
-    "pooling": "Pooling over time: last, mean, max, attention [default: last for lstm/gru/rnn, max for conv1d, mean for transformer].",
-    "kernel": "conv1d kernel size (frames).",
-    "heads": "transformer attention heads.",
-    "fps": "Frames per second read from the cache (its fps divided by a whole number) [default: the cache's fps].",
-    "seconds": "Window length in seconds [default: 5th percentile of the clip durations].",
-    "percent": "Percentage of the window used: seq_len = floor(seconds * percent/100 * fps).",
-    "seq_len": "Frames per sequence, overriding --seconds/--percent (original study: 25/20/12 at 1 fps, 51/41/25 at 2, 77/62/38 at 3).",
-    "offset": "Where the window starts: start, center, random (temporal jitter in training; center for evaluation).",
-    "min_coverage": "Drop segments whose window is covered less than this fraction (0-1); shorter ones are padded and masked.",
-    "split": "auto (the default): group when the cache's groups hold several segments each (participants, source "
-             "videos), random when every segment is its own group; the choice is printed. random (stratified), "
-             "seed-compat (the original study's sklearn split, random_state 42), group, kfold, "
-             "group-kfold (whole groups per fold), logo, predefined (the manifest's split column), ucf101:K or "
-             "hmdb51:K (the dataset's official split K from its lists, see --split-dir).",
-    "split_dir": "Folder of the official split lists of --split ucf101:K (classInd.txt, trainlist0K.txt, "
-                 "testlist0K.txt) or hmdb51:K (<class>_test_splitK.txt) [default: found next to the source].",
-    "test_size": "Test fraction (random, group).",
-    "val_size": "Validation fraction, carved out of the training part (0: no early stopping, last epoch kept).",
-    "folds": "Folds of --split kfold and group-kfold.",
-    "seed": "Seed of the split, the initialisation and the batch order.",
-    "epochs": "Maximum epochs.",
-    "batch_size": "Batch size (finetune under torchrun: the global batch, shared out among the ranks).",
-    "lr": "AdamW learning rate.",
-    "weight_decay": "AdamW weight decay.",
-    "patience": "Early stopping: epochs without validation improvement.",
-    "class_weights": "none or balanced (inverse class frequency in the loss).",
-    "label_smoothing": "Label smoothing of the loss.",
-    "standardize": "Z-score features with the training frames' mean/std (stored in the model).",
-    "device": "auto, cpu or cuda.",
-    "threads": "torch CPU threads [default: torch's; a sweep uses cores // jobs].",
-    "plots": "Write curves.png and confusion.png.",
-    "overwrite": "Replace the finished run --out holds (its files are deleted first); without it such a folder is "
-                 "refused.",
-    # finetune
-    "from_run": "Warm-start from a cached-feature run: its sequence model, options, split and featurize settings "
-                "(a cross-validation folder, e.g. a cross-validated sweep variant: its best fold by validation accuracy).",
-    "unfreeze": "0: frozen CNN (the original CRNN); N: its last N stages; all.",
-    "backbone_lr": "Learning rate of the CNN (--lr is the sequence model's).",
-    "freeze_bn": "Keep BatchNorm statistics frozen (small batches); --train-bn on several GPUs: SyncBatchNorm.",
-    "augment": "Random resized crop + flip per clip (off: position can carry meaning).",
-    "accumulate": "Gradient accumulation steps.",
-    "checkpointing": "Gradient checkpointing through the CNN (less memory, more compute).",
-    "precision": "Autocast: auto is bf16 (or fp16) on CUDA, fp32 on CPU.",
-    "channels_last": "NHWC memory format for the CNN on CUDA.",
-    "resume": "Continue an interrupted run from its last.pt (without it, or --overwrite, such a folder is refused).",
-    "keep_frames": "When SOURCE is a video source: featurize it with --keep-frames first.",
-    "backbone": "Without --from, to featurize a video SOURCE: the backbone.",
-    "weights": "Without --from, to featurize a video SOURCE: the weights.",
-    "size": "Without --from, to featurize a video SOURCE: the input size.",
-    "decode_timeout": "Seconds without a frame before a decoder is declared hung (frames decoded from video).",
-    "dist_timeout": "Under torchrun: seconds a rank waits for the others in a collective before it stops.",
-}
+@dataclass
+class PredictConfig:
+    run: str
+    videos: list
+    window: float | None = option(None, "Sliding window length in seconds [default: the whole video is one window].")
+    stride: float | None = option(None, "Seconds between window starts [default: --window].")
+    threshold: float = option(0.5, "Probability the predicted class must reach (above_threshold column).")
+    out: str | None = option(None, "Output folder [default: RUN_DIR/predict].", type=click.Path(file_okay=False))
+    cache: str | None = option(None, "Keep the videos' per-frame features in this .h5 file (resumed on the next call) "
+                                     "[default: a temporary file].", type=click.Path(dir_okay=False))
+    device: str = option("auto", "auto, cpu or cuda.")
+    precision: str | None = option(None, f"Autocast precision of the CNN; {PRECISION_AUTO_HELP} [default: the run's, "
+                                         "as its features were made].", choices=PRECISIONS)
+    batch_size: int = option(64, "Frames per backbone batch.")
+    plots: bool = option(True, "No timeline plots.", flag="--no-plots")
+    decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before a decoder is "
+                                   "declared hung, killed and its video skipped.")
+
+    def validate(self) -> None:
+        problems = []
+        if not self.videos:
+            problems.append("give at least one VIDEO")
+        if self.window is not None and self.window <= 0:
+            problems.append(f"--window must be > 0 seconds, got {self.window}")
+        if self.stride is not None and self.stride <= 0:
+            problems.append(f"--stride must be > 0 seconds, got {self.stride}")
+        if self.stride is not None and self.window is None:
+            problems.append("--stride needs --window")
+        if not 0 <= self.threshold <= 1:
+            problems.append(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.cache is not None and not str(self.cache).endswith((".h5", ".hdf5")):
+            problems.append(f"--cache {self.cache}: give a .h5 file name")
+        missing = [v for v in self.videos if not os.path.isfile(v)]
+        if missing:
+            problems.append(f"no such video file(s): {', '.join(map(str, missing))}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class StreamConfig:
+    """predict --stream's options; stride, threshold, out, device, precision and batch size are predict's flags."""
+    run: str
+    source: str = option(help="Classify a live stream instead of VIDEO files: /dev/videoN, rtsp://, http://, "
+                              "udp://..., - (a container on standard input) or a file; one line per window on stdout.",
+                         flag="--stream", metavar="SOURCE")
+    stride: float | None = None       # seconds between windows [default: about 1 s, a whole number of frame periods]
+    threshold: float = 0.5
+    realtime: bool = option(False, "--stream FILE: play the file at its own rate (as a live source).")
+    positive_windows: int = option(0, "--stream: print an alert when this many consecutive windows predict one class "
+                                      "at p >= --threshold (0: off).", type=click.IntRange(0))
+    stall_timeout: float = option(10.0, "--stream: stop (exit 1, predictions kept) when the source sends nothing for "
+                                        "this many seconds.")
+    out: str | None = None
+    device: str = "auto"
+    precision: str | None = None
+    batch_size: int = 16
+    max_queue: int = 32               # frames waiting for the CNN before the oldest are dropped (live sources)
+    save_features: str | None = option(None, "--stream: also write every embedded frame's stream time and features to "
+                                             "this .npz file.", type=click.Path(dir_okay=False))
+
+    def validate(self) -> None:
+        problems = []
+        if self.stride is not None and self.stride <= 0:
+            problems.append(f"--stride must be > 0 seconds, got {self.stride}")
+        if not 0 <= self.threshold <= 1:
+            problems.append(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.positive_windows < 0:
+            problems.append(f"--positive-windows must be >= 0, got {self.positive_windows}")
+        if self.stall_timeout <= 0:
+            problems.append(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        if self.batch_size < 1 or self.max_queue < 1:
+            problems.append("--batch-size and the queue must hold at least one frame")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def live(self) -> bool:
+        return self.realtime or not os.path.isfile(self.source)

@@ -31,6 +31,7 @@ from torch import nn
 from featseq.featurize import backbones as bb
 from featseq.featurize.allocator import tune_cpu_allocator
 from featseq.featurize.cache import Cache, read_cache, read_frames
+from featseq.featurize.precision import resolve_precision
 from featseq.common.errors import UserError
 from featseq.common.procgroup import rank_device, torchrun_env
 from featseq.featurize.shard import after_torchrun
@@ -225,17 +226,19 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     torchrun: one shard per rank, merged by rank 0, as ``torchrun featseq featurize`` does)."""
     if str(cfg.cache).endswith((".h5", ".hdf5")):
         return cfg.cache
-    from featseq.featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.featurize.config import FeaturizeConfig
+    from featseq.featurize.pipeline import featurize
 
     env = torchrun_env()
     shard = f"{env[0]}/{env[1]}" if env else None
     if spec is not None:
         fcfg = FeaturizeConfig(source=cfg.cache, **spec.featurize_options(spec.check_weights(f"--from {cfg.from_run}")),
-                               keep_frames=cfg.keep_frames, device=cfg.device, shard=shard)
-    elif cfg.backbone:
-        fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, weights=cfg.weights or "none",
-                               size=int(cfg.size or 224), fps=float(cfg.fps or 6.0), keep_frames=cfg.keep_frames,
-                               device=cfg.device, shard=shard)
+                               keep_frames=cfg.keep_frames, device=cfg.device, decode_timeout=cfg.decode_timeout,
+                               shard=shard)
+    elif cfg.backbone:  # what is not given takes featurize's defaults
+        given = {k: getattr(cfg, k) for k in ("weights", "size", "fps") if getattr(cfg, k) is not None}
+        fcfg = FeaturizeConfig(source=cfg.cache, backbone=cfg.backbone, keep_frames=cfg.keep_frames, device=cfg.device,
+                               decode_timeout=cfg.decode_timeout, shard=shard, **given)
     else:
         raise UserError("SOURCE is a video source: pass --from RUN or --backbone/--weights/--size/--fps to featurize it")
     log(f"featurizing {cfg.cache} first ({fcfg.backbone}, {fcfg.size}px, {fcfg.fps:g} fps)")
@@ -356,8 +359,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
         if trunk_params:
             groups.append({"params": trunk_params, "lr": cfg.backbone_lr})
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        prec = cfg.precision if cfg.precision != "auto" else (
-            ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32")
+        prec = resolve_precision(cfg.precision, device)
         amp = Amp(device, prec)
         run = Path(cfg.out)
         state_cfg = {k: v for k, v in asdict(cfg).items()

@@ -66,10 +66,10 @@ class Amp:
     """Autocast and gradient scaling for a precision on a device (fp32: both off)."""
 
     def __init__(self, device: torch.device, precision: str = "fp32"):
-        from featseq.featurize.backbones import PRECISIONS
+        from featseq.featurize.backbones import DTYPES
 
         self.device, self.precision = device, precision
-        self.dtype = PRECISIONS[precision]
+        self.dtype = DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
 
     def autocast(self):

@@ -1,4 +1,4 @@
-"""Sequence classifiers by name: a registry and one factory.
+"""Sequence classifiers by name: a registry and one factory (names, options and defaults: sequence/catalog.py).
 
 Contract of every model: ``model(x, mask) -> logits`` with x (B, T, D) float, mask (B, T) bool
 (True = real frame; padding only at the end), logits (B, n_classes). Padding never changes the
@@ -17,10 +17,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .config import model_option_problems
+from . import catalog
+from .catalog import model_option_problems, model_options
+
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A model of the catalog (sequence/catalog.py: its options, their defaults, order awareness) and its builder."""
     name: str
     build: Callable[..., nn.Module]        # build(input_dim, n_classes, **options) -> core module
     options: dict                          # option name -> default
@@ -28,12 +31,15 @@ class ModelEntry:
     description: str
 
 
-MODELS: dict[str, ModelEntry] = {}
+_BUILDS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register(name: str, options: dict, order_aware: bool, description: str):
+def register(name: str):
+    """Implement the catalog's model ``name`` (its options and defaults are the catalog's)."""
+    catalog.MODELS[name]  # a name the catalog lacks fails here
+
     def deco(fn):
-        MODELS[name] = ModelEntry(name, fn, dict(options), order_aware, description)
+        _BUILDS[name] = fn
         return fn
     return deco
 
@@ -123,9 +129,6 @@ def n_params(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------- models
 
-RNN_OPTIONS = {"hidden": 128, "layers": 1, "bidirectional": False, "dropout": 0.2, "pooling": "last"}
-
-
 class Recurrent(nn.Module):
     def __init__(self, cell: type[nn.RNNBase], input_dim: int, n_classes: int, hidden: int, layers: int,
                  bidirectional: bool, dropout: float, pooling: str):
@@ -147,13 +150,11 @@ class Recurrent(nn.Module):
         return self.head(self.pool(h, mask))
 
 
-for _name, _cell, _desc in (("lstm", nn.LSTM, "LSTM"), ("gru", nn.GRU, "GRU"), ("rnn", nn.RNN, "Elman RNN (tanh)")):
-    register(_name, RNN_OPTIONS, True, f"{_desc}, 1-3 stacked layers, optionally bidirectional; pooling last/mean/max/attention")(
-        lambda input_dim, n_classes, _cell=_cell, **kw: Recurrent(_cell, input_dim, n_classes, **kw))
+for _name, _cell in (("lstm", nn.LSTM), ("gru", nn.GRU), ("rnn", nn.RNN)):
+    register(_name)(lambda input_dim, n_classes, _cell=_cell, **kw: Recurrent(_cell, input_dim, n_classes, **kw))
 
 
-@register("conv1d", {"hidden": 128, "layers": 2, "kernel": 3, "dropout": 0.2, "pooling": "max"}, True,
-          "temporal convolutions (kernel size), masked pooling")
+@register("conv1d")
 class Conv1d(nn.Module):
     def __init__(self, input_dim: int, n_classes: int, hidden: int, layers: int, kernel: int, dropout: float, pooling: str):
         super().__init__()
@@ -182,8 +183,7 @@ def sinusoid(t: int, dim: int, device) -> torch.Tensor:
     return pe
 
 
-@register("transformer", {"hidden": 128, "layers": 2, "heads": 4, "dropout": 0.2, "pooling": "mean"}, True,
-          "small transformer encoder (sinusoidal positions), masked pooling")
+@register("transformer")
 class Transformer(nn.Module):
     def __init__(self, input_dim: int, n_classes: int, hidden: int, layers: int, heads: int, dropout: float, pooling: str):
         super().__init__()
@@ -203,8 +203,7 @@ class Transformer(nn.Module):
         return self.head(self.pool(h, mask))
 
 
-@register("mlp", {"hidden": 128, "layers": 1, "dropout": 0.2}, False,
-          "order-blind baseline: MLP on the mean of the frame features")
+@register("mlp")
 class MeanMLP(nn.Module):
     def __init__(self, input_dim: int, n_classes: int, hidden: int, layers: int, dropout: float):
         super().__init__()
@@ -216,25 +215,22 @@ class MeanMLP(nn.Module):
         return self.head(self.body(masked_mean(x, mask)))
 
 
-@register("frame", {"hidden": 128, "layers": 1, "dropout": 0.2}, False,
-          "order-blind baseline: a per-frame classifier, logits averaged over frames")
+@register("frame")
 class FrameClassifier(MeanMLP):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(self.head(self.body(x)), mask)
 
 
-# ---------------------------------------------------------------- factory
+# ---------------------------------------------------------------- the registry and its factory
 
-def model_options(name: str, **kw) -> dict:
-    """The options model ``name`` uses: its defaults updated by those of ``kw`` it knows (others ignored)."""
-    entry = get_entry(name)
-    return {k: (kw[k] if kw.get(k) is not None else v) for k, v in entry.options.items()}
+if set(_BUILDS) != set(catalog.MODELS):
+    raise ImportError(f"sequence.models implements {sorted(_BUILDS)}, the catalog names {sorted(catalog.MODELS)}")
+MODELS: dict[str, ModelEntry] = {n: ModelEntry(n, _BUILDS[n], dict(s.options), s.order_aware, s.description)
+                                 for n, s in catalog.MODELS.items()}
 
 
 def get_entry(name: str) -> ModelEntry:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    return MODELS[name]
+    return MODELS[catalog.model_spec(name).name]
 
 
 def create_model(name: str, input_dim: int, n_classes: int, **kw) -> SequenceClassifier:

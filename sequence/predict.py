@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import re
 import tempfile
 import time
@@ -38,12 +37,14 @@ import torch
 
 from featseq.featurize.backbones import resolve_device
 from featseq.featurize.cache import Cache, read_cache
+from featseq.featurize.config import FeaturizeConfig
 from featseq.common.errors import UserError
 from featseq.featurize.sources import Segment
 from featseq.featurize.spec import FeatureSpec, weights_id
 
 from . import checkpoint, plots
 from .loop import FeatureInputs, probabilities
+from .config import PredictConfig
 from .run import CHECKPOINT, Run, resolve_run_folder, write_json
 from .windows import EPS, eval_offset, sliding_selection
 
@@ -53,42 +54,6 @@ if TYPE_CHECKING:
 
 class PredictError(UserError):
     """The run or the request cannot be used for prediction; the message says why and what to do."""
-
-
-@dataclass
-class PredictConfig:
-    run: str
-    videos: list
-    window: float | None = None
-    stride: float | None = None
-    threshold: float = 0.5
-    out: str | None = None
-    cache: str | None = None
-    device: str = "auto"
-    precision: str | None = None     # None: the run's (its featurize spec's)
-    batch_size: int = 64
-    plots: bool = True
-    decode_timeout: float = 60.0
-
-    def validate(self) -> None:
-        problems = []
-        if not self.videos:
-            problems.append("give at least one VIDEO")
-        if self.window is not None and self.window <= 0:
-            problems.append(f"--window must be > 0 seconds, got {self.window}")
-        if self.stride is not None and self.stride <= 0:
-            problems.append(f"--stride must be > 0 seconds, got {self.stride}")
-        if self.stride is not None and self.window is None:
-            problems.append("--stride needs --window")
-        if not 0 <= self.threshold <= 1:
-            problems.append(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.cache is not None and not str(self.cache).endswith((".h5", ".hdf5")):
-            problems.append(f"--cache {self.cache}: give a .h5 file name")
-        missing = [v for v in self.videos if not os.path.isfile(v)]
-        if missing:
-            problems.append(f"no such video file(s): {', '.join(map(str, missing))}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @contextmanager
@@ -168,7 +133,7 @@ class _Featurized:
 def _featurize(cfg: PredictConfig, run: Run, spec: FeatureSpec, cache_path: Path, log) -> _Featurized:
     """The videos featurized by featurize itself, with ``spec``; PredictError when none could be, or when the
     features made would differ from the run's."""
-    from featseq.featurize.pipeline import FeaturizeConfig, featurize
+    from featseq.featurize.pipeline import featurize
 
     ids = [_video_id(v) for v in cfg.videos]
     records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)

@@ -23,7 +23,7 @@ import numpy as np
 
 from featseq.featurize.cache import SPLIT_VALUES, Cache
 
-from .config import parse_split
+from .catalog import parse_split
 
 LIST_DIRS = {"ucf101": ("ucfTrainTestlist",), "hmdb51": ("testTrainMulti_7030_splits", "test_train_splits")}
 HMDB_CODES = {"1": "train", "2": "test", "0": ""}

@@ -1,4 +1,5 @@
-"""Train / validation / test splits by name (a registry). Indices are positions in cache order.
+"""Train / validation / test splits by name (a registry over sequence/catalog.py's splits). Indices are positions
+in cache order.
 
 Every split returns one or more :class:`Fold`; validation is always carved out of the fold's
 training part (never the test part): stratified by label for sample-level splits, by group for
@@ -27,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from .config import AUTO_SPLIT, parse_split
+from . import catalog
+from .catalog import AUTO_SPLIT, parse_split
 from featseq.featurize.cache import Cache
 from featseq.common.errors import UserError
 from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold,
@@ -49,22 +51,25 @@ class Fold:
 
 @dataclass(frozen=True)
 class SplitEntry:
+    """A split of the catalog (sequence/catalog.py: the options it uses, cv, by_group, predefined) and its maker."""
     name: str
     make: Callable                  # make(idx, labels, groups, test_size, seed, folds) -> [(name, train, test)];
                                     # predefined: make(idx, parts) -> (train, val, test)
-    uses: tuple[str, ...] = ()      # the options it reads among SPLIT_OPTIONS (seed always)
+    uses: tuple[str, ...] = ()      # the options it reads among catalog.SPLIT_OPTIONS (seed always)
     cv: bool = False                # several folds: cross-validation
     by_group: bool = False          # whole groups per part (validation is then carved by group too)
     predefined: bool = False        # the parts are given per segment (sequence.split_lists)
 
 
-SPLITS: dict[str, SplitEntry] = {}
-SPLIT_OPTIONS = ("test_size", "folds", "split_dir")  # the options a split may use (SplitEntry.uses)
+_MAKERS: dict[str, Callable] = {}
 
 
-def register(name: str, uses: tuple[str, ...] = (), cv: bool = False, by_group: bool = False, predefined: bool = False):
+def register(name: str):
+    """Implement the catalog's split ``name`` (what it uses and is are the catalog's)."""
+    catalog.SPLITS[name]  # a name the catalog lacks fails here
+
     def deco(fn):
-        SPLITS[name] = SplitEntry(name, fn, uses, cv, by_group, predefined)
+        _MAKERS[name] = fn
         return fn
     return deco
 
@@ -86,7 +91,7 @@ def _can_stratify(labels: np.ndarray, n_test: float) -> bool:
     return counts.min() >= 2 and len(counts) <= k <= n - len(counts)
 
 
-@register("random", uses=("test_size",))
+@register("random")
 def split_random(idx, labels, groups, test_size, seed, folds):
     strat = labels[idx] if _can_stratify(labels[idx], test_size) else None
     tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=strat)
@@ -99,7 +104,7 @@ def split_seed_compat(idx, labels, groups, test_size, seed, folds):
     return [("main", tr, te)]
 
 
-@register("group", uses=("test_size",), by_group=True)
+@register("group")
 def split_group(idx, labels, groups, test_size, seed, folds):
     if len(set(groups[idx])) < 2:
         raise SplitError("--split group needs at least 2 groups; this cache has one")
@@ -107,7 +112,7 @@ def split_group(idx, labels, groups, test_size, seed, folds):
     return [("main", idx[tr], idx[te])]
 
 
-@register("kfold", uses=("folds",), cv=True)
+@register("kfold")
 def split_kfold(idx, labels, groups, test_size, seed, folds):
     _, counts = np.unique(labels[idx], return_counts=True)
     if folds < 2 or counts.min() < folds:
@@ -116,7 +121,7 @@ def split_kfold(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx]))]
 
 
-@register("group-kfold", uses=("folds",), cv=True, by_group=True)
+@register("group-kfold")
 def split_group_kfold(idx, labels, groups, test_size, seed, folds):
     n_groups = len(set(groups[idx]))
     if folds < 2 or n_groups < folds:
@@ -125,7 +130,7 @@ def split_group_kfold(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{i:02d}", idx[tr], idx[te]) for i, (tr, te) in enumerate(kf.split(idx, labels[idx], groups[idx]))]
 
 
-@register("logo", cv=True, by_group=True)
+@register("logo")
 def split_logo(idx, labels, groups, test_size, seed, folds):
     g = groups[idx]
     if len(set(g)) < 2:
@@ -133,11 +138,17 @@ def split_logo(idx, labels, groups, test_size, seed, folds):
     return [(f"fold_{g[te][0]}", idx[tr], idx[te]) for tr, te in LeaveOneGroupOut().split(idx, groups=g)]
 
 
-@register("hmdb51", uses=("split_dir",), by_group=True, predefined=True)  # (decorators apply bottom-up)
-@register("ucf101", uses=("split_dir",), by_group=True, predefined=True)
-@register("predefined", by_group=True, predefined=True)
+@register("hmdb51")
+@register("ucf101")
+@register("predefined")
 def split_predefined(idx, parts):
     return tuple(idx[parts[idx] == p] for p in ("train", "val", "test"))
+
+
+if set(_MAKERS) != set(catalog.SPLITS):
+    raise ImportError(f"sequence.splits implements {sorted(_MAKERS)}, the catalog names {sorted(catalog.SPLITS)}")
+SPLITS: dict[str, SplitEntry] = {n: SplitEntry(n, _MAKERS[n], s.uses, s.cv, s.by_group, s.predefined)
+                                 for n, s in catalog.SPLITS.items()}
 
 
 def carve_validation(train: np.ndarray, labels: np.ndarray, groups: np.ndarray, val_size: float, seed: int,

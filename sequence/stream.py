@@ -26,22 +26,22 @@ e.g. MPEG-TS from ffmpeg) or a file (played as fast as it decodes, or at its own
 from __future__ import annotations
 
 import csv
-import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from featseq.common import signals
+from featseq.featurize.precision import resolve_precision
 from featseq.common.errors import UserError
 from featseq.featurize import backbones as bb
 from featseq.featurize.decoder import live_source_problem
 from featseq.featurize.messages import CHUNK, DONE, ERROR, START, stream_job
 
+from .config import StreamConfig
 from .loop import FeatureInputs, probabilities
 from .run import Run, resolve_run_folder, write_json
 from .windows import stream_window, stride_frames
@@ -52,42 +52,6 @@ HANG_MARGIN = 5.0  # the worker is killed as hung this long after the stall time
 
 class StreamError(UserError):
     """The stream cannot be opened or used; the message names it and the fix."""
-
-
-@dataclass
-class StreamConfig:
-    run: str
-    source: str
-    stride: float | None = None       # seconds between windows [default: about 1 s, a whole number of frame periods]
-    threshold: float = 0.5
-    positive_windows: int = 0         # alert after this many consecutive windows of one class >= threshold (0: off)
-    realtime: bool = False            # a file is played at its own rate (and treated as live)
-    stall_timeout: float = 10.0
-    out: str | None = None
-    device: str = "auto"
-    precision: str | None = None
-    batch_size: int = 16
-    max_queue: int = 32               # frames waiting for the CNN before the oldest are dropped (live sources)
-    save_features: str | None = None  # .npz with every embedded frame's stream time and features
-
-    def validate(self) -> None:
-        problems = []
-        if self.stride is not None and self.stride <= 0:
-            problems.append(f"--stride must be > 0 seconds, got {self.stride}")
-        if not 0 <= self.threshold <= 1:
-            problems.append(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.positive_windows < 0:
-            problems.append(f"--positive-windows must be >= 0, got {self.positive_windows}")
-        if self.stall_timeout <= 0:
-            problems.append(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
-        if self.batch_size < 1 or self.max_queue < 1:
-            problems.append("--batch-size and the queue must hold at least one frame")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def live(self) -> bool:
-        return self.realtime or not os.path.isfile(self.source)
 
 
 class _Stopped(Exception):
@@ -286,7 +250,7 @@ def _embedder(cfg: StreamConfig, backbone, precision: str):
         from featseq.featurize.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
-    precision = bb.resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)
     return device, precision, bb.Embedder(backbone, device, precision)
 
 

@@ -40,10 +40,11 @@ from featseq.common.files import DiskFullError, replaced
 
 from . import models as M
 from . import plots
-from .config import AUTO_SPLIT, MODEL_OPTIONS, RUNTIME_OPTIONS
+from .catalog import AUTO_SPLIT, MODEL_OPTIONS, SPLIT_OPTIONS
+from .config import RUNTIME_OPTIONS
 from .reader import build, load_features
 from .run import write_json
-from .splits import SPLIT_OPTIONS, choose_split, folds_for, split_entry
+from .splits import choose_split, folds_for, split_entry
 from .train import TrainConfig, train
 
 NOT_SWEPT = {"cache", "out", "overwrite"}  # a sweep manages its variant folders itself

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch  # noqa: F401  (torch before decord, always)
 
-from featseq.featurize.cache import CacheWriter, string_widths
+from featseq.featurize.cache import string_widths
+from featseq.featurize.writer import CacheWriter
 
 
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,

@@ -221,19 +221,21 @@ def test_resize_crop_keeps_aspect_squash_does_not(wide_video, backend):
     ("", False),
 ])
 def test_cpu_bf16_detection_from_cpuinfo(cpuinfo, native):
-    from featseq.featurize.backbones import cpu_bf16_native
+    from featseq.featurize.precision import cpu_bf16_native
 
     assert cpu_bf16_native(cpuinfo) is native
 
 
 def test_precision_auto_picks_bf16_on_the_cpu_only_where_native(monkeypatch):
-    import featseq.featurize.backbones as bbm
+    import featseq.featurize.precision as pm
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(bbm, "cpu_bf16_native", lambda cpuinfo=None, native=native: native)
-        assert bbm.resolve_precision("auto", cpu) == want
-        assert bbm.resolve_precision(None, cpu) == "fp32" and bbm.resolve_precision("auto", cuda) == "fp16"
-        assert bbm.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: kept (featurize warns when emulated)
+        monkeypatch.setattr(pm, "cpu_bf16_native", lambda cpuinfo=None, native=native: native)
+        assert pm.resolve_precision("auto", cpu) == want
+        assert pm.resolve_precision(None, cpu) == "fp32" and pm.resolve_precision("auto", cuda) == "fp16"
+        assert pm.resolve_precision("auto", "cuda:1") == "fp16" and pm.resolve_precision("auto", "cpu") == want
+        assert pm.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: kept (featurize warns when emulated)
+        assert pm.emulated("bf16", cpu) is not native and not pm.emulated("bf16", cuda)
     with pytest.raises(ValueError, match="--precision"):
-        bbm.resolve_precision("fp8", cpu)
+        pm.resolve_precision("fp8", cpu)

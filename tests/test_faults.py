@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from featseq.cli import main
 from conftest import IMPORT_ROOT, ROOT, clip_folder, featurize_cfg, published_segments
-from featseq.featurize.cache import read_cache, verify
+from featseq.featurize.cache import read_cache
+from featseq.featurize.verify import verify
 from featseq.featurize.pipeline import featurize
 from seq_fixtures import write_fake_cache
 

@@ -380,9 +380,9 @@ def test_cpu_micro_batches_equal_one_call_and_allocator_switch():
 
 
 def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
-    import featseq.featurize.backbones as bbm
+    import featseq.featurize.precision as pm
 
-    monkeypatch.setattr(bbm, "cpu_bf16_native", lambda cpuinfo=None: False)
+    monkeypatch.setattr(pm, "cpu_bf16_native", lambda cpuinfo=None: False)
     notes = []
     res = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "b.h5", size=16, precision="bf16"),
                     log=notes.append)
@@ -453,10 +453,10 @@ def test_a_relabel_killed_midway_leaves_the_old_table(synth_data, tmp_path, wher
     featurize(featurize_cfg(m, out, size=32))
     before = read_cache(out)
     m2 = _clip_manifest(tmp_path / "m2.csv", clips, label=lambda c: c["label"].upper())
-    hook = ("featseq.featurize.cache._relabelled" if where == "copying" else "os.replace")
+    hook = ("featseq.featurize.writer._relabelled" if where == "copying" else "os.replace")
     script = f"""
 import os, sys, time
-import featseq.featurize.cache, featseq.featurize.pipeline
+import featseq.featurize.writer, featseq.featurize.pipeline
 from featseq.featurize.pipeline import featurize as run
 from conftest import featurize_cfg
 real = {hook}
@@ -465,7 +465,7 @@ def stall(*a, **k):
         print("stalled", flush=True)
         time.sleep(120)
     return real(*a, **k)
-{'featseq.featurize.cache._relabelled' if where == 'copying' else 'os.replace'} = stall
+{'featseq.featurize.writer._relabelled' if where == 'copying' else 'os.replace'} = stall
 run(featurize_cfg({m2!r}, {str(out)!r}, size=32))
 """
     p = subprocess.Popen([VENV_PY, "-c", script], cwd=ROOT / "tests", env=CHILD_ENV, stdout=subprocess.PIPE,

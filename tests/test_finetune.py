@@ -212,3 +212,28 @@ def test_finetune_config_defaults_agree_with_the_cli(ft_data, tmp_path):
     assert (F(cache="c", out="o").epochs, F(cache="c", out="o").batch_size) == (5, 8)
     r = CliRunner().invoke(main, ["finetune", "--help"])
     assert "--epochs INTEGER" in r.output and "[default: 5]" in r.output and "[default: 8]" in r.output
+
+
+def test_a_video_source_without_from_is_featurized_with_featurize_defaults(monkeypatch, tmp_path):
+    """issue 25: finetune's video source without --from takes featurize's own defaults (weights, size, fps, decode
+    timeout: FeaturizeConfig's fields), not fallbacks of its own."""
+    from featseq.featurize import pipeline
+    from featseq.featurize.config import FeaturizeConfig
+    from featseq.sequence import finetune as ft
+    from featseq.sequence.config import FinetuneConfig
+
+    seen = {}
+
+    def fake(cfg, *a, **k):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "featurize", fake)
+    cfg = FinetuneConfig(cache=str(tmp_path / "videos"), out=str(tmp_path / "o"), backbone="resnet18").inherit(None, None)
+    with pytest.raises(SystemExit):
+        ft._source_cache(cfg, None, lambda s: None)
+    got, want = seen["cfg"], FeaturizeConfig(source="videos")
+    assert (got.backbone, got.shard) == ("resnet18", None)
+    assert [getattr(got, k) for k in ("weights", "size", "fps", "decode_timeout")] == \
+        [getattr(want, k) for k in ("weights", "size", "fps", "decode_timeout")]
+    assert FinetuneConfig(cache="c", out="o").decode_timeout == want.decode_timeout

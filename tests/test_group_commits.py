@@ -1,4 +1,4 @@
-"""The cache writer publishes segments in groups (featurize.cache.CacheWriter): one write and one flush per dataset
+"""The cache writer publishes segments in groups (featurize.writer.CacheWriter): one write and one flush per dataset
 per group, and the commit protocol unchanged. A real writer process is killed with SIGKILL at random moments over
 thousands of small segments; after every kill the cache opens, verifies and holds whole published segments only, and
 reruns resume it to the full set with the right features."""
@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 
 from conftest import CHILD_ENV, ROOT
-from featseq.featurize.cache import CacheWriter, open_read, read_cache, string_widths, verify
+from featseq.featurize.cache import open_read, read_cache, string_widths
+from featseq.featurize.verify import verify
+from featseq.featurize.writer import CacheWriter
 
 N, DIM = 30000, 16
 
 WRITER = textwrap.dedent(f"""
     import sys
     import numpy as np
-    from featseq.featurize.cache import CacheWriter, string_widths
+    from featseq.featurize.cache import string_widths
+    from featseq.featurize.writer import CacheWriter
 
     path, group_seconds = sys.argv[1], float(sys.argv[2])
     rows = [{{"id": f"s{{i:05d}}", "label": f"c{{i % 7}}", "group": f"g{{i % 5}}", "path": f"/v/{{i}}.mp4"}} for i in range({N})]

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from featseq.cli import main
-from featseq.featurize.cache import read_cache, verify
+from featseq.featurize.cache import read_cache
+from featseq.featurize.verify import verify
 from featseq.featurize.sources import read_source, validate
 
 

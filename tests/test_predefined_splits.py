@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featseq.featurize.cache import CacheError, CacheWriter, read_cache, string_widths
+from featseq.featurize.cache import CacheError, read_cache, string_widths
+from featseq.featurize.writer import CacheWriter
 from featseq.featurize.sources import SourceError, load_segments
 from seq_fixtures import write_fake_cache
 from featseq.sequence.config import TrainConfig, parse_split

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from featseq.sequence import config, models as M, splits
+from featseq.sequence import catalog, config, models as M, splits
 
 VARIANTS = [(name, {}) for name in M.MODELS] + [
     ("lstm", {"bidirectional": True, "layers": 2}), ("gru", {"pooling": "attention", "bidirectional": True}),
@@ -80,9 +80,44 @@ def test_unknown_model_lists_known_ones():
 
 
 def test_order_blind_flags_and_registries_agree():
-    assert tuple(M.MODELS) == config.MODEL_NAMES
-    assert tuple(splits.SPLITS) == config.SPLIT_NAMES
+    """The registries implement the catalog's names (sequence/catalog.py), in its order, with its facts."""
+    assert tuple(M.MODELS) == tuple(catalog.MODELS)
+    assert tuple(splits.SPLITS) == tuple(catalog.SPLITS)
+    assert all(M.MODELS[n].options == s.options and M.MODELS[n].order_aware == s.order_aware
+               for n, s in catalog.MODELS.items())
+    assert all((e.uses, e.cv, e.by_group, e.predefined) == (s.uses, s.cv, s.by_group, s.predefined)
+               for e, s in zip(splits.SPLITS.values(), catalog.SPLITS.values()))
     assert {n for n, e in M.MODELS.items() if not e.order_aware} == {"mlp", "frame"}
+
+
+@pytest.mark.parametrize("name", list(catalog.MODELS))
+def test_unset_model_options_take_the_catalog_defaults(name, monkeypatch, tmp_path):
+    """A model option left unset, in Python or on the command line, takes the model's catalog default: the config,
+    its model_kwargs, the model built and finetune without --from agree (issue 25: conv1d had 1 layer through
+    TrainConfig, 2 through create_model)."""
+    want = catalog.MODELS[name].options
+    tc = config.TrainConfig(cache="c.h5", out="o", model=name)
+    assert tc.model_kwargs() == want
+    assert {k: getattr(tc, k) for k in want} == want
+    assert all(getattr(tc, k) is None for k in catalog.MODEL_OPTIONS if k not in want)  # options it does not use
+    assert {k: v for k, v in M.create_model(name, D, C).config.items() if k in want} == want
+    ft = config.FinetuneConfig(cache="c.h5", out="o", model=name).inherit(None, None)
+    assert ft.model_kwargs() == want and {k: getattr(ft, k) for k in want} == want
+    from click.testing import CliRunner
+
+    from featseq.cli import main
+    from featseq.sequence import train as T
+
+    seen = {}
+
+    def fake_train(cfg, log=None):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(T, "train", fake_train)
+    r = CliRunner().invoke(main, ["train", __file__, "--out", str(tmp_path / "o"), "--model", name])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].model_kwargs() == want
 
 
 def test_bad_model_options():

@@ -1,0 +1,82 @@
+"""featurize's options: one dataclass, its defaults and each option's help beside its field, validated up front with
+messages that name the CLI flag. ``featseq featurize`` builds its flags from these fields (featseq.common.options);
+predict and finetune take their featurize defaults from here. Free of torch, so the command line starts fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from featseq.common.options import option
+
+from .decoders import DECODE_DEVICES, DECODERS, RESIZE_POLICIES
+from .precision import AUTO_HELP, CHOICES as PRECISION_CHOICES
+
+DEFAULT_CACHE_DIR = "cache"
+DTYPES = ("float16", "float32")  # storage dtypes of the features
+
+
+@dataclass
+class FeaturizeConfig:
+    source: str
+    backbone: str = option("resnet18", "resnet18/34/50/101/152, vgg16, efficientnet_b0, mobilenet_v3_large, ... or "
+                                       "timm:<name>.")
+    weights: str = option("none", "'none' (seeded random init), 'imagenet' (torchvision/timm default weights) or a "
+                                  "state-dict file.")
+    size: int = option(224, "Input size in pixels (frames become size x size).")
+    resize: str = option("squash", "squash: whole frame resized to size x size; crop: shorter side to size, then "
+                                   "centre crop.", choices=RESIZE_POLICIES)
+    fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: fp16 on CUDA, fp32 on CPU].",
+                                   choices=PRECISION_CHOICES)
+    dtype: str = option("float16", "Storage dtype of the features.", choices=DTYPES)
+    batch_size: int = option(64, "Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames at 224 "
+                                 "px: faster there, less memory).")
+    channels_last: bool = option(True, "Keep NCHW memory format.", flag="--no-channels-last")
+    out: str | None = option(None, "Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__"
+                                   "<fps>fps__<precision>.h5].")
+    cache_dir: str = option(DEFAULT_CACHE_DIR, "Folder of default cache paths.")
+    skip_errors: bool = option(False, "Skip missing, unreadable and undecodable videos (listed, also in "
+                                      "<cache>.errors.json) and exit 0.")
+    keep_frames: bool = option(False, "Also store the resized uint8 frames (lzf-compressed) for finetune.")
+    decode_timeout: float = option(60.0, "Seconds without a frame before a decoder is declared hung, killed and its "
+                                         "video skipped.")
+    decoder: str = option("auto", "Video decoder. auto: pyav on the CPU (torchcodec with --decode-device cuda); "
+                                  "resuming a cache, the decoder that made it.", choices=DECODERS)
+    decode_device: str = option("cpu", "Where frames are decoded: cuda decodes on the GPU (NVDEC) with --decoder "
+                                       "torchcodec.", choices=DECODE_DEVICES)
+    decode_workers: int | None = option(None, "Decoder processes feeding the CNN [default: cores - 1 when the CNN runs "
+                                              "on CUDA, 2 when decoding on CUDA, 2 when the CNN shares the CPU (1 on one "
+                                              "core)].", type=click.IntRange(1), metavar="N")
+    seed: int = option(0, "Seed of --weights none.")
+    refresh: bool = option(False, "Featurize again the cached segments whose video changed since (size or mtime "
+                                  "differ from those recorded); without it such a cache is refused, listing them.")
+    shard: str | None = option("auto", "K/N: featurize shard K of N (0-based) into <out>.part-K-of-N.h5, then `featseq "
+                                       "cache merge`; auto: K/N from torchrun (RANK/WORLD_SIZE; rank 0 merges) or a SLURM "
+                                       "array, else the whole source; none.")
+
+    def validate(self) -> None:
+        from .shard import parse  # (h5py: not imported by the command line before a command runs)
+
+        checks = [
+            (self.fps > 0, f"--fps must be > 0, got {self.fps}"),
+            (self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.resize in RESIZE_POLICIES, f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
+            (self.dtype in DTYPES, f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),
+            (self.decode_device in DECODE_DEVICES,
+             f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}"),
+            (self.decode_workers is None or self.decode_workers >= 1,
+             f"--decode-workers must be >= 1, got {self.decode_workers}"),
+            (self.decode_timeout > 0, f"--decode-timeout must be > 0 seconds, got {self.decode_timeout}"),
+        ]
+        problems = [why for ok, why in checks if not ok]
+        try:
+            parse(self.shard)
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ValueError("; ".join(problems))
