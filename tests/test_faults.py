@@ -17,12 +17,12 @@ import torch
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import IMPORT_ROOT, ROOT, clip_folder, featurize_cfg, published_segments
+from helpers import (CHILD_ENV, ROOT, alive, children, clip_folder, featurize_cfg, gone, published_segments, wait_for,
+                     write_fake_cache)
 from featseq.featurize.cache import read_cache, verify
 from featseq.featurize.pipeline import featurize
-from seq_fixtures import write_fake_cache
 
-ENV = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**CHILD_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def _limit(nbytes):
@@ -41,45 +41,6 @@ def featseq(*args, limit=None, timeout=300):
 def start(*args):
     return subprocess.Popen([sys.executable, "-c", "from featseq.cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def children(pid):
-    """Every descendant process of pid (from /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(x) for x in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
-def gone(pids, timeout=5.0):
-    """Whether every process of pids has ended (within timeout: the parent's exit reaches a helper such as
-    multiprocessing's resource tracker a moment later)."""
-    return wait_for(lambda: not any(alive(p) for p in pids), timeout=timeout)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-
-
-def wait_for(cond, timeout=120, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        assert proc is None or proc.poll() is None, f"the process ended early: {proc.communicate()}"
-        time.sleep(0.05)
-    return False
 
 
 def same_features(a, b):

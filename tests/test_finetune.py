@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import CHILD_ENV, ROOT, featurize_cfg
+from helpers import CHILD_ENV, ROOT, featurize_cfg
 from featseq.featurize import backbones as bb
 from featseq.featurize.cache import read_cache
 from featseq.featurize.pipeline import featurize

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHILD_ENV, ROOT, featurize_cfg, torchrun_cmd
+from helpers import CHILD_ENV, ROOT, featurize_cfg, torchrun_cmd
 from featseq.featurize import backbones as bb
 from featseq.featurize.pipeline import featurize
 from featseq.sequence.config import FinetuneConfig

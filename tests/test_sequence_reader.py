@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import featurize_cfg
+from helpers import featurize_cfg, write_fake_cache
 from featseq.featurize.cache import read_cache
-from seq_fixtures import write_fake_cache
 from featseq.sequence.reader import (ReaderConfig, ReaderError, build, default_seconds, select, shifts, window_frames)
 
 # the original study's sequence lengths: fps -> {percent: frames}

@@ -10,8 +10,7 @@ from matplotlib.image import imread
 from sklearn.model_selection import GroupShuffleSplit
 
 from featseq.cli import main
-from conftest import GINGERBREAD, featurize_cfg, needs_gingerbread
-from seq_fixtures import synthetic_cache, write_fake_cache
+from helpers import GINGERBREAD, featurize_cfg, needs_gingerbread, synthetic_cache, write_fake_cache
 from featseq.sequence.splits import SplitError, make_folds
 from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
 from featseq.sequence.run import Run

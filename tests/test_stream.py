@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 import torch  # noqa: F401  (torch before decord)
 
-from conftest import CHILD_ENV, ROOT, small_run
+from helpers import CHILD_ENV, ROOT
 from featseq.featurize.cache import read_cache
 
 HALF = 8.0  # seconds of each class in the long video
 
 
 @pytest.fixture(scope="module")
-def st_data(tmp_path_factory):
+def st_data(small_trained, tmp_path_factory):
     import av
 
     from featseq.featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("stream")
-    _, _, run, _ = small_run(d)
+    run = small_trained["run"]
     mp4 = d / "change.mp4"
     render_long_video(mp4, parts=[("ascending", HALF), ("descending", HALF)], width=32, height=32, video_fps=30, seed=5)
     ts = d / "change.ts"

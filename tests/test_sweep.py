@@ -10,8 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import CHILD_ENV, ROOT
-from seq_fixtures import synthetic_cache, write_fake_cache
+from helpers import CHILD_ENV, ROOT, study_trials, synthetic_cache, write_fake_cache
 
 ENV = CHILD_ENV
 GRID12 = ["--model", "mlp,frame,gru", "--hidden", "8,16", "--lr", "0.001,0.01", "--split", "random", "--seq-len", "6",
@@ -27,15 +26,6 @@ def _sweep_cmd(cache, out, *extra):
     return [sys.executable, "-c", "from featseq.cli import main; main()", "sweep", cache, "--out", str(out), *extra]
 
 
-def _trials(out, study="featseq-sweep"):
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    path = str(out / "study.journal")
-    storage = optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-
-
 def _rows(out):
     with open(out / "leaderboard.csv", newline="") as fh:
         return list(csv.DictReader(fh))
@@ -48,7 +38,7 @@ def test_two_processes_share_one_study_and_train_each_grid_point_once(fake, tmp_
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    trials = [t for t in _trials(out) if not t.user_attrs.get("empty")]
+    trials = [t for t in study_trials(out) if not t.user_attrs.get("empty")]
     done = [t.user_attrs["variant"] for t in trials if t.state.name == "COMPLETE"]
     assert len(done) == 12 and len(set(done)) == 12  # every grid point exactly once ...
     assert len(trials) == 12  # ... and nothing else trained
@@ -67,7 +57,7 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_rerun_completes(fake, tmp
     running = []
     while time.monotonic() < deadline and p.poll() is None:
         try:
-            trials = _trials(out)
+            trials = study_trials(out)
         except Exception:  # the study is not created yet
             trials = []
         complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -82,7 +72,7 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_rerun_completes(fake, tmp
     r = subprocess.run(cmd[:-1], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # not quiet
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is gone; marked failed" in r.stderr
-    trials = [t for t in _trials(out) if not t.user_attrs.get("empty")]
+    trials = [t for t in study_trials(out) if not t.user_attrs.get("empty")]
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert [t.user_attrs["variant"] for t in failed] == [victim] and "died" in failed[0].user_attrs["error"]
     done = [t.user_attrs["variant"] for t in trials if t.state.name == "COMPLETE"]
@@ -172,7 +162,7 @@ def test_a_grid_changed_between_runs_resumes_and_a_changed_search_space_is_refus
     assert r.exit_code == 0, r.output
     rows = _rows(tmp_path / "g")
     assert sorted(x["model"] for x in rows) == ["frame", "gru", "mlp"] and {x["status"] for x in rows} == {"complete"}
-    done = [t.user_attrs["variant"] for t in _trials(tmp_path / "g") if t.state.name == "COMPLETE"]
+    done = [t.user_attrs["variant"] for t in study_trials(tmp_path / "g") if t.state.name == "COMPLETE"]
     assert sorted(done) == sorted(set(done)) and len(done) == 3  # mlp and frame were not trained again
     search = ["--search", "random", "--trials", "2", *base]
     r = CliRunner().invoke(main, ["sweep", fake, "--out", str(tmp_path / "r"), "--model", "mlp,frame", *search])
