@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 MAX_LINES = 450
 EXEMPT = {"featseq.featurize.synth"}  # the synthetic-data generator: renderers, long by nature

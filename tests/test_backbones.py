@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EFFNET_WEIGHTS
+from helpers import EFFNET_WEIGHTS
 from featseq.featurize.backbones import REGISTRY, WeightsError, create_backbone
 
 # small inputs keep every registered model fast on 2 CPU cores (vgg16 included: its classifier sits
@@ -131,7 +131,7 @@ def test_timm_weights_file(tmp_path):
     """The offline ImageNet weights of timm:efficientnet_lite0: loaded, sha256 recorded (in the Backbone and in
     a cache's attributes), and outputs unlike the random init's."""
     pytest.importorskip("timm")
-    from conftest import featurize_cfg
+    from helpers import featurize_cfg
     from featseq.featurize.cache import read_cache
     from featseq.featurize.pipeline import featurize
     from featseq.featurize.synth import render_clip

@@ -81,7 +81,7 @@ def test_the_command_line_loads_no_heavy_library_to_start():
     import subprocess
     import sys
 
-    from conftest import CHILD_ENV
+    from helpers import CHILD_ENV
 
     code = ("import sys, featseq.cli; "
             "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'sklearn', 'av') if m in sys.modules))")

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IMPORT_ROOT, ROOT
+from helpers import CHILD_ENV, ROOT, write_fake_cache
 from featseq.featurize.cache import read_cache
-from seq_fixtures import write_fake_cache
 from featseq.sequence.config import TrainConfig
 from featseq.sequence.dataset import CacheDataset
 from featseq.sequence.loop import FeatureInputs
@@ -111,6 +110,6 @@ def test_readme_example_trains_a_model_of_your_own(cache, tmp_path):
     script.write_text(code.replace('"X.h5"', repr(cache)).replace('split="ucf101:1"', 'split="predefined"')
                       + "\nprint('loss', float(loss))\n")
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(IMPORT_ROOT)})
+                       env=CHILD_ENV)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.split()[-1]) > 0

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import CHILD_ENV, IMPORT_ROOT, ROOT, clip_folder, featurize_cfg, published_segments
+from helpers import CHILD_ENV, ROOT, clip_folder, expected_indices, featurize_cfg, published_segments
 from featseq.common.lock import FileLock, Locked
 from featseq.featurize.cache import CacheError, read_cache, read_segment, summary
 from featseq.featurize.pipeline import featurize
@@ -24,15 +24,6 @@ from featseq.featurize.sources import SourceError, load_segments
 from featseq.featurize.synth import read_frame_number
 
 VENV_PY = sys.executable
-
-
-def expected_indices(start, end, fps, video_fps, n_frames):
-    """Independent formula: frame shown at start + k/fps, for every grid time before end."""
-    out, k = [], 0
-    while start + k / fps < end - 1e-6:
-        out.append(min(n_frames - 1, int(math.floor((start + k / fps) * video_fps + 1e-4))))
-        k += 1
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +187,8 @@ def test_lock_release_race_gives_no_second_holder(tmp_path, monkeypatch):
 
 _LOCK_HAMMER = r"""
 import os, sys, time
-sys.path.insert(0, sys.argv[1])
 from featseq.common.lock import FileLock, Locked
-out, marker, stop = sys.argv[2], sys.argv[2] + ".holder", time.monotonic() + float(sys.argv[3])
+out, marker, stop = sys.argv[1], sys.argv[1] + ".holder", time.monotonic() + float(sys.argv[2])
 held = clash = 0
 while time.monotonic() < stop:
     try:
@@ -220,7 +210,7 @@ def test_lock_holders_never_overlap_across_processes(tmp_path):
     """Three processes take and release the lock as fast as they can for a second; none ever finds the
     holder marker of another (a smoke test with real processes; the test above pins the interleaving)."""
     out = str(tmp_path / "x.h5")
-    procs = [subprocess.Popen([VENV_PY, "-c", _LOCK_HAMMER, str(IMPORT_ROOT), out, "1.0"], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([VENV_PY, "-c", _LOCK_HAMMER, out, "1.0"], env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     results = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -458,7 +448,7 @@ def test_a_relabel_killed_midway_leaves_the_old_table(synth_data, tmp_path, wher
 import os, sys, time
 import featseq.featurize.writer, featseq.featurize.pipeline
 from featseq.featurize.pipeline import featurize as run
-from conftest import featurize_cfg
+from helpers import featurize_cfg
 real = {hook}
 def stall(*a, **k):
     if "{where}" == "copying" or a[0].endswith(".recover.tmp"):

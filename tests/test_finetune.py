@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import CHILD_ENV, ROOT, featurize_cfg
+from helpers import CHILD_ENV, ROOT, featurize_cfg
 from featseq.featurize import backbones as bb
 from featseq.featurize.cache import read_cache
 from featseq.featurize.pipeline import featurize
@@ -25,14 +26,15 @@ from featseq.sequence.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def ft_data(tmp_path_factory):
-    """48 synthetic clips at 32 px, 2 fps, with frames kept; a cached-feature LSTM run on them."""
+    """48 synthetic clips at 32 px, 2 fps, with frames kept; a cached-feature GRU run on them. Features in float32, so
+    the CNN that fine-tuning runs on the frames computes the run's own inputs (float16 would round them)."""
     from featseq.featurize.synth import render_dataset
 
     d = tmp_path_factory.mktemp("ft")
     src = render_dataset(d / "v", clips_per_class_per_group=4, groups=4, width=32, height=32, duration=(5, 7),
                          long_videos=0, seed=3)["clips_root"]
-    frames = featurize(featurize_cfg(src, d / "frames.h5", fps=2.0, keep_frames=True)).path
-    plain = featurize(featurize_cfg(src, d / "plain.h5", fps=2.0)).path
+    frames = featurize(featurize_cfg(src, d / "frames.h5", fps=2.0, keep_frames=True, dtype="float32")).path
+    plain = featurize(featurize_cfg(src, d / "plain.h5", fps=2.0, dtype="float32")).path
     run = d / "run"
     res = train(TrainConfig(cache=frames, out=str(run), model="gru", hidden=32, split="group", epochs=15, seq_len=8,
                             seed=0, plots=False, device="cpu"))
@@ -108,17 +110,32 @@ def test_finetune_writes_every_output_and_improves_or_holds(ft_data, tmp_path):
     assert len(lines) == 1 + 48
 
 
+def _probabilities(run) -> dict:
+    """id -> (split, predicted class, probabilities) from a run's predictions.csv."""
+    import csv
+
+    with open(Path(run) / "predictions.csv", newline="") as fh:
+        return {r["id"]: (r["split"], r["predicted"], np.array([float(v) for k, v in r.items() if k.startswith("p_")]))
+                for r in csv.DictReader(fh)}
+
+
 def test_frozen_finetune_reproduces_the_warm_start(ft_data, tmp_path):
-    """--unfreeze 0 with lr ~ 0: the CNN + head pipeline scores exactly like the cached-feature model."""
+    """--unfreeze 0 with lr ~ 0: the CNN + head pipeline scores exactly like the cached-feature model: for every
+    segment the same split, the same predicted class and the same class probabilities (predictions.csv)."""
     res = finetune(_cfg(ft_data, tmp_path / "f0", unfreeze="0", epochs=1, lr=1e-12))
     assert res["trainable_trunk_params"] == 0
-    assert abs(res["test_accuracy"] - ft_data["res"]["test_accuracy"]) < 1e-9
+    warm, tuned = _probabilities(ft_data["run"]), _probabilities(tmp_path / "f0")
+    assert warm.keys() == tuned.keys() and len(warm) == 48
+    for sid, (split, pred, p) in warm.items():
+        assert tuned[sid][:2] == (split, pred), sid
+        assert np.allclose(tuned[sid][2], p, atol=2e-6), (sid, p, tuned[sid][2])  # predictions.csv keeps 6 decimals
+    assert res["test_accuracy"] == ft_data["res"]["test_accuracy"]
 
 
 def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
     out = tmp_path / "k"
     cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "finetune", ft_data["plain"], "--from", ft_data["run"],
-           "--out", str(out), "--unfreeze", "1", "--epochs", "4", "--patience", "10", "--device", "cpu", "--no-plots"]
+           "--out", str(out), "--unfreeze", "1", "--epochs", "3", "--patience", "10", "--device", "cpu", "--no-plots"]
     env = CHILD_ENV
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -128,23 +145,23 @@ def test_resume_after_kill_continues_from_saved_epoch(ft_data, tmp_path):
             return torch.load(out / "last.pt", weights_only=True)["epoch"]
         except Exception:
             return 0
-    while p.poll() is None and saved_epoch() < 2 and time.monotonic() < deadline:
+    while p.poll() is None and saved_epoch() < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert p.poll() is None, p.stderr.read().decode()[-2000:]
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     killed = torch.load(out / "last.pt", weights_only=True)
-    assert 2 <= killed["epoch"] < 4 and not (out / "results.json").exists()
+    assert 1 <= killed["epoch"] < 3 and not (out / "results.json").exists()
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert f"resuming after epoch {killed['epoch']}" in r.stderr
     hist = json.loads((out / "results.json").read_text())
     import csv
     rows = list(csv.DictReader(open(out / "history.csv")))
-    assert [int(x["epoch"]) for x in rows] == [1, 2, 3, 4]
+    assert [int(x["epoch"]) for x in rows] == [1, 2, 3]
     for h, k in zip(rows, killed["history"]):  # epochs before the kill kept as they were
         assert float(h["train_loss"]) == pytest.approx(k["train_loss"])
-    assert hist["epochs_run"] == 4
+    assert hist["epochs_run"] == 3
 
 
 def test_finetune_errors(ft_data, tmp_path):
@@ -192,14 +209,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
 
 
-def test_cli_finetune_with_augment_accumulate_and_checkpointing(ft_data, tmp_path):
+def test_cli_finetune_with_augment_accumulate_and_checkpointing(ft_data, tmp_path, monkeypatch):
+    """The three flags act: every training clip is augmented, the CNN runs under gradient checkpointing in every
+    training batch, and the optimizer steps once per 2 batches (AdamW's step count in last.pt)."""
+    import torch.utils.checkpoint
+
+    import featseq.sequence.finetune as F
+
+    calls = {"augment": 0, "checkpoint": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(F, "augment_clip", counted("augment", F.augment_clip))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted("checkpoint", torch.utils.checkpoint.checkpoint))
     out = tmp_path / "aug"
     r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(out),
                                   "--unfreeze", "1", "--epochs", "1", "--batch-size", "4", "--augment", "--accumulate", "2",
                                   "--checkpointing", "--device", "cpu", "--no-plots", "-q"])
     assert r.exit_code == 0, r.output
+    n_train = json.loads((out / "results.json").read_text())["n_train"]
+    batches = -(-n_train // 4)
+    assert calls["augment"] == n_train  # one crop and flip per training clip; evaluation clips are not augmented
+    assert calls["checkpoint"] == batches  # the trunk's forward of each training batch, and of no evaluation batch
+    steps = {int(st["step"]) for st in torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"].values()}
+    assert batches >= 3 and steps == {-(-batches // 2)}, (batches, steps)  # not one step per batch
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["augment"] and cfg["accumulate"] == 2 and cfg["checkpointing"] and cfg["batch_size"] == 4
     # inherited from --from: the run's model and options, not train's defaults
     assert cfg["model"] == "gru" and cfg["hidden"] == 32 and cfg["seq_len"] == 8 and cfg["split"] == "group"
     assert json.loads((out / "results.json").read_text())["epochs_run"] == 1
@@ -210,8 +247,16 @@ def test_finetune_config_defaults_agree_with_the_cli(ft_data, tmp_path):
     from featseq.sequence.config import FinetuneConfig as F
 
     assert (F(cache="c", out="o").epochs, F(cache="c", out="o").batch_size) == (5, 8)
-    r = CliRunner().invoke(main, ["finetune", "--help"])
-    assert "--epochs INTEGER" in r.output and "[default: 5]" in r.output and "[default: 8]" in r.output
+    r = CliRunner().invoke(main, ["finetune", "--help"], terminal_width=100)
+    assert r.exit_code == 0, r.output
+    blocks, name = {}, None  # each option's help text, with its wrapped lines
+    for line in r.output.splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0]
+        if name:
+            blocks[name] = blocks.get(name, "") + " " + line.strip()
+    assert "--epochs INTEGER" in blocks["--epochs"] and "[default: 5]" in blocks["--epochs"], blocks["--epochs"]
+    assert "[default: 8]" in blocks["--batch-size"], blocks["--batch-size"]
 
 
 def test_a_video_source_without_from_is_featurized_with_featurize_defaults(monkeypatch, tmp_path):

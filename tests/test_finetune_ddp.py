@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHILD_ENV, ROOT, featurize_cfg, torchrun_cmd
+from helpers import CHILD_ENV, ROOT, featurize_cfg, torchrun_cmd
 from featseq.featurize import backbones as bb
 from featseq.featurize.pipeline import featurize
 from featseq.sequence.config import FinetuneConfig
@@ -128,7 +128,7 @@ def test_kill_one_rank_stops_the_other_and_resume_completes(ddp_data, tmp_path):
     of their shares. kill -9 rank 1 mid-run: rank 0 stops with a message that says how to go on, torchrun fails;
     --resume on 2 ranks finishes the run, every epoch once, and rank 0 alone writes and reports."""
     out = tmp_path / "k"
-    cmd = torchrun_cmd(2, *_args(ddp_data, out, 6, source=ddp_data["clips"]))
+    cmd = torchrun_cmd(2, *_args(ddp_data, out, 3, source=ddp_data["clips"]))
     # cwd: the video source's cache goes to cache/ there
     p = subprocess.Popen(cmd, cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -146,7 +146,7 @@ def test_kill_one_rank_stops_the_other_and_resume_completes(ddp_data, tmp_path):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode != 0
     killed = torch.load(out / "last.pt", weights_only=True)
-    assert 1 <= killed["epoch"] < 6 and not (out / "results.json").exists()
+    assert 1 <= killed["epoch"] < 3 and not (out / "results.json").exists()
     assert "error: rank 0 of 2: " in stderr, stderr[-3000:]  # the survivor says why it stopped ...
     assert "lost another rank" in stderr or "SIGTERM" in stderr
     assert "with --resume, on any number of ranks" in stderr  # ... and how to go on
@@ -160,10 +160,10 @@ def test_kill_one_rank_stops_the_other_and_resume_completes(ddp_data, tmp_path):
     assert r.stderr.count(f"resuming after epoch {killed['epoch']}") == 1  # rank 0 alone logs ...
     assert r.stdout.splitlines() == [str(out)]                           # ... and reports
     rows = list(csv.DictReader(open(out / "history.csv")))
-    assert [int(x["epoch"]) for x in rows] == [1, 2, 3, 4, 5, 6]          # every epoch written once
+    assert [int(x["epoch"]) for x in rows] == [1, 2, 3]                   # every epoch written once
     for h, k in zip(rows, killed["history"]):  # epochs before the kill kept as they were
         assert float(h["train_loss"]) == pytest.approx(k["train_loss"])
-    assert json.loads((out / "results.json").read_text())["epochs_run"] == 6
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 3
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]  # no temporary file left by a second writer
 
 

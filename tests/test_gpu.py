@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import featurize_cfg
+from helpers import featurize_cfg
 from featseq.featurize.backbones import Embedder, create_backbone
 from featseq.featurize.cache import read_cache
 from featseq.featurize.decoder import unavailable

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CHILD_ENV, ROOT
+from helpers import CHILD_ENV, ROOT
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CHILD_ENV, ROOT
+from helpers import CHILD_ENV, ROOT
 from featseq.featurize.cache import open_read, read_cache, string_widths
 from featseq.featurize.verify import verify
 from featseq.featurize.writer import CacheWriter

@@ -158,66 +158,87 @@ def test_odd_videos(tmp_path):
     assert c.segments["length"][i] >= 1 and c.segment(i)[1][0] == 0.0  # one frame: sampled, at its time
     i = c.ids.index("x/vfr")
     ts = c.segment(i)[1]
-    # variable frame rate: each sample is the frame shown at its grid time, with that frame's own timestamp
-    shown = np.concatenate([[vfr[0]], vfr])  # frame 0 starts at vfr[0]
-    grid = vfr[0] * 0 + np.arange(len(ts)) / 6
-    want = [vfr[max(0, np.searchsorted(vfr, g + 1e-6, side="right") - 1)] for g in grid]
-    assert np.allclose(ts, want, atol=1e-3), (ts, want, shown[:3])
+    # variable frame rate: the expectation from the container itself (PyAV): each frame's presentation time, and
+    # the video's end (the last frame's time plus its duration)
+    with av.open(str(root / "vfr.mp4")) as f:
+        frames = [(float(fr.pts * fr.time_base), float((fr.duration or 0) * fr.time_base)) for fr in f.decode(video=0)]
+    pts = [t for t, _ in frames]
+    assert np.allclose(pts, vfr, atol=1e-3)  # the file holds the frames as they were written
+    end = pts[-1] + frames[-1][1]
+    grid = [k / 6 for k in range(1000) if k / 6 < end]  # 6 fps from 0 to the video's end
+    # each sample is the frame on screen at its grid time (the last one shown at or before it; the first frame
+    # before it starts), recorded with that frame's own time
+    want = [max([p for p in pts if p <= g + 1e-9], default=pts[0]) for g in grid]
+    assert len(ts) == len(grid) and np.allclose(ts, want, atol=1e-6), (ts, want)
+    assert len(set(want)) < len(want) and len(set(want)) > 10  # frames held over several samples, and many frames
     assert verify(out).ok
 
 
 _GROW = r"""
-import sys, time
-src, dst, first = sys.argv[1], sys.argv[2], float(sys.argv[3])
+import os, sys, time
+src, dst, first, most = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 data = open(src, "rb").read()
-cut = int(len(data) * first)
+cut, hold = int(len(data) * first), int(len(data) * most)
 with open(dst, "wb") as fh:
     fh.write(data[:cut]); fh.flush()
     open(dst + ".started", "w").close()
-    step = max(1, (len(data) - cut) // 40)
-    for a in range(cut, len(data), step):
-        time.sleep(0.25)
-        fh.write(data[a:a + step]); fh.flush()
+    step = max(1, (hold - cut) // 30)
+    for a in range(cut, hold, step):  # appends while featurize probes and decodes it
+        time.sleep(0.1)
+        fh.write(data[a:min(hold, a + step)]); fh.flush()
+    while not os.path.exists(dst + ".finish"):  # the rest only once featurize has returned
+        time.sleep(0.02)
+    fh.write(data[hold:])
 """
 
 
 def test_a_video_that_grows_while_featurize_reads_it(tmp_path):
-    """A writer appends to an MPEG-TS file while featurize probes and decodes it: featurize caches the frames there
-    were when it read the file (or names the video if its last packet was cut), and the rerun, once the file is
-    whole, sees that it changed: refused, then re-featurized in full with --refresh."""
+    """A writer appends to an MPEG-TS file while featurize probes and decodes it, and writes its last part only after
+    featurize returned. featurize never shows a traceback; it either caches the segment from the frames the file held
+    when it was read (exit 0: the whole video's first frames; the rerun on the finished file is refused, naming the
+    segment, as a changed video; --refresh then featurizes it in full), or, when a packet cut mid-write fails the
+    segment, names the video and caches nothing for it (exit 1; the rerun featurizes the finished file). Either way
+    the cache ends equal to the finished video's, its recorded size the finished file's."""
     full = tmp_path / "full.ts"
     _write(full, np.arange(300) / 30, fmt="mpegts")  # 10 s
     video = tmp_path / "src" / "x" / "grow.ts"
     video.parent.mkdir(parents=True)
-    w = subprocess.Popen([sys.executable, "-c", _GROW, str(full), str(video), "0.3"])
+    w = subprocess.Popen([sys.executable, "-c", _GROW, str(full), str(video), "0.3", "0.9"])
     try:
         while not Path(str(video) + ".started").exists():
+            assert w.poll() is None
             time.sleep(0.01)
         out = tmp_path / "x.h5"
         (tmp_path / "m.csv").write_text(f"path,label,id\n{video},a,x/grow\n")
         args = ["featurize", tmp_path / "m.csv", "--size", 32, "--fps", 6, "--device", "cpu", "--out", out]
         r = _run(*args)
-        growing = w.poll() is None
     finally:
+        Path(str(video) + ".finish").touch()
         w.wait(timeout=60)
+    assert w.returncode == 0 and video.read_bytes() == full.read_bytes()
+    (tmp_path / "whole.csv").write_text(f"path,label,id\n{full},a,x/grow\n")
+    assert _run("featurize", tmp_path / "whole.csv", "--size", 32, "--fps", 6, "--device", "cpu", "--out",
+                tmp_path / "whole.h5").exit_code == 0
+    whole = read_cache(tmp_path / "whole.h5")
     assert r.exit_code in (0, 1), r.output
-    if r.exit_code == 1:  # the last packet was cut mid-write: the video is named, nothing half-made is cached
+    if r.exit_code == 1:  # a packet cut mid-write: the video is named, nothing half-made is cached
         assert "grow.ts" in r.output and (not out.exists() or not len(read_cache(out)))
         assert _run(*args).exit_code == 0
     else:
         first = read_cache(out)
         n = int(first.segments["length"][0])
-        assert verify(out).ok and 0 < n <= 60
-        if growing:
-            r = _run(*args)
-            assert r.exit_code == 2 and "changed since they were featurized" in r.output and "x/grow" in r.output
+        assert verify(out).ok and 0 < n < len(whole.timestamps)
+        assert first.segments["video_size"][0] < full.stat().st_size  # read before the file was finished
+        # the frames it held: the whole video's, but for the last sample, the frame on screen then in the part read
+        assert np.array_equal(first.timestamps[:n - 1], whole.timestamps[:n - 1])
+        assert np.array_equal(first.features[:n - 1], whole.features[:n - 1])
+        assert first.timestamps[n - 1] <= whole.timestamps[n - 1]
+        r = _run(*args)
+        assert r.exit_code == 2 and "changed since they were featurized" in r.output and "x/grow" in r.output, r.output
+        assert np.array_equal(read_cache(out).features, first.features)  # refused: nothing changed
         r = _run(*args, "--refresh")
         assert r.exit_code == 0, r.output
     final = read_cache(out)
-    (tmp_path / "whole.csv").write_text(f"path,label,id\n{full},a,x/grow\n")
-    assert _run("featurize", tmp_path / "whole.csv", "--size", 32, "--fps", 6, "--device", "cpu", "--out",
-                tmp_path / "whole.h5").exit_code == 0
-    whole = read_cache(tmp_path / "whole.h5")
     assert np.array_equal(final.features, whole.features) and np.array_equal(final.timestamps, whole.timestamps)
     assert verify(out, sources=True).ok
     assert final.segments["video_size"][0] == full.stat().st_size

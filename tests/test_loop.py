@@ -12,7 +12,7 @@ from featseq.sequence.splits import Fold
 @pytest.fixture(scope="module")
 def seqs(tmp_path_factory):
     from featseq.featurize.cache import read_cache
-    from seq_fixtures import write_fake_cache
+    from helpers import write_fake_cache
 
     path = write_fake_cache(tmp_path_factory.mktemp("loop") / "c.h5", ["a", "b"] * 12, dim=8, seed=4)
     return build(read_cache(path, dtype=np.float32), ReaderConfig(seq_len=6))

@@ -9,7 +9,7 @@ import pytest
 from featseq.featurize.cache import CacheError, read_cache, string_widths
 from featseq.featurize.writer import CacheWriter
 from featseq.featurize.sources import SourceError, load_segments
-from seq_fixtures import write_fake_cache
+from helpers import write_fake_cache
 from featseq.sequence.config import TrainConfig, parse_split
 from featseq.sequence.reader import ReaderConfig, build
 from featseq.sequence.split_lists import ListError, from_lists, read_hmdb51, read_ucf101, segment_parts

@@ -9,15 +9,14 @@ import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import small_run
 
 
 @pytest.fixture(scope="module")
-def pr_data(tmp_path_factory):
+def pr_data(small_trained, tmp_path_factory):
     from featseq.featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("predict")
-    src, cache, run, res = small_run(d)
+    src, cache, run, res = (small_trained[k] for k in ("src", "cache", "run", "res"))
     long = d / "long.mp4"
     render_long_video(long, parts=[("ascending", 20.0), ("descending", 20.0)], width=32, height=32, video_fps=30, seed=5)
     return {"d": d, "src": src, "cache": cache, "run": str(run), "res": res, "long": str(long)}

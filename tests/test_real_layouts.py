@@ -12,11 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import ROOT
+from helpers import ROOT, expected_indices
 from featseq.featurize.cache import read_cache
 from featseq.featurize.synth import read_frame_number
 from featseq.sequence.dataset import CacheDataset
-from test_featurize import expected_indices
 
 
 def synth(out, *args):

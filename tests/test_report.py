@@ -10,7 +10,7 @@ import torch  # noqa: F401  (torch before decord)
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import featurize_cfg
+from helpers import featurize_cfg
 from featseq.featurize.pipeline import featurize
 from featseq.sequence.report import fmt
 

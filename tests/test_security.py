@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import featurize_cfg, small_run
+from helpers import featurize_cfg
 
 
 class Payload:
@@ -29,9 +29,9 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def sec(tmp_path_factory):
+def sec(small_trained, tmp_path_factory):
     d = tmp_path_factory.mktemp("sec")
-    src, cache, run, res = small_run(d)
+    src, cache, run = (small_trained[k] for k in ("src", "cache", "run"))
     return {"d": d, "src": Path(src), "cache": cache, "run": Path(run),
             "video": str(sorted(Path(src).rglob("*.mp4"))[0])}
 

@@ -7,7 +7,7 @@ from featseq.sequence.train import train
 
 
 def test_memory_mapped_features_train_identically(tmp_path, monkeypatch):
-    from seq_fixtures import write_fake_cache
+    from helpers import write_fake_cache
 
     path = write_fake_cache(tmp_path / "c.h5", ["a", "b", "c"] * 10, groups=[f"g{i % 5}" for i in range(30)])
     cfg = dict(model="gru", hidden=16, epochs=3, split="random", seed=0, plots=False, device="cpu")
@@ -31,7 +31,7 @@ def test_features_are_held_once_in_the_caches_dtype(tmp_path, monkeypatch):
     copy on disk instead of reading their own."""
     import torch
 
-    from seq_fixtures import write_fake_cache
+    from helpers import write_fake_cache
     from featseq.sequence.loop import FeatureInputs
     from featseq.sequence.reader import ReaderConfig, build
 

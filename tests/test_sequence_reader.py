@@ -1,35 +1,47 @@
 """Sequence selection math against an independent formula, and the reader on real caches."""
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import featurize_cfg
+from helpers import featurize_cfg, write_fake_cache
 from featseq.featurize.cache import read_cache
-from seq_fixtures import write_fake_cache
 from featseq.sequence.loop import FeatureInputs
 from featseq.sequence.reader import ReaderConfig, ReaderError, build
-from featseq.sequence.windows import default_seconds, select, shifts, window_frames
+from featseq.sequence.windows import select, shifts
 
 # the original study's sequence lengths: fps -> {percent: frames}
 ORIGINAL = {1: {100: 25, 80: 20, 50: 12}, 2: {100: 51, 80: 41, 50: 25}, 3: {100: 77, 80: 62, 50: 38}}
 
 
+@pytest.fixture(scope="module")
+def long_fake(tmp_path_factory):
+    """A 6 fps cache of three 30 s segments (timestamps exactly start + k/6): every study window fits."""
+    return read_cache(write_fake_cache(tmp_path_factory.mktemp("reader") / "long.h5", ["a", "b", "a"],
+                                       durations=[30.0, 30.0, 30.0], starts=[0.0, 5.0, 0.0]))
+
+
 @pytest.mark.parametrize("fps,percent", [(f, p) for f in ORIGINAL for p in ORIGINAL[f]])
-def test_original_study_counts(fps, percent):
-    """floor(W * fps * P) with W = 25.9 s reproduces every count; 25.5 s does not (documented in reader.py)."""
+def test_original_study_counts(long_fake, fps, percent):
+    """--seconds 25.9 --percent P at F fps reads the study's number of frames, every (6/F)th cached frame from the
+    segment's start (the cache is 6 fps); any window in [25.834, 26) s gives the same count; --seq-len N reads N."""
     want = ORIGINAL[fps][percent]
-    assert window_frames(25.9, fps, percent) == want
-    for w in (25.834, 25.95, 25.999):  # any window in [25.834, 26) s works
-        assert window_frames(w, fps, percent) == want
-    # and --seq-len reproduces them directly, whatever the window
-    assert ReaderConfig(fps=fps, seq_len=want).seq_len == want
+    c, step = long_fake, 6 // fps
+    for seconds in (25.9, 25.834, 25.95, 25.999):
+        data = build(c, ReaderConfig(fps=fps, seconds=seconds, percent=percent))
+        assert data.seq_len == want and data.rows.shape == (3, want), seconds
+    assert data.mask.all()  # 30 s segments: no padding
+    for i in range(3):
+        o = int(c.segments["offset"][i])
+        assert data.rows[i].tolist() == [o + step * k for k in range(want)]
+        assert np.allclose(c.timestamps[data.rows[i].numpy()], c.segments["start"][i] + np.arange(want) / fps)
+    direct = build(c, ReaderConfig(fps=fps, seq_len=want))
+    assert torch.equal(direct.rows, data.rows) and torch.equal(direct.mask, data.mask)
 
 
-def test_window_25_5_does_not_reproduce_the_counts():
-    got = {(f, p): math.floor(25.5 * f * p / 100) for f in ORIGINAL for p in ORIGINAL[f]}
-    assert got[(2, 80)] == 40 and got[(3, 100)] == 76  # the study had 41 and 77
+def test_window_25_5_does_not_reproduce_the_counts(long_fake):
+    """A 25.5 s window (the study's stated length) reads one frame fewer than the study at 2 fps/80 % and 3 fps/100 %."""
+    assert build(long_fake, ReaderConfig(fps=2, seconds=25.5, percent=80)).seq_len == 40  # the study had 41
+    assert build(long_fake, ReaderConfig(fps=3, seconds=25.5)).seq_len == 76  # and 77
 
 
 def nearest_independent(ts, t):
@@ -81,36 +93,82 @@ def test_selection_matches_independent_formula(tmp_path, fps, seq_len, offset, j
         assert np.allclose(c.timestamps[sel.rows][sel.mask], sel.times[sel.mask])
 
 
-def test_build_on_featurized_cache(synth_data, tmp_path):
-    """Real cache (6 fps): 2 fps sequences take the stored frames nearest to start + k/2; short clips are padded."""
+@pytest.fixture(scope="module")
+def real(synth_data, tmp_path_factory):
+    """The synthetic clips (30 fps video, 3-5 s) featurized at 6 fps: cached frame j of a clip is video frame 5j,
+    at time j/6 exactly."""
     from featseq.featurize.pipeline import featurize
 
-    res = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "c.h5"))
-    c = read_cache(res.path)
-    durs = c.segments["end"] - c.segments["start"]
-    data = build(c, ReaderConfig(fps=2))
-    assert data.seq_len == math.floor(default_seconds(durs) * 2 + 1e-6)
-    assert data.seq_len == window_frames(np.percentile(durs, 5), 2)
-    for i in range(len(c)):
-        _, ts = c.segment(i)
-        for k in range(data.seq_len):
-            if data.mask[i, k]:
-                t = c.segments["start"][i] + k / 2
-                assert abs(c.timestamps[int(data.rows[i, k])] - t) < 1 / 30 + 1e-6
-                assert int(data.rows[i, k]) - c.segments["offset"][i] == nearest_independent(ts, t)
+    return read_cache(featurize(featurize_cfg(synth_data["clips_root"], tmp_path_factory.mktemp("real") / "c.h5")).path)
+
+
+def _frames(c, i):
+    """(first row, number of cached frames, start, end) of segment i."""
+    s = c.segments
+    return int(s["offset"][i]), int(s["length"][i]), float(s["start"][i]), float(s["end"][i])
+
+
+@pytest.mark.parametrize("fps", [6, 3, 2, 1])
+def test_sequences_read_every_nth_cached_frame_and_pad_at_the_end(real, fps):
+    """At F fps a window of L frames reads cached frames 0, 6/F, 2*6/F, ... of its segment, while the grid time k/F
+    is before the segment's end; the rest is padding: mask False, features zero."""
+    c, step, L = real, 6 // fps, 6 * fps  # 6 s windows: the 3-5 s clips end in padding
+    data = build(c, ReaderConfig(fps=fps, seq_len=L))
     ((_, x, m),) = FeatureInputs.of(data).batches([np.arange(len(c))])  # what the trainer feeds its model
-    assert x.shape == (len(c), data.seq_len, 512) and x.dtype == torch.float32
-    assert torch.equal(x[0, 0], torch.from_numpy(c.features[int(data.rows[0, 0])].astype(np.float32)))
-    assert (x[~m] == 0).all()
-    # a window longer than every clip: padded and masked, counted; --min-coverage drops
+    padded = 0
+    for i in range(len(c)):
+        o, n, start, end = _frames(c, i)
+        real_k = [k for k in range(L) if k / fps < end - start - 1e-9]  # grid times inside the clip
+        assert data.mask[i].tolist() == [k in real_k for k in range(L)], c.ids[i]
+        assert data.rows[i, :len(real_k)].tolist() == [o + step * k for k in real_k]
+        assert all(o + step * k < o + n for k in real_k)
+        assert np.allclose(c.timestamps[[o + step * k for k in real_k]], start + np.array(real_k) / fps, atol=1e-6)
+        for k in range(L):
+            want = c.features[o + step * k].astype(np.float32) if k in real_k else np.zeros(c.features.shape[1])
+            assert torch.equal(x[i, k], torch.from_numpy(np.asarray(want, np.float32))), (c.ids[i], k)
+        assert data.coverage[i] == pytest.approx(len(real_k) / L)
+        padded += len(real_k) < L
+    assert m.dtype == torch.bool and torch.equal(m, data.mask) and x.dtype == torch.float32
+    assert data.summary()["padded"] == padded == len(c) and data.summary()["dropped"] == 0
+
+
+def test_center_offset_and_percent_of_the_default_window(real):
+    """--percent P alone: a window of P % of the 5th-percentile duration; --offset center: it sits in the middle of
+    each longer clip (shifted by whole cached frames), at the start of a shorter one."""
+    c = real
+    durs = [float(e - s) for s, e in zip(c.segments["start"], c.segments["end"])]
+    p5 = sorted(durs)[0] + 0.05 * (len(durs) - 1) * (sorted(durs)[1] - sorted(durs)[0])  # numpy's linear percentile
+    assert p5 == pytest.approx(np.percentile(durs, 5))
+    checked = 0
+    for fps, percent in ((2, 100), (3, 50), (1, 80)):
+        L = int(p5 * percent / 100 * fps + 1e-6)  # whole frames of the window
+        data = build(c, ReaderConfig(fps=fps, percent=percent, offset="center"))
+        assert data.seq_len == L >= 1
+        for i in range(len(c)):
+            o, n, start, end = _frames(c, i)
+            slack = max(0.0, (end - start) - L / fps)
+            shift = min(range(n), key=lambda j: abs(j / 6 - slack / 2))  # cached frames to skip: nearest the middle
+            if abs(abs(shift / 6 - slack / 2) - 1 / 12) < 1e-9:
+                continue  # a tie between two frames: either is the middle
+            real_k = [k for k in range(L) if shift / 6 + k / fps < end - start - 1e-9]
+            assert data.rows[i, :len(real_k)].tolist() == [o + shift + (6 // fps) * k for k in real_k], (c.ids[i], fps)
+            assert data.mask[i].sum() == len(real_k)
+            checked += shift > 0
+    assert checked >= len(c)  # windows really moved off the start
+
+
+def test_a_window_longer_than_every_clip_is_padded_and_min_coverage_drops(real):
+    c = real
     long = build(c, ReaderConfig(fps=2, seconds=10))
-    assert long.seq_len == 20 and long.summary()["padded"] == len(c) and long.summary()["dropped"] == 0
-    assert not long.mask[:, -1].any() and long.mask[:, 0].all()
-    cov = long.coverage
-    dropped = build(c, ReaderConfig(fps=2, seconds=10, min_coverage=float(np.median(cov))))
-    assert dropped.summary()["dropped"] == int((cov < np.median(cov) - 1e-6).sum()) > 0
-    # --percent of the default window
-    assert build(c, ReaderConfig(fps=3, percent=50)).seq_len == window_frames(default_seconds(durs), 3, 50)
+    assert long.seq_len == 20
+    want_cov = np.array([sum(k / 2 < e - s - 1e-9 for k in range(20)) / 20
+                         for s, e in zip(c.segments["start"], c.segments["end"])])
+    assert np.allclose(long.coverage, want_cov) and want_cov.max() < 1
+    assert long.summary()["padded"] == len(c) and long.summary()["dropped"] == 0
+    threshold = float(np.median(want_cov))
+    dropped = build(c, ReaderConfig(fps=2, seconds=10, min_coverage=threshold))
+    assert dropped.keep.tolist() == (want_cov >= threshold - 1e-9).tolist() and not dropped.keep.all()
+    assert dropped.summary()["dropped"] == int((want_cov < threshold - 1e-9).sum())
 
 
 def test_fps_above_cache_is_refused(tmp_path):
@@ -146,8 +204,7 @@ def test_fps_hint_reproduces_the_cache(synth_data, tmp_path):
     import torchvision
 
     from featseq.cli import main
-    from featseq.featurize.cache import read_table
-    from featseq.featurize.spec import IDENTITY_KEYS
+    from featseq.featurize.cache import IDENTITY_KEYS, read_table
     from featseq.featurize.pipeline import featurize
 
     weights = tmp_path / "my_resnet18.pt"

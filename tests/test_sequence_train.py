@@ -1,6 +1,7 @@
 """Training, run-folder outputs, evaluate, sweeps and the CLI, on a learnable synthetic cache."""
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,7 @@ from matplotlib.image import imread
 from sklearn.model_selection import GroupShuffleSplit
 
 from featseq.cli import main
-from conftest import GINGERBREAD, featurize_cfg, needs_gingerbread
-from seq_fixtures import synthetic_cache, write_fake_cache
+from helpers import GINGERBREAD, featurize_cfg, needs_gingerbread, study_trials, synthetic_cache, write_fake_cache
 from featseq.sequence.splits import SplitError, make_folds
 from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
 from featseq.sequence.run import Run
@@ -150,6 +150,11 @@ def test_sweep_grid_file_dedup_and_parallel_jobs(synth, tmp_path):
     assert [n for n, _ in variants(cfg)] == ["model=mlp", "model=gru"]
     res = sweep(cfg)
     assert res["trained"] == 2 and all(r["status"] == "complete" for r in res["rows"])
+    # --jobs 2: two worker processes (not this one) trained a variant each; the study records who ran each trial
+    done = [t for t in study_trials(tmp_path / "sw") if t.state.name == "COMPLETE"]
+    pids = {t.user_attrs["variant"]: t.user_attrs["pid"] for t in done}
+    assert sorted(pids) == ["model=gru", "model=mlp"] and len(set(pids.values())) == 2, pids
+    assert os.getpid() not in pids.values()
     assert parse_list("bidirectional", "false,true") == [False, True] and parse_list("seq_len", "none,25") == [None, 25]
     with pytest.raises(ValueError, match="--hidden"):
         parse_list("hidden", "128,big")

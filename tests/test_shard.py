@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from featseq.cli import main
-from conftest import CHILD_ENV, ROOT, featurize_cfg, published_segments, torchrun_cmd
+from helpers import CHILD_ENV, ROOT, featurize_cfg, published_segments, torchrun_cmd
 from featseq.featurize import shard
 from featseq.featurize.cache import read_cache
 from featseq.featurize.pipeline import featurize

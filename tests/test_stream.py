@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 import torch  # noqa: F401  (torch before decord)
 
-from conftest import CHILD_ENV, ROOT, small_run
+from helpers import CHILD_ENV, ROOT, wait_for
 from featseq.featurize.cache import read_cache
 
 HALF = 8.0  # seconds of each class in the long video
 
 
 @pytest.fixture(scope="module")
-def st_data(tmp_path_factory):
+def st_data(small_trained, tmp_path_factory):
     import av
 
     from featseq.featurize.synth import render_long_video
 
     d = tmp_path_factory.mktemp("stream")
-    _, _, run, _ = small_run(d)
+    run = small_trained["run"]
     mp4 = d / "change.mp4"
     render_long_video(mp4, parts=[("ascending", HALF), ("descending", HALF)], width=32, height=32, video_fps=30, seed=5)
     ts = d / "change.ts"
@@ -140,15 +140,12 @@ def test_sigterm_stops_cleanly_and_keeps_the_windows(st_data):
     out = st_data["d"] / "term"
     p = subprocess.Popen(_cmd(st_data["run"], "--stream", st_data["mp4"], "--realtime", "--stride", "1", "--out", str(out)),
                          cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "predictions.csv").exists() or len(_rows(out / "predictions.csv")) < 2:
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    t = time.monotonic()
+    def windows() -> int:  # the windows written so far (the file appears with the first)
+        return len(_rows(out / "predictions.csv")) if (out / "predictions.csv").exists() else 0
+    assert wait_for(lambda: windows() >= 2, timeout=120, proc=p), "no two windows within 120 s"
     os.kill(p.pid, signal.SIGTERM)
-    _, stderr = p.communicate(timeout=30)
+    _, stderr = p.communicate(timeout=30)  # it stops: a hang fails here
     assert p.returncode == 143, stderr
-    assert time.monotonic() - t < 5
     res = json.loads((out / "predict.json").read_text())
     assert res["stop"] == "SIGTERM" and res["windows"] == len(_rows(out / "predictions.csv")) >= 2
 
@@ -162,38 +159,3 @@ def test_a_bad_url_fails_fast_naming_it(st_data, tmp_path):
     assert time.monotonic() - t < 30
     r = subprocess.run(_cmd(st_data["run"], "--stream", str(tmp_path / "nope.mp4")), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no such file, device or URL" in r.stderr
-
-
-def _decode_worker(parent: int) -> int | None:
-    """The pid of ``parent``'s decode worker (a multiprocessing spawn child), from /proc."""
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent \
-                    and b"spawn_main" in (d / "cmdline").read_bytes():
-                return int(d.name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return None
-
-
-def test_a_hung_decoder_stops_the_stream_and_is_killed(st_data, tmp_path):
-    """The source is decoded in a decode worker process (featurize.worker), not in the predicting process: a decoder
-    that stops answering (SIGSTOP, as one stuck holding the GIL would) ends the stream after --stall-timeout with the
-    predictions so far, and the worker is killed."""
-    out = tmp_path / "hung"
-    p = subprocess.Popen(_cmd(st_data["run"], "--stream", st_data["mp4"], "--realtime", "--stride", "1", "--out", str(out),
-                              "--stall-timeout", "3"), cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "predictions.csv").exists() or len(_rows(out / "predictions.csv")) < 1:
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    worker = _decode_worker(p.pid)
-    assert worker is not None
-    os.kill(worker, signal.SIGSTOP)
-    _, stderr = p.communicate(timeout=60)
-    assert p.returncode == 1 and "no frame for 3 s (stalled)" in stderr, stderr
-    res = json.loads((out / "predict.json").read_text())
-    assert res["stop"] == "stall" and res["windows"] == len(_rows(out / "predictions.csv")) >= 1
-    time.sleep(1)
-    assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"

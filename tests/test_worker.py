@@ -254,7 +254,7 @@ def test_a_worker_without_room_for_a_block_sends_its_frames_through_the_pipe_and
     import subprocess
     import sys
 
-    from conftest import CHILD_ENV, ROOT
+    from helpers import CHILD_ENV, ROOT
 
     script = tmp_path / "no_room.py"
     script.write_text(_NO_ROOM)
