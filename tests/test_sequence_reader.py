@@ -204,7 +204,8 @@ def test_fps_hint_reproduces_the_cache(synth_data, tmp_path):
     import torchvision
 
     from featseq.cli import main
-    from featseq.featurize.cache import IDENTITY_KEYS, read_table
+    from featseq.featurize.cache import read_table
+    from featseq.featurize.spec import IDENTITY_KEYS
     from featseq.featurize.pipeline import featurize
 
     weights = tmp_path / "my_resnet18.pt"
