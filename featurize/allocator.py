@@ -14,10 +14,10 @@ def tune_cpu_allocator() -> bool:
 
     A CNN on the CPU allocates and frees activations of tens to hundreds of MB per batch. Above its
     (at most 32 MB) mmap threshold glibc maps each one afresh and unmaps it when freed, so every batch
-    page-faults and zeroes the same memory again: featurizing with EfficientNet-Lite0 at 224 px spent 37 %
-    of its CPU time in the kernel (bench/NOTES.md). Serving them from the heap, kept at its peak size,
-    together with the Embedder's CPU slices, made the forward pass 1.4-3.8x faster with a lower peak
-    (bench/cpu_slices_bench.py); without the slices the fragmented heap would raise the peak.
+    page-faults and zeroes the same memory again, a large share of the CPU time spent in the kernel. Serving them
+    from the heap, kept at its peak size, together with the Embedder's CPU slices, makes the forward pass faster
+    with a lower peak (BENCHMARKS.md, bench/cpu_slices_bench.py); without the slices the fragmented heap would
+    raise the peak.
     ``FEATSEQ_MALLOC=default`` leaves the allocator alone. Returns whether the setting was applied.
     """
     global _ALLOCATOR_TUNED

@@ -258,8 +258,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, entry: BackboneEntry, device: 
 
 # On the CPU a batch runs through the CNN in slices of at most this many pixels (16 frames at 224 px):
 # as fast or faster than one big call (activations stay cache- and allocator-friendly) and it bounds
-# the activations' memory whatever --batch-size is (bench/cpu_slices_bench.py, ResNet-50 fp32 at 224 px:
-# 21.5 vs 21.7 frames/s, peak 1186 vs 2224 MiB). Smaller frames get proportionally more per slice.
+# the activations' memory whatever --batch-size is (BENCHMARKS.md, bench/cpu_slices_bench.py). Smaller frames get
+# proportionally more per slice.
 CPU_SLICE_PIXELS = 16 * 224 * 224
 
 

@@ -122,8 +122,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
     precision = resolve_precision(cfg.precision, device)
     if emulated(precision, device):
-        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): ResNet-18 ran 8x slower than in "
-            "fp32 on such a CPU (bench/featurize_bench.py); --precision auto picks fp32 here")
+        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): several times slower than "
+            "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
     target = cfg.out or default_cache_path(cfg, precision, wid)

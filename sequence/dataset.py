@@ -15,7 +15,8 @@ as the trainer does.
 Only the segment table and timestamps are read up front, and the file is closed again. Features are read per item
 from an HDF5 handle opened in the process that reads (each DataLoader worker opens its own) and never carried
 across a fork: a handle open in this process is closed before any ``os.fork`` (and reopened on the next access),
-and is left out when the dataset is pickled (spawned workers). See DESIGN.md (pytorch issue 11887).
+and is left out when the dataset is pickled (spawned workers): an HDF5 handle shared across a fork reads garbage
+(pytorch issue 11887).
 """
 from __future__ import annotations
 

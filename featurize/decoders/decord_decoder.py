@@ -1,6 +1,6 @@
 """decord backend: the original decoder, kept for caches made with it.
 
-decord's known traps (see DESIGN.md) and what this module does about them:
+decord's known traps (README, "Decoders and decode workers") and what this module does about them:
 - torch must be imported before decord in a process that uses CUDA: this module is only imported by the decode
   worker process (featurize/worker.py), which never imports torch for this backend;
 - ``get_batch`` on scattered indices has been nondeterministic and leaky: frames are read sequentially instead
