@@ -39,7 +39,7 @@ import torch
 
 from featseq.featurize.cache import Cache, CacheError, summary
 from featseq.common.errors import UserError
-from featseq.common.files import replaced, writing
+from featseq.common.files import writing
 from featseq.featurize.spec import FeatureSpec
 
 from . import checkpoint
@@ -47,28 +47,13 @@ from . import models as M
 from . import plots
 from .loop import FeatureInputs, FitResult, probabilities
 from .reader import ReaderConfig, Sequences, build
+from .results import RESULTS, Results, write_json  # noqa: F401  (write_json: for run.py's importers)
 from .splits import Fold
 
 CHECKPOINT = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- small writers
-
-def write_json(path: Path, obj) -> None:
-    """Atomically: a reader sees the old file or the whole new one."""
-    with replaced(path) as tmp, open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=_default)
-
-
-def _default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
 
 def nan_to_none(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
