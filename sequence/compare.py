@@ -32,7 +32,8 @@ from featseq.common.errors import UserError
 from . import plots
 from .grid import refuse_ranges, resolve_split, variants
 from .reader import EPS, check_fps, resolve_seq_len
-from .run import CHECKPOINT, Run, mean_std, write_json
+from .results import mean_std, write_json
+from .run import CHECKPOINT, Run
 from .train import train
 
 

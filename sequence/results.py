@@ -18,8 +18,6 @@ import numpy as np
 
 from featseq.common.files import replaced
 
-from . import models as M
-
 RESULTS = "results.json"  # the file's name in every run folder (and in folds/<fold>/, eval_<cache>/)
 
 
@@ -123,6 +121,8 @@ def fit_results(*, cfg, data, fold, head, fit, scores: dict, spec, cache, device
     sequence.run.write_scores on its test part, ``timings`` added after train_s and per_epoch_s (load_s, total_s),
     ``extra`` after the rest (finetune's keys; one named like a key above replaces its value)."""
     import torch
+
+    from . import models as M
 
     history, best = fit.history, fit.best_epoch
     b = history[best - 1] if best else fit.start_scores
