@@ -33,6 +33,8 @@ def _epochs(run: Path) -> list[float]:
 def main(quick: bool = False, note: str | None = None) -> dict:
     import torch
 
+    from featseq.sequence.results import Results
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     tmp = Path(tempfile.mkdtemp(prefix="featseq-ftddp-"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -86,7 +88,7 @@ def main(quick: bool = False, note: str | None = None) -> dict:
         t = time.perf_counter()
         subprocess.run(launch + ft + extra + ["--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
         wall = time.perf_counter() - t
-        res = json.loads((out / "results.json").read_text())
+        res = Results.read(out).content
         per = _epochs(out)
         rows.append({"ranks": n, "how": how,
                      "epoch_s": [round(x, 1) for x in per], "median_epoch_s": round(statistics.median(per), 1),

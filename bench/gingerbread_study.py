@@ -79,6 +79,7 @@ def featurize_all(work: Path, log) -> dict:
 
 def run_sweep(cache: str, out: Path, grid: dict, jobs: int, log) -> tuple[list[dict], float]:
     """Train every variant (finished ones are skipped); (results of each variant, wall seconds)."""
+    from featseq.sequence.results import Results
     from featseq.sequence.sweep import SweepConfig, sweep, variants
 
     cfg = SweepConfig(cache=cache, out=str(out), grid=grid, jobs=jobs, threads=1 if jobs > 1 else None)
@@ -89,7 +90,7 @@ def run_sweep(cache: str, out: Path, grid: dict, jobs: int, log) -> tuple[list[d
         raise SystemExit(f"{out}: {len(failed)} variant(s) failed, e.g. {failed[0]}")
     seconds = time.monotonic() - t
     log(f"sweep {out.name}: {res['variants']} variants ({res['trained']} trained) in {seconds:.0f} s")
-    return [json.loads((Path(tc.out) / "results.json").read_text()) for _, tc in variants(cfg)], seconds
+    return [Results.read(tc.out).content for _, tc in variants(cfg.grid, cfg.cache, cfg.out)], seconds
 
 
 def fold_scores(r: dict) -> list[float]:

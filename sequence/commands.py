@@ -89,7 +89,8 @@ def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, se
 
     Example: featseq sweep CACHE --out S --model lstm,gru,rnn --hidden 128,256 --layers 1,2 --bidirectional false,true
     """
-    from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep as run
+    from featseq.sequence.grid import SweepConfig, load_grid, parse_list
+    from featseq.sequence.sweep import sweep as run
 
     grid = load_grid(grid_file) if grid_file else {}
     grid.update({k: parse_list(k, v) for k, v in opts.items() if v is not None})
@@ -237,7 +238,7 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
     Training options take comma lists as in sweep (e.g. --model lstm,conv1d --fps 2); the seed is --seeds.
     """
     from featseq.sequence.compare import CompareConfig, compare as run
-    from featseq.sequence.sweep import parse_list
+    from featseq.sequence.grid import parse_list
 
     grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
     plots = grid.pop("plots", [True])[0]

@@ -7,7 +7,7 @@
 * Feature similarity: frames matched by timestamp (nearest, within half a frame period of the
   faster cache). Mean cosine per segment (only where the feature dims match) and linear CKA over
   all matched frames (defined for any two dims; Kornblith et al. 2019).
-* The same variants (the sweep's grid expansion of the training options) trained on each cache
+* The same variants (sequence.grid's expansion of the training options, as in a sweep) trained on each cache
   with seeds 0..N-1; mean +- std of test accuracy over seeds; per-class accuracy side by side.
 * Cross-evaluation when dims match: the model trained on A scored on B's features of its own test
   ids, and the reverse.
@@ -30,8 +30,10 @@ from featseq.featurize.cache import Cache, read_cache
 from featseq.common.errors import UserError
 
 from . import plots
+from .grid import refuse_ranges, resolve_split, variants
 from .reader import check_fps
-from .run import CHECKPOINT, Run, mean_std, write_json
+from .results import mean_std, write_json
+from .run import CHECKPOINT, Run
 from .train import train
 from .windows import EPS, match_frames, resolve_seq_len
 
@@ -52,12 +54,8 @@ class CompareConfig:
     def validate(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
-        from .sweep import Range
-
-        for k, vals in self.grid.items():
-            if any(isinstance(v, Range) for v in vals):
-                raise ValueError(f"--{k.replace('_', '-')} {vals[0]}: compare trains every combination of comma lists; "
-                                 f"search ranges with featseq sweep --search tpe")
+        refuse_ranges(self.grid, "compare trains every combination of comma lists; search ranges with featseq sweep "
+                                 "--search tpe")
 
 
 # ---------------------------------------------------------------- caches restricted to common segments
@@ -186,8 +184,6 @@ def _fmt_ms(m, s) -> str:
 
 def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
     """Similarity, training on both, cross-evaluation; writes OUT; returns compare.json's content."""
-    from .sweep import SweepConfig, resolve_split, variants
-
     cfg.validate()
     grid = {k: list(v) for k, v in cfg.grid.items()}
     if "seed" in grid:
@@ -215,7 +211,7 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
         (f", mean cosine {sim['mean_cosine']:.4f}" if sim["mean_cosine"] is not None else " (dims differ: no cosine)"))
 
     grid = resolve_split(grid, a, log)  # --split auto: from the common segments' groups
-    vs = variants(SweepConfig(cache=cfg.cache_a, out=str(out / "runs"), grid=grid))
+    vs = variants(grid, cfg.cache_a, str(out / "runs"))
     device = resolve_device(grid.get("device", ["auto"])[0])
     durations = np.asarray(a.segments["end"], float) - np.asarray(a.segments["start"], float)
     features = {side: (c, torch.from_numpy(np.ascontiguousarray(c.features))) for side, c in (("A", a), ("B", b))}

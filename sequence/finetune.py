@@ -44,7 +44,7 @@ from .config import FinetuneConfig, cv_split_problem  # noqa: F401  (FinetuneCon
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
 from .reader import Sequences, build
-from .run import Run, check_run_folder, prepare_run_folder, resolve_run_folder, write_json, write_run
+from .run import Run, begin_run, check_run_folder, resolve_run_folder, write_run
 from .splits import Fold, choose_split, folds_for
 
 LAST = "last.pt"
@@ -366,12 +366,9 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
                      if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout")}
 
         def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
-            prepare_run_folder(run, cfg.overwrite, cfg.resume, log)  # an old run's files go first; --resume keeps them
-            resume = _resume_state(cfg, run, state_cfg)
-            if (run / "results.json").exists():
-                (run / "results.json").unlink()  # written last: until then the folder is not a complete run
-            write_json(run / "config.json", asdict(cfg))
-            return resume
+            # an old run's files go first; --resume keeps them
+            return begin_run(run, asdict(cfg), cfg.overwrite, cfg.resume, log,
+                             check=lambda r: _resume_state(cfg, r, state_cfg))[1]
 
         resume = rk.on_main(prepare)
         done["epoch"] = resume["epoch"] if resume else 0
@@ -406,7 +403,5 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
                        "precision": prec, "frames_from": "cache" if frames.kept else "video",
                        "warm_start": cfg.from_run, "warm_start_scores": result.start_scores,
                        "ranks": rk.world, "backend": rk.backend or None,
-                       "batch_per_rank": per_rank})
-    res["timings"]["total_s"] = round(time.monotonic() - t0, 3)
-    write_json(run / "results.json", res)
+                       "batch_per_rank": per_rank}, started=t0)
     return res

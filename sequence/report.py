@@ -28,6 +28,8 @@ import jinja2
 from featseq.common.errors import UserError
 from featseq.common.files import replaced
 
+from .results import RESULTS
+
 
 class ReportError(UserError):
     """The folder is not one featseq wrote."""
@@ -205,7 +207,7 @@ PREDICT_SETTINGS = ("run", "kind", "source", "live", "realtime", "status", "stop
 
 
 def run_data(run: Path, title: str | None = None, level: int = 2) -> dict:
-    res = _load(run / "results.json")
+    res = _load(run / RESULTS)
     metrics = {k: res[k] for k in METRICS if res.get(k) is not None}
     for k, v in (res.get("timings") or {}).items():
         metrics[f"time {k}"] = v
@@ -238,7 +240,7 @@ def sweep_data(d: Path) -> dict:
     if (d / "leaderboard.csv").is_file():
         with open(d / "leaderboard.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
-        if rows and rows[0].get("variant") and (d / rows[0]["variant"] / "results.json").is_file():
+        if rows and rows[0].get("variant") and (d / rows[0]["variant"] / RESULTS).is_file():
             best = d / rows[0]["variant"]
     return {
         "kind": "sweep", "dir": d,
@@ -291,11 +293,11 @@ def kind_of(d: Path) -> str:
         return "compare"
     if (d / "sweep.json").is_file() or (d / "leaderboard.csv").is_file():
         return "sweep"
-    if (d / "results.json").is_file():
+    if (d / RESULTS).is_file():
         return "run"
     if (d / "predict.json").is_file():
         return "predict"
-    raise ReportError(f"{d}: no results.json, leaderboard.csv, compare.json or predict.json; not a folder written by "
+    raise ReportError(f"{d}: no {RESULTS}, leaderboard.csv, compare.json or predict.json; not a folder written by "
                       f"featseq train/finetune, sweep, compare or predict")
 
 

@@ -1,4 +1,5 @@
-"""Run folders: the one writer (:func:`write_run`) and the one reader (:class:`Run`).
+"""Run folders: the one preamble (:func:`begin_run`), the one writer (:func:`write_run`) and the one reader
+(:class:`Run`); results.json's keys are built in sequence.results.
 
 A run folder (``featseq train`` / ``finetune``)::
 
@@ -31,6 +32,7 @@ import csv
 import json
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +41,7 @@ import torch
 
 from featseq.featurize.cache import Cache, CacheError, summary
 from featseq.common.errors import UserError
-from featseq.common.files import replaced, writing
+from featseq.common.files import writing
 from featseq.featurize.spec import FeatureSpec
 
 from . import checkpoint
@@ -47,45 +49,13 @@ from . import models as M
 from . import plots
 from .loop import FeatureInputs, FitResult, probabilities
 from .reader import ReaderConfig, Sequences, build
+from .results import RESULTS, Results, cache_info, fit_results, write_json
 from .splits import Fold
 
 CHECKPOINT = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- small writers
-
-def write_json(path: Path, obj) -> None:
-    """Atomically: a reader sees the old file or the whole new one."""
-    with replaced(path) as tmp, open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=_default)
-
-
-def _default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def nan_to_none(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
-
-
-def mean_std(values) -> tuple[float | None, float | None]:
-    """Mean and std of the values that are numbers (None and NaN left out); (None, None) when none are."""
-    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
-    return (float(v.mean()), float(v.std())) if len(v) else (None, None)
-
-
-def cache_info(cache: Cache) -> dict:
-    a = cache.attrs
-    return {"path": os.path.abspath(cache.path), "fps": a.get("fps"), "feature_dim": a.get("feature_dim"),
-            "backbone": a.get("backbone"), "weights": a.get("weights"), "size": a.get("size"), "resize": a.get("resize"),
-            "source": a.get("source"), "segments": len(cache)}
-
 
 def split_column(n: int, fold: Fold, keep: np.ndarray) -> np.ndarray:
     split = np.array(["dropped"] * n, dtype=object)
@@ -150,52 +120,34 @@ def write_scores(run: Path, data: Sequences, split: np.ndarray, probs: np.ndarra
 
 def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceClassifier, fit: FitResult,
               probs: np.ndarray, spec: FeatureSpec, cache: Cache, device: torch.device, kind: str = "train",
-              extra_checkpoint: dict | None = None, extra_results: dict | None = None) -> tuple[dict, dict]:
-    """Write a finished run's history, scores, checkpoint and (last) results.json; returns (results, checkpoint).
+              started: float | None = None, load_s: float | None = None, extra_checkpoint: dict | None = None,
+              extra_results: dict | None = None) -> tuple[dict, dict]:
+    """Write a finished run's history, scores, checkpoint and (last, once) results.json; returns (results, checkpoint).
 
     ``head``: the sequence model (its best weights loaded); ``probs``: (N, C) probabilities of every segment;
-    ``spec``: how the features the head takes were made.
+    ``spec``: how the features the head takes were made; ``started`` (time.monotonic() when the run began) and
+    ``load_s`` give results' total_s and load_s (a fold of a cross-validation has neither).
     """
-    with writing(run, kept=f"{run} has no results.json, so it is not a complete run"):
-        return _write_run(run, cfg=cfg, data=data, fold=fold, head=head, fit=fit, probs=probs, spec=spec, cache=cache,
-                          device=device, kind=kind, extra_checkpoint=extra_checkpoint, extra_results=extra_results)
-
-
-def _write_run(run: Path, *, cfg, data, fold, head, fit, probs, spec, cache, device, kind, extra_checkpoint,
-               extra_results) -> tuple[dict, dict]:
-    run.mkdir(parents=True, exist_ok=True)
-    history, best = fit.history, fit.best_epoch
-    write_history(run, history, cfg.plots)
-    scored = np.zeros(len(data), bool)
-    scored[fold.test] = True
-    scores = write_scores(run, data, split_column(len(data), fold, data.keep), probs, scored, cfg.plots)
-    ckpt = {"kind": kind, "model": {k: v.cpu() for k, v in head.state_dict().items()}, "model_config": head.config,
-            "classes": data.classes, "config": asdict(cfg),
-            "reader": {"fps": data.fps, "seq_len": data.seq_len, "offset": cfg.offset, "min_coverage": cfg.min_coverage},
-            "features": spec.to_dict(), "cache": cache_info(cache),
-            "split_ids": {k: [data.ids[i] for i in getattr(fold, k)] for k in ("train", "val", "test")},
-            **(extra_checkpoint or {})}
-    checkpoint.save(ckpt, run / CHECKPOINT)
-    b = history[best - 1] if best else fit.start_scores
-    reader = data.summary()
-    res = {
-        "status": "complete", "config": asdict(cfg), "model": head.config["name"], "model_config": head.config,
-        "order_aware": M.MODELS[head.config["name"]].order_aware, "params": M.n_params(head), "classes": data.classes,
-        "fold": fold.name, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-        "fps": data.fps, "seq_len": data.seq_len, "seconds": data.seconds, "padded": reader["padded"],
-        "dropped": reader["dropped"], "reader": reader, "best_epoch": best, "epochs_run": len(history),
-        "test_accuracy": scores["accuracy"], "test_loss": b["test_loss"], "val_accuracy": b["val_accuracy"],
-        "val_loss": b["val_loss"], "train_accuracy": b["train_accuracy"], "train_loss": b["train_loss"],
-        "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"],
-        **({"split_report": fold.report} if fold.report else {}),
-        "timings": {"train_s": round(fit.train_s, 3),
-                    "per_epoch_s": round(float(np.median([h["seconds"] for h in history])), 4) if history else None},
-        "features": spec.to_dict(), "cache": cache_info(cache), "device": str(device), "torch": torch.__version__,
-        **(extra_results or {}),
-    }
-    res = nan_to_none(res)
-    write_json(run / "results.json", res)
-    return res, ckpt
+    with writing(run, kept=f"{run} has no {RESULTS}, so it is not a complete run"):
+        run.mkdir(parents=True, exist_ok=True)
+        write_history(run, fit.history, cfg.plots)
+        scored = np.zeros(len(data), bool)
+        scored[fold.test] = True
+        scores = write_scores(run, data, split_column(len(data), fold, data.keep), probs, scored, cfg.plots)
+        ckpt = {"kind": kind, "model": {k: v.cpu() for k, v in head.state_dict().items()}, "model_config": head.config,
+                "classes": data.classes, "config": asdict(cfg),
+                "reader": {"fps": data.fps, "seq_len": data.seq_len, "offset": cfg.offset,
+                           "min_coverage": cfg.min_coverage},
+                "features": spec.to_dict(), "cache": cache_info(cache),
+                "split_ids": {k: [data.ids[i] for i in getattr(fold, k)] for k in ("train", "val", "test")},
+                **(extra_checkpoint or {})}
+        checkpoint.save(ckpt, run / CHECKPOINT)
+        timings = {**({"load_s": round(load_s, 3)} if load_s is not None else {}),
+                   **({"total_s": round(time.monotonic() - started, 3)} if started is not None else {})}
+        res = fit_results(cfg=cfg, data=data, fold=fold, head=head, fit=fit, scores=scores, spec=spec, cache=cache,
+                          device=device, timings=timings, extra=extra_results)
+        res.write(run)
+        return res.content, ckpt
 
 
 # ---------------------------------------------------------------- an existing run folder
@@ -220,7 +172,7 @@ def run_folder_state(out: str | os.PathLike) -> str:
         return "other"
     if not any(out.iterdir()):
         return "new"
-    if _written_by_featseq(out / "results.json", ("status", "config")):
+    if _written_by_featseq(out / RESULTS, ("status", "config")):
         return "complete"
     return "incomplete" if _written_by_featseq(out / "config.json", ("cache", "out", "model", "split")) else "other"
 
@@ -237,10 +189,10 @@ def check_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = Fal
         raise RunError(f"--out {out}: {'not a folder' if Path(out).exists() and not Path(out).is_dir() else 'the folder holds files that are not a featseq run'}; "
                        f"write the run into a new or empty folder")
     if state == "complete" and not overwrite and not continuing:
+        r = Results.read(out)
         try:
-            r = json.loads((Path(out) / "results.json").read_text())
-            what = f" ({r.get('model')}, test accuracy {r['test_accuracy']:.3f})" if r.get("test_accuracy") is not None else ""
-        except (OSError, ValueError, TypeError):
+            what = f" ({r.model}, test accuracy {r.test_accuracy:.3f})" if r and r.test_accuracy is not None else ""
+        except (ValueError, TypeError):  # not a number: a results.json from elsewhere
             what = ""
         raise RunError(f"--out {out} already holds a finished run{what}; pass --overwrite to replace it (its files are "
                        f"deleted first), or choose another --out")
@@ -270,6 +222,19 @@ def prepare_run_folder(out: str | os.PathLike, overwrite: bool, resume: bool = F
     return out
 
 
+def begin_run(out: str | os.PathLike, config: dict, overwrite: bool, resume: bool = False, log=lambda s: None,
+              check=None):
+    """The one preamble of a run folder (train, finetune): :func:`prepare_run_folder`, then ``check(run)`` (finetune's
+    --resume state: it may refuse before anything of the folder changes), then the folder is marked as not complete
+    (its results.json removed: one is written last, by :func:`write_run`) and ``config`` written to config.json.
+    Returns (the folder, what ``check`` returned)."""
+    run = prepare_run_folder(out, overwrite, resume, log)
+    checked = check(run) if check is not None else None
+    (run / RESULTS).unlink(missing_ok=True)
+    write_json(run / "config.json", config)
+    return run, checked
+
+
 # ---------------------------------------------------------------- the reader
 
 def checkpoint_path(run_dir: str | os.PathLike, what: str = "RUN") -> Path:
@@ -294,11 +259,8 @@ def resolve_run_folder(run_dir: str | os.PathLike, what: str = "RUN", log=lambda
         return run
 
     def key(fold: Path):
-        try:
-            r = json.loads((fold / "results.json").read_text())
-        except (OSError, ValueError):
-            r = {}
-        va, vl = r.get("val_accuracy"), r.get("val_loss")
+        r = Results.read(fold)
+        va, vl = (r.val_accuracy, r.val_loss) if r is not None else (None, None)
         return (-(va if va is not None else -1.0), vl if vl is not None else math.inf, fold.name), va
 
     best = min(folds, key=lambda f: key(f)[0])

@@ -24,14 +24,16 @@ from . import models as M
 from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
-from .run import (Run, cache_info, check_run_folder, mean_std, nan_to_none, prepare_run_folder, resolve_run_folder,
-                  write_json, write_run, write_scores)
+from .results import cv_results, eval_results
+from .run import Run, begin_run, check_run_folder, resolve_run_folder, write_run, write_scores
 from .splits import Fold, choose_split, folds_for, split_entry
 
 
 def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: Cache, spec: FeatureSpec,
-               device: torch.device, log=lambda s: None, on_epoch=None) -> tuple[dict, np.ndarray]:
+               device: torch.device, log=lambda s: None, on_epoch=None, started: float | None = None,
+               load_s: float | None = None) -> tuple[dict, np.ndarray]:
     """Fit one model on one fold and write its run folder; returns (results, probabilities of every segment).
+    ``started``, ``load_s``: the run's start and loading time, for its results' timings (not a fold's).
 
     Initialisation and dropout draw from torch's RNG seeded by ``cfg.seed`` inside a fork of it: the caller's
     RNG state is left as it was."""
@@ -47,7 +49,7 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
         probs = probabilities(model, inputs, data.mask, len(data.classes), device)
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
-                       spec=spec, cache=cache, device=device)
+                       spec=spec, cache=cache, device=device, started=started, load_s=load_s)
     return res, probs
 
 
@@ -78,21 +80,17 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     t_load = time.monotonic() - t0
     # results.json is written last, so its presence means "complete"; an old run's files (folds/ of a
     # cross-validation, predictions...) are deleted before a new run is written into its folder
-    run = prepare_run_folder(cfg.out, cfg.overwrite, log=log)
-    write_json(run / "config.json", asdict(cfg))
+    run, _ = begin_run(cfg.out, asdict(cfg), cfg.overwrite, log=log)
     if not split_entry(cfg.split).cv:
         log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
             f"seq_len {seqs.seq_len} at {seqs.fps:g} fps")
-        res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log, on_epoch)
+        res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log, on_epoch, started=t0, load_s=t_load)
     else:
-        res = _cross_validate(cfg, seqs, folds, run, cache, spec, device, log, on_epoch)
-    res["timings"]["load_s"] = round(t_load, 3)
-    res["timings"]["total_s"] = round(time.monotonic() - t0, 3)
-    write_json(run / "results.json", res)
+        res = _cross_validate(cfg, seqs, folds, run, cache, spec, device, log, on_epoch, started=t0, load_s=t_load)
     return res
 
 
-def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=None) -> dict:
+def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=None, started=0.0, load_s=0.0) -> dict:
     per_fold = []
     probs_oof = np.full((len(data), len(data.classes)), np.nan)
     for fold in folds:
@@ -106,19 +104,10 @@ def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=No
     for f in folds:
         scored[f.test] = True
     scores = write_scores(run, data, split, probs_oof, scored, cfg.plots, title="out-of-fold")
-    first = per_fold[0]
-    res = {"status": "complete", "config": asdict(cfg), "model": cfg.model,
-           **{k: first[k] for k in ("model_config", "order_aware", "params", "padded", "dropped", "reader", "features")},
-           "classes": data.classes, "folds": len(folds), "fps": data.fps, "seq_len": data.seq_len, "seconds": data.seconds,
-           "oof_accuracy": scores["accuracy"], "per_class_accuracy": scores["per_class_accuracy"],
-           "confusion": scores["confusion"],
-           "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "epochs_run", "test_accuracy",
-                                            "val_accuracy", "test_loss", "val_loss")} for r in per_fold],
-           "cache": cache_info(cache), "device": str(device), "torch": torch.__version__}
-    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "train_accuracy", "best_epoch", "epochs_run"):
-        res[key], res[key + "_std"] = mean_std([r[key] for r in per_fold])
-    res["timings"] = {"train_s": round(sum(r["timings"]["train_s"] for r in per_fold), 3)}
-    return nan_to_none(res)
+    res = cv_results(cfg=cfg, data=data, per_fold=per_fold, scores=scores, cache=cache, device=device,
+                     timings={"load_s": round(load_s, 3), "total_s": round(time.monotonic() - started, 3)})
+    res.write(run)
+    return res.content
 
 
 # ---------------------------------------------------------------- evaluate
@@ -130,7 +119,8 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
     Segments whose id the run trained or validated on keep that split and are skipped (counted in ``n_skipped``
     per part: another cache whose ids match the run's, e.g. long-video cuts named like the clips, can have every
     segment skipped), unless ``score_all``; every other segment with a label the model knows is scored. Writes
-    ``out`` (default ``RUN_DIR/eval_<cache name>``): results.json, predictions.csv, per-class files, confusion.png.
+    ``out`` (default ``RUN_DIR/eval_<cache name>``): results.json (sequence.results.eval_results), predictions.csv,
+    per-class files, confusion.png.
     """
     run = Run(resolve_run_folder(run_dir))  # a cross-validation: its best fold
     path = cache_path or run.cache_path
@@ -149,15 +139,9 @@ def evaluate(run_dir: str, cache_path: str | None = None, out: str | None = None
     dest = Path(out) if out else Path(run_dir) / f"eval_{Path(path).stem}"
     dest.mkdir(parents=True, exist_ok=True)
     scores = write_scores(dest, data, split, probs, scored, plots, title=f"evaluate: {Path(path).name}")
-    res = nan_to_none({
-        "status": "complete", "run": str(run_dir), "cache": cache_info(cache),
-        "same_cache": os.path.abspath(path) == run.cache_path,
-        "test_accuracy": scores["accuracy"], "n_scored": scores["n_scored"],
-        "unknown_label": int(((split == "test") & (y < 0)).sum()), "n_train_ids_seen": int((split == "train").sum()),
-        "n_skipped": skipped, "score_all": score_all,
-        "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"], "classes": data.classes,
-        "fps": data.fps, "seq_len": data.seq_len, "reader": data.summary(), "seconds": round(time.monotonic() - t0, 3),
-    })
-    res["out"] = str(dest)
-    write_json(dest / "results.json", res)
-    return res
+    counts = {"unknown_label": int(((split == "test") & (y < 0)).sum()),
+              "n_train_ids_seen": int((split == "train").sum()), "n_skipped": skipped}
+    res = eval_results(run=str(run_dir), cache=cache, same_cache=os.path.abspath(path) == run.cache_path, data=data,
+                       scores=scores, counts=counts, score_all=score_all, seconds=time.monotonic() - t0, out=str(dest))
+    res.write(dest)
+    return res.content

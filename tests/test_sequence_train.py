@@ -13,7 +13,8 @@ from sklearn.model_selection import GroupShuffleSplit
 from featseq.cli import main
 from helpers import GINGERBREAD, featurize_cfg, needs_gingerbread, study_trials, synthetic_cache, write_fake_cache
 from featseq.sequence.splits import SplitError, make_folds
-from featseq.sequence.sweep import SweepConfig, load_grid, parse_list, sweep, variants
+from featseq.sequence.grid import SweepConfig, load_grid, parse_list, variants
+from featseq.sequence.sweep import sweep
 from featseq.sequence.run import Run
 from featseq.sequence.train import TrainConfig, evaluate, train
 
@@ -147,7 +148,7 @@ def test_sweep_grid_file_dedup_and_parallel_jobs(synth, tmp_path):
     g = load_grid(str(grid))
     assert g["model"] == ["mlp", "gru"] and g["epochs"] == [2] and g["kernel"] == [3, 5]
     cfg = SweepConfig(cache=synth, out=str(tmp_path / "sw"), grid=g, jobs=2)
-    assert [n for n, _ in variants(cfg)] == ["model=mlp", "model=gru"]
+    assert [n for n, _ in variants(cfg.grid, cfg.cache, cfg.out)] == ["model=mlp", "model=gru"]
     res = sweep(cfg)
     assert res["trained"] == 2 and all(r["status"] == "complete" for r in res["rows"])
     # --jobs 2: two worker processes (not this one) trained a variant each; the study records who ran each trial

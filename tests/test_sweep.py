@@ -142,15 +142,17 @@ def test_parallel_workers_draw_different_parameters(fake, tmp_path):
 
 
 def test_a_search_whose_trials_all_fail_stops_at_its_trial_count(fake, tmp_path, monkeypatch):
-    import featseq.sequence.sweep as S
+    import featseq.sequence.sweep_workers as W
+    from featseq.sequence.grid import SweepConfig, parse_range
+    from featseq.sequence.sweep import sweep
 
     def broken(*a, **k):
         raise RuntimeError("always fails")
 
-    monkeypatch.setattr(S, "train", broken)
-    res = S.sweep(S.SweepConfig(cache=fake, out=str(tmp_path / "f"), search="random", trials=3,
-                                grid={"model": ["mlp"], "hidden": [S.parse_range("hidden", "4..64:int")],
-                                      "seq_len": [6], "plots": [False]}))
+    monkeypatch.setattr(W, "train", broken)
+    res = sweep(SweepConfig(cache=fake, out=str(tmp_path / "f"), search="random", trials=3,
+                            grid={"model": ["mlp"], "hidden": [parse_range("hidden", "4..64:int")],
+                                  "seq_len": [6], "plots": [False]}))
     assert res["failed"] == 3 and len(res["rows"]) == 3
     assert {r["status"] for r in res["rows"]} == {"error"} and all("always fails" in r["error"] for r in res["rows"])
 
