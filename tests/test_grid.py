@@ -5,11 +5,12 @@ from dataclasses import asdict, fields, replace
 
 import pytest
 
-from featseq.sequence.config import MODEL_NAMES, RUNTIME_OPTIONS, TrainConfig
+from featseq.sequence.catalog import MODELS
+from featseq.sequence.config import RUNTIME_OPTIONS, TrainConfig
 from featseq.sequence.grid import (SweepConfig, comparable, finished, identity, parse_list, relevant, trial_config,
                                    variants)
 from featseq.sequence.results import Results
-from seq_fixtures import write_fake_cache
+from helpers import write_fake_cache
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_a_grid_variant_a_search_trial_and_its_record_give_one_config(fake, tmp_
 
 def test_runtime_options_are_what_a_sweep_identity_ignores(fake, tmp_path):
     base = TrainConfig(cache=fake, out=str(tmp_path / "v"), model="mlp", seq_len=6, split="random")
-    configs = [replace(base, model=m, split=s, seq_len=q) for m in MODEL_NAMES for q in (None, 6)
+    configs = [replace(base, model=m, split=s, seq_len=q) for m in MODELS for q in (None, 6)
                for s in ("random", "group", "kfold", "predefined", "ucf101:1")]
     swept = {f.name for f in fields(TrainConfig)} - {"cache", "out"}
     ignored = {k for k in swept if not any(relevant(c, k) for c in configs)}

@@ -7,7 +7,7 @@ import pytest
 import featseq.sequence.results as R
 from featseq.sequence.config import TrainConfig
 from featseq.sequence.train import evaluate, train
-from seq_fixtures import write_fake_cache
+from helpers import write_fake_cache
 
 RUN_KEYS = ["status", "config", "model", "model_config", "order_aware", "params", "classes", "fold", "n_train", "n_val",
             "n_test", "fps", "seq_len", "seconds", "padded", "dropped", "reader", "best_epoch", "epochs_run",
