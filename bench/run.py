@@ -189,6 +189,17 @@ def render() -> str:
                       "shows what DDP costs (gradient averaging over gloo, sharded evaluation), not what it gains. "
                       "Ranks pay off with a GPU each: run this benchmark on a machine with several GPUs for the "
                       "seconds per epoch with 1 and N GPUs on the whole seed-compat split.", ""]
+    gc = _load("gpu_check")
+    parts += ["## GPU check", ""]
+    if gc and gc.get("cuda"):
+        parts += ["`bench/gpu_check.py` on a CUDA machine (its own markdown, `bench/results/gpu_check.md`):", "",
+                  ("\n" + (RESULTS / "gpu_check.md").read_text().split("\n", 1)[1]).replace("\n## ", "\n### ").strip(), ""]
+    else:
+        parts += ["Not run on a GPU yet: no CUDA machine has been available. On one, `python bench/gpu_check.py` "
+                  "(about 8 minutes: the cuda tests, backbone-only and featurize frames/s with GPU utilisation, NVDEC "
+                  "against CPU decoding, finetune on 1 and 2 ranks, stream latency) writes `bench/results/gpu_check.json` "
+                  "and `.md`; `bench/run.py --render` then puts its tables here. Without CUDA the script runs the CPU "
+                  "side of each step and exits 0 (`tests/test_gpu_check.py`).", ""]
     extra = ROOT / "bench" / "NOTES.md"
     if extra.exists():
         parts += [extra.read_text().strip(), ""]
