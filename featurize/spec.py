@@ -91,7 +91,7 @@ class FeatureSpec:
         return "imagenet" if self.weights == "imagenet" else "none"
 
     def featurize_options(self, weights: str | None = None, precision: str | None = None) -> dict:
-        """The featurize settings (fields of featurize.pipeline.FeaturizeConfig) that make these features again, for
+        """The featurize settings (fields of featurize.config.FeaturizeConfig) that make these features again, for
         predict, stream and finetune alike: ``weights`` replaces :meth:`weights_arg` (e.g. after
         :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another)."""
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,

@@ -1,7 +1,7 @@
 """Fine-tuning on several processes, GPUs or nodes: torchrun ranks and DistributedDataParallel.
 
 Under ``torchrun`` every rank runs the same ``featseq finetune`` command; :func:`ranks` joins them in one process group
-(nccl on GPUs, gloo on CPUs; what a rank is and which GPU it takes are featurize.shard's :func:`torchrun_env` and
+(nccl on GPUs, gloo on CPUs; what a rank is and which GPU it takes are common.procgroup's :func:`torchrun_env` and
 :func:`rank_device`). The training loop (sequence.loop.fit) sees a :class:`Ranks`:
 
 * **Training.** Every rank draws the same permutation of the training part from ``--seed`` (reshuffled every epoch)
