@@ -37,21 +37,43 @@ def curves(path: Path, history: list[dict]) -> None:
     fig.savefig(path, dpi=80)
 
 
+ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its share and count; beyond, the colours alone
+
+
+def most_confused(cm: np.ndarray, classes: list[str], k: int = 5) -> list[tuple[str, str, int]]:
+    """The ``k`` largest off-diagonal counts as (true, predicted, count), largest first (ties in class order)."""
+    off = cm.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    return [(classes[i], classes[j], int(off[i, j])) for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j]]
+
+
 def confusion(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
-    """Row-normalised confusion matrix with counts."""
+    """Row-normalised confusion matrix: with each cell's share and count up to ANNOTATED_CLASSES classes; beyond,
+    a heatmap of bounded size (annotating 10,000 cells took most of a run's tail at 101 classes) captioned with the
+    most confused pairs."""
+    n = len(classes)
     norm = cm / np.maximum(1, cm.sum(1, keepdims=True))
-    fig = _figure((1.2 * len(classes) + 2.5, 1.0 * len(classes) + 2))
+    small = n <= ANNOTATED_CLASSES
+    side = 1.2 * n + 2.5 if small else min(16.0, 0.14 * n + 4)
+    fig = _figure((side, side - 0.5 if small else side))
     ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+    ticks = max(3.0, 8 - n / 20) if not small else None
+    ax.set_xticks(range(n), classes, rotation=30 if small else 90, ha="right" if small else "center", fontsize=ticks)
+    ax.set_yticks(range(n), classes, fontsize=ticks)
+    if small:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    else:
+        pairs = most_confused(cm, classes)
+        if pairs:
+            ax.set_title("most confused: " + "; ".join(f"{t} -> {p} ({c})" for t, p, c in pairs), fontsize=7, loc="left")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
