@@ -40,12 +40,11 @@ FEATSEQ = [sys.executable, "-m", "featseq"]
 class Check:
     """The run's state: device, sizes, budget, the rows of each step."""
 
-    def __init__(self, out: Path, budget_s: float, quick: bool):
+    def __init__(self, budget_s: float, quick: bool):
         self.cuda = torch.cuda.is_available()
         self.device = "cuda" if self.cuda else "cpu"
         self.quick = quick or not self.cuda
         self.deadline = time.monotonic() + budget_s
-        self.out = out
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.steps: list[dict] = []
         # sizes: a GPU needs thousands of frames to show its rate; the CPU side only proves the script runs
@@ -169,6 +168,8 @@ def clips(c: Check) -> Path:
 
 
 def featurize(c: Check):
+    from featseq.featurize.cache import summary
+
     src = clips(c)
     rows = []
     backbone_rate = {r["precision"]: r["frames_per_s"] for s in c.steps if s["step"] == "backbone only"
@@ -183,8 +184,6 @@ def featurize(c: Check):
                     "--device", c.device, "--precision", precision, "--decode-workers", workers,
                     "--batch-size", c.batch, "--out", out, "-q", timeout=max(60.0, c.left()))
             seconds = time.perf_counter() - t
-            from featseq.featurize.cache import summary
-
             frames = summary(out)["frames"]
             rate = frames / seconds
             rows.append({"precision": precision, "decode_workers": workers, "frames": frames,
@@ -294,7 +293,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    c = Check(out, args.budget_s, args.quick)
+    c = Check(args.budget_s, args.quick)
     try:
         for name, needs, fn in STEPS:
             c.step(name, needs, fn)

@@ -28,7 +28,9 @@ def test_the_cpu_side_of_every_step_runs(tmp_path):
     feat = steps["featurize"]["rows"]
     assert [r["decode_workers"] for r in feat] == [1, 2] and all(r["frames"] > 0 and r["frames_per_s"] > 0 for r in feat)
     assert all(r["vs_backbone_only"] > 0 for r in feat)
-    assert any(r.get("frames_per_s", 0) > 0 for r in steps["decode: NVDEC vs CPU"]["rows"])
+    decode = {r["decoder"]: r for r in steps["decode: NVDEC vs CPU"]["rows"]}
+    assert decode["pyav on cpu"]["frames"] > 0 and decode["pyav on cpu"]["frames_per_s"] > 0
+    assert "skipped" in decode["torchcodec on cuda"]  # NVDEC needs CUDA: listed with the reason, not measured
     assert steps["finetune"]["rows"][0]["seconds"] > 0
     assert steps["predict --stream"]["rows"][0]["latency_p50_ms"] > 0
     md = (tmp_path / "gpu_check.md").read_text()
