@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import STR_FIELDS, CacheError, open_read, read_cache, read_table
+from .cache import STR_FIELDS, CacheError, iter_segments, open_read, read_cache, read_table
 from .spec import IDENTITY_DEFAULTS, IDENTITY_KEYS
 from .writer import CacheWriter
 from featseq.common.errors import UserError
@@ -241,30 +241,28 @@ def _copy(target: str, info: list, kept_ids: set, res: MergeResult, log) -> None
         for path in sources:
             taking = kept_ids if path == target else None
             _, table = read_table(path)
+            ids = [x.decode() for x in table["id"]]
+            table = table[np.array([(sid in taking) if taking is not None else (sid not in kept_ids) for sid in ids], bool)]
             with open_read(path) as f:
-                for row in table:
+                for row, feats, ts, frames in iter_segments(f, table, frames=bool(frame_size)):
                     sid = row["id"].decode()
-                    if (taking is not None and sid not in taking) or (taking is None and sid in kept_ids):
-                        continue
-                    o, n = int(row["offset"]), int(row["length"])
-                    feats = f["features"][o:o + n]
-                    frames = f["frames"][o:o + n] if frame_size else None
                     rec = {name: (row[name].decode() if name in STR_FIELDS else row[name].item())
                            for name in row.dtype.names if name not in ("offset", "length")}
-                    w.append(rec, feats, f["timestamps"][o:o + n], frames)
-                    digests[sid] = (n, _digest(feats))
+                    w.append(rec, feats, ts, frames)
+                    digests[sid] = (len(feats), _digest(feats))
                     if taking is None:
                         res.copied += 1
                     else:
                         res.kept += 1
             log(f"copied {path}")
-    # verify, one segment at a time: every segment's rows and features read back as they were in its part
+    # verify, block by block: every segment's rows and features read back as they were in its part
     _, table = read_table(tmp)
-    bad = [sid for sid in digests if sid not in {x.decode() for x in table["id"]}]
+    written = {x.decode() for x in table["id"]}
+    bad = [sid for sid in digests if sid not in written]
     with open_read(tmp) as f:
-        for row in table:
-            sid, o, n = row["id"].decode(), int(row["offset"]), int(row["length"])
-            if digests.get(sid) != (n, _digest(f["features"][o:o + n])):
+        for row, feats, _, _ in iter_segments(f, table):
+            sid = row["id"].decode()
+            if digests.get(sid) != (len(feats), _digest(feats)):
                 bad.append(sid)
     if bad or len(table) != len(digests):
         raise CacheError(f"{tmp}: verification failed for {len(bad)} segment(s), e.g. {bad[:3]}; the parts are kept, "

@@ -77,6 +77,17 @@ def write_history(run: Path, history: list[dict], plot: bool = True) -> None:
         plots.curves(run / "curves.png", history)
 
 
+def _probability_cells(probs: np.ndarray):
+    """Each row of ``probs`` as strings with 6 decimals ('' for NaN: not predicted). One %-format per row, not one
+    f-string per value: 13,320 segments x 101 classes take 0.65 s instead of 3.4 s."""
+    fmt = "\x00".join(["%.6f"] * probs.shape[1])
+    for row, nan in zip(probs.tolist(), np.isnan(probs).any(1).tolist()):
+        if nan:
+            yield ["" if v != v else f"{v:.6f}" for v in row]
+        else:
+            yield (fmt % tuple(row)).split("\x00")
+
+
 def write_scores(run: Path, data: Sequences, split: np.ndarray, probs: np.ndarray, scored: np.ndarray,
                  plot: bool = True, title: str = "test") -> dict:
     """predictions.csv (every segment), per-class accuracy, classification report and confusion on ``scored``.
@@ -91,11 +102,10 @@ def write_scores(run: Path, data: Sequences, split: np.ndarray, probs: np.ndarra
     with open(run / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "group", "split", "label", "predicted", "correct"] + [f"p_{c}" for c in classes])
-        for i in range(len(data)):
+        for i, cells in enumerate(_probability_cells(probs)):
             p = classes[pred[i]] if pred[i] >= 0 else ""
             w.writerow([data.ids[i], data.groups[i], split[i], data.label_names[i], p,
-                        int(p == data.label_names[i]) if p else ""] +
-                       [("" if np.isnan(v) else f"{v:.6f}") for v in probs[i]])
+                        int(p == data.label_names[i]) if p else ""] + cells)
     s = scored & (pred >= 0) & (y >= 0)
     out = {"n_scored": int(s.sum()), "accuracy": float((pred[s] == y[s]).mean()) if s.any() else float("nan")}
     labels = list(range(len(classes)))

@@ -67,3 +67,18 @@ def test_results_of_another_shape_are_not_read_as_a_run(tmp_path):
         (tmp_path / R.RESULTS).write_text(content)
         assert R.Results.read(tmp_path) is None
     assert R.Results.read(tmp_path / "missing") is None
+
+
+def test_probability_cells_keep_six_decimals_and_leave_unpredicted_rows_empty():
+    """predictions.csv's p_<class> cells (sequence.run._probability_cells, one %-format per row): the same strings as
+    formatting each value with 6 decimals, and '' in a row that was not predicted (NaN, e.g. a dropped segment)."""
+    import numpy as np
+    from featseq.sequence.run import _probability_cells
+
+    probs = np.random.default_rng(0).random((5, 7))
+    probs[2] = np.nan
+    probs[4, 3] = np.nan
+    got = list(_probability_cells(probs))
+    want = [["" if np.isnan(v) else f"{v:.6f}" for v in row] for row in probs]
+    assert got == want
+    assert got[2] == [""] * 7 and got[4][3] == "" and got[4][2] != ""

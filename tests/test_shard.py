@@ -199,3 +199,30 @@ def test_merge_refuses_a_copy_that_does_not_read_back(synth_data, tmp_path, monk
     assert not os.path.exists(out) and len(shard.find_parts(out)) == 2
     monkeypatch.setattr(shard, "_digest", real)
     assert shard.merge(out).segments == 6
+
+
+def test_iter_segments_reads_blocks_yet_gives_each_segment_its_own_rows(tmp_path):
+    """featurize.cache.iter_segments (merge's reader): with blocks far smaller than the cache, every segment of a table
+    in any row order comes back with exactly its features, timestamps and kept frames, in offset order; a segment
+    longer than a block is read whole."""
+    import h5py
+    from featseq.featurize.cache import iter_segments, string_widths
+    from featseq.featurize.writer import CacheWriter
+
+    rng = np.random.default_rng(1)
+    lengths = [3, 1, 40, 5, 2, 7]
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": f"/v/{i}.mp4"} for i in range(len(lengths))]
+    segs = {}
+    with CacheWriter(str(tmp_path / "c.h5"), {"fps": 2.0}, {}, 4, string_widths(rows), frame_size=8) as w:
+        for r, n in zip(rows, lengths):
+            segs[r["id"]] = (rng.standard_normal((n, 4)).astype(np.float16), np.arange(n) / 2.0,
+                             rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8))
+            w.append({**r, "start": 0.0, "end": n / 2.0}, segs[r["id"]][0], segs[r["id"]][1], segs[r["id"]][2])
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        table = f["segments"][()][::-1]  # rows in reverse: the reader goes by offset
+        row_bytes = 4 * 2 + 8 * 8 * 3
+        got = list(iter_segments(f, table, frames=True, block_bytes=10 * row_bytes))
+    assert [r["id"].decode() for r, *_ in got] == [r["id"] for r in rows]
+    for r, feats, ts, frames in got:
+        want = segs[r["id"].decode()]
+        assert np.array_equal(feats, want[0]) and np.array_equal(ts, want[1]) and np.array_equal(frames, want[2])
