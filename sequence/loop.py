@@ -49,17 +49,35 @@ class FeatureInputs:
         self.eval_batch = int(min(1024, max(16, self.eval_bytes // per_sequence)))
 
     @classmethod
-    def of(cls, data) -> "FeatureInputs":
-        """For a :class:`sequence.reader.Sequences`."""
-        return cls(data.features, data.rows, data.mask)
+    def of(cls, data, device: torch.device | None = None) -> "FeatureInputs":
+        """For a :class:`sequence.reader.Sequences`. On a CUDA ``device`` the features (in the cache's dtype), rows and
+        mask move there once when they fit (:func:`resident_on`), and every batch is gathered on the GPU: no gather on
+        the host and no host-to-device copy per batch."""
+        f, r, m = data.features, data.rows, data.mask
+        if device is not None and resident_on(device, f):
+            f, r, m = f.to(device), r.to(device), m.to(device)
+        return cls(f, r, m)
 
     def batches(self, index_batches, rows=None, train=False, seed=None):
-        table = self.rows if rows is None else rows
+        table = self.rows if rows is None else rows.to(self.rows.device)
         for b in index_batches:
-            bt = torch.as_tensor(b)
+            bt = torch.as_tensor(b).to(self.rows.device)
             m = self.mask[bt]
             # features are kept in the cache's dtype: one float32 batch at a time, zeroed at padding in place
             yield b, self.features[table[bt]].float().mul_(m.unsqueeze(-1)), m
+
+
+RESIDENT_SHARE = 0.5  # features move to the GPU when they take at most this share of its free memory
+
+
+def resident_on(device: torch.device, features: torch.Tensor) -> bool:
+    """Should ``features`` live on ``device`` for training? On CUDA when they take at most :data:`RESIDENT_SHARE` of
+    its free memory now (the model, activations and other workers of a sweep sharing the GPU need the rest); on the
+    CPU they are already where the model is."""
+    if device.type != "cuda" or features.device == device:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return features.numel() * features.element_size() <= RESIDENT_SHARE * free
 
 
 class Amp:

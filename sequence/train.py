@@ -45,7 +45,7 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
             model.norm.fit(data.features, data.rows[fold.train][m])
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        inputs = FeatureInputs.of(data)
+        inputs = FeatureInputs.of(data, device)
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
         probs = probabilities(model, inputs, data.mask, len(data.classes), device)
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,

@@ -45,3 +45,20 @@ def test_featurize_on_cuda_with_two_workers_equals_the_cpu(synth_data, tmp_path,
         assert np.array_equal(ta, tb)
         # NVDEC's colour conversion may differ from FFmpeg's by a level or two; the features stay close
         assert np.allclose(fa.astype(np.float32), fb.astype(np.float32), atol=5e-2 if decode_device == "cuda" else 2e-2)
+
+
+def test_resident_features_give_the_same_batches_as_host_gathers(tmp_path):
+    """sequence.loop.FeatureInputs on CUDA: features, rows and mask live on the GPU once and batches are gathered
+    there, the same tensors as gathering on the host, also with rows redrawn (random offsets)."""
+    from helpers import write_fake_cache
+    from featseq.sequence.loop import FeatureInputs
+    from featseq.sequence.reader import ReaderConfig, build
+
+    data = build(read_cache(write_fake_cache(tmp_path / "c.h5", ["a", "b"] * 6, dim=8)), ReaderConfig(seq_len=6))
+    gpu, cpu = FeatureInputs.of(data, torch.device("cuda")), FeatureInputs.of(data)
+    assert gpu.features.is_cuda and gpu.rows.is_cuda and gpu.mask.is_cuda
+    idx = [np.array([3, 0, 5]), np.array([11])]
+    rows = data.resample("random", np.random.default_rng(1))
+    for rows_ in (None, rows):
+        for (_, xg, mg), (_, xc, mc) in zip(gpu.batches(idx, rows_), cpu.batches(idx, rows_)):
+            assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(mg.cpu(), mc)

@@ -83,3 +83,21 @@ def test_early_stop_after_patience_epochs_without_improvement(seqs):
 
     lg = logits(model, FeatureInputs.of(seqs), _fold().val, torch.device("cpu"))
     assert float((lg.argmax(1) == seqs.labels[_fold().val]).float().mean()) == pytest.approx(res.history[0]["val_accuracy"])
+
+
+def test_features_stay_on_the_cpu_and_go_to_a_gpu_only_when_they_fit(seqs, monkeypatch):
+    """sequence.loop.resident_on: cached features move to a CUDA device for training when they take at most half its
+    free memory (torch.cuda.mem_get_info, faked here), never on the CPU; FeatureInputs.of leaves them where they are
+    when they do not fit. The move itself runs in tests/test_gpu.py on a GPU machine."""
+    from featseq.sequence import loop
+
+    feats = seqs.features  # float32 here: 4 bytes per value
+    size = feats.numel() * 4
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * size, 10 * size))
+    assert loop.resident_on(cuda, feats)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * size - 4, 10 * size))
+    assert not loop.resident_on(cuda, feats)
+    assert not loop.resident_on(torch.device("cpu"), feats)
+    inputs = FeatureInputs.of(seqs, cuda)  # does not fit: stays on the host, batches are copied per batch
+    assert inputs.features.device.type == "cpu" and inputs.features is seqs.features
