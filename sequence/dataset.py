@@ -13,8 +13,11 @@ frame grid) at every access from torch's RNG, which DataLoader seeds per worker;
 as the trainer does.
 
 Only the segment table and timestamps are read up front, and the file is closed again. Features are read per item
-from an HDF5 handle opened in the process that reads (each DataLoader worker opens its own) and never carried
-across a fork: a handle open in this process is closed before any ``os.fork`` (and reopened on the next access),
+from an HDF5 handle opened in the process that reads (each DataLoader worker opens its own) or, with
+``memory_map=True``, gathered from the one memory-mapped copy of the features that train and sweep workers use
+(:func:`sequence.reader.features_memmap`: made once per cache version, in the cache's dtype; every worker maps the
+same pages, so the features are held once in the page cache, and an item costs a gather instead of an HDF5 read).
+An HDF5 handle is never carried across a fork: a handle open in this process is closed before any ``os.fork`` (and reopened on the next access),
 and is left out when the dataset is pickled (spawned workers): an HDF5 handle shared across a fork reads garbage
 (pytorch issue 11887).
 """
@@ -29,7 +32,7 @@ import torch
 from featseq.featurize.cache import open_read, read_cache
 
 from .config import TrainConfig
-from .reader import build
+from .reader import build, features_memmap
 from .windows import select, shift_steps
 from .splits import choose_split, folds_for, split_entry
 
@@ -51,7 +54,8 @@ os.register_at_fork(before=_close_before_fork)
 class CacheDataset(torch.utils.data.Dataset):
     """The sequences of one part of a cache's split; item i is (features (L, D), mask (L,), label)."""
 
-    def __init__(self, cache: str | os.PathLike, part: str = "train", fold: int = 0, **options):
+    def __init__(self, cache: str | os.PathLike, part: str = "train", fold: int = 0, memory_map: bool = False,
+                 **options):
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise TypeError(f"CacheDataset: unknown option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
@@ -87,6 +91,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self._bounds = {k: np.asarray(s[k])[self.index] for k in ("offset", "length", "start", "end")}
         self._durations = seqs.durations[self.index]
         self._h5, self._pid = None, None
+        self.memory_map, self._mm, self._frames = memory_map, None, len(s["timestamps"])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -112,6 +117,10 @@ class CacheDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(np.array(mask, dtype=bool)), self.labels[int(i)]
 
     def _features(self):
+        if self.memory_map:
+            if self._mm is None:  # a read-only map: shared with forked workers as it is
+                self._mm = features_memmap(self.path, self._frames)
+            return self._mm
         if self._h5 is None or self._pid != os.getpid():
             self._h5, self._pid = open_read(self.path), os.getpid()
             _OPEN.add(self)
@@ -127,7 +136,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, None
+        state["_h5"], state["_pid"], state["_mm"] = None, None, None  # a spawned worker maps or opens its own
         return state
 
     def __repr__(self) -> str:

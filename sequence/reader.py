@@ -167,7 +167,7 @@ def ram_budget_bytes() -> int:
     return 8 * 2**30
 
 
-def _memmap_features(path: str, rows: int) -> np.ndarray:
+def features_memmap(path: str, rows: int) -> np.ndarray:
     """A copy of the cache's features, in its dtype, in a .npy file (made once per cache version), memory-mapped."""
     st = os.stat(path)
     tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|native".encode()).hexdigest()[:16]
@@ -192,7 +192,7 @@ def load_features(path: str, shared: bool = False) -> tuple[Cache, torch.Tensor]
     dim = int(cache.attrs.get("feature_dim", 0) or 0)
     itemsize = np.dtype(str(cache.attrs.get("dtype") or "float16")).itemsize
     if shared or len(cache.timestamps) * dim * itemsize > ram_budget_bytes():
-        cache.features = _memmap_features(path, len(cache.timestamps))
+        cache.features = features_memmap(path, len(cache.timestamps))
         with warnings.catch_warnings():  # a read-only memory map: the trainer only gathers rows from it
             warnings.simplefilter("ignore", UserWarning)
             return cache, torch.from_numpy(cache.features)

@@ -2,6 +2,7 @@
 opened per process (never across a fork), and the README's own-loop example run as written."""
 import os
 import pickle
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -63,6 +64,24 @@ def test_dataloader_with_two_workers_equals_the_trainers_reader(cache, part, fol
     if "seconds" in options:  # windows longer than some clips: padding is exercised
         assert (~m).any() and (x[~m] == 0).all()
     assert ds.classes == ["a", "b", "c", "d"] and ds.feature_dim == 16
+
+
+def test_memory_mapped_items_equal_the_trainers_and_share_the_sweeps_copy(cache, tmp_path, monkeypatch):
+    """memory_map=True: items gathered from the memory-mapped copy of the features equal the trainer's tensors
+    through a DataLoader with two workers, and that copy is the one file train/sweep workers map (load_features with
+    shared=True), made once: no HDF5 handle is opened for items."""
+    monkeypatch.setenv("FEATSEQ_MMAP_DIR", str(tmp_path))
+    options = dict(fps=3, seconds=6, split="group", offset="center")
+    ds = CacheDataset(cache, part="train", memory_map=True, **options)
+    xs, ms, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2))
+    tx, tm, ty, _ = trainer_tensors(cache, "train", **options)
+    assert torch.equal(torch.cat(xs), tx) and torch.equal(torch.cat(ms), tm) and torch.equal(torch.cat(ys), ty)
+    assert ds._h5 is None
+    copies = list((tmp_path / "featseq-mmap").glob("*.npy"))
+    assert len(copies) == 1
+    c, _ = load_features(cache, shared=True)
+    assert isinstance(c.features, np.memmap) and Path(c.features.filename) == copies[0]
+    assert pickle.loads(pickle.dumps(ds))._mm is None  # a spawned worker maps the file itself
 
 
 def test_random_offset_redraws_on_the_cache_grid_and_eval_parts_stay_centred(cache):
