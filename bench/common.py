@@ -72,14 +72,16 @@ def save(name: str, data: dict) -> Path:
     return p
 
 
-def _tree_rss_kb(pid: int) -> dict[int, int]:
-    """RSS (KiB) of pid and all its descendants."""
+def _tree_rss_kb(pid: int, field: str = "VmRSS") -> dict[int, int]:
+    """RSS (KiB) of pid and all its descendants; ``field="Pss"``: their proportional set sizes (pages shared between
+    processes, such as one memory-mapped file, are counted once in the sum, not once per process)."""
     out, todo = {}, [pid]
+    status = "status" if field == "VmRSS" else "smaps_rollup"
     while todo:
         p = todo.pop()
         try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("VmRSS:"):
+            for line in open(f"/proc/{p}/{status}"):
+                if line.startswith(field + ":"):
                     out[p] = int(line.split()[1])
             for t in os.listdir(f"/proc/{p}/task"):
                 try:
@@ -95,15 +97,16 @@ def run_with_peak_rss(cmd: list[str], env: dict | None = None, interval: float =
     """Run cmd; poll the RSS of its process tree; return peaks (MiB) and the wall time."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_tree = peak_main = peak_child = 0
+    peak_tree = peak_main = peak_child = peak_pss = 0
     done = threading.Event()
 
     def poll():
-        nonlocal peak_tree, peak_main, peak_child
+        nonlocal peak_tree, peak_main, peak_child, peak_pss
         while not done.is_set():
             rss = _tree_rss_kb(p.pid)
             if rss:
                 peak_tree = max(peak_tree, sum(rss.values()))
+                peak_pss = max(peak_pss, sum(_tree_rss_kb(p.pid, "Pss").values()))
                 peak_main = max(peak_main, rss.get(p.pid, 0))
                 peak_child = max([peak_child] + [v for k, v in rss.items() if k != p.pid])
             time.sleep(interval)
@@ -115,5 +118,6 @@ def run_with_peak_rss(cmd: list[str], env: dict | None = None, interval: float =
     th.join()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
-    return {"seconds": time.perf_counter() - t, "peak_tree_mib": peak_tree / 1024, "peak_main_mib": peak_main / 1024,
+    return {"seconds": time.perf_counter() - t, "peak_tree_mib": peak_tree / 1024, "peak_tree_pss_mib": peak_pss / 1024,
+            "peak_main_mib": peak_main / 1024,
             "peak_worker_mib": peak_child / 1024, "stdout": out, "stderr": err[-2000:]}

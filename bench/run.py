@@ -134,6 +134,44 @@ def render() -> str:
                   _table(["command", "segments", "frames / segment", "MB", "seconds"],
                          [[r["command"], r["segments"], r["frames_per_segment"], r["mb"], r["seconds"]]
                           for r in sc["commands"]]), ""]
+        if sc.get("train"):
+            tr, sw = sc["train"], sc["sweep"]
+            parts += ["Training on the largest cache (LSTM, hidden 128, 5 fps, batch 32, `--split random`; the plain loop "
+                      "is nn.LSTM + a linear head over float32 tensors in memory, same batch, a training pass and forward passes over "
+                      "as many segments as featseq scores per epoch (validation and test), timed in the same run; the tail is everything after the last epoch: probabilities, "
+                      "predictions.csv, per-class files, plots, checkpoint). Goals: per epoch <= 1.25x the plain loop, "
+                      "tail < 10 s, train's peak RSS <= 1.5x the cache, a sweep --jobs 2 <= 2x.", "",
+                      _table(["cache MiB", "load s", "s / epoch", "plain loop s / epoch", "ratio", "tail s",
+                              "peak RSS MiB", "x cache"],
+                             [[tr["cache_mib"], tr["load_s"], tr["per_epoch_s"], tr["plain_loop_per_epoch_s"],
+                               tr["per_epoch_ratio"], tr["tail_s"], tr["peak_rss_mib"], tr["peak_rss_x_cache"]]]), "",
+                      _table(["sweep", "wall s", "peak RSS MiB (all processes)", "x cache", "peak PSS MiB", "x cache"],
+                             [[f"--jobs {sw['jobs']}, {sw['variants']} variants", sw["wall_s"], sw["peak_rss_mib"],
+                               sw["peak_rss_x_cache"], sw["peak_pss_mib"], sw["peak_pss_x_cache"]]]), "",
+                      "RSS counts the pages of the one memory-mapped copy of the features once per process that "
+                      "touched them; PSS shares them out, so the PSS sum is what the processes hold together.", "",
+                      _table(["CacheDataset reads from", "DataLoader workers", "items", "items/s"],
+                             [[r.get("reads", "HDF5"), r["workers"], r["items"], r["items_per_s"]]
+                              for r in sc["dataset"]]), ""]
+        dec = _load("decode")
+        merge = next((r for r in sc["commands"] if r["command"].startswith("cache merge")), None)
+        if dec and merge and sc.get("train"):
+            from bench import paper_model as pm
+
+            parts += ["### A paper model for GPU machines", "", pm.__doc__.strip(), "",
+                      _table(["dataset", "fps", "frames", "machine", "decode workers", "decode frames/s", "CNN frames/s",
+                              "writer frames/s", "bound", "minutes (merge included)"],
+                             [[r["dataset"], f"{r['fps']:g}", r["frames"], r["machine"], r["decode_workers"],
+                               r["decode_fps"], r["CNN_fps"], r["writer_fps"], r["bound"], r["minutes"]]
+                              for r in pm.featurize_rows(dec, sc, merge["mb"] / merge["seconds"])]), "",
+                      "A 24-variant sweep, 10 epochs each, on the CPU cores (one worker per 2 cores):", "",
+                      _table(["dataset", "machine", "workers", "s / epoch / variant", "hours"],
+                             [[r["dataset"], r["machine"], r["jobs"], r["epoch_s"], r["hours"]] for r in pm.sweep_rows(sc)]), ""]
+        if sc.get("kinetics"):
+            parts += [f"Costs that grow with the number of segments (Kinetics-400 has ~300k): "
+                      f"{sc['kinetics'][0]['segments']} segments x 10 frames x 256 dims:", "",
+                      _table(["what", "segments", "seconds"],
+                             [[r["what"], r["segments"], r["seconds"]] for r in sc["kinetics"]]), ""]
     t = _load("train")
     if t:
         parts += ["## Cached training vs the original pipeline", "", t.get("description", ""), "",
