@@ -9,7 +9,8 @@ Per stage, the rate a machine sustains (frames/s):
 * CNN: NVIDIA's published ResNet-50 mixed-precision inference throughput of one V100 (bench/shard_bench.py
   GPU_RESNET50_FPS) per GPU; newer GPUs are faster, which only moves the bound further towards decoding;
 * writer: the measured grouped CacheWriter rate for 10- and 35-frame segments (bench/scale_bench.py), one writer
-  per rank (each rank writes its own part), plus the merge of the parts at the measured merge rate.
+  per rank (each rank writes its own part; the disk's bandwidth is not modelled), plus the merge of the parts into one
+  cache at the measured `featseq cache merge` rate (one process, after the ranks).
 
 The sweep: 24 variants x 10 epochs at the measured seconds per epoch of one LSTM on the UCF-101-sized cache
 (bench/scale_bench.py, 2 threads), scaled by the number of segments, with one worker per 2 cores; on a GPU the
@@ -52,10 +53,11 @@ def featurize_rows(decode: dict, scale: dict, merge_mb_per_s: float) -> list[dic
                 bound = min(rates, key=rates.get)
                 mb = frames * 2048 * 2 / 1e6  # ResNet-50 features, float16
                 merge_s = mb / merge_mb_per_s if gpus > 1 else 0.0
+                run_s = frames / rates[bound]
                 out.append({"dataset": name, "fps": fps, "frames": int(frames), "machine": machine,
                             "decode_workers": workers, **{f"{k}_fps": round(v) for k, v in rates.items()},
-                            "bound": bound, "minutes": round((frames / rates[bound] + merge_s) / 60, 1),
-                            "merge_minutes": round(merge_s / 60, 1)})
+                            "bound": bound + (" (then the merge, longer)" if merge_s > run_s else ""),
+                            "minutes": round((run_s + merge_s) / 60, 1), "merge_minutes": round(merge_s / 60, 1)})
     return out
 
 

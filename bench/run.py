@@ -160,9 +160,9 @@ def render() -> str:
 
             parts += ["### A paper model for GPU machines", "", pm.__doc__.strip(), "",
                       _table(["dataset", "fps", "frames", "machine", "decode workers", "decode frames/s", "CNN frames/s",
-                              "writer frames/s", "bound", "minutes (merge included)"],
+                              "writer frames/s", "bound", "minutes (merge included)", "of which merge"],
                              [[r["dataset"], f"{r['fps']:g}", r["frames"], r["machine"], r["decode_workers"],
-                               r["decode_fps"], r["CNN_fps"], r["writer_fps"], r["bound"], r["minutes"]]
+                               r["decode_fps"], r["CNN_fps"], r["writer_fps"], r["bound"], r["minutes"], r["merge_minutes"]]
                               for r in pm.featurize_rows(dec, sc, merge["mb"] / merge["seconds"])]), "",
                       "A 24-variant sweep, 10 epochs each, on the CPU cores (one worker per 2 cores):", "",
                       _table(["dataset", "machine", "workers", "s / epoch / variant", "hours"],
