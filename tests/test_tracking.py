@@ -218,3 +218,28 @@ def test_sweep_workers_log_their_trials_from_their_own_processes(fake, tmp_path,
     for t in trials:
         assert t.info.status == "FINISHED" and t.data.params["optuna.variant"] == t.info.run_name
         assert sorted(m.step for m in store.get_metric_history(t.info.run_id, "val_loss")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_finetune_is_tracked_and_resume_goes_on_in_the_same_mlflow_run(tmp_path, store):
+    from featseq.featurize.pipeline import featurize
+    from featseq.featurize.synth import render_dataset
+    from helpers import featurize_cfg
+
+    src = render_dataset(tmp_path / "v", clips_per_class_per_group=2, groups=2, width=32, height=32, duration=(3, 4),
+                         long_videos=0, seed=0)["clips_root"]
+    cache = featurize(featurize_cfg(src, tmp_path / "c.h5", fps=2.0, keep_frames=True)).path
+    out = tmp_path / "ft"
+    args = ["finetune", cache, "--out", out, "--model", "gru", "--hidden", "8", "--seq-len", "4", "--split", "random",
+            "--batch-size", "4", "--device", "cpu", "--track", "tensorboard,mlflow", "-q"]
+    _invoke(*args, "--epochs", "2")
+    first = _one(store, out)
+    assert first.info.status == "FINISHED" and first.data.params["unfreeze"] == "0"
+    _invoke(*args, "--epochs", "3", "--resume")  # a finished finetune with --resume and more epochs goes on
+    run = _one(store, out)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in store.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3]
+    res = json.loads((out / "results.json").read_text())
+    assert res["epochs_run"] == 3 and run.data.metrics["final/epochs_run"] == 3
+    assert "curves.png" in {a.path for a in store.list_artifacts(run.info.run_id)}
+    assert [p.step for p in _events(out).Scalars("train_loss")] == [1, 2, 3]
