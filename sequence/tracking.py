@@ -150,7 +150,7 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-_CLIENTS: dict = {}  # one MLflow client per store and process: opening one costs about a second
+_CLIENTS: dict = {}  # one MLflow client per store and process: opening one (its schema checked) takes seconds
 
 
 def _client(uri: str):
@@ -164,15 +164,16 @@ def _client(uri: str):
 
 
 def _experiment(client, uri: str) -> str:
-    """The id of the experiment ($MLFLOW_EXPERIMENT_NAME, else featseq), made when missing (the default store keeps
-    its artifacts in mlruns/artifacts/)."""
+    """The id of the experiment ($MLFLOW_EXPERIMENT_NAME, else featseq), made when missing; in a SQLite store its
+    artifacts go beside the database (mlruns/artifacts/ for the default store), not into MLflow's ./mlruns of
+    whatever folder the command ran in."""
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     where = None
-    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        where = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    if uri.startswith("sqlite:///"):
+        where = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=where)
     except Exception:  # another process made it meanwhile
@@ -307,10 +308,10 @@ class Tracking:
         (paths inside the run folder keep their sub-folder)."""
         numbers = {**results, **{f"timings.{k}": v for k, v in (results.get("timings") or {}).items()}}
         self.log_metrics({f"final/{k}": v for k, v in numbers.items()})
-        for f in files:
-            rel = Path(f).resolve().parent.relative_to(self.run_dir.resolve()) if Path(f).resolve().is_relative_to(
-                self.run_dir.resolve()) else Path(".")
-            self.log_artifact(f, None if str(rel) == "." else rel.as_posix())
+        run = self.run_dir.resolve()
+        for f in map(lambda f: Path(f).resolve(), files):
+            folder = f.parent.relative_to(run).as_posix() if f.is_relative_to(run) else "."
+            self.log_artifact(f, None if folder == "." else folder)
 
     def child(self, **tags) -> Nest:
         """The :class:`Nest` of a run inside this one (a sweep's trial, a compare's run): same store, this run as

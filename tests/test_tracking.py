@@ -89,6 +89,7 @@ def test_train_sends_every_epoch_its_options_results_and_plots_to_both_trackers(
     assert run.data.metrics["final/best_epoch"] == res["best_epoch"]
     arts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {"curves.png", "confusion.png", "results.json", "history.csv"} <= arts
+    assert run.info.artifact_uri.startswith(tmp_path.as_uri())  # beside the database, not in the working folder
     assert json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"] == run.info.run_id
 
 
