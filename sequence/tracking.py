@@ -106,6 +106,8 @@ def _finite(metrics: dict) -> dict:
 class TensorBoardTracker:
     """Event files in RUN/tensorboard/, flushed after every call (a kill keeps what was logged)."""
 
+    close_dropped = True  # a tracker dropped after a failure is closed (its files), when that is cheap
+
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -192,6 +194,8 @@ def _key(name: str) -> str:
 class MLflowTracker:
     """One MLflow run, through MlflowClient (no global active run: a process may hold several)."""
 
+    close_dropped = False  # a server that went away answers after MLflow's retries: not asked once more
+
     def __init__(self, run_dir: Path, name: str, nest: Nest, resume: bool):
         uri = nest.mlflow_uri or store_uri(run_dir)
         self.client = client = _client(uri)
@@ -255,6 +259,11 @@ class Tracking:
                 self.trackers.pop(kind)
                 _warn(f"--track {kind}: {method} failed for {self.run_dir} ({type(e).__name__}: {str(e)[:300]}); "
                       f"{kind} stops tracking this run, whose folder keeps every result")
+                if method != "close" and t.close_dropped:
+                    try:
+                        t.close("FAILED")
+                    except Exception:
+                        pass
 
     def log_params(self, params: dict) -> None:
         self._each("log_params", {k: "none" if v is None else v for k, v in params.items()})
