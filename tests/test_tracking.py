@@ -126,6 +126,10 @@ def test_track_none_and_bad_values(fake, tmp_path):
     r = CliRunner().invoke(main, ["train", fake, "--out", str(tmp_path / "w"), "--track", "wandb"])
     assert r.exit_code == 2 and "--track wandb: unknown tracker 'wandb'" in r.output
     assert not (tmp_path / "w").exists()
+    from featseq.sequence.grid import parse_list
+
+    with pytest.raises(ValueError, match="--track: not a sweepable option"):  # one value for a whole sweep
+        parse_list("track", "none,mlflow")
 
 
 def test_a_missing_extra_is_refused_before_training_naming_it(fake, tmp_path, monkeypatch):
