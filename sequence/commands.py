@@ -15,7 +15,9 @@ from featseq.common.options import config_options
 from .config import INHERITED, FinetuneConfig, PredictConfig, StreamConfig, TrainConfig
 
 _TRAIN_OPTIONS = config_options(TrainConfig, skip=("cache", "out"), bool_pairs=True)
-_LIST_OPTIONS = config_options(TrainConfig, skip=("cache", "out", "overwrite"), as_lists=True)  # sweep, compare
+_LIST_OPTIONS = config_options(TrainConfig, skip=("cache", "out", "overwrite", "track"), as_lists=True)  # sweep, compare
+# train's --track, for sweep and compare (one value for all their runs, not a list to sweep)
+_TRACK_OPTION = config_options(TrainConfig, skip=tuple(f.name for f in fields(TrainConfig) if f.name != "track"))
 # predict --stream's own options, then predict's (stride, threshold, out, device, precision, batch size: both's)
 _PREDICT_FIELDS = {f.name for f in fields(PredictConfig)}
 _STREAM_OPTIONS = config_options(StreamConfig, skip=("run",) + tuple(_PREDICT_FIELDS))
@@ -81,9 +83,10 @@ def train(cache, out, quiet, **opts):
               help="Seconds without an epoch after which a running trial of a dead worker on another host is failed.")
 @click.option("--no-resume", is_flag=True, help="Start the study afresh and retrain variants that already finished.")
 @_LIST_OPTIONS
+@_TRACK_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
 def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, search_seed, stale_after, no_resume,
-          quiet, **opts):
+          track, quiet, **opts):
     """Search sequence models on CACHE with an Optuna study: a grid, random or TPE search, with pruning and any number
     of workers; write DIR/<variant>/ runs and a leaderboard.
 
@@ -97,7 +100,7 @@ def sweep(cache, out, grid_file, jobs, search, trials, prune, storage, study, se
     threads = grid.pop("threads", [None])
     cfg = SweepConfig(cache=cache, out=out, grid=grid, jobs=jobs, threads=threads[0], resume=not no_resume,
                       search=search, trials=trials, prune=prune, storage=storage, study=study, seed=search_seed,
-                      stale_after=stale_after)
+                      stale_after=stale_after, track=track)
     if jobs == 1:
         _threads(cfg.threads)  # the workers of --jobs N set their own
     res = run(cfg, log=_log(quiet))
@@ -231,8 +234,9 @@ def predict(run_dir, videos, source, **opts):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Comparison folder to write.")
 @click.option("--seeds", default=3, show_default=True, type=int, help="Train seeds 0..N-1 of every variant on each cache.")
 @_LIST_OPTIONS
+@_TRACK_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No per-variant lines.")
-def compare(cache_a, cache_b, out, seeds, quiet, **opts):
+def compare(cache_a, cache_b, out, seeds, track, quiet, **opts):
     """Compare two caches of the same segments: feature similarity, the same variants trained on each, cross-evaluation.
 
     Training options take comma lists as in sweep (e.g. --model lstm,conv1d --fps 2); the seed is --seeds.
@@ -243,7 +247,7 @@ def compare(cache_a, cache_b, out, seeds, quiet, **opts):
     grid = {k: parse_list(k, v) for k, v in opts.items() if v is not None}
     plots = grid.pop("plots", [True])[0]
     grid.pop("threads", None)
-    cfg = CompareConfig(cache_a=cache_a, cache_b=cache_b, out=out, grid=grid, seeds=seeds, plots=plots)
+    cfg = CompareConfig(cache_a=cache_a, cache_b=cache_b, out=out, grid=grid, seeds=seeds, plots=plots, track=track)
     res = run(cfg, log=_log(quiet))
     click.echo(f"summary: {res['out']}/summary.md", err=True)
     click.echo(res["out"])

@@ -29,7 +29,7 @@ from featseq.featurize.backbones import resolve_device
 from featseq.featurize.cache import Cache, read_cache
 from featseq.common.errors import UserError
 
-from . import plots
+from . import plots, tracking
 from .grid import refuse_ranges, resolve_split, variants
 from .reader import check_fps
 from .results import mean_std, write_json
@@ -50,10 +50,12 @@ class CompareConfig:
     grid: dict = field(default_factory=dict)   # train option -> list of values (as for sweep), without seed
     seeds: int = 3
     plots: bool = True
+    track: str = "none"   # trackers of the comparison and its runs (sequence.tracking)
 
     def validate(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        tracking.parse_track(self.track)
         refuse_ranges(self.grid, "compare trains every combination of comma lists; search ranges with featseq sweep "
                                  "--search tpe")
 
@@ -183,8 +185,21 @@ def _fmt_ms(m, s) -> str:
 
 
 def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
-    """Similarity, training on both, cross-evaluation; writes OUT; returns compare.json's content."""
+    """Similarity, training on both, cross-evaluation; writes OUT; returns compare.json's content. With ``cfg.track``
+    the comparison is one tracked run (its similarity and accuracies, its plot and tables), its runs nested in it."""
     cfg.validate()
+    tracking.require(cfg.track)
+    options = {"cache_a": os.path.abspath(cfg.cache_a), "cache_b": os.path.abspath(cfg.cache_b), "seeds": cfg.seeds,
+               **{f"grid.{k}": ",".join(map(str, v)) for k, v in cfg.grid.items()}}
+    with tracking.tracked(cfg.track, cfg.out, options, name=f"compare {Path(cfg.out).name}") as parent:
+        res = _compare(cfg, log, parent)
+        parent.finish({**res["similarity"], **{f"{r['variant']}.{k}": v for r in res["variants"] for k, v in r.items()
+                                               if k.startswith(("test_", "val_", "cross_"))}},
+                      [Path(cfg.out) / f for f in ("compare.json", "summary.md", "compare.png")])
+    return res
+
+
+def _compare(cfg: CompareConfig, log, parent: tracking.Tracking) -> dict:
     grid = {k: list(v) for k, v in cfg.grid.items()}
     if "seed" in grid:
         raise ValueError("--seed: compare trains seeds 0..N-1 on each cache; use --seeds N")
@@ -227,8 +242,9 @@ def compare(cfg: CompareConfig, log=lambda s: None) -> dict:
             for side, path in (("A", cfg.cache_a), ("B", cfg.cache_b)):
                 run = out / "runs" / side / vname / f"seed{seed}"
                 # compare's own run folders: an older run in one (an earlier compare into OUT) is replaced
-                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots, overwrite=True),
-                          data=features[side])
+                r = train(replace(tc, cache=path, out=str(run), seed=seed, plots=cfg.plots, overwrite=True,
+                                  track=cfg.track), data=features[side],
+                          nest=parent.child(**{"compare.side": side, "compare.seed": seed, "variant": vname}))
                 res[side].append(r)
                 runs[side] = run
             if sim["same_dim"]:

@@ -19,6 +19,7 @@ from featseq.common.options import option
 from featseq.featurize.config import FeaturizeConfig
 
 from .catalog import AUTO_SPLIT, MODEL_OPTIONS, model_option_problems, option_default, parse_split
+from .tracking import parse_track
 
 OFFSETS = ("start", "center", "random")
 
@@ -52,7 +53,7 @@ class ReaderConfig:
 
 CLASS_WEIGHTS = ("none", "balanced")
 # options that change nothing a run computes (how it runs or what it writes)
-RUNTIME_OPTIONS = ("device", "threads", "plots", "overwrite")
+RUNTIME_OPTIONS = ("device", "threads", "plots", "overwrite", "track")
 
 
 @dataclass
@@ -114,6 +115,10 @@ class TrainConfig:
     plots: bool = option(True, "Write curves.png and confusion.png.")
     overwrite: bool = option(False, "Replace the finished run --out holds (its files are deleted first); without it "
                                     "such a folder is refused.")
+    track: str = option("none", "Experiment trackers: none, or tensorboard, mlflow or both (comma list): TensorBoard "
+                                "event files in RUN/tensorboard/; MLflow to $MLFLOW_TRACKING_URI, else the store "
+                                "mlruns/ beside --out (optional extras: pip install 'featseq[tensorboard]', "
+                                "'featseq[mlflow]').", metavar="none|tensorboard,mlflow")
 
     def __post_init__(self) -> None:
         """Unset options of the model take the catalog's defaults; options it does not use stay as given."""
@@ -160,6 +165,10 @@ class TrainConfig:
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be >= 1, got {self.threads}")
+        try:
+            parse_track(self.track)
+        except ValueError as e:
+            problems.append(str(e))
         try:
             self.reader().validate()
         except ValueError as e:

@@ -40,6 +40,7 @@ from featseq.common.signals import Interrupted
 
 from . import checkpoint
 from . import models as M
+from . import tracking
 from .config import FinetuneConfig, cv_split_problem  # noqa: F401  (FinetuneConfig re-exported)
 from .ddp import Ranks, Stopped, lost_peer, ranks
 from .loop import Amp, FitOptions, fit, probabilities
@@ -295,6 +296,7 @@ def finetune(cfg: FinetuneConfig, log=lambda s: None) -> dict | None:
     signal stopped it (featseq.common.signals.Interrupted), saying how to resume.
     """
     t0 = time.monotonic()
+    tracking.require(cfg.track)  # a tracker that is not installed: refused now
     check_run_folder(cfg.out, cfg.overwrite, cfg.resume)  # a finished run is not replaced without --overwrite
     if cfg.from_run:  # a cross-validation (a sweep's cross-validated variant): its best fold's run
         if why := cv_split_problem(cfg.split):  # asked for; one inherited from such a run is the fold's split
@@ -363,7 +365,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
         amp = Amp(device, prec)
         run = Path(cfg.out)
         state_cfg = {k: v for k, v in asdict(cfg).items()
-                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout")}
+                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout", "track")}
 
         def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
             # an old run's files go first; --resume keeps them
@@ -372,11 +374,15 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
 
         resume = rk.on_main(prepare)
         done["epoch"] = resume["epoch"] if resume else 0
+        # rank 0 reports; --resume goes on in the run's MLflow run (RUN/tracking.json)
+        tracker = tracking.open_run(cfg.track if rk.main else "none", run, asdict(cfg), resume=cfg.resume)
+        log_epoch = tracker.epoch()
 
         def on_epoch(state: dict) -> None:
             done["epoch"] = state["epoch"]
             if rk.main:
                 checkpoint.save({**state, "config": state_cfg}, run / LAST)
+                log_epoch(state)
 
         frames = Frames(cache, data, spec, cfg.decode_timeout)
         log(f"finetune {backbone.entry.name} (unfreeze {cfg.unfreeze}: {sum(p.numel() for p in trunk_params)} trunk "
@@ -391,17 +397,23 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
                          train_mode=lambda: train_mode(model, cfg.freeze_bn), start_is_candidate=warm is not None,
                          resume=resume, on_epoch=on_epoch, log=log, ranks=rk)
             probs = probabilities(model, inputs, data.mask, len(data.classes), device, amp, rk)
+        except BaseException as e:
+            tracker.end(e)
+            raise
         finally:
             frames.close()
     if not rk.main:
         return None
-    res, _ = write_run(
-        run, cfg=cfg, data=data, fold=fold, head=model.head, fit=result, probs=probs, spec=spec, cache=cache,
-        device=device, kind="finetune", extra_checkpoint={"trunk": {k: v.cpu() for k, v in model.trunk.state_dict().items()}},
-        extra_results={"mode": "finetune", "backbone": backbone.entry.name, "unfreeze": cfg.unfreeze,
-                       "trainable_trunk_params": sum(p.numel() for p in trunk_params), "params": M.n_params(model),
-                       "precision": prec, "frames_from": "cache" if frames.kept else "video",
-                       "warm_start": cfg.from_run, "warm_start_scores": result.start_scores,
-                       "ranks": rk.world, "backend": rk.backend or None,
-                       "batch_per_rank": per_rank}, started=t0)
+    with tracker:
+        res, _ = write_run(
+            run, cfg=cfg, data=data, fold=fold, head=model.head, fit=result, probs=probs, spec=spec, cache=cache,
+            device=device, kind="finetune",
+            extra_checkpoint={"trunk": {k: v.cpu() for k, v in model.trunk.state_dict().items()}},
+            extra_results={"mode": "finetune", "backbone": backbone.entry.name, "unfreeze": cfg.unfreeze,
+                           "trainable_trunk_params": sum(p.numel() for p in trunk_params), "params": M.n_params(model),
+                           "precision": prec, "frames_from": "cache" if frames.kept else "video",
+                           "warm_start": cfg.from_run, "warm_start_scores": result.start_scores,
+                           "ranks": rk.world, "backend": rk.backend or None,
+                           "batch_per_rank": per_rank}, started=t0)
+        tracker.finish(res, tracking.run_files(run))
     return res

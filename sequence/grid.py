@@ -22,8 +22,9 @@ from .catalog import AUTO_SPLIT, MODEL_OPTIONS, SPLIT_OPTIONS
 from .config import RUNTIME_OPTIONS, TrainConfig
 from .results import Results
 from .splits import choose_split, split_entry
+from .tracking import parse_track
 
-NOT_SWEPT = {"cache", "out", "overwrite"}  # a sweep manages its variant folders itself
+NOT_SWEPT = {"cache", "out", "overwrite", "track"}  # a sweep manages its variant folders (and their tracking) itself
 _BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -177,6 +178,7 @@ class SweepConfig:
     study: str = "featseq-sweep"
     seed: int = 0                # of the sampler (random, tpe)
     stale_after: float = 600.0   # seconds without a heartbeat after which a RUNNING trial of a dead worker is failed
+    track: str = "none"          # trackers of the sweep and its trials (sequence.tracking)
 
     def ranges(self) -> dict[str, Range]:
         return {k: v[0] for k, v in self.grid.items() if len(v) == 1 and isinstance(v[0], Range)}
@@ -196,6 +198,7 @@ class SweepConfig:
             raise ValueError(f"--search {self.search} needs --trials N (N >= 1)")
         if self.stale_after <= 0:
             raise ValueError(f"--stale-after must be > 0 seconds, got {self.stale_after}")
+        parse_track(self.track)
         for k, vals in self.grid.items():
             if k not in SWEEPABLE:
                 raise ValueError(f"--{k.replace('_', '-')}: not a sweepable option")

@@ -29,6 +29,7 @@ from pathlib import Path
 from featseq.featurize.cache import read_cache
 
 from . import models as M
+from . import tracking
 from .config import TrainConfig
 from .grid import Range, SweepConfig, fixed_config, load_grid, parse_list, parse_range, resolve_split, variants
 from .leaderboard import leaderboard_rows, write_leaderboard
@@ -63,6 +64,7 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     """Run the sweep's study until done (this process's --jobs workers, and any other worker on the same study);
     write the leaderboard. Returns {"rows", "paths", "seconds", "trained", "skipped", ...}."""
     cfg.validate()
+    tracking.require(cfg.track)  # a tracker that is not installed: refused before anything runs
     t0 = time.monotonic()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,22 +88,32 @@ def sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     log(f"study {cfg.study!r} in {shown_storage(cfg) if cfg.storage else out / 'study.journal'}: {cfg.search} search, "
         f"{len(vs) if vs else cfg.trials} trial(s), prune {cfg.prune}, {cfg.jobs} worker(s) here")
     did = {"trained": 0, "skipped": len(already - {None}), "pruned": 0, "failed": 0}  # finished before this run
-    if cfg.jobs == 1:  # in this process: its threads are the caller's (the CLI sets --threads)
-        parts = [work(cfg, vs, load_features(cfg.cache))]
-    else:
-        parts = run_workers(cfg, vs, threads, log)
-    for p in parts:
-        for k in did:
-            did[k] += p[k]
-    seconds = time.monotonic() - t0
-    rows, varying = leaderboard_rows(cfg, study, vs)
-    paths = write_leaderboard(out, rows, varying)
-    n = len(rows)
-    log(f"{n} trial(s) on the leaderboard: this run trained {did['trained']}, pruned {did['pruned']}, "
-        f"skipped {did['skipped']} finished, {did['failed']} failed")
-    write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache), "grid": {k: [str(x) if isinstance(x, Range) else x
-                                                                                    for x in v] for k, v in cfg.grid.items()},
-                                     "search": cfg.search, "trials": cfg.trials, "prune": cfg.prune, "study": cfg.study,
-                                     "storage": shown_storage(cfg), "jobs": cfg.jobs, "threads": threads,
-                                     "variants": n, **did, "seconds": round(seconds, 2)})
+    options = {"cache": os.path.abspath(cfg.cache), "search": cfg.search, "trials": cfg.trials, "prune": cfg.prune,
+               "study": cfg.study, "storage": shown_storage(cfg), "jobs": cfg.jobs, "threads": threads,
+               **{f"grid.{k}": ",".join(str(x) for x in v) for k, v in cfg.grid.items()}}
+    # the sweep's own run; each trial is a run nested in it, logged by the process that trains it
+    with tracking.tracked(cfg.track, out, options, name=f"sweep {out.name}", resume=cfg.resume) as parent:
+        nest = parent.child(**{"optuna.study": cfg.study})
+        if cfg.jobs == 1:  # in this process: its threads are the caller's (the CLI sets --threads)
+            parts = [work(cfg, vs, load_features(cfg.cache), nest)]
+        else:
+            parts = run_workers(cfg, vs, threads, log, nest)
+        for p in parts:
+            for k in did:
+                did[k] += p[k]
+        seconds = time.monotonic() - t0
+        rows, varying = leaderboard_rows(cfg, study, vs)
+        paths = write_leaderboard(out, rows, varying)
+        n = len(rows)
+        log(f"{n} trial(s) on the leaderboard: this run trained {did['trained']}, pruned {did['pruned']}, "
+            f"skipped {did['skipped']} finished, {did['failed']} failed")
+        write_json(out / "sweep.json", {"cache": os.path.abspath(cfg.cache),
+                                         "grid": {k: [str(x) if isinstance(x, Range) else x for x in v]
+                                                  for k, v in cfg.grid.items()},
+                                         "search": cfg.search, "trials": cfg.trials, "prune": cfg.prune,
+                                         "study": cfg.study, "storage": shown_storage(cfg), "jobs": cfg.jobs,
+                                         "threads": threads, "variants": n, **did, "seconds": round(seconds, 2)})
+        best = max((r["val_accuracy"] for r in rows if r["val_accuracy"] is not None), default=None)
+        parent.finish({"variants": n, **did, "seconds": seconds, "best_val_accuracy": best},
+                      [paths["csv"], paths["md"], paths["plot"], out / "sweep.json"])
     return {"rows": rows, "paths": paths, "seconds": seconds, "variants": n, "out": str(out), **did}

@@ -21,15 +21,17 @@ from .grid import SweepConfig, finished, trial_config
 from .reader import load_features
 from .splits import split_entry
 from .study import open_study, reap_stale, sampler, shown_storage, tell
+from .tracking import Nest
 from .train import train
 
 def _did() -> dict:
     return {"trained": 0, "skipped": 0, "pruned": 0, "failed": 0}
 
 
-def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data) -> dict:
+def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data, nest: Nest | None = None) -> dict:
     """One sweep worker: take trials from the study until it is done, training each on ``data`` (the cache and its
-    features, :func:`sequence.reader.load_features`); returns what this worker did."""
+    features, :func:`sequence.reader.load_features`); returns what this worker did. ``nest``: the sweep's run, which
+    each trial's trackers (``cfg.track``) report under, with the trial's Optuna parameters and state."""
     import optuna
     from optuna.trial import TrialState
 
@@ -88,9 +90,12 @@ def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data) -> dict:
                     trial.set_user_attr("epochs", rec["epoch"])
                     raise optuna.TrialPruned()
 
+        trial_nest = replace(nest or Nest(), pruned=(optuna.TrialPruned,),
+                             tags={**(nest or Nest()).tags, "optuna.trial": trial.number, "variant": name},
+                             params={f"optuna.{k}": v for k, v in {"variant": name, **trial.params}.items()})
         try:
             # the variant's folder is the sweep's: an older run in it (another config, --no-resume) is replaced
-            res = train(replace(tc, overwrite=True), data=data, on_epoch=on_epoch)
+            res = train(replace(tc, overwrite=True, track=cfg.track), data=data, on_epoch=on_epoch, nest=trial_nest)
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.monotonic() - t0, 3))
             tell(study, trial, TrialState.PRUNED)
@@ -123,7 +128,7 @@ class WorkerResult:
     disk_full: DiskFullError | None = None    # a full disk stops the whole sweep
 
 
-def _worker_main(threads: int, cfg: SweepConfig, vs: list, conn) -> None:
+def _worker_main(threads: int, cfg: SweepConfig, vs: list, conn, nest: Nest | None = None) -> None:
     """A worker process: set its threads, read the cache once, :func:`work`, send a :class:`WorkerResult`. Stopped by
     a signal, it fails its trial and ends (with 128 + the signal's number) without sending."""
     import torch
@@ -138,7 +143,7 @@ def _worker_main(threads: int, cfg: SweepConfig, vs: list, conn) -> None:
         except RuntimeError:
             pass
         data = load_features(cfg.cache, shared=True)  # one copy in the page cache for all the workers
-        result = WorkerResult(did=work(cfg, vs, data))
+        result = WorkerResult(did=work(cfg, vs, data, nest))
     except signals.Interrupted as e:
         os._exit(e.exit_code)
     except DiskFullError as e:
@@ -149,8 +154,10 @@ def _worker_main(threads: int, cfg: SweepConfig, vs: list, conn) -> None:
     conn.close()
 
 
-def run_workers(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], threads: int, log=lambda s: None) -> list[dict]:
-    """:func:`work` in ``cfg.jobs`` spawned processes of ``threads`` threads each; what each worker that finished did.
+def run_workers(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], threads: int, log=lambda s: None,
+                nest: Nest | None = None) -> list[dict]:
+    """:func:`work` in ``cfg.jobs`` spawned processes of ``threads`` threads each (their trials tracked under ``nest``);
+    what each worker that finished did.
     A worker that died is logged (its trial is failed by the next sweep); a full disk in any, a signal or any other
     exception here stops them all and is raised."""
     ctx = mp.get_context("spawn")
@@ -158,7 +165,7 @@ def run_workers(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], threads: in
     try:
         for _ in range(cfg.jobs):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker_main, args=(threads, cfg, vs, send), name="featseq-sweep-worker")
+            p = ctx.Process(target=_worker_main, args=(threads, cfg, vs, send, nest), name="featseq-sweep-worker")
             p.start()
             send.close()  # the worker holds the only writing end: its death reads as EOF here
             workers.append((p, recv))

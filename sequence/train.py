@@ -21,6 +21,7 @@ from featseq.common.errors import UserError
 from featseq.featurize.spec import FeatureSpec
 
 from . import models as M
+from . import tracking
 from .config import TrainConfig
 from .loop import FeatureInputs, FitOptions, fit, probabilities
 from .reader import Sequences, build, load_features
@@ -54,17 +55,20 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
 
 
 def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor] | None = None,
-          on_epoch=None) -> dict:
+          on_epoch=None, nest: tracking.Nest | None = None) -> dict:
     """Train as configured and write the run folder ``cfg.out``; returns results.json's content.
 
     ``data``: the cache and its features (in its dtype) already loaded (:func:`sequence.reader.load_features`), when
     many runs share one cache (a sweep). ``on_epoch(state)``: called after every epoch with the training loop's
     state (``state["history"][-1]`` is the epoch's record; an exception it raises stops the run, e.g. a pruned
     sweep trial), in every fold of a cross-validation. Process-wide settings (threads) are the caller's.
+    ``cfg.track``: the trackers the run reports to (sequence.tracking), after its folder is ready; ``nest``: the
+    larger run it is part of (a sweep's trial, a compare's run).
     Raises ValueError for invalid options, CacheError/ReaderError for caches that cannot serve the
     request, SplitError for impossible splits -- all before any training.
     """
     cfg.validate()
+    tracking.require(cfg.track)  # a tracker that is not installed: refused now
     check_run_folder(cfg.out, cfg.overwrite)  # a finished run is not replaced without --overwrite: refused now
     t0 = time.monotonic()
     cache, feats = data if data is not None else load_features(cfg.cache)
@@ -81,21 +85,29 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
     # results.json is written last, so its presence means "complete"; an old run's files (folds/ of a
     # cross-validation, predictions...) are deleted before a new run is written into its folder
     run, _ = begin_run(cfg.out, asdict(cfg), cfg.overwrite, log=log)
-    if not split_entry(cfg.split).cv:
-        log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test segments, "
-            f"seq_len {seqs.seq_len} at {seqs.fps:g} fps")
-        res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log, on_epoch, started=t0, load_s=t_load)
-    else:
-        res = _cross_validate(cfg, seqs, folds, run, cache, spec, device, log, on_epoch, started=t0, load_s=t_load)
+    with tracking.tracked(cfg.track, run, asdict(cfg), nest=nest) as tracker:
+        if not split_entry(cfg.split).cv:
+            log(f"{cfg.model}: {len(folds[0].train)} train / {len(folds[0].val)} val / {len(folds[0].test)} test "
+                f"segments, seq_len {seqs.seq_len} at {seqs.fps:g} fps")
+            res, _ = train_fold(cfg, seqs, folds[0], run, cache, spec, device, log,
+                                tracking.chain(tracker.epoch(), on_epoch), started=t0, load_s=t_load)
+        else:
+            res = _cross_validate(cfg, seqs, folds, run, cache, spec, device, log,
+                                  lambda fold: tracking.chain(tracker.epoch(f"{fold}/"), on_epoch), started=t0,
+                                  load_s=t_load)
+        tracker.finish(res, tracking.run_files(run))
     return res
 
 
-def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=None, started=0.0, load_s=0.0) -> dict:
+def _cross_validate(cfg, data, folds, run, cache, spec, device, log, on_epoch=lambda fold: None, started=0.0,
+                    load_s=0.0) -> dict:
+    """``on_epoch(fold name)``: the training loop's on_epoch for that fold."""
     per_fold = []
     probs_oof = np.full((len(data), len(data.classes)), np.nan)
     for fold in folds:
         log(f"{fold.name}: {len(fold.train)} train / {len(fold.val)} val / {len(fold.test)} test")
-        r, probs = train_fold(cfg, data, fold, run / "folds" / fold.name, cache, spec, device, on_epoch=on_epoch)
+        r, probs = train_fold(cfg, data, fold, run / "folds" / fold.name, cache, spec, device,
+                              on_epoch=on_epoch(fold.name))
         probs_oof[fold.test] = probs[fold.test]
         per_fold.append(r)
         log(f"{fold.name}: test accuracy {r['test_accuracy']:.3f}")
