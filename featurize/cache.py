@@ -101,7 +101,7 @@ def left_open(e: OSError) -> bool:
 
 
 # Attributes are data from whoever made the file: parsed (JSON, numbers), never evaluated, and checked here.
-JSON_ATTRS = ("versions", "config", "mean", "std", "shard_plan", "merged_from")
+JSON_ATTRS = ("versions", "config", "mean", "std", "shard_plan", "merged_from", "unknown")
 NUMBER_ATTRS = {"format_version": int, "feature_dim": int, "size": int, "seed": int, "fps": float}
 MAX_ATTR_BYTES = {"shard_plan": 256 * 2**20}  # a shard plan names every segment; other attributes are small
 MAX_ATTR_DEFAULT = 2**20
@@ -223,6 +223,21 @@ def read_segment(path: str | os.PathLike, seg_id: str, frames: bool = False) -> 
                 raise _no_frames(path, f)
             out["frames"] = f["frames"][o:o + n]
     return out
+
+
+def iter_segments(path: str | os.PathLike):
+    """A generator that opens the file once and reads one segment at a time, so memory stays one segment's whatever
+    the cache's size (``featseq cache export``): first (attributes, ids of the published segments), then one (row:
+    {column: value}, features (n, D), timestamps (n,)) per segment, in table order."""
+    with open_read(path) as f:
+        table = published_rows(f["segments"][()])
+        cols = table_to_columns(table)
+        yield decode_attrs(f), list(cols["id"])
+        feats, ts = f["features"], f["timestamps"]
+        for i in range(len(table)):
+            o, n = int(table["offset"][i]), int(table["length"][i])
+            yield {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in cols.items()}, \
+                feats[o:o + n], ts[o:o + n]
 
 
 def features_to_npy(path: str | os.PathLike, dest: str | os.PathLike, rows: int, block_bytes: int = 256 << 20) -> None:

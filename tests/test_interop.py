@@ -1,0 +1,178 @@
+"""featseq cache export / import (issue 29): every format round-trips a cache exactly (features in their dtype,
+timestamps, ids, labels, groups, splits, bounds); a folder in video_features' layout becomes a cache that trains;
+bad inputs are refused before anything is written, naming the file and the fix; an interrupted import resumes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from helpers import write_fake_cache
+
+from featseq.cli import main
+from featseq.featurize.cache import read_cache
+from featseq.featurize.interop.config import FORMATS, INDEX_NAME
+
+
+def _cli(*args, code=0):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r
+
+
+# ids that are not file names: a slash, spaces, case-only twins, a dot, the name of h5-per-video's timestamps group
+IDS = ["walk/clip 1", "walk/Clip 1", "run.a", "timestamps", "jump_g02_c01"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_then_import_gives_the_same_cache(tmp_path, fmt, dtype):
+    src = write_fake_cache(tmp_path / "a.h5", ["walk", "walk", "run", "jump", "run"], ids=IDS, dtype=dtype,
+                           groups=["p1", "p2", "p1", "p3", "p2"], splits=["train", "val", "test", "", "train"],
+                           durations=[2.0, 3.0, 1.5, 2.5, 1.0], starts=[0.0, 0.0, 4.0, 0.0, 1.5], jitter=1.0)
+    out = tmp_path / "exported"
+    _cli("cache", "export", src, "--format", fmt, "--out", out, "--shard-samples", 2)
+    assert (out / INDEX_NAME).is_file()
+    where = out / "features.h5" if fmt == "h5-per-video" else out
+    if fmt == "webdataset":
+        assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    cache = tmp_path / "b.h5"
+    r = _cli("cache", "import", where, "--format", fmt, "--out", cache)
+    assert r.output.strip().splitlines()[-1] == str(cache)
+    a, b = read_cache(src), read_cache(cache)
+    for col in ("id", "label", "group", "split"):
+        assert list(b.segments[col]) == list(a.segments[col]), col
+    assert b.features.dtype == a.features.dtype == np.dtype(dtype)
+    assert np.array_equal(b.features, a.features)
+    if fmt == "video_features":  # milliseconds there and back: within rounding of a float64
+        np.testing.assert_allclose(b.timestamps, a.timestamps, rtol=0, atol=1e-9)
+    else:
+        assert np.array_equal(b.timestamps, a.timestamps)
+    for col in ("offset", "length", "start", "end"):
+        assert np.array_equal(b.segments[col], a.segments[col]), col
+    assert b.attrs["import_format"] == fmt and b.attrs["import_path"] == str(where.resolve())
+    assert b.attrs["backbone"] == "unknown" and "backbone" in b.attrs["unknown"] and b.attrs["fps"] == 6.0
+    _cli("cache", "verify", cache)
+
+
+def _video_features_folder(root: Path, n_per_class=8, dim=16, fps=5.0, seed=0) -> tuple[Path, Path]:
+    """OUTPUT/resnet/<stem>_resnet.npy (T x D float32), <stem>_timestamps_ms.npy, <stem>_fps.npy, as video_features'
+    save_numpy writes them, for two classes that differ in the mean of their features, and a manifest of labels."""
+    rng = np.random.default_rng(seed)
+    d = root / "resnet"
+    d.mkdir(parents=True)
+    rows = ["file,label,group"]
+    for k in range(2 * n_per_class):
+        label = ("cartwheel", "dive")[k % 2]
+        stem = f"v_{label}_g{k // 4:02d}_c{k:02d}"
+        t = int(rng.integers(15, 25))
+        np.save(d / f"{stem}_resnet.npy", (rng.standard_normal((t, dim)) + (2.0 if k % 2 else -2.0)).astype(np.float32))
+        np.save(d / f"{stem}_timestamps_ms.npy", np.arange(t) * 1000.0 / fps)
+        np.save(d / f"{stem}_fps.npy", np.array(fps))
+        rows.append(f"{stem},{label},g{k // 4}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root, root / "labels.csv"
+
+
+def test_a_video_features_folder_becomes_a_cache_that_trains(tmp_path):
+    src, manifest = _video_features_folder(tmp_path / "vf")
+    cache = tmp_path / "imported.h5"
+    _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", cache)
+    c = read_cache(cache)
+    assert len(c) == 16 and c.attrs["feature_dim"] == 16 and c.attrs["fps"] == 5.0 and c.attrs["dtype"] == "float32"
+    assert set(c.segments["group"]) == {"g0", "g1", "g2", "g3"}
+    np.testing.assert_allclose(c.timestamps[:3], [0.0, 0.2, 0.4])
+
+    run = tmp_path / "run"
+    _cli("train", cache, "--out", run, "--model", "mlp", "--epochs", 3, "--seq-len", 10, "--split", "group",
+         "--no-plots", "--device", "cpu")
+    res = json.loads((run / "results.json").read_text())
+    assert res["n_test"] > 0 and res["test_accuracy"] > 0.9  # the classes' features differ by 4 standard deviations
+
+    from featseq.sequence.dataset import CacheDataset
+
+    ds = CacheDataset(cache, "train", split="group", seq_len=10)
+    x, mask, y = ds[0]
+    assert tuple(x.shape) == (10, 16) and bool(mask.all())
+
+    # predict cannot make such features for new videos: refused, saying why, before any video is opened
+    video = tmp_path / "new.mp4"
+    video.write_bytes(b"not decoded")
+    r = _cli("predict", run, video, "--out", tmp_path / "pr", code=2)
+    assert "imported from video_features files" in r.output and "featseq evaluate" in r.output
+    assert not (tmp_path / "pr").exists()
+
+
+def test_bad_inputs_are_refused_naming_each_file_and_nothing_is_written(tmp_path):
+    src, manifest = _video_features_folder(tmp_path / "vf", n_per_class=3)
+    d = src / "resnet"
+    t0 = np.load(d / "v_cartwheel_g00_c00_resnet.npy").shape[0]
+    np.save(d / "v_cartwheel_g00_c00_resnet.npy", np.zeros((t0, 12), np.float32))      # another extractor's width
+    np.save(d / "v_dive_g00_c01_timestamps_ms.npy", np.load(d / "v_dive_g00_c01_timestamps_ms.npy")[:-1])  # one short
+    (d / "v_cartwheel_g00_c02_fps.npy").unlink()                                      # no rate
+    np.save(d / "v_dive_g00_c03_flow.npy", np.zeros((3, 16), np.float32))             # a second feature key
+    with manifest.open("a") as fh:
+        fh.write("v_missing,dive,g9\n")                                               # a row without files
+    cache = tmp_path / "c.h5"
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", cache, code=2)
+    out = " ".join(r.output.split())
+    assert "v_cartwheel_g00_c00_resnet.npy: 12 features per frame, but 4 other file(s) have 16" in out
+    n = np.load(d / "v_dive_g00_c01_resnet.npy").shape[0]
+    assert f"v_dive_g00_c01_resnet.npy: {n - 1} timestamps for {n} feature rows" in out
+    assert "v_cartwheel_g00_c02_resnet.npy (labels.csv line 4): no fps" in out and "or pass --fps" in out
+    assert "several features beside it (flow, resnet): pass --feature NAME" in out
+    assert "labels.csv line 8: no features for file 'v_missing'" in out
+    assert "6 problem(s), nothing was written" in out and not cache.exists()
+
+
+def test_timestamps_must_increase(tmp_path):
+    src, manifest = _video_features_folder(tmp_path / "vf", n_per_class=1)
+    ts = src / "resnet" / "v_dive_g00_c01_timestamps_ms.npy"
+    t = np.load(ts)
+    t[3] = t[2]
+    np.save(ts, t)
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", tmp_path / "c.h5",
+             code=2)
+    assert "v_dive_g00_c01_resnet.npy: timestamps not increasing at row 3 (0.400000 -> 0.400000 s)" in r.output
+
+
+def test_labels_from_class_folders_and_fps_for_bare_npy(tmp_path):
+    """npy files in SOURCE/<label>/ folders (as featurize reads video folders: id label/stem, UCF-101's group from
+    the name) without timestamps: --fps gives the time grid; without it, refused naming the flag."""
+    rng = np.random.default_rng(1)
+    for label, stems in (("a", ["v_a_g01_c01", "v_a_g02_c01"]), ("b", ["v_b_g01_c01"])):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for s in stems:
+            np.save(tmp_path / "src" / label / f"{s}.npy", rng.standard_normal((7, 4)).astype(np.float16))
+    r = _cli("cache", "import", tmp_path / "src", "--format", "npy", "--out", tmp_path / "c.h5", code=2)
+    assert "no fps" in r.output and "--fps" in r.output
+    _cli("cache", "import", tmp_path / "src", "--format", "npy", "--out", tmp_path / "c.h5", "--fps", 2)
+    c = read_cache(tmp_path / "c.h5")
+    assert list(c.segments["id"]) == ["a/v_a_g01_c01", "a/v_a_g02_c01", "b/v_b_g01_c01"]
+    assert list(c.segments["label"]) == ["a", "a", "b"] and list(c.segments["group"]) == ["g01", "g02", "g01"]
+    assert c.features.dtype == np.float16
+    np.testing.assert_array_equal(c.timestamps[:7], np.arange(7) / 2.0)
+    assert c.segments["end"][0] == 3.5
+
+
+def test_an_interrupted_import_resumes_and_another_source_is_refused(tmp_path):
+    src, manifest = _video_features_folder(tmp_path / "vf", n_per_class=2)
+    lines = manifest.read_text().splitlines()
+    part = tmp_path / "part.csv"
+    part.write_text("\n".join(lines[:3]) + "\n")  # what an import killed after two segments had published
+    cache = tmp_path / "c.h5"
+    _cli("cache", "import", src, "--format", "video_features", "--manifest", part, "--out", cache)
+    assert len(read_cache(cache)) == 2
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", cache)
+    assert "2 segment(s) imported, 2 already in the cache" in r.output
+    assert len(read_cache(cache)) == 4
+
+    other, _ = _video_features_folder(tmp_path / "other", n_per_class=1)
+    r = _cli("cache", "import", other, "--format", "video_features", "--manifest", manifest, "--out", cache, code=2)
+    assert "was imported from video_features files at" in r.output and "another --out" in r.output
+    made = write_fake_cache(tmp_path / "featurized.h5", ["a"])
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", made, code=2)
+    assert "made by featseq featurize" in r.output
