@@ -102,8 +102,9 @@ class FeatureSpec:
         """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
         if self.imported:
             raise UserError(f"{what}: its features were imported from {self.imported} files (featseq cache import), so "
-                            f"featseq does not know the backbone that made them and cannot make such features for new "
-                            f"videos; extract them with the tool that made the imported ones, import those too (featseq "
+                            f"featseq does not know the backbone that made them: it can neither make such features for "
+                            f"new videos (predict, stream) nor fine-tune that backbone (finetune). Extract the new "
+                            f"videos' features with the tool that made the imported ones, import them too (featseq "
                             f"cache import) and score them with featseq evaluate RUN --cache THAT_CACHE")
         arg = self.weights_arg()
         if arg in BUILTIN_WEIGHTS:

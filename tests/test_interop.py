@@ -176,3 +176,12 @@ def test_an_interrupted_import_resumes_and_another_source_is_refused(tmp_path):
     made = write_fake_cache(tmp_path / "featurized.h5", ["a"])
     r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", made, code=2)
     assert "made by featseq featurize" in r.output
+
+
+def test_a_pickled_npy_is_refused_not_loaded(tmp_path):
+    """Files to import are data: an object array (numpy pickles it) is refused by name, never unpickled."""
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    np.save(tmp_path / "src" / "a" / "ok.npy", np.zeros((3, 4), np.float32))
+    np.save(tmp_path / "src" / "a" / "evil.npy", np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    r = _cli("cache", "import", tmp_path / "src", "--format", "npy", "--fps", 1, "--out", tmp_path / "c.h5", code=2)
+    assert "evil.npy: not a readable .npy array" in r.output and not (tmp_path / "c.h5").exists()
