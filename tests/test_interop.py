@@ -169,6 +169,14 @@ def test_an_interrupted_import_resumes_and_another_source_is_refused(tmp_path):
     r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", cache)
     assert "2 segment(s) imported, 2 already in the cache" in r.output
     assert len(read_cache(cache)) == 4
+    # an edited manifest: the rerun relabels what is cached, as a featurize rerun does, features untouched
+    before = read_cache(cache)
+    manifest.write_text(manifest.read_text().replace("v_cartwheel_g00_c00,cartwheel,g0", "v_cartwheel_g00_c00,dive,g7"))
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", cache)
+    assert "0 segment(s) imported, 4 already in the cache" in r.output and "another label, group or split" in r.output
+    after = read_cache(cache)
+    assert (after.segments["label"][0], after.segments["group"][0]) == ("dive", "g7")
+    assert np.array_equal(after.features, before.features)
 
     other, _ = _video_features_folder(tmp_path / "other", n_per_class=1)
     r = _cli("cache", "import", other, "--format", "video_features", "--manifest", manifest, "--out", cache, code=2)
@@ -185,3 +193,32 @@ def test_a_pickled_npy_is_refused_not_loaded(tmp_path):
     np.save(tmp_path / "src" / "a" / "evil.npy", np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
     r = _cli("cache", "import", tmp_path / "src", "--format", "npy", "--fps", 1, "--out", tmp_path / "c.h5", code=2)
     assert "evil.npy: not a readable .npy array" in r.output and not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("fmt", ["h5-per-video", "webdataset"])
+def test_a_stopped_export_leaves_whole_files_and_no_index(tmp_path, monkeypatch, fmt):
+    """Stopped mid-way (a signal ends as KeyboardInterrupt): the file being written is removed, files finished before
+    stay whole, the index (written last) is absent; the same command then writes everything."""
+    from featseq.featurize.interop import export as ex
+
+    src = write_fake_cache(tmp_path / "a.h5", ["x", "y", "x", "y", "x"])
+    cls = ex._H5 if fmt == "h5-per-video" else ex._WebDataset
+    real, calls = cls.add, []
+
+    def add(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real(self, *a)
+
+    monkeypatch.setattr(cls, "add", add)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(ex.ExportConfig(cache=src, format=fmt, out=str(out), shard_samples=2))
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ([] if fmt == "h5-per-video" else ["shard-000000.tar"])  # no temporary file, no index
+    monkeypatch.setattr(cls, "add", real)
+    _cli("cache", "export", src, "--format", fmt, "--out", out, "--shard-samples", 2)
+    _cli("cache", "import", out / "features.h5" if fmt == "h5-per-video" else out, "--format", fmt,
+             "--out", tmp_path / "b.h5")
+    assert np.array_equal(read_cache(tmp_path / "b.h5").features, read_cache(src).features)

@@ -43,6 +43,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _end(entered, ok: bool) -> None:
+    """Leave a :func:`replaced` context entered by hand (a file that stays open across segments): rename the
+    temporary file over its target when ``ok``, else remove it."""
+    if ok:
+        entered.__exit__(None, None, None)
+    else:
+        stop = RuntimeError("export stopped")
+        entered.__exit__(type(stop), stop, None)
+
+
 def _meta(row: dict, fps: float) -> dict:
     return {"id": row["id"], "label": row["label"], "group": row["group"], "split": row["split"], "fps": fps,
             "start": float(row["start"]), "end": float(row["end"])}
@@ -99,7 +109,7 @@ class _H5:
 
     def close(self, ok: bool = True) -> None:
         self.f.close()
-        self._replaced.__exit__(*((None,) * 3 if ok else (RuntimeError, RuntimeError("export stopped"), None)))
+        _end(self._replaced, ok)
 
 
 class _WebDataset:
@@ -127,7 +137,7 @@ class _WebDataset:
     def close(self, ok: bool = True) -> None:
         if self.tar is not None:
             self.tar.close()
-            self._replaced.__exit__(*((None,) * 3 if ok else (RuntimeError, RuntimeError("export stopped"), None)))
+            _end(self._replaced, ok)
             self.tar = None
 
 

@@ -3,7 +3,7 @@ cache, written by CacheWriter under the usual commit protocol. Every file and ma
 anything is written (one SourceError listing them all); the cache's attributes say it was imported, from what format
 and path, and what is unknown (the backbone above all, so predict refuses new videos: featurize.spec). A rerun
 resumes an interrupted import of the same files (published segments are kept and skipped); another import into the
-same --out is refused.
+same --out is refused; labels, groups and splits a rerun's manifest changed are updated in place (featurize.reconcile).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import CacheError, now_iso, read_table, string_widths
-from ..sources import SourceError, bad_row, csv_rows, folder_group, parse_seconds, manifest_split
+from ..reconcile import reconcile
+from ..sources import Segment, SourceError, bad_row, csv_rows, folder_group, parse_seconds, manifest_split
 from ..spec import identity as cache_identity
 from ..writer import CacheWriter
 from .config import INDEX_COLUMNS, MANIFEST_REQUIRED, ImportConfig
@@ -218,6 +219,8 @@ def _write(cfg, source: Path, manifest: Path | None, items: list[_Item], fps: fl
              "versions": {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__}}
     rows = [{"id": it.id, "label": it.label, "group": it.group, "path": it.entry.where, "split": it.split}
             for it in items]
+    if os.path.exists(cfg.out):  # a rerun: labels, groups and splits follow the manifest, as featurize's do
+        reconcile(cfg.out, [Segment(**r, where=it.where) for r, it in zip(rows, items)], log)
     written = frames = 0
     with CacheWriter(cfg.out, identity, attrs, int(items[0].entry.shape[1]), string_widths(rows), dtype) as w:
         done = len([it for it in items if it.id in w.done_ids])
