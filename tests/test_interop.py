@@ -222,3 +222,25 @@ def test_a_stopped_export_leaves_whole_files_and_no_index(tmp_path, monkeypatch,
     _cli("cache", "import", out / "features.h5" if fmt == "h5-per-video" else out, "--format", fmt,
              "--out", tmp_path / "b.h5")
     assert np.array_equal(read_cache(tmp_path / "b.h5").features, read_cache(src).features)
+
+
+def test_several_rates_need_fps_and_float16_overflow_is_refused(tmp_path):
+    src, manifest = _video_features_folder(tmp_path / "vf", n_per_class=2)
+    d = src / "resnet"
+    np.save(d / "v_dive_g00_c03_fps.npy", np.array(25.0))  # one video at its native rate
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", tmp_path / "c.h5",
+             code=2)
+    out = " ".join(r.output.split())
+    assert "the files give several rates (5 fps: 3 file(s)" in out and "25 fps: 1 file(s)" in out and "--fps F" in out
+    _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--out", tmp_path / "c.h5",
+         "--fps", 5)
+    assert read_cache(tmp_path / "c.h5").attrs["fps"] == 5.0
+
+    big = np.load(d / "v_dive_g00_c01_resnet.npy")
+    big[0, 0] = 1e6
+    np.save(d / "v_dive_g00_c01_resnet.npy", big)
+    r = _cli("cache", "import", src, "--format", "video_features", "--manifest", manifest, "--fps", 5, "--dtype",
+             "float16", "--out", tmp_path / "h.h5", code=2)
+    assert "v_dive_g00_c01_resnet.npy: 1 feature value(s) beyond float16's range (+-65504): pass --dtype float32" \
+        in " ".join(r.output.split())
+    assert list(read_cache(tmp_path / "h.h5").segments["id"]) == ["v_cartwheel_g00_c00"]  # the one before it is kept

@@ -72,12 +72,17 @@ class ImportConfig:
             raise ValueError("; ".join(problems))
 
 
+def safe_name(text: str, empty: str = "segment") -> str:
+    """``text`` as a file name of letters, digits, '_' and '-' (no dots: webdataset splits keys at the first one)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or empty
+
+
 def safe_names(ids: list[str], reserved: tuple[str, ...] = ()) -> dict[str, str]:
-    """id -> a file name of letters, digits, '_' and '-' (no dots: webdataset splits keys at the first one), unique
-    without regard to case (file systems that fold case) and none of ``reserved``."""
+    """id -> :func:`safe_name`, unique without regard to case (file systems that fold case) and none of
+    ``reserved``."""
     out, used = {}, {r.casefold() for r in reserved}
     for sid in ids:
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", sid).strip("_") or "segment"
+        base = safe_name(sid)
         name, k = base, 2
         while name.casefold() in used:
             name, k = f"{base}_{k}", k + 1

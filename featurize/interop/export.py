@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import tarfile
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from featseq.common.files import replaced
 
 from ..cache import iter_segments
 from .config import (H5_NAME, H5_TIMESTAMPS, INDEX_COLUMNS, INDEX_NAME, WDS_FEATURES, WDS_META,
-                     WDS_TIMESTAMPS, ExportConfig, safe_names)
+                     WDS_TIMESTAMPS, ExportConfig, safe_name, safe_names)
 
 
 @dataclass
@@ -141,10 +140,6 @@ class _WebDataset:
             self.tar = None
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(s)).strip("_") or "features"
-
-
 def export(cfg: ExportConfig, log=lambda s: None) -> ExportResult:
     """Write the cache ``cfg.cache`` into ``cfg.out`` in ``cfg.format``, then its index CSV (featseq_index.csv: file,
     id, label, group, split, fps, start, end per segment), which import reads back as its manifest."""
@@ -156,7 +151,8 @@ def export(cfg: ExportConfig, log=lambda s: None) -> ExportResult:
     names = safe_names(ids, reserved=(H5_TIMESTAMPS,) if cfg.format == "h5-per-video" else ())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = {"video_features": lambda: _VideoFeatures(out, _slug(cfg.feature_type or attrs.get("backbone") or "features")),
+    feature_type = safe_name(cfg.feature_type or attrs.get("backbone") or "", "features")
+    writer = {"video_features": lambda: _VideoFeatures(out, feature_type),
               "npy": lambda: _Npy(out), "h5-per-video": lambda: _H5(out),
               "webdataset": lambda: _WebDataset(out, cfg.shard_samples)}[cfg.format]()
     rows, frames, ok = [], 0, False

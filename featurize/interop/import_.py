@@ -133,8 +133,9 @@ def _check(items: list[_Item], cfg: ImportConfig, problems: list[str]) -> float:
                             f"re-extract the odd ones")
         fps = cfg.fps or it.fps
         if fps is None:
-            problems.append(f"{e.where}{'' if it.where == e.where else f' ({it.where})'}: no fps (video_features writes <stem>_fps.npy beside the features): restore "
-                            f"it, give a fps column in the manifest, or pass --fps")
+            row = "" if it.where == e.where else f" ({it.where})"
+            problems.append(f"{e.where}{row}: no fps (video_features writes <stem>_fps.npy beside the features): "
+                            f"restore it, give a fps column in the manifest, or pass --fps")
         else:
             rates.setdefault(round(fps, 6), []).append(it.where)
         if it.start is not None and it.end is not None and it.end <= it.start:
@@ -231,7 +232,8 @@ def _write(cfg, source: Path, manifest: Path | None, items: list[_Item], fps: fl
             rate = cfg.fps or it.fps
             if ts is None:
                 ts = (it.start or 0.0) + np.arange(len(feats)) / rate
-            stored = np.asarray(feats).astype(dtype)
+            with np.errstate(over="ignore"):  # values beyond float16's range become Inf, refused just below
+                stored = np.asarray(feats).astype(dtype)
             if not np.isfinite(stored).all():
                 cast = np.isfinite(np.asarray(feats, dtype=np.float64)).all()
                 raise CacheError(f"{it.entry.where}: {int((~np.isfinite(stored)).sum())} feature value(s) "
