@@ -98,14 +98,18 @@ class FeatureSpec:
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
                 "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder}
 
-    def check_weights(self, what: str) -> str:
-        """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
+    def check_featurizable(self, what: str) -> None:
+        """UserError naming ``what`` when featseq cannot make these features itself (they were imported)."""
         if self.imported:
             raise UserError(f"{what}: its features were imported from {self.imported} files (featseq cache import), so "
                             f"featseq does not know the backbone that made them: it can neither make such features for "
                             f"new videos (predict, stream) nor fine-tune that backbone (finetune). Extract the new "
                             f"videos' features with the tool that made the imported ones, import them too (featseq "
                             f"cache import) and score them with featseq evaluate RUN --cache THAT_CACHE")
+
+    def check_weights(self, what: str) -> str:
+        """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
+        self.check_featurizable(what)
         arg = self.weights_arg()
         if arg in BUILTIN_WEIGHTS:
             return arg

@@ -104,6 +104,10 @@ def test_a_video_features_folder_becomes_a_cache_that_trains(tmp_path):
     r = _cli("predict", run, video, "--out", tmp_path / "pr", code=2)
     assert "imported from video_features files" in r.output and "featseq evaluate" in r.output
     assert not (tmp_path / "pr").exists()
+    r = _cli("predict", run, "--stream", video, "--out", tmp_path / "st", code=2)
+    assert "imported from video_features files" in r.output and not (tmp_path / "st").exists()
+    r = _cli("finetune", cache, "--out", tmp_path / "ft", "--epochs", 1, "--device", "cpu", code=2)
+    assert "nor fine-tune that backbone" in " ".join(r.output.split()) and not (tmp_path / "ft").exists()
 
 
 def test_bad_inputs_are_refused_naming_each_file_and_nothing_is_written(tmp_path):
