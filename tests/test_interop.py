@@ -77,6 +77,7 @@ def _video_features_folder(root: Path, n_per_class=8, dim=16, fps=5.0, seed=0) -
     return root, root / "labels.csv"
 
 
+@pytest.mark.slow  # about 20 s here: a train, then predict, stream and finetune refused
 def test_a_video_features_folder_becomes_a_cache_that_trains(tmp_path):
     src, manifest = _video_features_folder(tmp_path / "vf")
     cache = tmp_path / "imported.h5"
