@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,decode,stream,cpu_slices,cache_io,scale,train,sweep,shard,finetune_ddp] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,decode,stream,cpu_slices,cache_io,scale,interop,train,sweep,shard,finetune_ddp] [--render]
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "scale", "train", "sweep", "shard", "finetune_ddp"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "scale", "interop", "train", "sweep", "shard",
+           "finetune_ddp"]
 
 
 def _load(name):
@@ -117,6 +118,18 @@ def render() -> str:
                   _table(["dtype", "frames", "MB", "MB / 1000 frames", "load all s", "load all (fadvise) s", "MB/s", "one segment ms"],
                          [[r["dtype"], r["frames"], r["mb"], r["mb_per_1000_frames"], r["load_all_s"], r["load_all_fadvise_s"],
                            r["load_all_mb_s"], r["read_one_segment_ms"]] for r in c["rows"]]), ""]
+    io_ = _load("interop")
+    if io_:
+        parts += ["## Cache export and import", "",
+                  f"`bench/interop_bench.py`: `featseq cache export` into each format and `featseq cache import` of what it "
+                  f"wrote, as processes, for two synthetic caches ({io_['frames_per_segment']} frames x "
+                  f"{io_['feature_dim']} dims float16 per segment, written by CacheWriter); peak RSS of the process, seconds with "
+                  f"its start. "
+                  f"Export reads one segment at a time, so its peak stays flat as the cache grows; import holds up to "
+                  f"the writer's 64 MiB group of rows.", "",
+                  _table(["segments", "cache MB", "format", "export s", "export peak MiB", "import s", "import peak MiB"],
+                         [[r["segments"], r["cache_mb"], r["format"], r["export_s"], r["export_peak_mib"], r["import_s"],
+                           r["import_peak_mib"]] for r in io_["rows"]]), ""]
     sc = _load("scale")
     if sc:
         parts += ["## Scale: the writer and cache commands at UCF-101 size", "",

@@ -101,7 +101,7 @@ def left_open(e: OSError) -> bool:
 
 
 # Attributes are data from whoever made the file: parsed (JSON, numbers), never evaluated, and checked here.
-JSON_ATTRS = ("versions", "config", "mean", "std", "shard_plan", "merged_from")
+JSON_ATTRS = ("versions", "config", "mean", "std", "shard_plan", "merged_from", "unknown")
 NUMBER_ATTRS = {"format_version": int, "feature_dim": int, "size": int, "seed": int, "fps": float}
 MAX_ATTR_BYTES = {"shard_plan": 256 * 2**20}  # a shard plan names every segment; other attributes are small
 MAX_ATTR_DEFAULT = 2**20
@@ -248,6 +248,24 @@ def iter_segments(f: h5py.File, table: np.ndarray, frames: bool = False, block_b
             o, n = int(offsets[k]) - a, int(lengths[k])
             yield table[k], feats[o:o + n], ts[o:o + n], (kept[o:o + n] if kept is not None else None)
         i = j
+
+
+def row_record(row: np.void) -> dict:
+    """One row of the segment table as {column: value}, strings decoded; a string column the row lacks (``split`` of a
+    version 1 cache) reads as empty."""
+    rec = {name: (row[name].decode() if name in STR_FIELDS else row[name].item()) for name in row.dtype.names}
+    return {**{name: "" for name in STR_FIELDS}, **rec}
+
+
+def cache_segments(path: str | os.PathLike):
+    """A generator over a whole cache with bounded memory (``featseq cache export``): first (attributes, ids of the
+    published segments), then one (row: :func:`row_record`, features (n, D), timestamps (n,)) per segment, in offset
+    order, read in blocks by :func:`iter_segments`."""
+    with open_read(path) as f:
+        table = published_rows(f["segments"][()])
+        yield decode_attrs(f), [x.decode() for x in table["id"]]
+        for row, feats, ts, _ in iter_segments(f, table):
+            yield row_record(row), feats, ts
 
 
 def features_to_npy(path: str | os.PathLike, dest: str | os.PathLike, rows: int, block_bytes: int = 256 << 20) -> None:

@@ -13,6 +13,7 @@ import click
 from featseq.common.options import config_options
 
 from .config import FeaturizeConfig
+from .interop.config import ExportConfig, ImportConfig
 
 class Progress:
     """featurize's progress on stderr (tqdm): a live bar on a terminal; a plain line every few seconds in a log."""
@@ -99,7 +100,7 @@ def featurize(source, slurm_jobs, slurm_partition, slurm_time, slurm_gpus, slurm
 
 @click.group()
 def cache():
-    """Inspect and merge feature caches."""
+    """Inspect, check, merge, export and import feature caches."""
 
 
 @cache.command("merge")
@@ -175,6 +176,34 @@ def cache_check(file, source, as_json):
                        err=True)
     if not r["ok"]:
         sys.exit(1)
+
+
+@cache.command("export")
+@click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False))
+@config_options(ExportConfig, skip=("cache",))
+def cache_export(cache_path, **opts):
+    """Write the segments of CACHE in a layout other tools read (--format), one segment at a time, with
+    featseq_index.csv (file, id, label, group, split, fps, start, end) beside them; prints the folder."""
+    from featseq.featurize.interop.export import export
+
+    res = export(ExportConfig(cache=cache_path, **opts), log=lambda s: click.echo(s, err=True))
+    click.echo(f"{res.segments} segment(s), {res.frames} frames in {res.seconds:.1f} s; index {res.index}", err=True)
+    click.echo(res.out)
+
+
+@cache.command("import")
+@click.argument("source", type=click.Path(exists=True))
+@config_options(ImportConfig, skip=("source",))
+def cache_import(source, **opts):
+    """Make a featseq cache (--out) of features another tool wrote in SOURCE (a folder, or the .h5/.tar file), with
+    labels, groups and splits from --manifest, SOURCE/featseq_index.csv, SOURCE/<label>/ folders or the files' own
+    metadata. Every file is checked first; a rerun resumes an interrupted import. Prints the cache path."""
+    from featseq.featurize.interop.import_ import import_features
+
+    res = import_features(ImportConfig(source=source, **opts), log=lambda s: click.echo(s, err=True))
+    click.echo(f"{res.written} segment(s) imported, {res.skipped_done} already in the cache; {res.frames} frames in "
+               f"{res.seconds:.1f} s", err=True)
+    click.echo(res.path)
 
 
 @cache.command("list")

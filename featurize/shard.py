@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import STR_FIELDS, CacheError, iter_segments, open_read, read_cache, read_table
+from .cache import STR_FIELDS, CacheError, iter_segments, open_read, read_cache, read_table, row_record
 from .spec import IDENTITY_DEFAULTS, IDENTITY_KEYS
 from .writer import CacheWriter
 from featseq.common.errors import UserError
@@ -246,8 +246,7 @@ def _copy(target: str, info: list, kept_ids: set, res: MergeResult, log) -> None
             with open_read(path) as f:
                 for row, feats, ts, frames in iter_segments(f, table, frames=bool(frame_size)):
                     sid = row["id"].decode()
-                    rec = {name: (row[name].decode() if name in STR_FIELDS else row[name].item())
-                           for name in row.dtype.names if name not in ("offset", "length")}
+                    rec = {k: v for k, v in row_record(row).items() if k not in ("offset", "length")}
                     w.append(rec, feats, ts, frames)
                     digests[sid] = (len(feats), _digest(feats))
                     if taking is None:

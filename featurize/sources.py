@@ -108,20 +108,25 @@ def _from_gingerbread(root: Path) -> list[Segment]:
     return segs, problems
 
 
+def folder_group(stem: str) -> str:
+    """The group of a clip in a folder-per-class tree: UCF-101's ``_gNN_`` in its name, else the clip itself."""
+    m = _UCF_GROUP.search(stem)
+    return m.group(1) if m else stem
+
+
 def _from_folder(root: Path) -> list[Segment]:
     segs = []
     for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
         for f in sorted(d.iterdir()):
             if f.is_file() and f.suffix.lower() in VIDEO_EXTS:
-                m = _UCF_GROUP.search(f.stem)
                 segs.append(Segment(id=f"{d.name}/{f.stem}", path=str(f.resolve()), label=d.name,
-                                    group=m.group(1) if m else f.stem, where=str(f)))
+                                    group=folder_group(f.stem), where=str(f)))
     if not segs:
         raise SourceError(str(root), [f"no videos ({', '.join(VIDEO_EXTS)}) found in ROOT/<label>/ folders"])
     return segs, []
 
 
-def _num(value: str, col: str, where: str, problems: list[str]) -> float | None:
+def parse_seconds(value: str, col: str, where: str, problems: list[str]) -> float | None:
     if value is None or value.strip() == "":
         return None
     try:
@@ -135,7 +140,10 @@ def _num(value: str, col: str, where: str, problems: list[str]) -> float | None:
     return x
 
 
-def _from_csv(path: Path) -> list[Segment]:
+def csv_rows(path: Path, required=CSV_REQUIRED, optional=CSV_OPTIONAL) -> list[tuple[int, dict, list | None]]:
+    """(line number, {column: stripped value}, fields beyond the header or None) of every row of a manifest CSV;
+    SourceError for a missing column, text that is not UTF-8 or a malformed row. Also read by ``featseq cache
+    import`` (featurize.interop) for its manifests."""
     # utf-8-sig drops a byte-order mark; the csv module reads CRLF and LF line ends and quoted fields (commas, line
     # breaks); blank lines are skipped, and a row is named by the line it ends on (its line, unless a quoted field
     # spans lines)
@@ -144,10 +152,10 @@ def _from_csv(path: Path) -> list[Segment]:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in CSV_REQUIRED if c not in cols]
+            missing = [c for c in required if c not in cols]
             if missing:
                 raise SourceError(str(path), [f"missing column(s) {', '.join(missing)}; found {', '.join(cols) or 'no header'}; "
-                                              f"required: {', '.join(CSV_REQUIRED)}, optional: {', '.join(CSV_OPTIONAL)}"])
+                                              f"required: {', '.join(required)}, optional: {', '.join(optional)}"])
             for r in reader:
                 extra = r.pop(None, None)
                 rows.append((reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in r.items()}, extra))
@@ -157,32 +165,53 @@ def _from_csv(path: Path) -> list[Segment]:
     except csv.Error as e:
         raise SourceError(str(path), [f"line {reader.line_num}: not a CSV row ({e}); quote fields with commas or line "
                                       f"breaks in double quotes"]) from None
+    return rows
+
+
+def bad_row(r: dict, extra: list | None, where: str, problems: list[str], required=CSV_REQUIRED) -> bool:
+    """Is a manifest row (from :func:`csv_rows`) unusable: a NUL byte, more fields than columns, an empty ``required``
+    column (a problem added)?"""
+    if any("\x00" in v for v in r.values()):
+        problems.append(f"{where}: a NUL byte in the row; the manifest is not a text CSV (save it as UTF-8 text)")
+        return True
+    if extra:
+        problems.append(f"{where}: {len(extra)} more field(s) than the header has columns ({extra[0]!r} ...); quote "
+                        f"a field that contains a comma")
+        return True
+    empty = next((c for c in required if not r.get(c)), None)
+    if empty:
+        problems.append(f"{where}: empty {empty}")
+        return True
+    return False
+
+
+def manifest_split(value: str, where: str, problems: list[str]) -> str | None:
+    """A manifest's split value as the cache stores it ('' for none); None (and a problem) for an unknown one."""
+    split = SPLIT_SPELLINGS.get(value.lower(), None if value else "")
+    if split is None:
+        problems.append(f"{where}: split {value!r} is not one of {', '.join(SPLIT_VALUES)} (or "
+                        f"{', '.join(k for k in SPLIT_SPELLINGS if k not in SPLIT_VALUES)}); leave it empty for a "
+                        f"segment in no part")
+    return split
+
+
+def _from_csv(path: Path) -> list[Segment]:
+    rows = csv_rows(path)
     segs, problems = [], []
     base = path.parent
     for n, r, extra in rows:
         where = f"{path.name} line {n}"
-        if any("\x00" in v for v in r.values()):
-            problems.append(f"{where}: a NUL byte in the row; the manifest is not a text CSV (save it as UTF-8 text)")
-            continue
-        if extra:
-            problems.append(f"{where}: {len(extra)} more field(s) than the header has columns ({extra[0]!r} ...); quote "
-                            f"a field that contains a comma")
-            continue
-        if not r.get("path") or not r.get("label"):
-            problems.append(f"{where}: empty {'path' if not r.get('path') else 'label'}")
+        if bad_row(r, extra, where, problems):
             continue
         video = Path(r["path"])
         video = (video if video.is_absolute() else base / video).resolve()
-        start = _num(r.get("start", ""), "start", where, problems)
-        end = _num(r.get("end", ""), "end", where, problems)
+        start = parse_seconds(r.get("start", ""), "start", where, problems)
+        end = parse_seconds(r.get("end", ""), "end", where, problems)
         if start is not None and end is not None and end <= start:
             problems.append(f"{where}: end {end:g} <= start {start:g}")
             continue
-        split = SPLIT_SPELLINGS.get(r.get("split", "").lower(), None if r.get("split") else "")
+        split = manifest_split(r.get("split", ""), where, problems)
         if split is None:
-            problems.append(f"{where}: split {r['split']!r} is not one of {', '.join(SPLIT_VALUES)} (or "
-                            f"{', '.join(k for k in SPLIT_SPELLINGS if k not in SPLIT_VALUES)}); leave it empty for a "
-                            f"segment in no part")
             continue
         cut = start is not None or end is not None
         seg_id = r.get("id") or (f"{r['path']}@{start or 0:g}-{'end' if end is None else f'{end:g}'}" if cut else r["path"])

@@ -60,6 +60,7 @@ class FeatureSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
+    imported: str = ""  # the format the features were imported from (featseq cache import); '' when featurize made them
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -74,7 +75,7 @@ class FeatureSpec:
                    fps=float(attrs["fps"]), precision=str(attrs.get("precision") or "fp32"),
                    feature_dim=int(attrs.get("feature_dim", 0) or 0),
                    mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
-                   decoder=str(attrs.get("decoder") or LEGACY_DECODER))
+                   decoder=str(attrs.get("decoder") or LEGACY_DECODER), imported=str(attrs.get("import_format") or ""))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -97,8 +98,18 @@ class FeatureSpec:
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
                 "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder}
 
+    def check_featurizable(self, what: str) -> None:
+        """UserError naming ``what`` when featseq cannot make these features itself (they were imported)."""
+        if self.imported:
+            raise UserError(f"{what}: its features were imported from {self.imported} files (featseq cache import), so "
+                            f"featseq does not know the backbone that made them: it can neither make such features for "
+                            f"new videos (predict, stream) nor fine-tune that backbone (finetune). Extract the new "
+                            f"videos' features with the tool that made the imported ones, import them too (featseq "
+                            f"cache import) and score them with featseq evaluate RUN --cache THAT_CACHE")
+
     def check_weights(self, what: str) -> str:
         """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
+        self.check_featurizable(what)
         arg = self.weights_arg()
         if arg in BUILTIN_WEIGHTS:
             return arg
@@ -118,6 +129,8 @@ class FeatureSpec:
                 if getattr(self, k) != getattr(other, k)]
 
     def describe(self) -> str:
+        if self.imported:
+            return f"imported from {self.imported} (backbone unknown), {self.fps:g} fps, {self.feature_dim}-dim"
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
                 f"{self.feature_dim}-dim, decoded by {self.decoder}")
 
@@ -131,6 +144,9 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
     import shlex
 
     spec = FeatureSpec.from_attrs(attrs)
+    if spec.imported:
+        raise UserError(f"{cache_path or 'the cache'}: imported from {spec.imported} files by featseq cache import "
+                        f"({attrs.get('import_path', '')}); no featurize command makes such features")
     config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
     fps = spec.fps if fps is None else float(fps)
     frames = bool(attrs.get("keep_frames")) if keep_frames is None else bool(keep_frames)

@@ -101,6 +101,7 @@ def _stem(name: str, used: set) -> str:
 
 def _check_run(cfg: PredictConfig, run: Run) -> None:
     spec, fps = run.spec, float(run.reader.fps)
+    spec.check_featurizable(str(cfg.run))  # imported features: no backbone to make them, refused before any writing
     if spec.feature_dim and spec.feature_dim != run.input_dim:
         raise PredictError(f"{cfg.run}: its model takes {run.input_dim}-dim features but its features were "
                            f"{spec.feature_dim}-dim; the run folder is inconsistent")

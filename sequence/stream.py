@@ -265,6 +265,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
     frames, windows = _Frames(cfg), None
     try:
         run = Run(resolve_run_folder(cfg.run, "RUN", log))  # a cross-validation: its best fold
+        run.spec.check_featurizable(str(cfg.run))
         fps, seq_len = float(run.reader.fps), int(run.reader.seq_len)
         try:
             stride, step = stride_frames(cfg.stride, fps)

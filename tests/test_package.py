@@ -72,6 +72,11 @@ def test_the_wheel_claims_only_featseq(installed):
     for must in ("featseq/__main__.py", "featseq/cli.py", "featseq/common/errors.py", "featseq/featurize/cache.py",
                  "featseq/featurize/decoders/pyav_decoder.py", "featseq/sequence/templates/report.html.j2"):
         assert must in names
+    # every package of the product (pyproject lists them by hand): a new one left out would be missing from the wheel
+    packages = sorted(p.parent.relative_to(ROOT).as_posix() for d in ("common", "featurize", "sequence")
+                      for p in (ROOT / d).rglob("__init__.py"))
+    assert [p for p in packages if f"featseq/{p}/__init__.py" not in names] == []
+    assert "featseq/featurize/interop/import_.py" in names
     assert not [n for n in names if n.startswith(("featseq/tests/", "featseq/bench/"))]
 
 
