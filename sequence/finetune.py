@@ -140,10 +140,11 @@ class Frames:
         self.kept = bool(cache.attrs.get("keep_frames"))
         self._pool = None
 
-    def batch(self, idx: np.ndarray, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames (B, L, S, S, 3) uint8 with zeros at padding, mask (B, L))."""
+    def batch(self, idx: np.ndarray, rows: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames (B, L, S, S, 3) uint8 with zeros at padding, mask (B, L)); ``rows``/``mask``: tables indexed by
+        ``idx`` (default mask: the sequences'; explain passes a few chosen frames per sequence)."""
         r = rows[idx].numpy()
-        m = self.data.mask[idx].numpy()
+        m = (self.data.mask if mask is None else mask)[idx].numpy()
         size = self.spec.size
         out = np.zeros(r.shape + (size, size, 3), np.uint8)
         if self.kept:
