@@ -171,6 +171,7 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "explain.json").unlink(missing_ok=True)  # written last: its absence marks an unfinished explanation
     log(f"explaining {len(idx)} segment(s) of {run.describe()} ({cfg.method})")
+    t_attr = time.monotonic()
     parts, kept = [], []  # in chunks: the inputs of a whole part at once could be several GB
     for a in range(0, len(idx), CHUNK):
         xc, mc = model_inputs(run, cache, data, idx[a:a + CHUNK], device, cfg.decode_timeout)
@@ -181,7 +182,7 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
     m = torch.cat([mc for mc, _ in parts])
     res = {k: np.concatenate([r[k] for _, r in parts]) for k in parts[0][1]}
     x = torch.cat(kept) if kept else None
-    t_attr = time.monotonic() - t0
+    t_attr = time.monotonic() - t_attr  # the model's inputs (a fine-tuned run: its CNN on the frames) and attribution
     rows_t = data.rows[idx].numpy()
     times = np.asarray(cache.timestamps)[rows_t]
     mask = m.numpy()
