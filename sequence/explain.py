@@ -58,11 +58,11 @@ def chosen(cfg: ExplainConfig, run: Run, data, same_cache: bool) -> np.ndarray:
     elif cfg.part == "all":
         idx = np.arange(len(data))
     else:
-        seen = {name: set(run.split_ids.get(name, [])) for name in ("train", "val", "test")}
         if cfg.part == "test" and not same_cache:  # as evaluate: what the run did not train or validate on
-            idx = np.array([i for i, s in enumerate(data.ids) if s not in seen["train"] | seen["val"]], dtype=np.int64)
-        else:
-            idx = np.array([pos[s] for s in seen[cfg.part] if s in pos], dtype=np.int64)
+            seen = set(run.split_ids.get("train", [])) | set(run.split_ids.get("val", []))
+            idx = np.array([i for i, s in enumerate(data.ids) if s not in seen], dtype=np.int64)
+        else:  # in the split's order
+            idx = np.array([pos[s] for s in run.split_ids.get(cfg.part, []) if s in pos], dtype=np.int64)
     idx = idx[data.keep[idx]] if len(idx) else idx
     if not len(idx):
         raise UserError(f"no segment to explain (--part {cfg.part}{', --ids' if cfg.ids else ''}): "
@@ -122,6 +122,7 @@ def _gradcams(cfg, run, cache, data, idx, x, m, res, out: Path, names: dict, dev
     k = min(cfg.gradcam, x.shape[1])
     n = min(len(idx), cfg.max_plots)
     top = np.argsort(-np.where(m.numpy(), res["importance"], -1), axis=1, kind="stable")[:n, :k]
+    top.sort(axis=1)  # in time order: the decoder reads a video forwards
     rows = torch.from_numpy(np.take_along_axis(data.rows[idx[:n]].numpy(), top, 1))
     keep = torch.from_numpy(np.take_along_axis(m[:n].numpy(), top, 1))
     sub = np.arange(n)
@@ -133,7 +134,7 @@ def _gradcams(cfg, run, cache, data, idx, x, m, res, out: Path, names: dict, dev
         pics, _ = frames.batch(idx[:n], _expand(rows, data, idx[:n]), _expand(keep, data, idx[:n]))
         for j in sub:
             pos = [int(t) for t, ok in zip(top[j], keep[j]) if ok]
-            f = pics[j, :len(pos)].numpy()
+            f = pics[j, keep[j]].numpy()
             heat = frame_cams(backbone, run.model, f, pos, x[j], m[j], int(res["pred"][j]), device)
             times = [float(cache.timestamps[int(data.rows[idx[j], t])]) for t in pos]
             path = out / f"gradcam_{names[data.ids[idx[j]]]}.png"
@@ -169,6 +170,9 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "explain"
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "explain.json").is_file() or (out / "attributions.csv").is_file():  # an earlier explanation's figures
+        for old in [*out.glob("importance_*.png"), *out.glob("gradcam_*.png")]:
+            old.unlink()
     (out / "explain.json").unlink(missing_ok=True)  # written last: its absence marks an unfinished explanation
     log(f"explaining {len(idx)} segment(s) of {run.describe()} ({cfg.method})")
     t_attr = time.monotonic()
