@@ -162,9 +162,9 @@ class Frames:
                                         if m[j].any()], size, self.spec.resize)
             for j, frames in got.items():
                 if isinstance(frames, str):
-                    raise UserError(f"finetune needs every selected frame: {frames}")
+                    raise UserError(f"every selected frame is needed (finetune, explain --gradcam): {frames}")
                 if len(frames) != int(m[j].sum()):
-                    raise UserError(f"finetune needs every selected frame: {paths[idx[j]]} gave {len(frames)} of the "
+                    raise UserError(f"every selected frame is needed (finetune, explain --gradcam): {paths[idx[j]]} gave {len(frames)} of the "
                                     f"{int(m[j].sum())} frames its cache recorded (did the video change since?)")
                 out[j, np.nonzero(m[j])[0]] = frames
         return torch.from_numpy(out), torch.from_numpy(m)
