@@ -371,7 +371,8 @@ class ExplainConfig:
     """featseq explain's options (sequence/explain.py); methods and baselines are sequence/attribution.py's."""
 
     run: str
-    cache: str | None = option(None, "Another cache with the same features [default: the run's own cache].")
+    cache: str | None = option(None, "Another cache with the same features [default: the run's own cache].",
+                               type=click.Path(exists=True, dir_okay=False))
     ids: str | None = option(None, "Comma-separated segment ids to explain [default: every segment of --part].")
     part: str = option("test", "Which segments: the run's test part (on another cache: the ids it did not train or "
                                "validate on), val, train or all.", choices=EXPLAIN_PARTS)
@@ -382,7 +383,7 @@ class ExplainConfig:
     occlusion_window: int = option(3, "Occlusion: steps hidden at a time.")
     gradcam: int = option(3, "Grad-CAM overlays at this many most important frames per segment (decodes them; 0: none).")
     max_plots: int = option(50, "Importance and Grad-CAM figures for at most this many segments (the CSV has all).")
-    out: str | None = option(None, "Output folder [default: RUN/explain].")
+    out: str | None = option(None, "Output folder [default: RUN/explain].", type=click.Path(file_okay=False))
     device: str = option("auto", "auto, cpu or cuda.")
     decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before the decoder is "
                                    "declared hung (--gradcam, a fine-tuned run's frames).")
