@@ -50,7 +50,7 @@ def main():
 
 for _command in (featurize_commands.featurize, featurize_commands.cache, featurize_commands.synth,
                  sequence_commands.train, sequence_commands.sweep, sequence_commands.evaluate,
-                 sequence_commands.finetune, sequence_commands.predict, sequence_commands.compare,
+                 sequence_commands.finetune, sequence_commands.predict, sequence_commands.explain, sequence_commands.compare,
                  sequence_commands.report, sequence_commands.run_group):
     main.add_command(_command)
 

@@ -87,3 +87,13 @@ def replaced(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def unique_stem(name: str, used: set) -> str:
+    """A file-name-safe stem of ``name`` (a path or an id) not yet in ``used`` (``_2``, ``_3`` appended), added to it."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem) or "item"
+    base, k = s, 2
+    while s in used:
+        s, k = f"{base}_{k}", k + 1
+    used.add(s)
+    return s

@@ -12,7 +12,7 @@ import click
 
 from featseq.common.options import config_options
 
-from .config import INHERITED, FinetuneConfig, PredictConfig, StreamConfig, TrainConfig
+from .config import INHERITED, ExplainConfig, FinetuneConfig, PredictConfig, StreamConfig, TrainConfig
 
 _TRAIN_OPTIONS = config_options(TrainConfig, skip=("cache", "out"), bool_pairs=True)
 _LIST_OPTIONS = config_options(TrainConfig, skip=("cache", "out", "overwrite", "track"), as_lists=True)  # sweep, compare
@@ -199,8 +199,9 @@ def predict(run_dir, videos, source, **opts):
     if source is not None:
         from featseq.sequence.stream import stream
 
-        if videos or opts["window"] is not None or opts["cache"]:
-            raise click.UsageError("--stream classifies one live source: give no VIDEO, --window or --cache with it")
+        if videos or opts["window"] is not None or opts["cache"] or opts["explain"]:
+            raise click.UsageError("--stream classifies one live source: give no VIDEO, --window, --cache or --explain "
+                                   "with it (to explain a recording, predict it as a FILE with --explain)")
         shared = {k: opts[k] for k in ("stride", "threshold", "out", "device", "precision")}
         res = stream(StreamConfig(run=run_dir, source=source, batch_size=min(opts["batch_size"], StreamConfig.batch_size),
                                   **shared, **live),
@@ -226,6 +227,26 @@ def predict(run_dir, videos, source, **opts):
     click.echo(res["out"])
     if res["failed"]:
         sys.exit(1)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@config_options(ExplainConfig, skip=("run",))
+def explain(run_dir, **opts):
+    """Explain the predictions of RUN_DIR over time: the importance of every frame of each explained segment for the
+    predicted and the true class (Captum: integrated gradients or occlusion, on the inputs the model read), and
+    Grad-CAM at the most important frames.
+
+    Writes attributions.csv (id, label, predicted, time, importance, importance_label, ...), importance_<id>.png per
+    segment, class_importance.png and gradcam_<id>.png into --out (default RUN_DIR/explain). Needs the explain extra:
+    pip install 'featseq[explain]'.
+    """
+    from featseq.sequence.explain import explain as run
+
+    res = run(ExplainConfig(run=run_dir, **opts), log=lambda s: click.echo(s, err=True))
+    click.echo(f"explained {res['segments']} segment(s) ({res['correct']} predicted correctly) with "
+               f"{res['settings']['method']} in {res['total_s']:.1f} s", err=True)
+    click.echo(res["out"])
 
 
 @click.command()

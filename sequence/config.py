@@ -301,6 +301,8 @@ class PredictConfig:
                                          "as its features were made].", choices=PRECISIONS)
     batch_size: int = option(64, "Frames per backbone batch.")
     plots: bool = option(True, "No timeline plots.", flag="--no-plots")
+    explain: bool = option(False, "Also explain every window: the importance of each of its frames for the predicted "
+                                  "class (integrated gradients; attributions.csv, importance_<video>.png).")
     decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before a decoder is "
                                    "declared hung, killed and its video skipped.")
 
@@ -365,3 +367,43 @@ class StreamConfig:
     @property
     def live(self) -> bool:
         return self.realtime or not os.path.isfile(self.source)
+
+
+# featseq explain (sequence/explain.py); the names of sequence/attribution.py, kept here free of torch
+EXPLAIN_METHODS = ("integrated-gradients", "occlusion")
+EXPLAIN_BASELINES = ("mean", "zeros")
+EXPLAIN_PARTS = ("test", "val", "train", "all")
+
+
+@dataclass
+class ExplainConfig:
+    """featseq explain's options (sequence/explain.py); methods and baselines are sequence/attribution.py's."""
+
+    run: str
+    cache: str | None = option(None, "Another cache with the same features [default: the run's own cache].",
+                               type=click.Path(exists=True, dir_okay=False))
+    ids: str | None = option(None, "Comma-separated segment ids to explain [default: every segment of --part].")
+    part: str = option("test", "Which segments: the run's test part (on another cache: the ids it did not train or "
+                               "validate on), val, train or all.", choices=EXPLAIN_PARTS)
+    method: str = option("integrated-gradients", "Attribution over time.", choices=EXPLAIN_METHODS)
+    baseline: str = option("mean", "What a step is compared with: the training frames' mean (no information after "
+                                    "the model's standardisation) or zero features.", choices=EXPLAIN_BASELINES)
+    steps: int = option(32, "Integrated gradients: steps of the path integral.")
+    occlusion_window: int = option(3, "Occlusion: steps hidden at a time.")
+    gradcam: int = option(3, "Grad-CAM overlays at this many most important frames per segment (decodes them; 0: none).")
+    max_plots: int = option(50, "Importance and Grad-CAM figures for at most this many segments (the CSV has all).")
+    out: str | None = option(None, "Output folder [default: RUN/explain].", type=click.Path(file_okay=False))
+    device: str = option("auto", "auto, cpu or cuda.")
+    decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before the decoder is "
+                                   "declared hung (--gradcam, a fine-tuned run's frames).")
+
+    def validate(self) -> None:
+        problems = []
+        if self.steps < 2:
+            problems.append(f"--steps must be >= 2, got {self.steps}")
+        if self.occlusion_window < 1:
+            problems.append(f"--occlusion-window must be >= 1, got {self.occlusion_window}")
+        if self.gradcam < 0 or self.max_plots < 0:
+            problems.append("--gradcam and --max-plots take a count >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))

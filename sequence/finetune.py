@@ -141,10 +141,11 @@ class Frames:
         self.kept = bool(cache.attrs.get("keep_frames"))
         self._pool = None
 
-    def batch(self, idx: np.ndarray, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames (B, L, S, S, 3) uint8 with zeros at padding, mask (B, L))."""
+    def batch(self, idx: np.ndarray, rows: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames (B, L, S, S, 3) uint8 with zeros at padding, mask (B, L)); ``rows``/``mask``: tables indexed by
+        ``idx`` (default mask: the sequences'; explain passes a few chosen frames per sequence)."""
         r = rows[idx].numpy()
-        m = self.data.mask[idx].numpy()
+        m = (self.data.mask if mask is None else mask)[idx].numpy()
         size = self.spec.size
         out = np.zeros(r.shape + (size, size, 3), np.uint8)
         if self.kept:
@@ -162,9 +163,9 @@ class Frames:
                                         if m[j].any()], size, self.spec.resize)
             for j, frames in got.items():
                 if isinstance(frames, str):
-                    raise UserError(f"finetune needs every selected frame: {frames}")
+                    raise UserError(f"every selected frame is needed (finetune, explain --gradcam): {frames}")
                 if len(frames) != int(m[j].sum()):
-                    raise UserError(f"finetune needs every selected frame: {paths[idx[j]]} gave {len(frames)} of the "
+                    raise UserError(f"every selected frame is needed (finetune, explain --gradcam): {paths[idx[j]]} gave {len(frames)} of the "
                                     f"{int(m[j].sum())} frames its cache recorded (did the video change since?)")
                 out[j, np.nonzero(m[j])[0]] = frames
         return torch.from_numpy(out), torch.from_numpy(m)

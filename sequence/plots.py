@@ -155,3 +155,69 @@ def timeline(path: Path, video: str, starts, ends, probs: np.ndarray, pred: np.n
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="class (shaded: predicted)",
               title_fontsize=8)
     fig.savefig(path, dpi=80)
+
+
+# ---------------------------------------------------------------- explanations (sequence/explain.py)
+
+def importance(path: Path, title: str, times, imp, imp_label=None, prob_times=None, probs=None,
+               prob_name: str = "predicted class") -> None:
+    """Importance of each time step (bars; the true class's as a line when it differs) under the predicted class's
+    probability over the same time axis (one level for a clip, one point per window along a video)."""
+    times, imp = np.asarray(times, float), np.asarray(imp, float)
+    fig = _figure((9, 3.6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2.2]})
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.88, hspace=0.08)
+    if probs is not None and len(probs):
+        pt = np.asarray(prob_times, float)
+        top.plot(pt, probs, marker="." if len(pt) > 1 else None, drawstyle="steps-post" if len(pt) > 1 else "default",
+                 color=_colors()[0])
+        if len(pt) == 1:
+            top.hlines(probs[0], times.min() if len(times) else 0, times.max() if len(times) else 1, color=_colors()[0])
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("p", rotation=0, labelpad=8)
+    top.set_title(title, fontsize=9)
+    top.text(0.005, 0.9, f"probability of the {prob_name}", transform=top.transAxes, fontsize=7, va="top", color="#555")
+    width = float(np.median(np.diff(times))) * 0.85 if len(times) > 1 else 0.1
+    bottom.bar(times, imp, width=width, color=_colors()[1], label="importance for the prediction")
+    if imp_label is not None and np.isfinite(imp_label).all() and not np.allclose(imp_label, imp):
+        bottom.plot(times, imp_label, color=_colors()[2], marker=".", lw=1, label="importance for the true class")
+    bottom.set_xlabel("time in the video (s)")
+    bottom.set_ylabel("importance (sums to 1)", fontsize=8)
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=80)
+
+
+def class_importance(path: Path, profiles: dict, bins: int, title: str) -> None:
+    """Mean share of the importance per 1/bins of the clip (time normalised to the clip), one line per class, with
+    the number of segments averaged; a flat line at 1/bins is "everywhere alike"."""
+    x = (np.arange(bins) + 0.5) / bins
+    fig = _figure((7.5, 3.6))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.74, bottom=0.14, top=0.9)
+    colors = _colors()
+    for c, (name, rows) in enumerate(profiles.items()):
+        ax.plot(x, np.mean(rows, 0), marker=".", color=colors[c % len(colors)], label=f"{name} (n={len(rows)})")
+    ax.axhline(1 / bins, color="gray", ls="--", lw=0.8, label="uniform")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("time in the clip (0 = start, 1 = end)")
+    ax.set_ylabel(f"share of importance per 1/{bins} clip", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="class", title_fontsize=8)
+    fig.savefig(path, dpi=80)
+
+
+def gradcam(path: Path, frames: list, heat: list, captions: list, title: str) -> None:
+    """Frames side by side with their Grad-CAM heat map (0..1) laid over them."""
+    n = max(1, len(frames))
+    fig = _figure((2.6 * n, 3.0))
+    axes = np.atleast_1d(fig.subplots(1, n))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.8, wspace=0.05)
+    for a, f, h, cap in zip(axes, frames, heat, captions):
+        a.imshow(f)
+        a.imshow(h, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, f.shape[1] - 0.5, f.shape[0] - 0.5, -0.5))
+        a.set_title(cap, fontsize=7)
+        a.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=80)

@@ -18,13 +18,13 @@
 
 Outputs in OUT (default ``RUN_DIR/predict``): ``predictions.csv`` (video, window_start,
 window_end, p_<class>..., predicted, above_threshold), ``timeline_<video stem>.png`` and
-``predict.json`` (settings, throughput).
+``predict.json`` (settings, throughput). With ``--explain`` also ``attributions.csv`` and ``importance_<video stem>.png``
+(sequence.explain.explain_windows: the importance of every frame of every window for its predicted class).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -39,6 +39,7 @@ from featseq.featurize.backbones import resolve_device
 from featseq.featurize.cache import Cache, read_cache
 from featseq.featurize.config import FeaturizeConfig
 from featseq.common.errors import UserError
+from featseq.common.files import unique_stem
 from featseq.featurize.sources import Segment
 from featseq.featurize.spec import FeatureSpec, weights_id
 
@@ -86,15 +87,6 @@ def spec_record(run: Run, spec: FeatureSpec) -> dict:
 def _video_id(path: str) -> str:
     p = Path(path).resolve()
     return f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:10]}"
-
-
-def _stem(name: str, used: set) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem) or "video"
-    base, k = s, 2
-    while s in used:
-        s, k = f"{base}_{k}", k + 1
-    used.add(s)
-    return s
 
 
 # ---------------------------------------------------------------- predict
@@ -162,8 +154,8 @@ def _featurize(cfg: PredictConfig, run: Run, spec: FeatureSpec, cache_path: Path
     return _Featurized(cache, fres, fcfg.precision, failed, todo)
 
 
-def _classify(cfg: PredictConfig, run: Run, spec: FeatureSpec, f: _Featurized) -> tuple[list, np.ndarray, float]:
-    """([(video, window start, window end)], probabilities (windows, C), seconds it took) of every window."""
+def _classify(cfg: PredictConfig, run: Run, spec: FeatureSpec, f: _Featurized) -> tuple[list, np.ndarray, float, object]:
+    """([(video, window start, window end)], probabilities (windows, C), seconds it took, the windows' Selection)."""
     reader = run.reader
     recs, sel = sliding_selection(f.cache.segments, [k for _, k in f.todo], f.cache.timestamps, cfg.window, cfg.stride,
                                   float(reader.fps), int(reader.seq_len), spec.fps, reader.offset)
@@ -173,7 +165,7 @@ def _classify(cfg: PredictConfig, run: Run, spec: FeatureSpec, f: _Featurized) -
     t1 = time.monotonic()
     inputs = FeatureInputs(torch.from_numpy(f.cache.features), torch.from_numpy(sel.rows), torch.from_numpy(sel.mask))
     probs = probabilities(run.model, inputs, sel.mask, len(run.classes), device)
-    return recs, probs, time.monotonic() - t1
+    return recs, probs, time.monotonic() - t1, sel
 
 
 def _write_predictions(path: Path, recs: list, probs: np.ndarray, pred: np.ndarray, classes: list, threshold: float):
@@ -192,7 +184,7 @@ def _timelines(out: Path, videos: list, recs: list, probs: np.ndarray, pred: np.
     timelines, used = {}, set()
     for v in videos:
         rows = [r for r, rec in enumerate(recs) if rec[0] == v]
-        path = out / f"timeline_{_stem(v, used)}.png"
+        path = out / f"timeline_{unique_stem(v, used)}.png"
         plots.timeline(path, v, [recs[r][1] for r in rows], [recs[r][2] for r in rows], probs[rows], pred[rows],
                        classes, threshold)
         timelines[v] = str(path)
@@ -210,11 +202,16 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
     # a finetune run's trunk is a temporary weights file until the videos are featurized
     with _cache_file(cfg) as cache_path, featurize_spec(run) as spec:
         f = _featurize(cfg, run, spec, cache_path, log)
-        recs, probs, t_cls = _classify(cfg, run, spec, f)
+        recs, probs, t_cls, sel = _classify(cfg, run, spec, f)
     classes, videos = run.classes, [v for v, _ in f.todo]
     pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
     _write_predictions(out / "predictions.csv", recs, probs, pred, classes, cfg.threshold)
     timelines = _timelines(out, videos, recs, probs, pred, classes, cfg.threshold) if cfg.plots else {}
+    explained = None
+    if cfg.explain:  # the importance of every frame of every window (sequence/explain.py)
+        from .explain import explain_windows
+
+        explained = explain_windows(out, run, f.cache, recs, sel, resolve_device(cfg.device), cfg.plots)
     fres = f.result
     res = {
         "status": "complete", "run": str(cfg.run), "kind": run.kind, "videos": videos,
@@ -225,7 +222,7 @@ def predict(cfg: PredictConfig, log=lambda s: None) -> dict:
         "frames_featurized": fres.frames, "featurize_s": round(fres.seconds, 3), "classify_s": round(t_cls, 4),
         "frames_per_s": round(fres.frames / fres.stream_seconds, 2) if fres.frames and fres.stream_seconds else None,
         "windows_per_s": round(len(recs) / t_cls, 1) if t_cls > 0 else None,
-        "cache": str(cache_path) if cfg.cache else None, "plots": timelines,
+        "cache": str(cache_path) if cfg.cache else None, "plots": timelines, "explain": explained,
         "total_s": round(time.monotonic() - t0, 3), "out": str(out),
     }
     write_json(out / "predict.json", res)

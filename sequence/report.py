@@ -231,6 +231,7 @@ def run_data(run: Path, title: str | None = None, level: int = 2) -> dict:
         "config": res.get("config") or {},
         # every predict folder inside the run: predict/, predict_stream/ and any --out given there
         "predicts": [predict_data(p.parent, level + 1) for p in sorted(run.glob("*/predict.json"))],
+        "explains": [explain_data(p.parent, level + 1) for p in sorted(run.glob("*/explain.json"))],
     }
 
 
@@ -284,6 +285,27 @@ def predict_data(d: Path, level: int = 2) -> dict:
         "settings": [(k, res[k]) for k in PREDICT_SETTINGS if k in res],
         "figs": _imgs(*((p, p.stem[len("timeline_"):]) for p in sorted(d.glob("timeline_*.png")))),
         "predictions": _csv_table(d / "predictions.csv", 500, common=True),
+        # predict --explain: importance along each video
+        "explain": _imgs(*((p, f"importance over time: {p.stem[len('importance_'):]}")
+                           for p in sorted(d.glob("importance_*.png")))),
+    }
+
+
+def explain_data(d: Path, level: int = 2) -> dict:
+    """An explain folder (explain.json): its settings, the class-average figure, the per-segment figures."""
+    res = _load(d / "explain.json")
+    files = res.get("files") or {}
+    settings = {"run": res.get("run"), "kind": res.get("kind"), "cache": res.get("cache"),
+                "segments": res.get("segments"), "correct": res.get("correct"), **(res.get("settings") or {}),
+                "gradcam_through": res.get("gradcam_through"), "total_s": res.get("total_s")}
+    return {
+        "kind": "explain", "dir": d, "level": level,
+        "settings": [(k, v) for k, v in settings.items() if v is not None],
+        "figs": _imgs((d / "class_importance.png", "importance for the true class along the clip, per class")),
+        "segments": _imgs(*((d / Path(p).name, f"{i}: importance over time")
+                            for i, p in (files.get("importance") or {}).items())),
+        "gradcam": _imgs(*((d / Path(p).name, f"{i}: Grad-CAM") for i, p in (files.get("gradcam") or {}).items())),
+        "attributions": _csv_table(d / "attributions.csv", 300, common=True),
     }
 
 
@@ -297,8 +319,10 @@ def kind_of(d: Path) -> str:
         return "run"
     if (d / "predict.json").is_file():
         return "predict"
-    raise ReportError(f"{d}: no {RESULTS}, leaderboard.csv, compare.json or predict.json; not a folder written by "
-                      f"featseq train/finetune, sweep, compare or predict")
+    if (d / "explain.json").is_file():
+        return "explain"
+    raise ReportError(f"{d}: no {RESULTS}, leaderboard.csv, compare.json, predict.json or explain.json; not a folder "
+                      f"written by featseq train/finetune, sweep, compare, predict or explain")
 
 
 def folders_in(d: Path, depth: int = 3) -> list[Path]:
@@ -321,7 +345,8 @@ def report(folders: str | list[str], out: str | None = None) -> str:
     dirs = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
     if not dirs:
         raise ReportError("report: give at least one folder")
-    readers = {"compare": compare_data, "sweep": sweep_data, "run": run_data, "predict": predict_data}
+    readers = {"compare": compare_data, "sweep": sweep_data, "run": run_data, "predict": predict_data,
+               "explain": explain_data}
     sections = []
     for d in dirs:
         if not d.is_dir():

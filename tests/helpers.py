@@ -98,12 +98,13 @@ def small_run(d):
 
 
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
-                     video_fps=25.0, splits=None, paths=None, order=None, ids=None, dtype="float16") -> str:
+                     video_fps=25.0, splits=None, paths=None, order=None, ids=None, dtype="float16", features=None) -> str:
     """A valid cache with random features; segment i samples start + k/fps for k < ceil(duration*fps).
 
     jitter > 0 moves timestamps to the presentation time of a video_fps frame (up to one frame early),
     like real decoded timestamps. splits: the segments' split column (default empty); paths: their videos.
-    ids: the segments' ids (default s000, s001, ...). dtype: the features' storage dtype.
+    ids: the segments' ids (default s000, s001, ...). dtype: the features' storage dtype. features: each segment's
+    (frames, dim) array (default random; its frame count must be the one the duration gives).
     order: the order in which the segments are written (as several decode workers complete them); each segment's
     features are the same whatever the order.
     """
@@ -125,7 +126,7 @@ def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps
     with CacheWriter(str(path), {"fps": float(fps)}, attrs, dim, string_widths(rows or [{"id": "x", "label": "x", "group": "x", "path": "x"}]),
                      dtype=dtype) as w:
         feats = [rng.standard_normal((int(math.ceil(float(durations[i]) * fps - 1e-6)), dim)).astype(dtype)
-                 for i in range(n)]
+                 for i in range(n)] if features is None else [np.asarray(f, dtype) for f in features]
         for i in (range(n) if order is None else order):
             s, d = float(starts[i]), float(durations[i])
             k = np.arange(len(feats[i]))
