@@ -38,6 +38,8 @@ demo: install
 	$(FEATSEQ) compare $(DEMO)/cache/clips_64px.h5 $(DEMO)/cache/clips_hi_64px.h5 --out $(DEMO)/compare --model conv1d,mlp --seeds 2 --fps 2 --split group --epochs 40 --patience 15
 	BEST=$$(sed -n 2p $(DEMO)/sweep/leaderboard.csv | cut -d, -f2) && \
 	$(FEATSEQ) finetune $(DEMO)/cache/clips_64px.h5 --from "$(DEMO)/sweep/$$BEST" --out $(DEMO)/finetune --unfreeze 1 --epochs 2 --overwrite -q && \
+	echo "which moments of each clip drove the fine-tuned model, and where in the frame (Grad-CAM)" && \
+	$(FEATSEQ) explain $(DEMO)/finetune --gradcam 2 --max-plots 4 && \
 	$(PY) -c "import torch; from featseq.featurize.synth import render_long_video as r; r('$(DEMO)/data/long_change.mp4', parts=[('ascending', 20.0), ('descending', 20.0)], width=64, height=64, video_fps=30, seed=5)" && \
 	$(FEATSEQ) predict "$(DEMO)/sweep/$$BEST" $(DEMO)/data/long_change.mp4 --window 6 --stride 3 --out $(DEMO)/predict && \
 	$(PY) -c "from featseq.featurize.synth import render_long_video as r; r('$(DEMO)/data/stream_change.mp4', parts=[('ascending', 8.0), ('descending', 8.0)], width=64, height=64, video_fps=30, seed=6)" && \
