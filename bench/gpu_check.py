@@ -263,9 +263,120 @@ def stream(c: Check):
     return [{"device": c.device, **{f"latency_{k}_ms": round(v * 1000, 1) for k, v in res["latency_s"].items()}}], None
 
 
+# ------------------------------------------------------------------ issue 31: what only a GPU can settle
+# Each named check states its expected outcome; "ok" is whether the machine showed it (None: could not run here).
+
+def _tf32_off(c: Check):
+    """fp32 on CUDA is fp32 (TF32 off): ResNet-18 features within 1e-3 of the CPU's (with TF32: up to 5.6e-3)."""
+    from featseq.featurize.backbones import Embedder, create_backbone
+
+    x = np.random.default_rng(0).integers(0, 255, (16, 112, 112, 3), dtype=np.uint8)
+    gpu = Embedder(create_backbone("resnet18", "none", 0), torch.device("cuda"), "fp32")(x)
+    cpu = Embedder(create_backbone("resnet18", "none", 0), torch.device("cpu"), "fp32")(x)
+    diff = float(np.abs(gpu - cpu).max())
+    return f"max |gpu - cpu| = {diff:.2e}, cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}", diff < 1e-3
+
+
+def _bf16_default(c: Check):
+    """The CUDA default is bf16 (compute capability >= 8): random-init ResNet-101 stays finite in bf16, overflows in
+    fp16 (activations peak at 4.8e5 in fp32)."""
+    from featseq.featurize.backbones import Embedder, create_backbone
+    from featseq.featurize.precision import resolve_precision
+
+    x = np.random.default_rng(0).integers(0, 255, (8, 224, 224, 3), dtype=np.uint8)
+    bb = create_backbone("resnet101", "none", 0)
+    finite = {p: bool(np.isfinite(Embedder(bb, torch.device("cuda"), p)(x)).all()) for p in ("fp16", "bf16")}
+    default = resolve_precision(None, torch.device("cuda"))
+    return f"default {default}; finite: {finite}", finite["bf16"] and default == (
+        "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp16")
+
+
+def _empty_batch(c: Check):
+    """An empty batch on CUDA gives (0, D) features (it recursed forever)."""
+    from featseq.featurize.backbones import Embedder, create_backbone
+
+    out = Embedder(create_backbone("resnet18", "none", 0), torch.device("cuda"), "bf16")(np.zeros((0, 64, 64, 3), np.uint8))
+    return f"shape {out.shape}", out.shape == (0, 512)
+
+
+def _rank_gpu(c: Check):
+    """Under torchrun, rank_device makes the rank's GPU current; NVDEC workers decode on cuda:N, not cuda:0."""
+    from featseq.common.procgroup import rank_device
+
+    n = torch.cuda.device_count()
+    dev = rank_device("cuda", torch.device("cuda"), {"LOCAL_RANK": str(n - 1), "LOCAL_WORLD_SIZE": str(n)})
+    seen = [f"rank {n - 1} of {n}: {dev}, current cuda:{torch.cuda.current_device()}"]
+    ok = torch.cuda.current_device() == n - 1
+    from featseq.featurize.decoder import open_decoder, unavailable
+
+    if n >= 2 and not unavailable("torchcodec", "cuda"):
+        from featseq.featurize.decoders.torchcodec_decoder import write_probe_clip
+
+        dec = open_decoder(write_probe_clip(str(c.tmp / "rank.mp4")), size=64, backend="torchcodec", device="cuda:1")
+        seen.append(f"torchcodec on cuda:1 decodes on {dec._dev}")
+        ok = ok and dec._dev == torch.device("cuda", 1) and sum(len(f) for f in dec.read(np.arange(8))) == 8
+    torch.cuda.set_device(0)
+    return "; ".join(seen), ok
+
+
+def _fp16_scaler(c: Check):
+    """The fp16 GradScaler is enabled on CUDA and steps (resuming an fp32 state into it: tests/test_gpu_paths.py)."""
+    from featseq.sequence.loop import Amp
+
+    amp = Amp(torch.device("cuda"), "fp16")
+    model = torch.nn.Linear(8, 2).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with amp.autocast():
+        loss = model(torch.randn(4, 8, device="cuda")).float().sum()
+    amp.scaler.scale(loss).backward()
+    amp.scaler.step(opt)
+    amp.scaler.update()
+    return f"scaler enabled {amp.scaler.is_enabled()}, scale {amp.scaler.get_scale():g}", amp.scaler.is_enabled()
+
+
+def _nvdec_speed(c: Check):
+    """NVDEC at 720p beats one CPU worker (item 4: with exact-mode opening per segment and a blocking copy per chunk
+    it may not; at 224p the CPU is expected to win)."""
+    rows = {(r["video"], r["decoder"]): r for s in c.steps if s["step"] == "decode: NVDEC vs CPU" for r in s["rows"]}
+    gpu, cpu = rows.get(("1280x720", "torchcodec on cuda"), {}), rows.get(("1280x720", "pyav on cpu"), {})
+    if "frames_per_s" not in gpu or "frames_per_s" not in cpu:
+        return f"not measured ({gpu.get('skipped', 'no 720p row')})", None
+    return f"720p: NVDEC {gpu['frames_per_s']} vs pyav {cpu['frames_per_s']} frames/s", gpu["frames_per_s"] > cpu["frames_per_s"]
+
+
+def _nvdec_probe(c: Check):
+    """torchcodec decodes a tiny clip on the GPU, or --decode-device cuda is refused naming why (a CPU-only wheel, an
+    FFmpeg without NVDEC) instead of every video failing in the workers."""
+    from featseq.featurize.decoder import unavailable
+
+    why = unavailable("torchcodec", "cuda")
+    return why or "available", None if why and "not installed" in why else why is None or "GPU" in why
+
+
+NAMED_CHECKS = [("nvdec probe", _nvdec_probe.__doc__, _nvdec_probe),
+                ("fp32 without TF32", _tf32_off.__doc__, _tf32_off), ("bf16 default", _bf16_default.__doc__, _bf16_default),
+                ("empty batch", _empty_batch.__doc__, _empty_batch), ("rank GPU", _rank_gpu.__doc__, _rank_gpu),
+                ("fp16 GradScaler", _fp16_scaler.__doc__, _fp16_scaler), ("NVDEC vs CPU 720p", _nvdec_speed.__doc__, _nvdec_speed)]
+
+
+def expectations(c: Check):
+    rows = []
+    for name, expected, fn in NAMED_CHECKS:
+        row = {"check": name, "expected": " ".join(expected.split())}
+        if not c.cuda:
+            rows.append({**row, "observed": "needs CUDA", "ok": None})
+            continue
+        try:
+            observed, ok = fn(c)
+        except Exception as e:  # one check's failure is its row
+            observed, ok = f"{type(e).__name__}: {str(e)[:300]}", False
+        rows.append({**row, "observed": observed, "ok": ok})
+    return rows, None if c.cuda else "no CUDA: each check is listed with its expected outcome"
+
+
 STEPS = [("environment", 5, environment), ("cuda-marked tests", 60, cuda_tests), ("backbone only", 20, backbone_only),
          ("featurize", 40, featurize), ("decode: NVDEC vs CPU", 15, decode), ("finetune", 40, finetune),
-         ("predict --stream", 30, stream)]
+         ("predict --stream", 30, stream), ("named checks (issue 31)", 30, expectations)]
 
 
 def markdown(c: Check) -> str:

@@ -245,13 +245,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cuda_math(precision: str, device: torch.device) -> None:
+    """On CUDA, ``fp32`` means fp32: TF32 off for cuDNN convolutions (torch's default is on) and matmuls, so a GPU's
+    fp32 features match the CPU's fp32 within fp32 rounding (featurize.precision's docstring). Process-wide, as
+    torch's flags are; other precisions leave torch's defaults."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+
+_NORM: dict = {}  # (mean, std, device) -> the (1, 3, 1, 1) tensors, made once
+
+
+def norm_buffers(entry: BackboneEntry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entry's mean and std as (1, 3, 1, 1) float32 tensors on ``device``, created once: building them per batch
+    is a blocking host-to-device copy on CUDA that stalls the queueing of the next batch."""
+    key = (tuple(entry.mean), tuple(entry.std), str(device))
+    if key not in _NORM:
+        with torch.inference_mode(False):  # plain tensors, usable by training too (finetune) when made in inference
+            _NORM[key] = (torch.tensor(entry.mean, device=device).view(1, 3, 1, 1),
+                          torch.tensor(entry.std, device=device).view(1, 3, 1, 1))
+    return _NORM[key]
+
+
 def preprocess(frames: np.ndarray | torch.Tensor, entry: BackboneEntry, device: torch.device,
                channels_last: bool = True) -> torch.Tensor:
     """uint8 (k, S, S, 3) RGB frames -> float32 (k, 3, S, S) normalised with the entry's mean/std."""
     x = torch.as_tensor(frames).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(entry.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(entry.std, device=device).view(1, 3, 1, 1)
+    mean, std = norm_buffers(entry, device)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -281,6 +303,7 @@ class Embedder:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.slice_pixels = CPU_SLICE_PIXELS if device.type == "cpu" else None
+        cuda_math(precision, device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,11 +321,21 @@ class Embedder:
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.entry.feature_dim), np.float32)
 
     @torch.inference_mode()
-    def submit(self, frames: np.ndarray):
-        """Start embedding ``frames``; :meth:`result` returns the features."""
-        if self.device.type != "cuda" or len(frames) == 0:
-            return self(frames)
-        host = torch.from_numpy(np.ascontiguousarray(frames)).pin_memory()
+    def submit(self, frames: np.ndarray | list[np.ndarray]):
+        """Start embedding ``frames`` (one array, or the parts of a batch in order); :meth:`result` returns the
+        features. On CUDA the parts are gathered straight into pinned memory: one copy, where concatenating and then
+        pinning made two."""
+        parts = frames if isinstance(frames, list) else [frames]
+        n = sum(len(p) for p in parts)
+        if n == 0:  # nothing to copy or compute (on CUDA, __call__ would come back here)
+            return np.zeros((0, self.backbone.entry.feature_dim), np.float32)
+        if self.device.type != "cuda":
+            return self(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        host = torch.empty((n,) + parts[0].shape[1:], dtype=torch.uint8, pin_memory=True)  # from torch's host cache
+        dst, pos = host.numpy(), 0
+        for p in parts:  # numpy's copy: no torch thread pool in the parent
+            dst[pos:pos + len(p)] = p
+            pos += len(p)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copy_stream):
             x = host.to(self.device, non_blocking=True)

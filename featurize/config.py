@@ -47,9 +47,11 @@ class FeaturizeConfig:
                                   "resuming a cache, the decoder that made it.", choices=DECODERS)
     decode_device: str = option("cpu", "Where frames are decoded: cuda decodes on the GPU (NVDEC) with --decoder "
                                        "torchcodec.", choices=DECODE_DEVICES)
-    decode_workers: int | None = option(None, "Decoder processes feeding the CNN [default: cores - 1 when the CNN runs "
-                                              "on CUDA, 2 when decoding on CUDA, 2 when the CNN shares the CPU (1 on one "
-                                              "core)].", type=click.IntRange(1), metavar="N")
+    decode_workers: int | None = option(None, "Decoder processes feeding the CNN [default, from this process's share "
+                                              "of the CPUs (cgroup quota, divided among torchrun's ranks on the node): "
+                                              "that share - 1 when the CNN runs on CUDA, the same but at most 4 when "
+                                              "decoding on CUDA, 2 when the CNN shares the CPU (1 on one core)].",
+                                        type=click.IntRange(1), metavar="N")
     seed: int = option(0, "Seed of --weights none.")
     refresh: bool = option(False, "Featurize again the cached segments whose video changed since (size or mtime "
                                   "differ from those recorded); without it such a cache is refused, listing them.")

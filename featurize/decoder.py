@@ -15,7 +15,7 @@ Backends (``BACKENDS``) and what ``auto`` picks (:func:`resolve_decoder`):
 - ``pyav``: PyAV (a dependency; FFmpeg in its wheel). ``auto`` on the CPU: at least as fast as decord on this
   project's measurements (bench/decode_bench.py, BENCHMARKS.md), and no decode-ahead thread to tame;
 - ``decord``: the original decoder, kept for caches made with it (a cache without a ``decoder`` attribute was);
-- ``torchcodec``: optional (`pip install 'featseq[torchcodec]'` plus FFmpeg 4 to 7 from the system); on the CPU or
+- ``torchcodec``: optional (`pip install 'featseq[torchcodec]'` plus FFmpeg 4 to 8 from the system); on the CPU or
   on CUDA (NVDEC) with ``--decode-device cuda``, which is what ``auto`` picks then.
 
 Live sources (a device, a network stream, standard input, a file played once) have no frame table: they are read

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from .reconcile import reconcile
 from .decoder import resolve_decoder
 from .decoders import LEGACY_DECODER
 from . import shard as shard_mod
-from featseq.common.procgroup import rank_device
+from featseq.common.procgroup import decode_device as decode_device_for, rank_device
 from featseq.common.files import replaced
 from featseq.common.errors import UserError
 from .sources import Segment, SourceError, read_source, validate
@@ -131,7 +132,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     decoder = _decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
                               resize=cfg.resize, fps=float(cfg.fps), precision=precision, dtype=cfg.dtype,
-                              keep_frames=bool(cfg.keep_frames), decoder=decoder)
+                              keep_frames=bool(cfg.keep_frames), decoder=decoder,
+                              decode_device=cfg.decode_device)
     done: set[str] = set()
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
@@ -170,10 +172,11 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
 
     plan = None
     workers = cfg.decode_workers or default_workers(cfg.decode_device, device.type)
-    log(f"decoding with {decoder} on the {cfg.decode_device.upper() if cfg.decode_device == 'cuda' else 'CPU'}, "
+    decode_on = decode_device_for(cfg.decode_device, device)  # a rank's workers decode on its own GPU
+    log(f"decoding with {decoder} on {decode_on if decode_on != 'cpu' else 'the CPU'}, "
         f"{workers} worker process{'es' if workers > 1 else ''}")
     with DecodePool(timeout=cfg.decode_timeout, workers=workers, decoder=decoder,
-                    decode_device=cfg.decode_device, log=log) as pool:  # the same workers probe, then decode
+                    decode_device=decode_on, log=log) as pool:  # the same workers probe, then decode
         t_valid = time.monotonic()
         if shard and mine is None:  # every shard probes every video to make the same balanced plan
             infos, skipped = validate(cfg.source, segments, pool.probe, skip_unreadable=cfg.skip_errors,
@@ -223,11 +226,27 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
                 raise CacheError(f"{path} is a format-1 cache, whose segment table has no split column, and the source "
                                  f"gives splits ({cfg.source}); featurize into a new --out to keep them")
             t_start = time.monotonic()
-            _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
+            with host_threads(device):
+                _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
             result.stream_seconds = time.monotonic() - t_start
     result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
     return result
+
+
+@contextmanager
+def host_threads(device):
+    """While a GPU runs the CNN, the parent's torch work on the CPU is small (pinned copies); one torch thread keeps
+    its pool from spinning beside the decode workers. Restored after (the CPU's CNN keeps torch's threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SourceChangedError(UserError):
@@ -261,6 +280,9 @@ def _changed(path: str, changed: dict[str, str], refresh: bool, log: Callable[[s
     return changed
 
 
+GPU_QUEUE = 2  # batches queued on a GPU while the host works: 1 left it idle through commits (issue 31, item 13)
+
+
 def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: bb.Embedder, todo: list,
             result: FeaturizeResult, progress: ProgressFn | None, log: Callable[[str], None], t_start: float) -> None:
     """Decode (workers) -> batches across segment boundaries -> CNN -> publish each segment as it completes.
@@ -275,12 +297,13 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
     inflight: list[tuple] = []  # (embedder handle, [(key, frames)]) submitted, oldest first
 
     def run_batch(flush: bool = False) -> None:
-        """Submit the gathered batch; collect every submitted batch but the newest (all when ``flush``), so on a GPU
-        one batch is in the CNN while the next is gathered and copied."""
+        """Submit the gathered batch (its chunks gathered straight into pinned memory on a GPU); collect every
+        submitted batch but the newest ``GPU_QUEUE`` (all when ``flush``), so on a GPU the CNN has batches queued
+        while the host gathers the next one and commits finished segments (a burst of commits no longer idles it)."""
         if batch:
-            inflight.append((embed.submit(np.concatenate([b[1] for b in batch])), [(k, len(fr)) for k, fr in batch]))
+            inflight.append((embed.submit([b[1] for b in batch]), [(k, len(fr)) for k, fr in batch]))
             batch.clear()
-        while len(inflight) > (1 if embed.device.type == "cuda" and not flush else 0):
+        while len(inflight) > (GPU_QUEUE if embed.device.type == "cuda" and not flush else 0):
             handle, parts = inflight.pop(0)
             feats, pos = embed.result(handle), 0
             for key, n in parts:

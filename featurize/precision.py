@@ -1,18 +1,26 @@
 """Autocast precision: the choices, what ``auto`` means, and the one resolver used by featurize, finetune, predict
 and stream. Free of torch, so the command line lists the choices without loading it.
 
-``auto`` is the fastest precision that computes correctly on the device: fp16 on CUDA (tensor cores, half the
-memory traffic; finetune scales its gradients); on the CPU bf16 where the CPU computes it natively (AVX512-BF16,
+``auto`` is the fastest precision that computes correctly on the device: on CUDA bf16 where the GPU has bf16
+tensor cores (compute capability 8 and up: A100, H100, H200, L4, RTX 30xx+), which run it as fast as fp16 and keep
+fp32's range (random-init ResNet-101 activations peak at 4.8e5 and ResNet-152's at 9.1e8, beyond fp16's 65504:
+fp16 gave Inf on the first segment), fp16 on older GPUs (V100, T4: no bf16 tensor cores; finetune scales its
+gradients); on the CPU bf16 where the CPU computes it natively (AVX512-BF16,
 AMX-BF16, Arm's BF16 extension: :func:`cpu_bf16_native`), else fp32, since torch emulates bf16 elsewhere at a
-fraction of fp32's speed. featurize's default, unset (None), is fp16 on CUDA and fp32 on every CPU: a cache's
+fraction of fp32's speed. featurize's default, unset (None), is auto's on CUDA and fp32 on every CPU: a cache's
 precision is part of its identity, so its default name does not depend on the CPU it was made on.
+
+``fp32`` is fp32 everywhere: on CUDA featseq turns TF32 off for it (featurize.backbones.cuda_math), since torch runs
+cuDNN convolutions in TF32 by default (10-bit mantissa: ResNet-18 differed from fp32 by up to 5.6e-3), and a cache's
+"fp32" must mean the same on a GPU as on a CPU.
 """
 from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # what an autocast runs in
 AUTO = "auto"
 CHOICES = (AUTO,) + PRECISIONS          # what --precision accepts
-AUTO_HELP = ("auto: fp16 on CUDA, bf16 on a CPU that computes it natively (AVX512-BF16/AMX), else fp32")
+AUTO_HELP = ("auto: bf16 on CUDA (fp16 on GPUs before compute capability 8), bf16 on a CPU that computes it natively "
+             "(AVX512-BF16/AMX), else fp32")
 
 
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
@@ -32,20 +40,37 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cuda_bf16_native(device) -> bool:
+    """Whether the GPU ``device`` has bf16 tensor cores (compute capability 8.0 and up)."""
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(precision: str | None, device) -> str:
     """fp32, fp16 or bf16 for ``precision`` on ``device`` (a torch.device, or its name: "cuda", "cuda:1", "cpu").
-    None: fp16 on CUDA, fp32 on the CPU. auto: see the module's docstring. An explicit choice is kept. ValueError
+    None: auto's on CUDA, fp32 on the CPU. auto: see the module's docstring. An explicit choice is kept. ValueError
     naming --precision for anything else."""
     device_type = getattr(device, "type", str(device).partition(":")[0])
-    if precision is None:
-        return "fp16" if device_type == "cuda" else "fp32"
-    if precision == AUTO:
+    if precision is None and device_type != "cuda":
+        return "fp32"
+    if precision in (None, AUTO):
         if device_type == "cuda":
-            return "fp16"
+            return "bf16" if cuda_bf16_native(device) else "fp16"
         return "bf16" if cpu_bf16_native() else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: choose one of {', '.join(CHOICES)}")
     return precision
+
+
+def reproduce_precision(made: str, device) -> str:
+    """The precision to remake features made at ``made`` with on ``device`` (predict, stream, finetune's featurize):
+    the same, except half precision that a CPU computes slowly (fp16 always, bf16 without native support) is fp32
+    there: a GPU-made fp16 run predicted on a CPU must not run fp16 autocast on it."""
+    device_type = getattr(device, "type", str(device).partition(":")[0])
+    if device_type == "cpu" and (made == "fp16" or emulated(made, device)):
+        return "fp32"
+    return made
 
 
 def emulated(precision: str, device) -> bool:

@@ -17,6 +17,17 @@ def _run_shard(cfg) -> dict:
     return {"path": res.path, "target": res.target, "written": res.written, "failures": res.failures}
 
 
+def local_decode_workers(cfg, n: int) -> int:
+    """Decode workers for each of ``n`` shard processes run on this machine (submitit's local executor, no SLURM):
+    featurize's default for a 1/n share of its CPUs, not each the whole machine's."""
+    from featseq.common.cpus import cpu_share
+
+    from .backbones import resolve_device
+    from .worker import default_workers
+
+    return default_workers(cfg.decode_device, resolve_device(cfg.device).type, cpu_share(processes=n))
+
+
 def submit(cfg, n: int, folder: str, params: dict | None = None, log: Callable[[str], None] = lambda s: None) -> MergeResult:
     """Featurize ``cfg`` as ``n`` shard jobs of one job array through submitit (SLURM when ``srun`` is there, local
     processes otherwise), wait for them, and merge. A failed job leaves its part resumable: rerun the same command."""
@@ -28,6 +39,8 @@ def submit(cfg, n: int, folder: str, params: dict | None = None, log: Callable[[
         raise UserError("--slurm needs submitit: pip install 'featseq[slurm]' (or pip install submitit)") from e
     executor = submitit.AutoExecutor(folder=folder)
     executor.update_parameters(name="featseq-featurize", slurm_array_parallelism=n, **(params or {}))
+    if executor.cluster == "local" and cfg.decode_workers is None:  # n processes on this machine share its CPUs
+        cfg = replace(cfg, decode_workers=local_decode_workers(cfg, n))
     jobs = executor.map_array(_run_shard, [replace(cfg, shard=f"{k}/{n}") for k in range(n)])
     log(f"{n} shard job(s) submitted ({executor.cluster}), logs in {folder}: {', '.join(j.job_id for j in jobs[:4])}"
         + (" ..." if n > 4 else ""))

@@ -2,7 +2,7 @@
 
 A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
 (id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
-the autocast precision, the preprocessing mean/std and the decoder backend. predict and finetune rebuild the same
+the autocast precision, the preprocessing mean/std, the decoder backend and the device it decoded on. predict and finetune rebuild the same
 features from it alone, never from the training cache. The weights-id encoding lives here only.
 """
 from __future__ import annotations
@@ -20,11 +20,15 @@ BUILTIN_WEIGHTS = ("none", "imagenet")
 # of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
 # are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
-                 "keep_frames", "decoder")
-IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER}  # identity attributes older caches lack, and what their absence means
+                 "keep_frames", "decoder", "decode_device")
+# identity attributes older caches lack, and what their absence means (every cache before decode_device was recorded
+# was decoded on the CPU: --decode-device cuda had never run)
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "decode_device": "cpu"}
 # Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
 # keep_frames say how they are stored, and precision changes an embedding within rounding only.
-FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames")) + ("feature_dim",)
+# The decode device is like precision: NVDEC's colour conversion moves pixels by a level or two, not the frame.
+FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames", "decode_device")) \
+    + ("feature_dim",)
 
 
 def identity(**values) -> dict:
@@ -61,6 +65,7 @@ class FeatureSpec:
     std: tuple[float, ...]
     decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
     imported: str = ""  # the format the features were imported from (featseq cache import); '' when featurize made them
+    decode_device: str = "cpu"     # where it decoded them: cpu or cuda (NVDEC's colour conversion differs)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -75,7 +80,8 @@ class FeatureSpec:
                    fps=float(attrs["fps"]), precision=str(attrs.get("precision") or "fp32"),
                    feature_dim=int(attrs.get("feature_dim", 0) or 0),
                    mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
-                   decoder=str(attrs.get("decoder") or LEGACY_DECODER), imported=str(attrs.get("import_format") or ""))
+                   decoder=str(attrs.get("decoder") or LEGACY_DECODER), imported=str(attrs.get("import_format") or ""),
+                   decode_device=str(attrs.get("decode_device") or "cpu"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -91,12 +97,33 @@ class FeatureSpec:
             return self.weights_path
         return "imagenet" if self.weights == "imagenet" else "none"
 
-    def featurize_options(self, weights: str | None = None, precision: str | None = None) -> dict:
+    def featurize_options(self, weights: str | None = None, precision: str | None = None, device: str | None = None) -> dict:
         """The featurize settings (fields of featurize.config.FeaturizeConfig) that make these features again, for
         predict, stream and finetune alike: ``weights`` replaces :meth:`weights_arg` (e.g. after
-        :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another)."""
+        :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another).
+
+        ``device`` (the --device the features are remade with): the spec's precision and decode device as far as
+        that machine runs them well: half precision on a CPU that computes it slowly (fp16; bf16 without native
+        support) becomes fp32, NVDEC decoding on a machine without CUDA becomes CPU decoding; both change an
+        embedding within rounding only (not in :data:`FRAME_KEYS`; tests/test_gpu.py bounds the decoder's share)."""
+        if precision is None and device is not None:
+            from .backbones import resolve_device
+            from .precision import reproduce_precision
+
+            precision = reproduce_precision(self.precision, resolve_device(device))
+        decode_device = self.decode_device_here() if device is not None else self.decode_device
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
-                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder}
+                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder,
+                "decode_device": decode_device}
+
+    def decode_device_here(self) -> str:
+        """Where to decode frames like these features' on this machine: their decode device, or the CPU where there
+        is no CUDA (NVDEC's pixels differ by a level or two: within what FRAME_KEYS tolerates)."""
+        if self.decode_device == "cpu":
+            return "cpu"
+        import torch
+
+        return self.decode_device if torch.cuda.is_available() else "cpu"
 
     def check_featurizable(self, what: str) -> None:
         """UserError naming ``what`` when featseq cannot make these features itself (they were imported)."""
@@ -132,7 +159,8 @@ class FeatureSpec:
         if self.imported:
             return f"imported from {self.imported} (backbone unknown), {self.fps:g} fps, {self.feature_dim}-dim"
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
-                f"{self.feature_dim}-dim, decoded by {self.decoder}")
+                f"{self.feature_dim}-dim, decoded by {self.decoder}"
+                + (f" on {self.decode_device}" if self.decode_device != "cpu" else ""))
 
 
 def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = None, keep_frames: bool | None = None,
@@ -159,7 +187,7 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
         args += ["--seed", str(spec.seed)]
     args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{fps:g}", "--precision", spec.precision,
              "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
-    if config.get("decode_device") == "cuda":
+    if spec.decode_device == "cuda" or config.get("decode_device") == "cuda":
         args += ["--decode-device", "cuda"]
     if frames:
         args.append("--keep-frames")

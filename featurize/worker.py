@@ -34,17 +34,23 @@ JOBS_PER_WORKER = 2  # the one decoding and the next, so a worker never waits fo
 START_TIMEOUT = 120.0
 
 
-def default_workers(decode_device: str, cnn_device: str) -> int:
-    """``--decode-workers`` when not given: the cores minus one for a GPU's CNN (CUDA decoding: 2, NVDEC is one
-    engine); two on a CPU that also runs the CNN, one on a single core (bench/decode_bench.py: on 2 cores, ResNet-18
-    at 224 px and 1 fps featurized as fast or faster with two workers than with one, now that frames cross in shared
-    memory; more would only take cores from the CNN)."""
-    cores = len(os.sched_getaffinity(0))
-    if decode_device == "cuda":
-        return 2
+def default_workers(decode_device: str, cnn_device: str, cpus: int | None = None) -> int:
+    """``--decode-workers`` when not given, from ``cpus``: this process's share of the node's CPUs (default
+    featseq.common.cpus.cpu_share: the cores it may run on, capped by a container's CPU quota, divided among the
+    torchrun ranks on the node). For a GPU's CNN: that share minus one (the parent's core); CUDA decoding (NVDEC):
+    as many as on the CPU, at most 4 per rank (NVDEC engines are several per GPU, 7 on an H100/H200, and each worker
+    keeps one CPU thread busy with demuxing). Two on a CPU that also runs the CNN, one on a single core
+    (bench/decode_bench.py: on 2 cores, ResNet-18 at 224 px and 1 fps featurized as fast or faster with two workers
+    than with one, now that frames cross in shared memory; more would only take cores from the CNN)."""
+    if cpus is None:
+        from featseq.common.cpus import cpu_share
+
+        cpus = cpu_share()
+    if decode_device.startswith("cuda"):
+        return max(1, min(4, cpus - 1))
     if cnn_device == "cuda":
-        return max(1, cores - 1)
-    return min(2, cores)
+        return max(1, cpus - 1)
+    return min(2, cpus)
 
 
 class _WorkerProcess:
@@ -183,7 +189,24 @@ def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: i
     from featseq.common.signals import ignore_interrupts
 
     ignore_interrupts()  # Ctrl-C reaches the whole process group: the parent stops its workers
+    one_thread(backend)
     _WorkerProcess(jobs_conn, out_conn, backend, device, queue_chunks, shared).serve()
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def one_thread(backend: str) -> None:
+    """A decode worker computes on one thread: N workers beside the parent must not each start a pool the size of
+    the machine (torch's, for torchcodec's resize and conversion; OpenMP's). Set in the worker process before its
+    backend loads torch; torchcodec's FFmpeg already runs one thread (num_ffmpeg_threads=1)."""
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    if backend == "torchcodec":
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
 
 
 class WorkerStartError(RuntimeError):

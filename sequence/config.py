@@ -227,6 +227,10 @@ class FinetuneConfig(TrainConfig):
                                     f"[default: featurize's, {FeaturizeConfig.size}].")
     decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before a decoder is "
                                    "declared hung (featurizing a video SOURCE, and frames decoded from video).")
+    decode_workers: int | None = option(None, "Decoder processes preparing the frames of a cache without /frames "
+                                              "[default: featurize's for a GPU's CNN (this rank's share of the CPUs "
+                                              "minus one); 1 when the CNN runs on the CPU].",
+                                        type=click.IntRange(1), metavar="N")
     # under torchrun: seconds a rank waits for the others in a collective
     dist_timeout: float = option(1800.0, "Under torchrun: seconds a rank waits for the others in a collective before "
                                          "it stops.")

@@ -33,7 +33,7 @@ from featseq.featurize.allocator import tune_cpu_allocator
 from featseq.featurize.cache import Cache, read_cache, read_frames
 from featseq.featurize.precision import resolve_precision
 from featseq.common.errors import UserError
-from featseq.common.procgroup import rank_device, torchrun_env
+from featseq.common.procgroup import decode_device as decode_device_for, rank_device, torchrun_env
 from featseq.featurize.shard import after_torchrun
 from featseq.featurize.spec import FeatureSpec
 from featseq.common.signals import Interrupted
@@ -60,7 +60,9 @@ class CNNSequence(nn.Module):
                  checkpointing: bool = False):
         super().__init__()
         self.entry = backbone.entry
-        self.trunk = backbone.trunk
+        # channels_last for the trunk's weights as for its inputs (featurize.backbones.Embedder does both): mixed
+        # formats make cuDNN convert every convolution's input or weights
+        self.trunk = backbone.trunk.to(memory_format=torch.channels_last) if channels_last else backbone.trunk
         self.head = head
         self.channels_last = channels_last
         self.checkpointing = checkpointing
@@ -136,9 +138,17 @@ def augment_clip(frames: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class Frames:
     """uint8 frames of selected sequences, from the cache's /frames or decoded from the videos at their timestamps."""
 
-    def __init__(self, cache: Cache, data: Sequences, spec: FeatureSpec, timeout: float):
+    def __init__(self, cache: Cache, data: Sequences, spec: FeatureSpec, timeout: float,
+                 device: torch.device = torch.device("cpu"), workers: int | None = None):
+        from featseq.featurize.worker import default_workers
+
         self.cache, self.data, self.spec, self.timeout = cache, data, spec, timeout
         self.kept = bool(cache.attrs.get("keep_frames"))
+        # decoded where the cache's frames were (NVDEC on this rank's GPU when the features were, and one is here)
+        self.decode_device = decode_device_for(spec.decode_device_here(), device)
+        self.pin = device.type == "cuda"  # batches in pinned memory: their copy to the GPU does not block
+        # a GPU's CNN wants as many decoders as featurize gives it; on the CPU one (the CNN takes the cores)
+        self.workers = workers or (default_workers(self.decode_device, device.type) if device.type == "cuda" else 1)
         self._pool = None
 
     def batch(self, idx: np.ndarray, rows: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +166,9 @@ class Frames:
             from featseq.featurize.worker import DecodePool
 
             if self._pool is None:  # the decoder that made the cache's features
-                self._pool = DecodePool(timeout=self.timeout, decoder=resolve_decoder(self.spec.decoder),
+                self._pool = DecodePool(timeout=self.timeout, workers=self.workers,
+                                        decoder=resolve_decoder(self.spec.decoder, self.decode_device.partition(":")[0]),
+                                        decode_device=self.decode_device,
                                         log=lambda msg: print(msg, file=sys.stderr, flush=True)).start()
             paths = self.cache.segments["path"]
             got = self._pool.frames_at([(j, paths[i], self.cache.timestamps[r[j][m[j]]]) for j, i in enumerate(idx)
@@ -184,9 +196,14 @@ class FrameInputs:
 
     def batches(self, index_batches, rows=None, train=False, seed=None):
         table = self.frames.data.rows if rows is None else rows
-        for b, (x, m) in prefetch(index_batches, lambda b: self.frames.batch(b, table)):
+
+        def load(b):  # in the prefetch thread: decoding and augmentation overlap the model's step
+            x, m = self.frames.batch(b, table)
             if train and self.augment:
                 x = torch.stack([augment_clip(c, clip_generator(seed, i)) for c, i in zip(x, b)])
+            return (x.pin_memory(), m.pin_memory()) if self.frames.pin else (x, m)
+
+        for b, (x, m) in prefetch(index_batches, load):
             yield b, x, m
 
 
@@ -234,7 +251,8 @@ def _source_cache(cfg: FinetuneConfig, spec: FeatureSpec | None, log) -> str:
     env = torchrun_env()
     shard = f"{env[0]}/{env[1]}" if env else None
     if spec is not None:
-        fcfg = FeaturizeConfig(source=cfg.cache, **spec.featurize_options(spec.check_weights(f"--from {cfg.from_run}")),
+        fcfg = FeaturizeConfig(source=cfg.cache, **spec.featurize_options(spec.check_weights(f"--from {cfg.from_run}"),
+                                                                                 device=cfg.device),
                                keep_frames=cfg.keep_frames, device=cfg.device, decode_timeout=cfg.decode_timeout,
                                shard=shard)
     elif cfg.backbone:  # what is not given takes featurize's defaults
@@ -363,10 +381,12 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
             groups.append({"params": trunk_params, "lr": cfg.backbone_lr})
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         prec = resolve_precision(cfg.precision, device)
+        bb.cuda_math(prec, device)  # fp32 on CUDA without TF32, as featurize
         amp = Amp(device, prec)
         run = Path(cfg.out)
         state_cfg = {k: v for k, v in asdict(cfg).items()
-                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout", "track")}
+                     if k not in ("resume", "overwrite", "epochs", "out", "device", "threads", "dist_timeout", "track",
+                                  "decode_workers")}
 
         def prepare() -> dict | None:  # rank 0: the run folder, and the state to resume from
             # an old run's files go first; --resume keeps them
@@ -385,7 +405,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
                 checkpoint.save({**state, "config": state_cfg}, run / LAST)
                 log_epoch(state)
 
-        frames = Frames(cache, data, spec, cfg.decode_timeout)
+        frames = Frames(cache, data, spec, cfg.decode_timeout, device, cfg.decode_workers)
         log(f"finetune {backbone.entry.name} (unfreeze {cfg.unfreeze}: {sum(p.numel() for p in trunk_params)} trunk "
             f"parameters trainable) + {head.config['name']}: {len(fold.train)} train / {len(fold.val)} val / "
             f"{len(fold.test)} test, seq_len {data.seq_len} at {data.fps:g} fps, "

@@ -218,7 +218,8 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        amp.scaler.load_state_dict(resume["scaler"])
+        if amp.scaler.is_enabled() and resume.get("scaler"):  # an fp16 state into an fp16 scaler; else a fresh scale
+            amp.scaler.load_state_dict(resume["scaler"])  # (precision auto may resolve otherwise on another machine)
         gen.set_state(resume["generator"])
         best.load_state_dict(resume["best"])
         history, start_scores, start = resume["history"], resume.get("start_scores"), resume["epoch"] + 1
@@ -241,7 +242,9 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
         perm = fold.train[torch.randperm(len(fold.train), generator=gen).numpy()]
         batches = [perm[a:a + opts.batch_size] for a in range(0, len(perm), opts.batch_size)]
         shares = [ranks.share(b) for b in batches]
-        tot_loss, tot_correct = 0.0, 0
+        # running totals stay on the device: float()/int() per step would wait for the GPU every batch
+        tot_loss = torch.zeros((), dtype=torch.float64, device=device)
+        tot_correct = torch.zeros((), dtype=torch.int64, device=device)
         opt.zero_grad(set_to_none=True)
         # a rank with no share of a batch runs its first clip with weight 0: every rank joins every averaging
         feed = [s if len(s) else b[:1] for s, b in zip(shares, batches)]
@@ -252,7 +255,7 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
             sync = step % opts.accumulate == 0 or step == len(batches)
             with contextlib.nullcontext() if sync else ranks.no_sync(net):
                 with amp.autocast():
-                    out = net(x.to(device), m.to(device))
+                    out = net(x.to(device, non_blocking=True), m.to(device, non_blocking=True))
                     loss = loss_fn(out.float(), yb).sum() * scale
                 amp.scaler.scale(loss / opts.accumulate).backward()
             if sync:
@@ -260,9 +263,9 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
                 amp.scaler.update()
                 opt.zero_grad(set_to_none=True)
             if mine:  # the batch's mean loss is the sum over ranks of loss / world
-                tot_loss += float(loss.detach()) / ranks.world * len(batches[step - 1])
-                tot_correct += int((out.argmax(1) == yb).sum())
-        tot_loss, tot_correct = ranks.sum([tot_loss, tot_correct])
+                tot_loss += loss.detach().double() * (len(batches[step - 1]) / ranks.world)
+                tot_correct += (out.argmax(1) == yb).sum()
+        tot_loss, tot_correct = ranks.sum([float(tot_loss), int(tot_correct)])  # one wait per epoch
         n = len(perm)
         (val_loss, val_acc), (test_loss, test_acc) = score(fold.val), score(fold.test)
         rec = {"epoch": epoch, "train_loss": tot_loss / max(1, n), "train_accuracy": tot_correct / max(1, n),

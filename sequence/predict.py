@@ -131,7 +131,7 @@ def _featurize(cfg: PredictConfig, run: Run, spec: FeatureSpec, cache_path: Path
     ids = [_video_id(v) for v in cfg.videos]
     records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
                for v, i in zip(cfg.videos, ids)]
-    fcfg = FeaturizeConfig(source="featseq predict", **spec.featurize_options(precision=cfg.precision),
+    fcfg = FeaturizeConfig(source="featseq predict", **spec.featurize_options(precision=cfg.precision, device=cfg.device),
                            device=cfg.device, out=str(cache_path), batch_size=cfg.batch_size,
                            decode_timeout=cfg.decode_timeout, skip_errors=True,
                            shard=None, refresh=True)  # a video changed since --cache kept it: its features now

@@ -277,7 +277,7 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         frames.open(fps, run.spec.size, run.spec.resize)  # a source that cannot be opened fails before the CNN loads
         with featurize_spec(run) as spec:  # a finetune run's trunk: a temporary weights file while the CNN is built
-            opts = spec.featurize_options(precision=cfg.precision)
+            opts = spec.featurize_options(precision=cfg.precision, device=cfg.device)
             backbone = bb.create_backbone(opts["backbone"], opts["weights"], opts["seed"])
         device, precision, embed = _embedder(cfg, backbone, opts["precision"])
         run.model.to(device).eval()

@@ -27,7 +27,7 @@ needs_gingerbread = pytest.mark.skipif(
 # the environment of featseq processes the tests start: this checkout's code first (PYTHONPATH, set by conftest.py),
 # and none of the torchrun or SLURM variables of the shell that runs pytest
 CHILD_ENV = dict(os.environ)
-for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
     CHILD_ENV.pop(_k, None)
 
 

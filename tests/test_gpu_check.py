@@ -21,7 +21,7 @@ def test_the_cpu_side_of_every_step_runs(tmp_path):
     steps = {s["step"]: s for s in res["steps"]}
     assert res["cuda"] is False and "no CUDA" in steps["environment"]["note"]
     assert list(steps) == ["environment", "cuda-marked tests", "backbone only", "featurize", "decode: NVDEC vs CPU",
-                           "finetune", "predict --stream"]
+                           "finetune", "predict --stream", "named checks (issue 31)"]
     assert {n: s["status"] for n, s in steps.items() if s["status"] != "ok"} == {}, \
         {n: s.get("why") for n, s in steps.items()}
     # each measuring step has its figures: frames/s from a real featurize and decode, a finetune, stream latency
@@ -33,5 +33,7 @@ def test_the_cpu_side_of_every_step_runs(tmp_path):
     assert "skipped" in decode["torchcodec on cuda"]  # NVDEC needs CUDA: listed with the reason, not measured
     assert steps["finetune"]["rows"][0]["seconds"] > 0
     assert steps["predict --stream"]["rows"][0]["latency_p50_ms"] > 0
+    named = steps["named checks (issue 31)"]["rows"]  # each with its expected outcome, for the first GPU machine
+    assert len(named) >= 7 and all(r["expected"] and r["observed"] == "needs CUDA" and r["ok"] is None for r in named)
     md = (tmp_path / "gpu_check.md").read_text()
     assert "# GPU check (no CUDA: the CPU side)" in md and "| precision | decode_workers |" in md
