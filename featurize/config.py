@@ -15,6 +15,11 @@ from .precision import AUTO_HELP, CHOICES as PRECISION_CHOICES
 
 DEFAULT_CACHE_DIR = "cache"
 DTYPES = ("float16", "float32")  # storage dtypes of the features
+# --pool and --crops (featurize/pooling.py): the choices, by the family of models they apply to
+CNN_POOLS = ("default", "avg", "max", "gem")
+VIT_POOLS = ("default", "avg", "max", "token", "map")
+POOLS = ("default", "avg", "max", "gem", "token", "map")
+CROPS = (1, 5, 10)
 
 
 @dataclass
@@ -24,7 +29,14 @@ class FeaturizeConfig:
                                        "timm:<name>.")
     weights: str = option("none", "'none' (seeded random init), 'imagenet' (torchvision/timm default weights) or a "
                                   "state-dict file.")
-    size: int = option(224, "Input size in pixels (frames become size x size).")
+    size: int | None = option(None, "Input size in pixels (frames become size x size) [default: the backbone's own: "
+                                    "224 for torchvision CNNs, a timm model's pretrained input size, e.g. 518 for "
+                                    "DINOv2].")
+    pool: str = option("default", "How a frame's feature map becomes one vector: default (the model's own), avg, max, "
+                                  "gem (p=3) for CNNs; token (class token), avg (mean of patch tokens), max, map for "
+                                  "ViTs.", choices=POOLS)
+    crops: int = option(1, "1, or 5 / 10 crops averaged: frames decoded at size/0.875 (256 for 224) and cut into "
+                           "corners and centre (10: and their mirror images), as torchvision's FiveCrop/TenCrop.")
     resize: str = option("squash", "squash: whole frame resized to size x size; crop: shorter side to size, then "
                                    "centre crop.", choices=RESIZE_POLICIES)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
@@ -62,7 +74,12 @@ class FeaturizeConfig:
 
         checks = [
             (self.fps > 0, f"--fps must be > 0, got {self.fps}"),
-            (self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.size is None or self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.pool in POOLS, f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
+            (self.crops in CROPS, f"--crops must be one of {', '.join(map(str, CROPS))}, got {self.crops}"),
+            (self.crops == 1 or not self.keep_frames,
+             "--keep-frames stores the frames finetune trains on, one per frame: it does not go with --crops "
+             f"{self.crops}; featurize with --crops 1 to fine-tune"),
             (self.resize in RESIZE_POLICIES, f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
             (self.dtype in DTYPES, f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),

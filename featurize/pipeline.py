@@ -9,7 +9,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ from .verify import source_changes
 from .writer import CacheWriter
 from .allocator import tune_cpu_allocator
 from .config import FeaturizeConfig
+from .pooling import decode_size
 from .precision import emulated, resolve_precision
 from .reconcile import reconcile
 from .decoder import resolve_decoder
@@ -61,6 +62,7 @@ def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
     name = src.stem if src.is_file() else src.name
     fps = f"{cfg.fps:g}"
     parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize, f"{fps}fps", precision]
+    parts += ([f"pool-{cfg.pool}"] if cfg.pool != "default" else []) + ([f"{cfg.crops}crops"] if cfg.crops != 1 else [])
     if cfg.dtype != "float16":
         parts.append(cfg.dtype)
     if cfg.keep_frames:
@@ -112,6 +114,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     ``FeaturizeResult.failures`` and also written to ``<cache>.errors.json``.
     """
     cfg.validate()
+    if cfg.size is None:  # the backbone's own input size
+        cfg = replace(cfg, size=bb.own_size(cfg.backbone))
     t0 = time.monotonic()
     if segments is None:
         kind, segments, row_problems = read_source(cfg.source)
@@ -131,7 +135,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     decoder = _decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
                               resize=cfg.resize, fps=float(cfg.fps), precision=precision, dtype=cfg.dtype,
-                              keep_frames=bool(cfg.keep_frames), decoder=decoder)
+                              keep_frames=bool(cfg.keep_frames), decoder=decoder, pool=cfg.pool, crops=cfg.crops)
     done: set[str] = set()
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
@@ -199,12 +203,14 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         result.failures.update(skipped)
         if device.type == "cpu":
             tune_cpu_allocator()  # once per process, before the CNN's first batch
-        backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
+        backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.pool, cfg.crops, cfg.size)
         embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
         attrs = {
             "source": source_id, "source_kind": kind,
             "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
+            "interpolation": "bilinear", "model_interpolation": backbone.entry.interpolation,
+            "decode_size": decode_size(cfg.size, cfg.crops),
             "versions": _versions(decoder), "config": {**asdict(cfg), "precision": precision, "device": str(device),
                                                   "decoder": decoder, "decode_workers": workers},
             "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
@@ -267,7 +273,8 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
 
     With several decode workers segments complete in any order; the cache's segment table is the truth."""
     by_key = dict(enumerate(todo))
-    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
+    size = decode_size(cfg.size, cfg.crops)
+    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
     total = len(todo) + len(result.failures)
     pending: dict[int, dict] = {}  # segments being decoded/embedded
     batch: list[tuple[int, np.ndarray]] = []

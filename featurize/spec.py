@@ -2,7 +2,7 @@
 
 A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
 (id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
-the autocast precision, the preprocessing mean/std and the decoder backend. predict and finetune rebuild the same
+the autocast precision, the preprocessing mean/std, the decoder backend, the pooling and the crops. predict and finetune rebuild the same
 features from it alone, never from the training cache. The weights-id encoding lives here only.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ BUILTIN_WEIGHTS = ("none", "imagenet")
 # of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
 # are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
-                 "keep_frames", "decoder")
-IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER}  # identity attributes older caches lack, and what their absence means
+                 "keep_frames", "decoder", "pool", "crops")
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "pool": "default", "crops": 1}  # identity attributes older caches lack, and what their absence means
 # Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
 # keep_frames say how they are stored, and precision changes an embedding within rounding only.
 FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames")) + ("feature_dim",)
@@ -60,6 +60,8 @@ class FeatureSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
+    pool: str = "default"  # --pool (featurize/pooling.py)
+    crops: int = 1         # --crops
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -74,7 +76,9 @@ class FeatureSpec:
                    fps=float(attrs["fps"]), precision=str(attrs.get("precision") or "fp32"),
                    feature_dim=int(attrs.get("feature_dim", 0) or 0),
                    mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
-                   decoder=str(attrs.get("decoder") or LEGACY_DECODER))
+                   decoder=str(attrs.get("decoder") or LEGACY_DECODER),
+                   pool=str(attrs.get("pool") or IDENTITY_DEFAULTS["pool"]),
+                   crops=int(attrs.get("crops") or IDENTITY_DEFAULTS["crops"]))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -95,7 +99,8 @@ class FeatureSpec:
         predict, stream and finetune alike: ``weights`` replaces :meth:`weights_arg` (e.g. after
         :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another)."""
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
-                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder}
+                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder,
+                "pool": self.pool, "crops": self.crops}
 
     def check_weights(self, what: str) -> str:
         """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
@@ -105,7 +110,7 @@ class FeatureSpec:
         if not os.path.isfile(arg):
             raise UserError(f"{what}: its features were made with the weights file {arg}, which is gone; put that file "
                             f"back (sha256 {self.weights_sha256[:12]}...) to make the same features")
-        from .backbones import sha256_file
+        from .weightfiles import sha256_file
 
         if self.weights_sha256 and sha256_file(arg) != self.weights_sha256:
             raise UserError(f"{what}: the weights file {arg} changed since its features were made (sha256 differs from "
@@ -118,14 +123,16 @@ class FeatureSpec:
                 if getattr(self, k) != getattr(other, k)]
 
     def describe(self) -> str:
-        return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
-                f"{self.feature_dim}-dim, decoded by {self.decoder}")
+        extra = "".join([f", pool {self.pool}" if self.pool != "default" else "",
+                         f", {self.crops} crops" if self.crops != 1 else ""])
+        return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}{extra}, {self.fps:g} fps, "
+                f"{self.precision}, {self.feature_dim}-dim, decoded by {self.decoder}")
 
 
 def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = None, keep_frames: bool | None = None,
                       out: str | None = None, source: str | None = None) -> str:
     """The ``featseq featurize`` command line that makes a cache the way the one with ``attrs`` was made (backbone,
-    weights, seed, size, resize, precision, dtype, decoder, frames kept), at ``fps`` (default the cache's) and with
+    weights, seed, size, resize, precision, dtype, decoder, pool, crops, frames kept), at ``fps`` (default the cache's) and with
     ``keep_frames`` (default as it was), into ``out`` (default a name next to ``cache_path`` that says what differs).
     For the hints of errors that propose to featurize again: run as written, it makes that cache, not a default one."""
     import shlex
@@ -143,6 +150,10 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
         args += ["--seed", str(spec.seed)]
     args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{fps:g}", "--precision", spec.precision,
              "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
+    if spec.pool != "default":
+        args += ["--pool", spec.pool]
+    if spec.crops != 1:
+        args += ["--crops", str(spec.crops)]
     if config.get("decode_device") == "cuda":
         args += ["--decode-device", "cuda"]
     if frames:
