@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from featseq.common.errors import UserError
+
 from .config import POOLS
 from .pooling import MultiCrop, check_choice, pool_torchvision
 from .precision import PRECISIONS
@@ -38,6 +40,7 @@ class BackboneEntry:
     interpolation: str = "bilinear"  # of the model's own preprocessing (the decoders resize bilinearly: recorded)
     crop_pct: float = 0.875
     pool_module: str = "avgpool"  # the global average pool --pool replaces ('' when the features are not pooled)
+    frames: int = 0  # a clip backbone's own clip length (featurize/clips.py); 0: it embeds single frames
 
 
 _RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
@@ -60,7 +63,9 @@ REGISTRY: dict[str, BackboneEntry] = {
 
 
 def known_backbones() -> list[str]:
-    return sorted(REGISTRY) + ["timm:<name> (with the timm extra)"]
+    from .clips import CLIP_MODELS
+
+    return sorted(REGISTRY) + [f"{n} (clips)" for n in CLIP_MODELS] + ["timm:<name> (with the timm extra)"]
 
 
 @dataclass
@@ -107,6 +112,10 @@ def own_size(name: str) -> int:
         from . import timm_models
 
         return timm_models.own_size(name[5:])
+    from . import clips
+
+    if clips.is_clip(name):
+        return clips.clip_preprocessing(name)["size"]
     return REGISTRY[name].size if name in REGISTRY else 224
 
 
@@ -139,6 +148,13 @@ def _create(name: str, weights: str, seed: int, pool: str, size: int | None) -> 
         from . import timm_models
 
         model, fields, sha = timm_models.create(name[5:], weights, pool, size)
+        return Backbone(model, BackboneEntry(name=name, **fields), weights, sha, seed)
+    from . import clips
+
+    if clips.is_clip(name):
+        if pool != "default":
+            raise UserError(f"--pool {pool}: {name} is a clip backbone with its own pooling; use --pool default")
+        model, fields, sha = clips.create(name, weights)
         return Backbone(model, BackboneEntry(name=name, **fields), weights, sha, seed)
 
     if name not in REGISTRY:

@@ -37,6 +37,10 @@ class FeaturizeConfig:
                                   "ViTs.", choices=POOLS)
     crops: int = option(1, "1, or 5 / 10 crops averaged: frames decoded at size/0.875 (256 for 224) and cut into "
                            "corners and centre (10: and their mirror images), as torchvision's FiveCrop/TenCrop.")
+    clip_frames: int | None = option(None, "Clip backbones (r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v2_s, swin3d_t): "
+                                           "frames per clip [default: the model's own].", metavar="T")
+    clip_stride: int | None = option(None, "Clip backbones: one clip every N sampled frames [default: T].",
+                                     metavar="N")
     resize: str = option("squash", "squash: whole frame resized to size x size; crop: shorter side to size, then "
                                    "centre crop.", choices=RESIZE_POLICIES)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")

@@ -20,11 +20,13 @@ BUILTIN_WEIGHTS = ("none", "imagenet")
 # of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
 # are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
-                 "keep_frames", "decoder", "pool", "crops")
-IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "pool": "default", "crops": 1}  # identity attributes older caches lack, and what their absence means
+                 "keep_frames", "decoder", "pool", "crops", "clip_frames", "clip_stride")
+# (clip_frames, clip_stride: 0 for a frame backbone; a clip cache's fps is its rate of rows, clips per second)
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "pool": "default", "crops": 1, "clip_frames": 0, "clip_stride": 0}  # identity attributes older caches lack, and what their absence means
 # Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
 # keep_frames say how they are stored, and precision changes an embedding within rounding only.
-FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames")) + ("feature_dim",)
+FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames", "clip_stride")) \
+    + ("feature_dim",)
 
 
 def identity(**values) -> dict:
@@ -62,6 +64,8 @@ class FeatureSpec:
     decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
     pool: str = "default"  # --pool (featurize/pooling.py)
     crops: int = 1         # --crops
+    clip_frames: int = 0   # a clip backbone's --clip-frames (0: a frame backbone)
+    clip_stride: int = 0   # and --clip-stride; then fps is clips per second, frames were sampled at fps * clip_stride
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -78,7 +82,8 @@ class FeatureSpec:
                    mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
                    decoder=str(attrs.get("decoder") or LEGACY_DECODER),
                    pool=str(attrs.get("pool") or IDENTITY_DEFAULTS["pool"]),
-                   crops=int(attrs.get("crops") or IDENTITY_DEFAULTS["crops"]))
+                   crops=int(attrs.get("crops") or IDENTITY_DEFAULTS["crops"]),
+                   clip_frames=int(attrs.get("clip_frames") or 0), clip_stride=int(attrs.get("clip_stride") or 0))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -99,8 +104,15 @@ class FeatureSpec:
         predict, stream and finetune alike: ``weights`` replaces :meth:`weights_arg` (e.g. after
         :meth:`check_weights`), ``precision`` the spec's (a run's autocast, unless the caller asks for another)."""
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
-                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder,
-                "pool": self.pool, "crops": self.crops}
+                "resize": self.resize, "fps": self.frame_fps(), "precision": precision or self.precision,
+                "decoder": self.decoder, "pool": self.pool, "crops": self.crops,
+                "clip_frames": self.clip_frames or None, "clip_stride": self.clip_stride or None}
+
+    def frame_fps(self, rows_fps: float | None = None) -> float:
+        """The --fps frames were sampled at to give rows at ``rows_fps`` (default the cache's): a clip cache has one
+        row every clip_stride frames."""
+        fps = self.fps if rows_fps is None else float(rows_fps)
+        return fps * self.clip_stride if self.clip_stride else fps
 
     def check_weights(self, what: str) -> str:
         """The weights argument, after checking a weights file is still there and unchanged; UserError naming ``what``."""
@@ -124,7 +136,8 @@ class FeatureSpec:
 
     def describe(self) -> str:
         extra = "".join([f", pool {self.pool}" if self.pool != "default" else "",
-                         f", {self.crops} crops" if self.crops != 1 else ""])
+                         f", {self.crops} crops" if self.crops != 1 else "",
+                         f", clips of {self.clip_frames} frames every {self.clip_stride}" if self.clip_stride else ""])
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}{extra}, {self.fps:g} fps, "
                 f"{self.precision}, {self.feature_dim}-dim, decoded by {self.decoder}")
 
@@ -148,12 +161,15 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
     args = [src, "--backbone", spec.backbone, "--weights", weights]
     if weights == "none":
         args += ["--seed", str(spec.seed)]
-    args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{fps:g}", "--precision", spec.precision,
+    args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{spec.frame_fps(fps):g}",
+             "--precision", spec.precision,
              "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
     if spec.pool != "default":
         args += ["--pool", spec.pool]
     if spec.crops != 1:
         args += ["--crops", str(spec.crops)]
+    if spec.clip_stride:
+        args += ["--clip-frames", str(spec.clip_frames), "--clip-stride", str(spec.clip_stride)]
     if config.get("decode_device") == "cuda":
         args += ["--decode-device", "cuda"]
     if frames:

@@ -332,6 +332,10 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
     cache_path = _source_cache(cfg, warm.spec if warm else None, log)
     cache = read_cache(cache_path, features=False)
     spec = FeatureSpec.from_attrs(cache.attrs)
+    if spec.clip_stride:
+        raise UserError(f"{cache_path}: its features are clips of {spec.clip_frames} frames ({spec.backbone}); finetune "
+                        f"trains a frame backbone on kept frames, one image at a time, and cannot train a clip backbone "
+                        f"yet: train on the cached clip features (featseq train) instead")
     if spec.crops != 1:
         raise UserError(f"{cache_path}: its features average {spec.crops} crops of each frame (--crops {spec.crops}); "
                         f"finetune trains on one view per frame, so featurize with --crops 1 --keep-frames to fine-tune")

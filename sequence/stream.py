@@ -271,6 +271,10 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
             stride, step = stride_frames(cfg.stride, fps)
         except ValueError as e:
             raise StreamError(str(e)) from None
+        if run.spec.clip_stride:
+            raise StreamError(f"{cfg.run}: its features are clips of {run.spec.clip_frames} frames "
+                              f"({run.spec.backbone}); stream embeds frame by frame and cannot cut a live source into "
+                              f"clips yet: predict on recorded videos (featseq predict) instead")
         if run.spec.decoder != "pyav":
             log(f"note: the run's features were decoded by {run.spec.decoder}, a stream is decoded by PyAV: frames are "
                 f"scaled by another implementation, so features may differ slightly")
