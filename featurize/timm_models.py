@@ -35,7 +35,10 @@ def pretrained_cfg(tname: str) -> dict:
     if arch not in known:
         raise ValueError(f"unknown timm model {arch!r}{did_you_mean(arch, known, 'timm:')}; timm.list_models() "
                          f"lists the {len(known)} it knows")
-    cfg = timm.models.get_pretrained_cfg(tname, allow_unregistered=False) if "." in tname else timm.get_pretrained_cfg(arch)
+    try:
+        cfg = timm.models.get_pretrained_cfg(tname, allow_unregistered=False) if "." in tname else timm.get_pretrained_cfg(arch)
+    except RuntimeError:
+        cfg = None
     if cfg is None:
         raise ValueError(f"timm model {arch!r} has no pretrained tag {tname.split('.', 1)[1]!r}; "
                          f"timm.list_pretrained('{arch}*') lists them")
