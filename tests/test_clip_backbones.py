@@ -64,6 +64,17 @@ def test_clip_cache_sees_its_frames_has_centre_timestamps_verifies_and_trains(sy
                                   "--epochs", "2", "-q"])
     assert r.exit_code == 0, r.output
 
+    run, video = tmp_path / "run", str(c.segments["path"][0])
+    r = CliRunner().invoke(main, ["predict", str(run), video, "--out", str(tmp_path / "pred"), "--device", "cpu",
+                                  "--no-plots", "--cache", str(tmp_path / "pred.h5")])
+    assert r.exit_code == 0, r.output  # the videos are featurized as clips, as the run's cache was
+    pred = read_cache(tmp_path / "pred.h5")
+    assert (pred.attrs["clip_frames"], pred.attrs["clip_stride"], pred.attrs["fps"]) == (T, STRIDE, 3.0)
+    r = CliRunner().invoke(main, ["finetune", str(out), "--out", str(tmp_path / "ft"), "--device", "cpu"])
+    assert r.exit_code != 0 and "cannot train a clip backbone" in str(r.output) + str(r.exception)
+    r = CliRunner().invoke(main, ["predict", str(run), "--stream", video, "--device", "cpu"])
+    assert r.exit_code != 0 and "stream embeds frame by frame" in str(r.output) + str(r.exception)
+
     spec = FeatureSpec.from_attrs(a)
     assert spec.featurize_options()["fps"] == FPS  # predict samples frames as featurize did
     cmd = featurize_command(a, str(out))
