@@ -59,12 +59,13 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
 
 
-def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
+def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str, clip: tuple[int, int] = (0, 0)) -> str:
     src = Path(cfg.source).resolve()
     name = src.stem if src.is_file() else src.name
     fps = f"{cfg.fps:g}"
     parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize, f"{fps}fps", precision]
     parts += ([f"pool-{cfg.pool}"] if cfg.pool != "default" else []) + ([f"{cfg.crops}crops"] if cfg.crops != 1 else [])
+    parts += [f"clips{clip[0]}every{clip[1]}"] if clip[1] else []
     if cfg.dtype != "float16":
         parts.append(cfg.dtype)
     if cfg.keep_frames:
@@ -134,7 +135,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
-    target = cfg.out or default_cache_path(cfg, precision, wid)
+    target = cfg.out or default_cache_path(cfg, precision, wid, (clip_frames, clip_stride))
     path = shard_mod.part_path(target, *shard) if shard else target
     decoder = _decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,

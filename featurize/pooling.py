@@ -67,6 +67,9 @@ class MultiCrop(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.size
+        if min(x.shape[-2:]) < s:
+            raise ValueError(f"multi-crop: frames of {tuple(x.shape[-2:])} px are smaller than the {s} px crops "
+                             f"(decode them at featurize.pooling.decode_size)")
         views = [x[:, :, t:t + s, l:l + s] for t, l in crop_boxes(x.shape[-1], s)]
         if self.crops == 10:
             views += [v.flip(-1) for v in views]

@@ -178,8 +178,9 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
         p = Path(cache_path or "cache.h5")
         name = p.stem
         if abs(fps - spec.fps) > 1e-9:
-            old, new = f"__{spec.fps:g}fps__", f"__{fps:g}fps__"  # the default cache name (pipeline.default_cache_path)
-            name = name.replace(old, new) if old in name else f"{name}_{fps:g}fps"
+            # the default cache name (pipeline.default_cache_path) says the frames' rate
+            old, new = f"__{spec.frame_fps():g}fps__", f"__{spec.frame_fps(fps):g}fps__"
+            name = name.replace(old, new) if old in name else f"{name}_{spec.frame_fps(fps):g}fps"
         if frames and not attrs.get("keep_frames"):
             name += "__frames" if "__" in name else "_frames"
         out = str(p.with_name(name + p.suffix))

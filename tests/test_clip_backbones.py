@@ -79,6 +79,7 @@ def test_clip_cache_sees_its_frames_has_centre_timestamps_verifies_and_trains(sy
     assert spec.featurize_options()["fps"] == FPS  # predict samples frames as featurize did
     cmd = featurize_command(a, str(out))
     assert "--fps 6 " in cmd and f"--clip-frames {T} --clip-stride {STRIDE}" in cmd
+    assert "--fps 3 " in featurize_command(a, str(out), fps=1.5)  # 1.5 clips/s: frames at 3 fps, a clip every 2
     with pytest.raises(CacheError, match="clip_stride: cache has 2, request has 4"):
         featurize(featurize_cfg(synth_data["clips_root"], out, backbone="r3d_18", size=64, fps=FPS, clip_frames=T))
 
