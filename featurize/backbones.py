@@ -6,7 +6,6 @@ used by featurize, finetune and predict alike through :func:`preprocess`.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -16,16 +15,16 @@ from torch import nn
 
 from featseq.common.errors import UserError
 
+from .choices import POOLS
+from .pooling import MultiCrop, check_choice, pool_torchvision
 from .precision import PRECISIONS
+from .weightfiles import (WeightsError, did_you_mean, download_error, load_into, load_state_dict_file,  # noqa: F401
+                          sha256_file)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the torch dtype an autocast of each precision runs in (the precisions: featurize/precision.py)
 DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
-
-
-class WeightsError(UserError):
-    """Weights could not be found, downloaded or loaded; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,11 @@ class BackboneEntry:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     source: str = "torchvision"
+    size: int = 224  # the input size --size defaults to
+    interpolation: str = "bilinear"  # of the model's own preprocessing (the decoders resize bilinearly: recorded)
+    crop_pct: float = 0.875
+    pool_module: str = "avgpool"  # the global average pool --pool replaces ('' when the features are not pooled)
+    frames: int = 0  # a clip backbone's own clip length (featurize/clips.py); 0: it embeds single frames
 
 
 _RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
@@ -49,7 +53,7 @@ REGISTRY: dict[str, BackboneEntry] = {
         BackboneEntry("resnet50", 2048, "fc", _RESNET_STAGES),
         BackboneEntry("resnet101", 2048, "fc", _RESNET_STAGES),
         BackboneEntry("resnet152", 2048, "fc", _RESNET_STAGES),
-        BackboneEntry("vgg16", 4096, "classifier.6", ("features.0:5", "features.5:10", "features.10:17", "features.17:24", "features.24:31", "classifier")),
+        BackboneEntry("vgg16", 4096, "classifier.6", ("features.0:5", "features.5:10", "features.10:17", "features.17:24", "features.24:31", "classifier"), pool_module=""),
         BackboneEntry("efficientnet_b0", 1280, "classifier.1", _EFFNET_STAGES),
         BackboneEntry("efficientnet_b1", 1280, "classifier.1", _EFFNET_STAGES),
         BackboneEntry("mobilenet_v3_large", 1280, "classifier.3", tuple(f"features.{i}" for i in range(17)) + ("classifier",)),
@@ -59,7 +63,9 @@ REGISTRY: dict[str, BackboneEntry] = {
 
 
 def known_backbones() -> list[str]:
-    return sorted(REGISTRY) + ["timm:<name> (with the timm extra)"]
+    from .clips import CLIP_MODELS
+
+    return sorted(REGISTRY) + [f"{n} (clips)" for n in CLIP_MODELS] + ["timm:<name> (with the timm extra)"]
 
 
 @dataclass
@@ -74,14 +80,6 @@ class Backbone:
 
     def stage_modules(self) -> list[nn.Module]:
         return [_get_stage(self.trunk, s) for s in self.entry.stages]
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -108,112 +106,59 @@ def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
         setattr(owner, last, new)
 
 
-def _load_state_dict_file(path: str) -> dict:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"--weights {path}: cannot load it as a PyTorch state dict ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"--weights {path}: expected a dict of parameter name -> tensor")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+def own_size(name: str) -> int:
+    """The input size ``--size`` defaults to: the model's own (a timm model's pretrained input size, 224 otherwise)."""
+    if name.startswith("timm:"):
+        from . import timm_models
+
+        return timm_models.own_size(name[5:])
+    from . import clips
+
+    if clips.is_clip(name):
+        return clips.clip_preprocessing(name)["size"]
+    return REGISTRY[name].size if name in REGISTRY else 224
 
 
-def _load_into(model: nn.Module, sd: dict, entry: BackboneEntry, path: str) -> None:
-    head_prefix = entry.head + "."
-    own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and not k.startswith(head_prefix) and v.shape != own[k].shape]
-    if shapes:
-        raise WeightsError(f"--weights {path} does not fit {entry.name}: {len(shapes)} tensor(s) of another shape, e.g. "
-                           f"{'; '.join(shapes[:3])}; pass a state dict saved from this architecture")
-    sd = {k: v for k, v in sd.items() if not (k.startswith(head_prefix) and k in own and v.shape != own[k].shape)}
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(head_prefix)]
-    if missing or unexpected:
-        raise WeightsError(
-            f"--weights {path} does not fit {entry.name}: {len(missing)} missing key(s) {missing[:4]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:4]}; pass a state dict saved from this architecture"
-        )
-
-
-def _timm_entry(name: str, model: nn.Module) -> BackboneEntry:
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential):
-        stages = tuple(f"blocks.{i}" for i in range(len(blocks)))
-    else:
-        stages = tuple(f["module"] for f in getattr(model, "feature_info", []) if f.get("module"))
-    return BackboneEntry(
-        name=f"timm:{name}", feature_dim=int(model.num_features), head=cfg.get("classifier", "classifier"),
-        stages=stages or ("",), mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)), source="timm",
-    )
-
-
-def _download_error(name: str, url: str, err: Exception) -> WeightsError:
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    return WeightsError(
-        f"--weights imagenet: could not download the ImageNet weights of {name} from {url} "
-        f"({type(err).__name__}: {str(err)[:200]}). Without internet, download that file on another machine "
-        f"and pass it with --weights /path/to/{os.path.basename(url) or 'weights.pth'} (or copy it into {hub}); "
-        f"--weights none uses random weights."
-    )
-
-
-def create_backbone(name: str, weights: str = "none", seed: int = 0) -> Backbone:
-    """Build the trunk of ``name`` with ``weights`` = 'none' (seeded random init), 'imagenet' or a file path.
+def create_backbone(name: str, weights: str = "none", seed: int = 0, pool: str = "default", crops: int = 1,
+                    size: int | None = None) -> Backbone:
+    """Build the trunk of ``name`` with ``weights`` = 'none' (seeded random init), 'imagenet' or a file path,
+    its features pooled by ``pool`` and averaged over ``crops`` crops (featurize/pooling.py) of ``size`` px (None:
+    the model's own size).
 
     The random init draws from its own RNG seeded by ``seed`` (torch's global RNG is left as it was).
     Process-wide settings (the CPU allocator, threads) are the caller's: featurize's pipeline and
     finetune set them once (:func:`featurize.allocator.tune_cpu_allocator`).
-    Raises ValueError listing the known names for an unknown one, WeightsError for weights problems.
+    Raises ValueError listing the known names for an unknown one, WeightsError for weights problems, UserError for a
+    pooling or size the model cannot take.
     """
     if weights not in ("none", "imagenet") and not os.path.isfile(weights):
         raise WeightsError(f"--weights {weights}: no such file; use 'none', 'imagenet' or the path of a state dict")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _create(name, weights, seed)
+        bone = _create(name, weights, seed, pool, size)
+    if crops != 1:
+        check_choice(name, pool, crops, POOLS, "")
+        bone.trunk = MultiCrop(bone.trunk, size or bone.entry.size, crops).eval()
+    return bone
 
 
-def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
-    """'; did you mean X or Y?' for the known names closest to a misspelt one ('' when none is close)."""
-    import difflib
-
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
-
-
-def _create(name: str, weights: str, seed: int) -> Backbone:
+def _create(name: str, weights: str, seed: int, pool: str, size: int | None) -> Backbone:
     sha = ""
     if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as e:
-            raise ValueError(f"backbone {name!r} needs timm: pip install 'featseq[timm]'") from e
-        tname = name[5:]
-        known = timm.list_models()
-        if tname not in known:
-            raise ValueError(f"unknown timm model {tname!r}{_did_you_mean(tname, known, 'timm:')}; timm.list_models() "
-                             f"lists the {len(known)} it knows")
-        if weights == "imagenet":
-            try:
-                model = timm.create_model(tname, pretrained=True)
-            except Exception as e:
-                raise _download_error(name, f"the Hugging Face hub ({tname})", e) from e
-        else:
-            model = timm.create_model(tname, pretrained=False)
-        entry = _timm_entry(tname, model)
-        if weights not in ("none", "imagenet"):
-            _load_into(model, _load_state_dict_file(weights), entry, weights)
-            sha = sha256_file(weights)
-        model.reset_classifier(0)
-        return Backbone(model.eval(), entry, weights, sha, seed)
+        from . import timm_models
+
+        model, fields, sha = timm_models.create(name[5:], weights, pool, size)
+        return Backbone(model, BackboneEntry(name=name, **fields), weights, sha, seed)
+    from . import clips
+
+    if clips.is_clip(name):
+        if pool != "default":
+            raise UserError(f"--pool {pool}: {name} is a clip backbone with its own pooling; use --pool default")
+        model, fields, sha = clips.create(name, weights)
+        return Backbone(model, BackboneEntry(name=name, **fields), weights, sha, seed)
 
     if name not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}{_did_you_mean(name, list(REGISTRY))}; known: "
+        raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, list(REGISTRY))}; known: "
                          f"{', '.join(known_backbones())}")
     import torchvision
 
@@ -224,14 +169,15 @@ def _create(name: str, weights: str, seed: int) -> Backbone:
         try:
             sd = w.get_state_dict(progress=False)
         except Exception as e:
-            raise _download_error(name, w.url, e) from e
+            raise download_error(name, w.url, e) from e
         local = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
         sha = sha256_file(local) if os.path.isfile(local) else ""
         model.load_state_dict(sd)
     elif weights != "none":
-        _load_into(model, _load_state_dict_file(weights), entry, weights)
+        load_into(model, load_state_dict_file(weights), name, entry.head, weights)
         sha = sha256_file(weights)
     _set(model, entry.head, nn.Identity())
+    pool_torchvision(model, name, entry.pool_module, pool)
     return Backbone(model.eval(), entry, weights, sha, seed)
 
 

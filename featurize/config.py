@@ -11,6 +11,7 @@ import click
 from featseq.common.options import option
 
 from .decoders import DECODE_DEVICES, DECODERS, RESIZE_POLICIES
+from .choices import CROPS, POOLS
 from .precision import AUTO_HELP, CHOICES as PRECISION_CHOICES
 
 DEFAULT_CACHE_DIR = "cache"
@@ -24,7 +25,18 @@ class FeaturizeConfig:
                                        "timm:<name>.")
     weights: str = option("none", "'none' (seeded random init), 'imagenet' (torchvision/timm default weights) or a "
                                   "state-dict file.")
-    size: int = option(224, "Input size in pixels (frames become size x size).")
+    size: int | None = option(None, "Input size in pixels (frames become size x size) [default: the backbone's own: "
+                                    "224 for torchvision CNNs, a timm model's pretrained input size, e.g. 518 for "
+                                    "DINOv2].")
+    pool: str = option("default", "How a frame's feature map becomes one vector: default (the model's own), avg, max, "
+                                  "gem (p=3) for CNNs; token (class token), avg (mean of patch tokens), max, map for "
+                                  "ViTs.", choices=POOLS)
+    crops: int = option(1, "1, or 5 / 10 crops averaged: frames decoded at size/0.875 (256 for 224) and cut into "
+                           "corners and centre (10: and their mirror images), as torchvision's FiveCrop/TenCrop.")
+    clip_frames: int | None = option(None, "Clip backbones (r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v2_s, swin3d_t): "
+                                           "frames per clip [default: the model's own].", metavar="T")
+    clip_stride: int | None = option(None, "Clip backbones: one clip every N sampled frames [default: T].",
+                                     metavar="N")
     resize: str = option("squash", "squash: whole frame resized to size x size; crop: shorter side to size, then "
                                    "centre crop.", choices=RESIZE_POLICIES)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
@@ -64,7 +76,12 @@ class FeaturizeConfig:
 
         checks = [
             (self.fps > 0, f"--fps must be > 0, got {self.fps}"),
-            (self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.size is None or self.size >= 16, f"--size must be >= 16 pixels, got {self.size}"),
+            (self.pool in POOLS, f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
+            (self.crops in CROPS, f"--crops must be one of {', '.join(map(str, CROPS))}, got {self.crops}"),
+            (self.crops == 1 or not self.keep_frames,
+             "--keep-frames stores the frames finetune trains on, one per frame: it does not go with --crops "
+             f"{self.crops}; featurize with --crops 1 to fine-tune"),
             (self.resize in RESIZE_POLICIES, f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
             (self.dtype in DTYPES, f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),

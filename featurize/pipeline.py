@@ -10,7 +10,7 @@ import platform
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,9 @@ from .verify import source_changes
 from .writer import CacheWriter
 from .allocator import tune_cpu_allocator
 from .config import FeaturizeConfig
+from .clip_embed import ClipEmbedder
+from .clips import clip_settings
+from .pooling import decode_size
 from .precision import emulated, resolve_precision
 from .reconcile import reconcile
 from .decoder import resolve_decoder
@@ -57,11 +60,13 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
 
 
-def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str) -> str:
+def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str, clip: tuple[int, int] = (0, 0)) -> str:
     src = Path(cfg.source).resolve()
     name = src.stem if src.is_file() else src.name
     fps = f"{cfg.fps:g}"
     parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize, f"{fps}fps", precision]
+    parts += ([f"pool-{cfg.pool}"] if cfg.pool != "default" else []) + ([f"{cfg.crops}crops"] if cfg.crops != 1 else [])
+    parts += [f"clips{clip[0]}every{clip[1]}"] if clip[1] else []
     if cfg.dtype != "float16":
         parts.append(cfg.dtype)
     if cfg.keep_frames:
@@ -113,7 +118,11 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     ``FeaturizeResult.failures`` and also written to ``<cache>.errors.json``.
     """
     cfg.validate()
+    if cfg.size is None:  # the backbone's own input size
+        cfg = replace(cfg, size=bb.own_size(cfg.backbone))
     t0 = time.monotonic()
+    clip_frames, clip_stride = clip_settings(cfg.backbone, cfg.clip_frames, cfg.clip_stride, cfg.keep_frames,
+                                             cfg.crops, cfg.pool)
     if segments is None:
         kind, segments, row_problems = read_source(cfg.source)
         source_id = str(Path(cfg.source).resolve())
@@ -127,13 +136,13 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
-    target = cfg.out or default_cache_path(cfg, precision, wid)
+    target = cfg.out or default_cache_path(cfg, precision, wid, (clip_frames, clip_stride))
     path = shard_mod.part_path(target, *shard) if shard else target
     decoder = _decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
-                              resize=cfg.resize, fps=float(cfg.fps), precision=precision, dtype=cfg.dtype,
-                              keep_frames=bool(cfg.keep_frames), decoder=decoder,
-                              decode_device=cfg.decode_device)
+                              resize=cfg.resize, fps=float(cfg.fps) / (clip_stride or 1), precision=precision, dtype=cfg.dtype,
+                              keep_frames=bool(cfg.keep_frames), decoder=decoder, decode_device=cfg.decode_device,
+                              pool=cfg.pool, crops=cfg.crops, clip_frames=clip_frames, clip_stride=clip_stride)
     done: set[str] = set()
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
@@ -202,12 +211,15 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         result.failures.update(skipped)
         if device.type == "cpu":
             tune_cpu_allocator()  # once per process, before the CNN's first batch
-        backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed)
-        embed = bb.Embedder(backbone, device, precision, cfg.channels_last)
+        backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.pool, cfg.crops, cfg.size)
+        embed = (ClipEmbedder(backbone, device, precision) if clip_stride
+                 else bb.Embedder(backbone, device, precision, cfg.channels_last))
         attrs = {
             "source": source_id, "source_kind": kind,
             "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
+            "interpolation": "bilinear", "model_interpolation": backbone.entry.interpolation,
+            "decode_size": decode_size(cfg.size, cfg.crops), "frame_fps": float(cfg.fps),
             "versions": _versions(decoder), "config": {**asdict(cfg), "precision": precision, "device": str(device),
                                                   "decoder": decoder, "decode_workers": workers},
             "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
@@ -227,7 +239,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
                                  f"gives splits ({cfg.source}); featurize into a new --out to keep them")
             t_start = time.monotonic()
             with host_threads(device):
-                _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start)
+                _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start, (clip_frames, clip_stride))
             result.stream_seconds = time.monotonic() - t_start
     result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
@@ -284,12 +296,15 @@ GPU_QUEUE = 2  # batches queued on a GPU while the host works: 1 left it idle th
 
 
 def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: bb.Embedder, todo: list,
-            result: FeaturizeResult, progress: ProgressFn | None, log: Callable[[str], None], t_start: float) -> None:
+            result: FeaturizeResult, progress: ProgressFn | None, log: Callable[[str], None], t_start: float,
+            clip: tuple[int, int] = (0, 0)) -> None:
     """Decode (workers) -> batches across segment boundaries -> CNN -> publish each segment as it completes.
+    ``clip`` (T, stride) of a clip backbone: a segment's frames are held until it is decoded, then embedded as clips.
 
     With several decode workers segments complete in any order; the cache's segment table is the truth."""
     by_key = dict(enumerate(todo))
-    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, cfg.size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
+    size = decode_size(cfg.size, cfg.crops)
+    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
     total = len(todo) + len(result.failures)
     pending: dict[int, dict] = {}  # segments being decoded/embedded
     batch: list[tuple[int, np.ndarray]] = []
@@ -344,13 +359,17 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
             st = pending[key]
             st["ts"].append(msg.times)
             st["n"] += len(msg.frames)
-            if cfg.keep_frames:
+            if cfg.keep_frames or clip[1]:
                 st["frames"].append(msg.frames)
+            if clip[1]:
+                continue
             batch.append((key, msg.frames))
             if sum(len(b[1]) for b in batch) >= cfg.batch_size:
                 run_batch()
                 commit_ready()
         elif kind == DONE:
+            if clip[1]:
+                embed.finish(pending[key], *clip)
             pending[key]["done"] = True
             commit_ready()
         elif kind == ERROR:

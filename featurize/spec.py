@@ -2,8 +2,8 @@
 
 A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
 (id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
-the autocast precision, the preprocessing mean/std, the decoder backend and the device it decoded on. predict and finetune rebuild the same
-features from it alone, never from the training cache. The weights-id encoding lives here only.
+the autocast precision, the preprocessing mean/std, the decoder backend and the device it decoded on, the pooling, the
+crops and a clip backbone's clip length and stride. predict and finetune rebuild the same features from it alone, never from the training cache. The weights-id encoding lives here only.
 """
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ BUILTIN_WEIGHTS = ("none", "imagenet")
 # of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
 # are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
-                 "keep_frames", "decoder", "decode_device")
+                 "keep_frames", "decoder", "decode_device", "pool", "crops", "clip_frames", "clip_stride")
 # identity attributes older caches lack, and what their absence means (every cache before decode_device was recorded
-# was decoded on the CPU: --decode-device cuda had never run)
-IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "decode_device": "cpu"}
+# was decoded on the CPU: --decode-device cuda had never run; clip_frames, clip_stride: 0 for a frame backbone, and a
+# clip cache's fps is its rate of rows, clips per second)
+IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "decode_device": "cpu", "pool": "default", "crops": 1, "clip_frames": 0,
+                     "clip_stride": 0}
 # Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
 # keep_frames say how they are stored, and precision changes an embedding within rounding only.
 # The decode device is like precision: NVDEC's colour conversion moves pixels by a level or two, not the frame.
-FRAME_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("fps", "precision", "dtype", "keep_frames", "decode_device")) \
+FRAME_KEYS = tuple(k for k in IDENTITY_KEYS
+                   if k not in ("fps", "precision", "dtype", "keep_frames", "decode_device", "clip_stride")) \
     + ("feature_dim",)
 
 
@@ -66,6 +69,10 @@ class FeatureSpec:
     decoder: str = LEGACY_DECODER  # the backend that decoded the frames (backends scale pixels differently)
     imported: str = ""  # the format the features were imported from (featseq cache import); '' when featurize made them
     decode_device: str = "cpu"     # where it decoded them: cpu or cuda (NVDEC's colour conversion differs)
+    pool: str = "default"  # --pool (featurize/pooling.py)
+    crops: int = 1         # --crops
+    clip_frames: int = 0   # a clip backbone's --clip-frames (0: a frame backbone)
+    clip_stride: int = 0   # and --clip-stride; then fps is clips per second, frames were sampled at fps * clip_stride
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -81,7 +88,10 @@ class FeatureSpec:
                    feature_dim=int(attrs.get("feature_dim", 0) or 0),
                    mean=tuple(float(x) for x in attrs.get("mean", ())), std=tuple(float(x) for x in attrs.get("std", ())),
                    decoder=str(attrs.get("decoder") or LEGACY_DECODER), imported=str(attrs.get("import_format") or ""),
-                   decode_device=str(attrs.get("decode_device") or "cpu"))
+                   decode_device=str(attrs.get("decode_device") or "cpu"),
+                   pool=str(attrs.get("pool") or IDENTITY_DEFAULTS["pool"]),
+                   crops=int(attrs.get("crops") or IDENTITY_DEFAULTS["crops"]),
+                   clip_frames=int(attrs.get("clip_frames") or 0), clip_stride=int(attrs.get("clip_stride") or 0))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -113,8 +123,15 @@ class FeatureSpec:
             precision = reproduce_precision(self.precision, resolve_device(device))
         decode_device = self.decode_device_here() if device is not None else self.decode_device
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
-                "resize": self.resize, "fps": self.fps, "precision": precision or self.precision, "decoder": self.decoder,
-                "decode_device": decode_device}
+                "resize": self.resize, "fps": self.frame_fps(), "precision": precision or self.precision,
+                "decoder": self.decoder, "decode_device": decode_device, "pool": self.pool, "crops": self.crops,
+                "clip_frames": self.clip_frames or None, "clip_stride": self.clip_stride or None}
+
+    def frame_fps(self, rows_fps: float | None = None) -> float:
+        """The --fps frames were sampled at to give rows at ``rows_fps`` (default the cache's): a clip cache has one
+        row every clip_stride frames."""
+        fps = self.fps if rows_fps is None else float(rows_fps)
+        return fps * self.clip_stride if self.clip_stride else fps
 
     def decode_device_here(self) -> str:
         """Where to decode frames like these features' on this machine: their decode device, or the CPU where there
@@ -143,7 +160,7 @@ class FeatureSpec:
         if not os.path.isfile(arg):
             raise UserError(f"{what}: its features were made with the weights file {arg}, which is gone; put that file "
                             f"back (sha256 {self.weights_sha256[:12]}...) to make the same features")
-        from .backbones import sha256_file
+        from .weightfiles import sha256_file
 
         if self.weights_sha256 and sha256_file(arg) != self.weights_sha256:
             raise UserError(f"{what}: the weights file {arg} changed since its features were made (sha256 differs from "
@@ -158,15 +175,18 @@ class FeatureSpec:
     def describe(self) -> str:
         if self.imported:
             return f"imported from {self.imported} (backbone unknown), {self.fps:g} fps, {self.feature_dim}-dim"
-        return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}, {self.fps:g} fps, {self.precision}, "
-                f"{self.feature_dim}-dim, decoded by {self.decoder}"
+        extra = "".join([f", pool {self.pool}" if self.pool != "default" else "",
+                         f", {self.crops} crops" if self.crops != 1 else "",
+                         f", clips of {self.clip_frames} frames every {self.clip_stride}" if self.clip_stride else ""])
+        return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}{extra}, {self.fps:g} fps, "
+                f"{self.precision}, {self.feature_dim}-dim, decoded by {self.decoder}"
                 + (f" on {self.decode_device}" if self.decode_device != "cpu" else ""))
 
 
 def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = None, keep_frames: bool | None = None,
                       out: str | None = None, source: str | None = None) -> str:
     """The ``featseq featurize`` command line that makes a cache the way the one with ``attrs`` was made (backbone,
-    weights, seed, size, resize, precision, dtype, decoder, frames kept), at ``fps`` (default the cache's) and with
+    weights, seed, size, resize, precision, dtype, decoder, pool, crops, frames kept), at ``fps`` (default the cache's) and with
     ``keep_frames`` (default as it was), into ``out`` (default a name next to ``cache_path`` that says what differs).
     For the hints of errors that propose to featurize again: run as written, it makes that cache, not a default one."""
     import shlex
@@ -185,8 +205,15 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
     args = [src, "--backbone", spec.backbone, "--weights", weights]
     if weights == "none":
         args += ["--seed", str(spec.seed)]
-    args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{fps:g}", "--precision", spec.precision,
+    args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{spec.frame_fps(fps):g}",
+             "--precision", spec.precision,
              "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
+    if spec.pool != "default":
+        args += ["--pool", spec.pool]
+    if spec.crops != 1:
+        args += ["--crops", str(spec.crops)]
+    if spec.clip_stride:
+        args += ["--clip-frames", str(spec.clip_frames), "--clip-stride", str(spec.clip_stride)]
     if spec.decode_device == "cuda" or config.get("decode_device") == "cuda":
         args += ["--decode-device", "cuda"]
     if frames:
@@ -195,8 +222,9 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
         p = Path(cache_path or "cache.h5")
         name = p.stem
         if abs(fps - spec.fps) > 1e-9:
-            old, new = f"__{spec.fps:g}fps__", f"__{fps:g}fps__"  # the default cache name (pipeline.default_cache_path)
-            name = name.replace(old, new) if old in name else f"{name}_{fps:g}fps"
+            # the default cache name (pipeline.default_cache_path) says the frames' rate
+            old, new = f"__{spec.frame_fps():g}fps__", f"__{spec.frame_fps(fps):g}fps__"
+            name = name.replace(old, new) if old in name else f"{name}_{spec.frame_fps(fps):g}fps"
         if frames and not attrs.get("keep_frames"):
             name += "__frames" if "__" in name else "_frames"
         out = str(p.with_name(name + p.suffix))

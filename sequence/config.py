@@ -224,7 +224,7 @@ class FinetuneConfig(TrainConfig):
     weights: str | None = option(None, "Without --from, to featurize a video SOURCE: the weights "
                                        f"[default: featurize's, {FeaturizeConfig.weights}].")
     size: int | None = option(None, "Without --from, to featurize a video SOURCE: the input size "
-                                    f"[default: featurize's, {FeaturizeConfig.size}].")
+                                    "[default: featurize's, the backbone's own].")
     decode_timeout: float = option(FeaturizeConfig.decode_timeout, "Seconds without a frame before a decoder is "
                                    "declared hung (featurizing a video SOURCE, and frames decoded from video).")
     decode_workers: int | None = option(None, "Decoder processes preparing the frames of a cache without /frames "

@@ -353,13 +353,20 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
     cache_path = _source_cache(cfg, warm.spec if warm else None, log)
     cache = read_cache(cache_path, features=False)
     spec = FeatureSpec.from_attrs(cache.attrs)
+    if spec.clip_stride:
+        raise UserError(f"{cache_path}: its features are clips of {spec.clip_frames} frames ({spec.backbone}); finetune "
+                        f"trains a frame backbone on kept frames, one image at a time, and cannot train a clip backbone "
+                        f"yet: train on the cached clip features (featseq train) instead")
+    if spec.crops != 1:
+        raise UserError(f"{cache_path}: its features average {spec.crops} crops of each frame (--crops {spec.crops}); "
+                        f"finetune trains on one view per frame, so featurize with --crops 1 --keep-frames to fine-tune")
     if warm is not None and (diff := warm.spec.same_features(spec)):
         raise UserError(f"{cache_path} was not featurized like the --from run's features ({'; '.join(diff)}); "
                         f"fine-tune on the run's cache, or pass a video source to featurize it with the run's settings")
     data = build(cache, cfg.reader(), classes=warm.classes if warm else None)
     if device.type == "cpu":
         tune_cpu_allocator()
-    backbone = bb.create_backbone(spec.backbone, spec.check_weights(cache_path), spec.seed)
+    backbone = bb.create_backbone(spec.backbone, spec.check_weights(cache_path), spec.seed, spec.pool, size=spec.size)
     if warm is None:  # --split auto: chosen from the cache's groups, as train chooses (with --from: the run's ids)
         cfg = choose_split(cfg, data.groups, data.keep, log, labels=data.label_names, ids=data.ids)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

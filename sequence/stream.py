@@ -39,6 +39,7 @@ from featseq.featurize.precision import resolve_precision
 from featseq.common.errors import UserError
 from featseq.featurize import backbones as bb
 from featseq.featurize.decoder import live_source_problem
+from featseq.featurize.pooling import decode_size
 from featseq.featurize.messages import CHUNK, DONE, ERROR, START, stream_job
 
 from .config import StreamConfig
@@ -271,14 +272,19 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
             stride, step = stride_frames(cfg.stride, fps)
         except ValueError as e:
             raise StreamError(str(e)) from None
+        if run.spec.clip_stride:
+            raise StreamError(f"{cfg.run}: its features are clips of {run.spec.clip_frames} frames "
+                              f"({run.spec.backbone}); stream embeds frame by frame and cannot cut a live source into "
+                              f"clips yet: predict on recorded videos (featseq predict) instead")
         if run.spec.decoder != "pyav":
             log(f"note: the run's features were decoded by {run.spec.decoder}, a stream is decoded by PyAV: frames are "
                 f"scaled by another implementation, so features may differ slightly")
         out.mkdir(parents=True, exist_ok=True)
-        frames.open(fps, run.spec.size, run.spec.resize)  # a source that cannot be opened fails before the CNN loads
+        frames.open(fps, decode_size(run.spec.size, run.spec.crops), run.spec.resize)  # a source that cannot be opened fails before the CNN loads
         with featurize_spec(run) as spec:  # a finetune run's trunk: a temporary weights file while the CNN is built
             opts = spec.featurize_options(precision=cfg.precision, device=cfg.device)
-            backbone = bb.create_backbone(opts["backbone"], opts["weights"], opts["seed"])
+            backbone = bb.create_backbone(opts["backbone"], opts["weights"], opts["seed"], opts["pool"], opts["crops"],
+                                          opts["size"])
         device, precision, embed = _embedder(cfg, backbone, opts["precision"])
         run.model.to(device).eval()
         windows = _Windows(cfg, run, fps, seq_len, step, device, out, echo)

@@ -233,8 +233,11 @@ def test_precision_auto_picks_bf16_on_the_cpu_only_where_native(monkeypatch):
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(pm, "cpu_bf16_native", lambda cpuinfo=None, native=native: native)
         assert pm.resolve_precision("auto", cpu) == want
-        assert pm.resolve_precision(None, cpu) == "fp32" and pm.resolve_precision("auto", cuda) == "fp16"
-        assert pm.resolve_precision("auto", "cuda:1") == "fp16" and pm.resolve_precision("auto", "cpu") == want
+        assert pm.resolve_precision(None, cpu) == "fp32" and pm.resolve_precision("auto", "cpu") == want
+        # on CUDA, auto (and featurize's default) is bf16 from compute capability 8 on, fp16 before (faked here)
+        for major, on_cuda in ((8, "bf16"), (7, "fp16")):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+            assert pm.resolve_precision("auto", cuda) == on_cuda and pm.resolve_precision(None, "cuda:1") == on_cuda
         assert pm.resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: kept (featurize warns when emulated)
         assert pm.emulated("bf16", cpu) is not native and not pm.emulated("bf16", cuda)
     with pytest.raises(ValueError, match="--precision"):

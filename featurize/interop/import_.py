@@ -211,7 +211,8 @@ def _write(cfg, source: Path, manifest: Path | None, items: list[_Item], fps: fl
     dtype = cfg.dtype or (kinds.pop() if kinds in ({"float16"}, {"float32"}) else "float32")
     identity = cache_identity(backbone="unknown", weights="unknown", weights_sha256="", seed=0, size=0,
                               resize="unknown", fps=float(fps), precision="unknown", dtype=dtype, keep_frames=False,
-                              decoder="unknown", decode_device="unknown")
+                              decoder="unknown", decode_device="unknown", pool="unknown", crops=1, clip_frames=0,
+                              clip_stride=0)
     import h5py
 
     attrs = {"source": str(source), "source_kind": f"import:{cfg.format}", "import_format": cfg.format,
