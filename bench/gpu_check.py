@@ -140,10 +140,11 @@ def backbone_only(c: Check):
     rows = []
     for precision in precisions:
         for compiled in ([False, True] if not c.quick or c.cuda else [False]):
-            emb = Embedder(create_backbone(c.backbone, "none", 0), torch.device(c.device), precision)
+            # featurize --compile's path: torch.compile with one batch shape, the eager fallback's note in the row
+            notes = []
+            emb = Embedder(create_backbone(c.backbone, "none", 0), torch.device(c.device), precision, compile=compiled,
+                           batch_size=c.batch, log=notes.append)
             t0 = time.perf_counter()
-            if compiled:
-                emb.model = torch.compile(emb.model)
             emb(frames[:c.batch])  # warm-up (and compilation)
             warm = time.perf_counter() - t0
             t = time.perf_counter()
@@ -153,7 +154,7 @@ def backbone_only(c: Check):
                 torch.cuda.synchronize()
             rows.append({"backbone": c.backbone, "size": c.size, "precision": precision, "compiled": compiled,
                          "batch": c.batch, "frames_per_s": round(len(frames) / (time.perf_counter() - t), 1),
-                         "warmup_s": round(warm, 1)})
+                         "warmup_s": round(warm, 1), **({"note": notes[0]} if notes else {})})
     return rows, None
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from featseq.common.errors import UserError
 
 from .choices import POOLS
+from .compiled import CompiledOrEager, padded
 from .pooling import MultiCrop, check_choice, pool_torchvision
 from .precision import PRECISIONS
 from .weightfiles import (WeightsError, did_you_mean, download_error, load_into, load_state_dict_file,  # noqa: F401
@@ -240,7 +241,10 @@ class Embedder:
     blocking; the host thread gathers the next batch meanwhile. On the CPU ``submit`` computes at once.
     """
 
-    def __init__(self, backbone: Backbone, device: torch.device, precision: str, channels_last: bool = True):
+    def __init__(self, backbone: Backbone, device: torch.device, precision: str, channels_last: bool = True,
+                 compile: bool = False, batch_size: int = 64, log=lambda s: None):
+        """``compile``: the CNN through torch.compile (featurize.compiled): every call then has one shape, the CPU's
+        slices and CUDA's batches padded with zero frames to a multiple of the slice or ``batch_size``."""
         self.backbone = backbone
         self.device = device
         self.precision = precision
@@ -251,11 +255,13 @@ class Embedder:
         self.slice_pixels = CPU_SLICE_PIXELS if device.type == "cpu" else None
         cuda_math(precision, device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.compiled = CompiledOrEager(self.model, log, dynamic=False) if compile else None
+        self.batch_size = max(1, batch_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = preprocess(x, self.backbone.entry, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
-            return self.model(x).float().flatten(1)
+            return (self.compiled or self.model)(x).float().flatten(1)
 
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
@@ -263,8 +269,20 @@ class Embedder:
         if self.device.type == "cuda":
             return self.result(self.submit(frames))
         step = max(1, self.slice_pixels // (frames.shape[1] * frames.shape[2])) if self.slice_pixels else len(frames)
-        out = [self._forward(frames[a:a + step]).cpu() for a in range(0, len(frames), step)]
+        if self.compiled is not None:  # one shape: slices of at most a batch, the last one padded
+            step = min(step, self.batch_size)
+        out = [self._forward(self._shaped(frames[a:a + step], step))[:len(frames[a:a + step])].cpu()
+               for a in range(0, len(frames), step)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.entry.feature_dim), np.float32)
+
+    def _shaped(self, frames: np.ndarray, multiple: int) -> np.ndarray:
+        """Compiled: ``frames`` padded to a multiple of ``multiple`` (one shape, one compilation); else themselves."""
+        return padded(frames, multiple) if self.compiled is not None else frames
+
+    @property
+    def warmup_s(self) -> float:
+        """Seconds the compilation took (0 without --compile)."""
+        return self.compiled.warmup_s if self.compiled is not None else 0.0
 
     @torch.inference_mode()
     def submit(self, frames: np.ndarray | list[np.ndarray]):
@@ -277,8 +295,10 @@ class Embedder:
             return np.zeros((0, self.backbone.entry.feature_dim), np.float32)
         if self.device.type != "cuda":
             return self(np.concatenate(parts) if len(parts) > 1 else parts[0])
-        host = torch.empty((n,) + parts[0].shape[1:], dtype=torch.uint8, pin_memory=True)  # from torch's host cache
+        rows = n + (-n % self.batch_size if self.compiled is not None else 0)  # compiled: one shape (zeros after n)
+        host = torch.empty((rows,) + parts[0].shape[1:], dtype=torch.uint8, pin_memory=True)  # from torch's host cache
         dst, pos = host.numpy(), 0
+        dst[n:] = 0
         for p in parts:  # numpy's copy: no torch thread pool in the parent
             dst[pos:pos + len(p)] = p
             pos += len(p)
@@ -287,7 +307,7 @@ class Embedder:
             x = host.to(self.device, non_blocking=True)
         compute.wait_stream(self._copy_stream)
         x.record_stream(compute)  # the caching allocator must not reuse x's memory before the CNN has read it
-        y = self._forward(x)
+        y = self._forward(x)[:n]
         out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
         out.copy_(y, non_blocking=True)
         done = torch.cuda.Event()

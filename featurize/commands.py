@@ -88,7 +88,9 @@ def featurize(source, slurm_jobs, slurm_partition, slurm_time, slurm_gpus, slurm
         if merged is not None:
             log(f"merged {len(merged.parts)} parts: {merged.segments} segments, {merged.mb:.1f} MB -> {merged.path}")
     click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
-               f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s)", err=True)
+               f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s"
+               + (f"; {res.steady_frames_per_s:.1f} frames/s after the {res.compile_s:.1f} s compilation)"
+                  if res.compile_s else ")"), err=True)
     if res.failures:
         click.echo(f"failed segments ({len(res.failures)}), also in {res.path}.errors.json:", err=True)
         for sid, why in res.failures.items():

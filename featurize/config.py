@@ -41,12 +41,16 @@ class FeaturizeConfig:
                                    "centre crop.", choices=RESIZE_POLICIES)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
     device: str = option("auto", "auto, cpu or cuda.")
-    precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: fp16 on CUDA, fp32 on CPU].",
+    precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: auto's choice on CUDA, fp32 on "
+                                         f"the CPU].",
                                    choices=PRECISION_CHOICES)
     dtype: str = option("float16", "Storage dtype of the features.", choices=DTYPES)
     batch_size: int = option(64, "Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames at 224 "
                                  "px: faster there, less memory).")
     channels_last: bool = option(True, "Keep NCHW memory format.", flag="--no-channels-last")
+    compile: bool = option(False, "Run the CNN through torch.compile: faster once compiled (the first batch waits "
+                                  "for the compilation, reported apart); a compiler failure falls back to eager. Not "
+                                  "part of the cache's identity.", flag="--compile")
     out: str | None = option(None, "Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__"
                                    "<fps>fps__<precision>.h5].")
     cache_dir: str = option(DEFAULT_CACHE_DIR, "Folder of default cache paths.")

@@ -50,10 +50,17 @@ class FeaturizeResult:
     seconds: float = 0.0  # the whole call
     stream_seconds: float = 0.0  # decode + embed + write, without validation and model building
     target: str = ""  # the cache (a shard's parts merge into it)
+    compile_s: float = 0.0  # --compile: the compilation (the first batch's wait), within the seconds above
 
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_frames_per_s(self) -> float:
+        """Frames/s of the whole call without the compilation's wait (= frames_per_s without --compile)."""
+        busy = self.seconds - self.compile_s
+        return self.frames / busy if busy > 0 else 0.0
 
 
 def _slug(s: str) -> str:
@@ -212,8 +219,11 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         if device.type == "cpu":
             tune_cpu_allocator()  # once per process, before the CNN's first batch
         backbone = bb.create_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.pool, cfg.crops, cfg.size)
+        if clip_stride and cfg.compile:
+            log("note: --compile applies to frame backbones; the clip backbone runs eagerly")
         embed = (ClipEmbedder(backbone, device, precision) if clip_stride
-                 else bb.Embedder(backbone, device, precision, cfg.channels_last))
+                 else bb.Embedder(backbone, device, precision, cfg.channels_last, compile=cfg.compile,
+                                  batch_size=cfg.batch_size, log=log))
         attrs = {
             "source": source_id, "source_kind": kind,
             "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
@@ -241,6 +251,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             with host_threads(device):
                 _stream(cfg, pool, writer, embed, todo, result, progress, log, t_start, (clip_frames, clip_stride))
             result.stream_seconds = time.monotonic() - t_start
+            result.compile_s = getattr(embed, "warmup_s", 0.0)
+            if result.compile_s:
+                log(f"--compile: compiled the CNN in {result.compile_s:.1f} s (the first batch's wait)")
     result.seconds = time.monotonic() - t0
     _write_error_report(path, result)
     return result

@@ -202,7 +202,7 @@ def predict(run_dir, videos, source, **opts):
         if videos or opts["window"] is not None or opts["cache"] or opts["explain"]:
             raise click.UsageError("--stream classifies one live source: give no VIDEO, --window, --cache or --explain "
                                    "with it (to explain a recording, predict it as a FILE with --explain)")
-        shared = {k: opts[k] for k in ("stride", "threshold", "out", "device", "precision")}
+        shared = {k: opts[k] for k in ("stride", "threshold", "out", "device", "precision", "compile")}
         res = stream(StreamConfig(run=run_dir, source=source, batch_size=min(opts["batch_size"], StreamConfig.batch_size),
                                   **shared, **live),
                      log=lambda s: click.echo(s, err=True), echo=click.echo)

@@ -304,6 +304,8 @@ class PredictConfig:
     precision: str | None = option(None, f"Autocast precision of the CNN; {PRECISION_AUTO_HELP} [default: the run's, "
                                          "as its features were made].", choices=PRECISIONS)
     batch_size: int = option(64, "Frames per backbone batch.")
+    compile: bool = option(False, "Run the CNN through torch.compile (featurize --compile; also with --stream).",
+                           flag="--compile")
     plots: bool = option(True, "No timeline plots.", flag="--no-plots")
     explain: bool = option(False, "Also explain every window: the importance of each of its frames for the predicted "
                                   "class (integrated gradients; attributions.csv, importance_<video>.png).")
@@ -333,7 +335,8 @@ class PredictConfig:
 
 @dataclass
 class StreamConfig:
-    """predict --stream's options; stride, threshold, out, device, precision and batch size are predict's flags."""
+    """predict --stream's options; stride, threshold, out, device, precision, batch size and compile are predict's
+    flags."""
     run: str
     source: str = option(help="Classify a live stream instead of VIDEO files: /dev/videoN, rtsp://, http://, "
                               "udp://..., - (a container on standard input) or a file; one line per window on stdout.",
@@ -349,6 +352,7 @@ class StreamConfig:
     device: str = "auto"
     precision: str | None = None
     batch_size: int = 16
+    compile: bool = False             # the CNN through torch.compile (featurize.compiled)
     max_queue: int = 32               # frames waiting for the CNN before the oldest are dropped (live sources)
     save_features: str | None = option(None, "--stream: also write every embedded frame's stream time and features to "
                                              "this .npz file.", type=click.Path(dir_okay=False))

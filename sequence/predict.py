@@ -132,7 +132,7 @@ def _featurize(cfg: PredictConfig, run: Run, spec: FeatureSpec, cache_path: Path
     records = [Segment(id=i, path=str(Path(v).resolve()), label="unknown", group=i, where=v)
                for v, i in zip(cfg.videos, ids)]
     fcfg = FeaturizeConfig(source="featseq predict", **spec.featurize_options(precision=cfg.precision, device=cfg.device),
-                           device=cfg.device, out=str(cache_path), batch_size=cfg.batch_size,
+                           device=cfg.device, out=str(cache_path), batch_size=cfg.batch_size, compile=cfg.compile,
                            decode_timeout=cfg.decode_timeout, skip_errors=True,
                            shard=None, refresh=True)  # a video changed since --cache kept it: its features now
     log(f"featurizing {len(cfg.videos)} video(s) like the run's features: {spec.describe()}"

@@ -245,14 +245,15 @@ def _play(cfg: StreamConfig, frames: _Frames, windows: _Windows, embed) -> str:
         return getattr(e, "name", "SIGINT")
 
 
-def _embedder(cfg: StreamConfig, backbone, precision: str):
+def _embedder(cfg: StreamConfig, backbone, precision: str, log=lambda s: None):
     device = bb.resolve_device(cfg.device)
     if device.type == "cpu":
         from featseq.featurize.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
     precision = resolve_precision(precision, device)
-    return device, precision, bb.Embedder(backbone, device, precision)
+    return device, precision, bb.Embedder(backbone, device, precision, compile=cfg.compile, batch_size=cfg.batch_size,
+                                          log=log)
 
 
 def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
@@ -285,7 +286,11 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
             opts = spec.featurize_options(precision=cfg.precision, device=cfg.device)
             backbone = bb.create_backbone(opts["backbone"], opts["weights"], opts["seed"], opts["pool"], opts["crops"],
                                           opts["size"])
-        device, precision, embed = _embedder(cfg, backbone, opts["precision"])
+        device, precision, embed = _embedder(cfg, backbone, opts["precision"], log)
+        if cfg.compile:  # compiled before the first window, not while the source's frames queue up
+            side = decode_size(run.spec.size, run.spec.crops)
+            embed(np.zeros((cfg.batch_size, side, side, 3), np.uint8))
+            log(f"--compile: compiled the CNN in {embed.warmup_s:.1f} s, before reading the stream")
         run.model.to(device).eval()
         windows = _Windows(cfg, run, fps, seq_len, step, device, out, echo)
         t_start = time.monotonic()
