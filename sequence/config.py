@@ -213,6 +213,8 @@ class FinetuneConfig(TrainConfig):
     augment: bool = option(False, "Random resized crop + flip per clip (off: position can carry meaning).")
     accumulate: int = option(1, "Gradient accumulation steps.")
     checkpointing: bool = option(False, "Gradient checkpointing through the CNN (less memory, more compute).")
+    compile: bool = option(False, "Run the CNN through torch.compile (its batch dimension dynamic: the real frames of "
+                                  "a batch vary); a compiler failure falls back to eager.", flag="--compile")
     precision: str = option(AUTO_PRECISION, f"Autocast precision; {PRECISION_AUTO_HELP}.", choices=PRECISIONS)
     channels_last: bool = option(True, "NHWC memory format for the CNN on CUDA.")
     resume: bool = option(False, "Continue an interrupted run from its last.pt (without it, or --overwrite, such a "
@@ -272,6 +274,9 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile and self.checkpointing:
+            problems.append("--compile and --checkpointing: choose one (checkpointing re-runs the CNN in the backward "
+                            "pass, outside the compiled graph)")
         if self.from_run is None and (why := cv_split_problem(self.split)):
             # (with --from, the run's own train/val/test ids are used: a cross-validation's best fold has its
             # split inherited; a cross-validation asked for with --from is refused before inherit, by finetune)

@@ -77,7 +77,8 @@ def model_inputs(run: Run, cache, data, idx: np.ndarray, device: torch.device, t
     if run.trunk_state is None:
         _, x, m = next(FeatureInputs.of(data).batches([idx]))
         return x, m
-    from .finetune import CNNSequence, Frames
+    from .finetune import CNNSequence
+    from .frames import Frames
     from .gradcam import run_backbone
 
     spec = FeatureSpec.from_attrs(cache.attrs)
@@ -114,7 +115,7 @@ def _fmt(v: float) -> str:
 
 def _gradcams(cfg, run, cache, data, idx, x, m, res, out: Path, names: dict, device, log) -> dict:
     """gradcam_<id>.png for the first --max-plots explained segments; id -> path."""
-    from .finetune import Frames
+    from .frames import Frames
     from .gradcam import FINETUNED, FROZEN, frame_cams, run_backbone
 
     spec = FeatureSpec.from_attrs(cache.attrs)

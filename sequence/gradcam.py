@@ -2,7 +2,7 @@
 frames, for ``featseq explain``.
 
 The frames are those the cache recorded (its ``/frames``, or decoded at their cached timestamps by featurize's
-decoder, through sequence.finetune.Frames). Each frame goes through the CNN, its embedding replaces that frame's
+decoder, through sequence.frames.Frames). Each frame goes through the CNN, its embedding replaces that frame's
 features in the sequence the model read, and the gradient of the class probability at the last convolution's
 output gives the heat map (ReLU of the channel-weighted activations, upsampled to the frame, scaled to 0..1).
 

@@ -214,7 +214,7 @@ def test_cli_finetune_with_augment_accumulate_and_checkpointing(ft_data, tmp_pat
     training batch, and the optimizer steps once per 2 batches (AdamW's step count in last.pt)."""
     import torch.utils.checkpoint
 
-    import featseq.sequence.finetune as F
+    import featseq.sequence.frames as F
 
     calls = {"augment": 0, "checkpoint": 0}
 
@@ -282,3 +282,31 @@ def test_a_video_source_without_from_is_featurized_with_featurize_defaults(monke
     assert [getattr(got, k) for k in ("weights", "size", "fps", "decode_timeout")] == \
         [getattr(want, k) for k in ("weights", "size", "fps", "decode_timeout")]
     assert FinetuneConfig(cache="c", out="o").decode_timeout == want.decode_timeout
+
+
+def test_finetune_compile_runs_the_trunk_through_the_compiled_path_and_survives_a_failing_compiler(ft_data, tmp_path,
+                                                                                                 monkeypatch):
+    """--compile: the trunk's calls go through featurize.compiled (torch.compile faked: it records its calls and
+    fails the first time, as a compiler without its toolchain does), training completes eagerly after one note, and
+    --compile with --checkpointing is refused."""
+    calls = []
+
+    def failing_compile(module, **options):
+        assert options.get("dynamic") is None  # a batch's real frames vary: dynamic batch dimension
+
+        def run(x):
+            calls.append(tuple(x.shape))
+            raise RuntimeError("no working C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    out = tmp_path / "comp"
+    r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(out),
+                                  "--unfreeze", "1", "--epochs", "1", "--batch-size", "4", "--compile", "--device",
+                                  "cpu", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1 and (out / "results.json").is_file()
+    assert r.output.count("--compile: torch.compile failed (RuntimeError: no working C++ compiler)") == 1
+    r = CliRunner().invoke(main, ["finetune", ft_data["frames"], "--from", ft_data["run"], "--out", str(tmp_path / "x"),
+                                  "--compile", "--checkpointing", "--device", "cpu"])
+    assert r.exit_code != 0 and "--compile and --checkpointing" in r.output

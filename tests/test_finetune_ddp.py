@@ -187,7 +187,7 @@ def test_augmentation_of_a_clip_does_not_depend_on_its_batch_or_rank(ddp_data):
     holds it, and another epoch draws anew."""
     from featseq.featurize.cache import read_cache
     from featseq.featurize.spec import FeatureSpec
-    from featseq.sequence.finetune import FrameInputs, Frames
+    from featseq.sequence.frames import FrameInputs, Frames
     from featseq.sequence.reader import ReaderConfig, build
 
     cache = read_cache(ddp_data["cache"], features=False)

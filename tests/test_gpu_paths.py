@@ -284,7 +284,7 @@ def test_resuming_an_fp32_state_into_an_fp16_scaler_starts_a_fresh_scale(tmp_pat
 def test_finetune_frames_take_decode_workers_and_augment_off_the_training_thread(tmp_path, monkeypatch):
     import threading
 
-    from featseq.sequence import finetune as F
+    from featseq.sequence import frames as F
 
     class FakeFrames:
         data = types.SimpleNamespace(rows=torch.zeros((4, 2), dtype=torch.long))
@@ -303,7 +303,7 @@ def test_finetune_frames_take_decode_workers_and_augment_off_the_training_thread
 
 def test_finetune_decodes_with_several_workers_for_a_gpu(gpus, monkeypatch):
     from featseq.featurize.spec import FeatureSpec
-    from featseq.sequence.finetune import Frames
+    from featseq.sequence.frames import Frames
 
     monkeypatch.setattr("featseq.common.cpus.available_cpus", lambda *a, **k: 16)
     spec = FeatureSpec("resnet18", "none-seed0", "", "", 0, 32, "squash", 6.0, "fp32", 512, (), (), "pyav")
