@@ -26,7 +26,7 @@ and replaced: hangs and aborts are not only decord's.
 """
 from __future__ import annotations
 
-import functools
+import collections
 import importlib
 import os
 from dataclasses import dataclass
@@ -76,19 +76,54 @@ class FrameTable:
     rotation: int = 0
 
 
+# Frame tables kept per process, up to this many frames in all (24 bytes a frame: about 50 MB). Every video a decode
+# worker has seen stays demuxed while they fit: the segments of one long video, and the clips finetune and Grad-CAM
+# come back to every epoch (UCF-101's 13,320 clips hold about 2.4 million frames).
+TABLE_CACHE_FRAMES = 2_000_000
+
+
+class _TableCache:
+    """Least recently used frame tables, bounded by the frames they hold (not their number: one hour-long video's
+    table weighs as much as 600 ten-second clips')."""
+
+    def __init__(self):
+        self.tables: collections.OrderedDict[tuple, FrameTable] = collections.OrderedDict()
+        self.frames = 0
+
+    def get(self, key: tuple) -> FrameTable | None:
+        table = self.tables.get(key)
+        if table is not None:
+            self.tables.move_to_end(key)
+        return table
+
+    def put(self, key: tuple, table: FrameTable) -> None:
+        self.tables[key] = table
+        self.frames += len(table.starts)
+        while self.frames > TABLE_CACHE_FRAMES and len(self.tables) > 1:
+            self.frames -= len(self.tables.popitem(last=False)[1].starts)
+
+
+_TABLES = _TableCache()
+
+
 def frame_table(path: str) -> FrameTable:
     """Demux ``path`` (no decoding) into its :class:`FrameTable`; DecodeError naming the file when it can't.
 
-    Kept for the last few files (keyed by size and mtime), so the segments of one long video demux it once."""
+    Kept (keyed by path, size and mtime: a changed file is demuxed again) while the kept tables hold at most
+    :data:`TABLE_CACHE_FRAMES` frames, the least recently used dropped first."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise DecodeError(f"{path}: cannot open video ({type(e).__name__}: {e.strerror})") from e
-    return _frame_table(path, st.st_size, st.st_mtime_ns)
+    key = (path, st.st_size, st.st_mtime_ns)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _frame_table(path)
+        _TABLES.put(key, table)
+    return table
 
 
-@functools.lru_cache(maxsize=8)
-def _frame_table(path: str, size: int, mtime_ns: int) -> FrameTable:
+def _frame_table(path: str) -> FrameTable:
     import av
 
     try:

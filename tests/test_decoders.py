@@ -8,6 +8,8 @@ between backends. A backend that is not installed is skipped with the reason.
 """
 from fractions import Fraction
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,42 @@ def test_frame_table_is_the_exact_timestamps(videos):
     assert t.fps == pytest.approx(30000 / 1001)
     assert np.allclose(t.starts, np.arange(len(t.starts)) * 1001 / 30000, atol=1e-9, rtol=0)
     assert (np.diff(t.starts) > 0).all() and np.allclose(t.ends - t.starts, 1001 / 30000)
+
+
+def test_frame_tables_stay_demuxed_within_a_frame_budget_and_a_changed_file_is_demuxed_again(synth_data, tmp_path,
+                                                                                              monkeypatch):
+    """featurize.decoder.frame_table keeps every video it demuxed while the kept tables hold at most
+    TABLE_CACHE_FRAMES frames (finetune and Grad-CAM come back to the same clips every epoch: one demux per clip and
+    worker, not one per visit), drops the least recently used beyond, and demuxes a file again when it changed."""
+    import shutil
+
+    import featseq.featurize.decoder as D
+
+    clips = sorted(str(p) for p in Path(synth_data["clips_root"]).rglob("*.mp4"))[:4]
+    copies = []
+    for i, c in enumerate(clips):
+        copies.append(str(tmp_path / f"v{i}.mp4"))
+        shutil.copy(c, copies[-1])
+    demuxed = []
+    real = D._frame_table
+    monkeypatch.setattr(D, "_frame_table", lambda path: demuxed.append(path) or real(path))
+    monkeypatch.setattr(D, "_TABLES", D._TableCache())
+    for _ in range(3):  # three epochs over four clips
+        for c in copies:
+            D.frame_table(c)
+    assert demuxed == copies  # once each
+    frames = [len(D.frame_table(c).starts) for c in copies]
+    monkeypatch.setattr(D, "TABLE_CACHE_FRAMES", frames[2] + frames[3])  # room for the last two
+    monkeypatch.setattr(D, "_TABLES", D._TableCache())
+    demuxed.clear()
+    for c in copies + copies[2:]:
+        D.frame_table(c)
+    assert demuxed == copies  # the last two stayed; the first two were dropped
+    assert D._TABLES.frames == frames[2] + frames[3] and len(D._TABLES.tables) == 2
+    with open(copies[3], "ab") as fh:  # the file changed (size, mtime): its old table is not used
+        fh.write(b"\0")
+    D.frame_table(copies[3])
+    assert demuxed[-1] == copies[3] and len(demuxed) == 5
 
 
 def test_a_backend_that_cannot_run_is_refused_with_the_fix(monkeypatch, synth_data, tmp_path):
