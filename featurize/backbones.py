@@ -307,7 +307,10 @@ class Embedder:
             x = host.to(self.device, non_blocking=True)
         compute.wait_stream(self._copy_stream)
         x.record_stream(compute)  # the caching allocator must not reuse x's memory before the CNN has read it
-        y = self._forward(x)[:n]
+        if self.compiled is not None:  # one shape: --batch-size rows a call (a batch may gather up to twice that)
+            y = torch.cat([self._forward(x[a:a + self.batch_size]) for a in range(0, rows, self.batch_size)])[:n]
+        else:
+            y = self._forward(x)
         out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
         out.copy_(y, non_blocking=True)
         done = torch.cuda.Event()

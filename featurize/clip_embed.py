@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backbones import DTYPES, Backbone
+from .backbones import DTYPES, Backbone, cuda_math
 from .clips import windows
 
 # clips per forward pass on the CPU (a few: their activations are frames x pixels)
@@ -17,6 +17,7 @@ class ClipEmbedder:
 
     def __init__(self, backbone: Backbone, device: torch.device, precision: str):
         self.backbone, self.device, self.precision = backbone, device, precision
+        cuda_math(precision, device)  # fp32 on CUDA without TF32, as the frame Embedder
         self.model = backbone.trunk.to(device).eval()
         self.mean = torch.tensor(backbone.entry.mean, device=device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(backbone.entry.std, device=device).view(1, 3, 1, 1, 1)

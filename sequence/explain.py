@@ -113,6 +113,17 @@ def _fmt(v: float) -> str:
     return "" if not np.isfinite(v) else f"{v:.6f}"
 
 
+def _no_gradcam(spec: FeatureSpec) -> str | None:
+    """Why Grad-CAM cannot be drawn through the CNN that made these features (None: it can)."""
+    if spec.imported:
+        return f"they were imported from {spec.imported} files, so featseq does not have the CNN that made them"
+    if spec.clip_stride:
+        return f"{spec.backbone} embeds clips with 3D convolutions, not frames"
+    if spec.crops != 1:
+        return f"each frame's feature averages {spec.crops} crops"
+    return None
+
+
 def _gradcams(cfg, run, cache, data, idx, x, m, res, out: Path, names: dict, device, log) -> dict:
     """gradcam_<id>.png for the first --max-plots explained segments; id -> path."""
     from .frames import Frames
@@ -169,6 +180,10 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
     same = run.cache_path is not None and Path(path).resolve() == Path(run.cache_path).resolve()
     idx = chosen(cfg, run, data, same)
     device = resolve_device(cfg.device)
+    gradcam = cfg.gradcam
+    if gradcam and (why := _no_gradcam(FeatureSpec.from_attrs(cache.attrs))):
+        log(f"note: no Grad-CAM for these features: {why}; explaining over time only")
+        gradcam = 0
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "explain"
     out.mkdir(parents=True, exist_ok=True)
     if (out / "explain.json").is_file() or (out / "attributions.csv").is_file():  # an earlier explanation's figures
@@ -182,7 +197,7 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
         xc, mc = model_inputs(run, cache, data, idx[a:a + CHUNK], device, cfg.decode_timeout)
         parts.append((mc, explain_inputs(run.model, xc, mc, data.labels[idx[a:a + CHUNK]], cfg.method, device,
                                          cfg.baseline, cfg.steps, cfg.occlusion_window)))
-        if a < cfg.max_plots and cfg.gradcam:  # Grad-CAM needs the inputs of the segments it draws
+        if a < cfg.max_plots and gradcam:  # Grad-CAM needs the inputs of the segments it draws
             kept.append(xc[:max(0, cfg.max_plots - a)])
     m = torch.cat([mc for mc, _ in parts])
     res = {k: np.concatenate([r[k] for _, r in parts]) for k in parts[0][1]}
@@ -224,7 +239,7 @@ def explain(cfg: ExplainConfig, log=lambda s: None) -> dict:
     if profiles:
         plots.class_importance(out / "class_importance.png", profiles, BINS,
                                f"importance for the true class along the clip ({cfg.method}, {len(idx)} segments)")
-    cams = _gradcams(cfg, run, cache, data, idx, x, m, res, out, names, device, log) if cfg.gradcam else {}
+    cams = _gradcams(cfg, run, cache, data, idx, x, m, res, out, names, device, log) if gradcam else {}
     correct = y == res["pred"]
     doc = {
         "status": "complete", "run": str(cfg.run), "kind": run.kind, "cache": str(path), "segments": len(idx),

@@ -29,7 +29,7 @@ FROZEN = "Grad-CAM through the frozen backbone that made the features (not train
 
 def run_backbone(run, spec: FeatureSpec, what: str) -> bb.Backbone:
     """The CNN of a run's features: the cache's backbone (``spec``), with a fine-tuned run's trained trunk loaded."""
-    backbone = bb.create_backbone(spec.backbone, spec.check_weights(what), spec.seed)
+    backbone = bb.create_backbone(spec.backbone, spec.check_weights(what), spec.seed, spec.pool, spec.crops, spec.size)
     if run.trunk_state is not None:
         backbone.trunk.load_state_dict(run.trunk_state)
     backbone.trunk.eval()

@@ -77,6 +77,7 @@ def resident_on(device: torch.device, features: torch.Tensor) -> bool:
     if device.type != "cuda" or features.device == device:
         return False
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache: free to torch
     return features.numel() * features.element_size() <= RESIDENT_SHARE * free
 
 

@@ -188,3 +188,18 @@ def test_gradcam_overlays_for_a_fine_tuned_and_a_frozen_run(tmp_path):
         scored = {x["id"]: x for x in _rows(Path(folder) / "predictions.csv")}
         for x in rows:
             assert abs(float(x["p_predicted"]) - float(scored[x["id"]][f"p_{x['predicted']}"])) < 1e-4, folder
+
+
+def test_gradcam_is_skipped_with_the_reason_where_no_frame_cnn_made_the_features():
+    """explain draws Grad-CAM only through a frame CNN featseq has: imported features, clip backbones and multi-crop
+    features are explained over time only, with the reason (sequence.explain._no_gradcam), not a failure after the
+    attribution."""
+    import types
+
+    from featseq.sequence.explain import _no_gradcam
+
+    spec = lambda **kw: types.SimpleNamespace(**{"imported": "", "clip_stride": 0, "crops": 1, "backbone": "r3d_18", **kw})
+    assert _no_gradcam(spec()) is None
+    assert "imported from npy" in _no_gradcam(spec(imported="npy"))
+    assert "3D convolutions" in _no_gradcam(spec(clip_stride=8))
+    assert "5 crops" in _no_gradcam(spec(crops=5))

@@ -174,7 +174,7 @@ def test_finetune_errors(ft_data, tmp_path):
 
 
 def test_augment_applies_one_crop_and_flip_to_every_frame_of_a_clip():
-    from featseq.sequence.finetune import augment_clip
+    from featseq.sequence.frames import augment_clip
 
     clip = torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8)
     changed = 0
