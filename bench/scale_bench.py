@@ -16,6 +16,7 @@ Synthetic caches written by featseq's own CacheWriter (random float16 features, 
   are what grows there): writer, cache info, verify, train's load.
 
     .venv/bin/python bench/scale_bench.py [--quick]
+    .venv/bin/python bench/scale_bench.py --train-only   # the training rows again, into the saved results
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, median, run_with_peak_rss, save  # noqa: E402
+from bench.common import RESULTS, ROOT, median, run_with_peak_rss, save  # noqa: E402
 from featseq.featurize.cache import string_widths  # noqa: E402
 from featseq.featurize.writer import GROUP_SECONDS, CacheWriter  # noqa: E402
 
@@ -178,6 +179,23 @@ def kinetics_rows(tmp: Path, n: int) -> list[dict]:
     return rows
 
 
+def train_only() -> dict:
+    """Rerun the training rows alone (on a fresh UCF-101-sized cache) into the saved results: for a quiet machine."""
+    import json
+
+    saved = json.loads((RESULTS / "scale.json").read_text())
+    saved.pop("machine", None)
+    tmp = Path(tempfile.mkdtemp(prefix="featseq-scale-"))
+    try:
+        n = saved.get("train_segments", 13320)
+        write(tmp / "ucf.h5", n, 35, GROUP_SECONDS)
+        saved.update(train_section(tmp / "ucf.h5", tmp, 3), train_segments=n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save("scale", saved)
+    return saved
+
+
 def main(quick: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="featseq-scale-"))
     sizes = [(500, 10), (2000, 10)] if quick else [(1000, 10), (13320, 10), (13320, 35)]
@@ -224,4 +242,6 @@ def main(quick: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    main(ap.parse_args().quick)
+    ap.add_argument("--train-only", action="store_true", help="rerun train, sweep and CacheDataset rows into the saved results")
+    args = ap.parse_args()
+    train_only() if args.train_only else main(args.quick)
