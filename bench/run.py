@@ -143,6 +143,7 @@ def render() -> str:
                          [[r["segments"], r["frames_per_segment"], r["per_segment_segments_per_s"],
                            r["per_segment_frames_per_s"], r["grouped_segments_per_s"], r["grouped_frames_per_s"],
                            r["speedup"]] for r in sc["writer"]]), "",
+                  *([f"({sc['writer_note']}.)", ""] if sc.get("writer_note") else []),
                   "Cache commands on the largest cache (process start included):", "",
                   _table(["command", "segments", "frames / segment", "MB", "seconds"],
                          [[r["command"], r["segments"], r["frames_per_segment"], r["mb"], r["seconds"]]

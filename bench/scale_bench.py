@@ -16,7 +16,7 @@ Synthetic caches written by featseq's own CacheWriter (random float16 features, 
   are what grows there): writer, cache info, verify, train's load.
 
     .venv/bin/python bench/scale_bench.py [--quick]
-    .venv/bin/python bench/scale_bench.py --train-only   # the training rows again, into the saved results
+    .venv/bin/python bench/scale_bench.py --train-only   # those after the cache commands again, into the saved results
 """
 from __future__ import annotations
 
@@ -180,7 +180,8 @@ def kinetics_rows(tmp: Path, n: int) -> list[dict]:
 
 
 def train_only() -> dict:
-    """Rerun the training rows alone (on a fresh UCF-101-sized cache) into the saved results: for a quiet machine."""
+    """Rerun the training and Kinetics-scale rows alone (on a fresh UCF-101-sized cache) into the saved results: for
+    a quiet machine, keeping the writer and cache-command rows of the last full run."""
     import json
 
     saved = json.loads((RESULTS / "scale.json").read_text())
@@ -190,6 +191,7 @@ def train_only() -> dict:
         n = saved.get("train_segments", 13320)
         write(tmp / "ucf.h5", n, 35, GROUP_SECONDS)
         saved.update(train_section(tmp / "ucf.h5", tmp, 3), train_segments=n)
+        saved["kinetics"] = kinetics_rows(tmp, 100000)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     save("scale", saved)
@@ -242,6 +244,6 @@ def main(quick: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--train-only", action="store_true", help="rerun train, sweep and CacheDataset rows into the saved results")
+    ap.add_argument("--train-only", action="store_true", help="rerun the train, sweep, CacheDataset and Kinetics-scale rows into the saved results")
     args = ap.parse_args()
     train_only() if args.train_only else main(args.quick)
