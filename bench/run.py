@@ -152,7 +152,9 @@ def render() -> str:
             tr, sw = sc["train"], sc["sweep"]
             parts += ["Training on the largest cache (LSTM, hidden 128, 5 fps, batch 32, `--split random`; the plain loop "
                       "is nn.LSTM + a linear head over float32 tensors in memory, same batch, a training pass and forward passes over "
-                      "as many segments as featseq scores per epoch (validation and test), timed in the same run; the tail is everything after the last epoch: probabilities, "
+                      "as many segments as featseq scores per epoch (validation and test), timed in the same run; the tail is the run's "
+                      "total less loading and the epochs: the model's setup (standardisation statistics over the training frames, the "
+                      "optimizer), the probabilities of every segment (a forward pass over all 13,320: about half an epoch's compute), "
                       "predictions.csv, per-class files, plots, checkpoint). Goals: per epoch <= 1.25x the plain loop, "
                       "tail < 10 s, train's peak RSS <= 1.5x the cache, a sweep --jobs 2 <= 2x.", "",
                       _table(["cache MiB", "load s", "s / epoch", "plain loop s / epoch", "ratio", "tail s",
