@@ -121,7 +121,8 @@ def train_section(big: Path, tmp: Path, epochs: int) -> dict:
     train = {"cache_mib": round(mb), "epochs": res["epochs_run"], "load_s": t["load_s"],
              "per_epoch_s": round(t["per_epoch_s"], 2), "plain_loop_per_epoch_s": round(plain, 2),
              "per_epoch_ratio": round(t["per_epoch_s"] / plain, 2),
-             "tail_s": round(t["total_s"] - t["load_s"] - t["train_s"], 2), "total_s": t["total_s"],
+             "setup_s": t.get("setup_s"),
+             "tail_s": round(t["total_s"] - t["load_s"] - t.get("setup_s", 0.0) - t["train_s"], 2), "total_s": t["total_s"],
              "wall_s": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_tree_mib"]),
              "peak_rss_x_cache": round(r["peak_tree_mib"] / mb, 2), "test_accuracy": round(res["test_accuracy"], 3)}
     print(train, flush=True)

@@ -309,7 +309,7 @@ def _finetune(cfg: FinetuneConfig, warm: Run | None, device: torch.device, rk: R
             result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, amp=amp,
                          train_mode=lambda: train_mode(model, cfg.freeze_bn), start_is_candidate=warm is not None,
                          resume=resume, on_epoch=on_epoch, log=log, ranks=rk)
-            probs = probabilities(model, inputs, data.mask, len(data.classes), device, amp, rk)
+            probs = probabilities(model, inputs, data.mask, len(data.classes), device, amp, rk, result.best_logits)
         except BaseException as e:
             tracker.end(e)
             raise

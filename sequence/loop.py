@@ -114,10 +114,17 @@ def logits(model: nn.Module, inputs: Inputs, idx: np.ndarray, device: torch.devi
 
 
 def probabilities(model: nn.Module, inputs: Inputs, mask: torch.Tensor | np.ndarray, n_classes: int, device: torch.device,
-                  amp: Amp | None = None, ranks: Ranks = ONE) -> np.ndarray:
-    """Softmax (N, C) of every sequence with at least one frame (mask[:, 0]); NaN rows for the others."""
-    first = np.asarray(mask)[:, 0]
+                  amp: Amp | None = None, ranks: Ranks = ONE,
+                  known: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    """Softmax (N, C) of every sequence with at least one frame (mask[:, 0]); NaN rows for the others. ``known``:
+    (indices, logits) the model already gave (:attr:`FitResult.best_logits`: the best epoch scored its validation
+    and test parts with these very weights), which are not computed again."""
+    first = np.asarray(mask)[:, 0].copy()
     probs = np.full((len(first), n_classes), np.nan)
+    if known is not None and len(known[0]):
+        idx = known[0].numpy()
+        probs[idx] = torch.softmax(known[1].float(), 1).numpy()
+        first[idx] = False
     have = np.nonzero(first)[0]
     if len(have):
         probs[have] = torch.softmax(logits(model, inputs, have, device, amp, n_classes, ranks), 1).numpy()
@@ -131,14 +138,17 @@ class BestEpoch:
     def __init__(self, has_val: bool, patience: int):
         self.has_val, self.patience = has_val, patience
         self.epoch, self.key, self.state, self.stale = 0, None, None, 0
+        self.logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, logits) the best weights scored
 
-    def offer(self, epoch: int, val_loss: float, val_acc: float, model: nn.Module) -> bool:
-        """Keep ``model``'s weights if this epoch is the best so far; returns whether it is."""
+    def offer(self, epoch: int, val_loss: float, val_acc: float, model: nn.Module,
+              logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+        """Keep ``model``'s weights, and the ``logits`` (indices, logits) they gave, if this epoch is the best so
+        far; returns whether it is."""
         key = (val_acc, -val_loss) if self.has_val else (epoch, 0.0)
         if self.key is not None and key <= self.key:
             self.stale += 1
             return False
-        self.epoch, self.key, self.stale = epoch, key, 0
+        self.epoch, self.key, self.stale, self.logits = epoch, key, 0, logits
         self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return True
 
@@ -146,10 +156,11 @@ class BestEpoch:
         return self.has_val and self.key is not None and self.stale >= self.patience
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "key": self.key, "state": self.state, "stale": self.stale}
+        return {"epoch": self.epoch, "key": self.key, "state": self.state, "stale": self.stale, "logits": self.logits}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.key, self.state, self.stale = d["epoch"], d["key"], d["state"], d["stale"]
+        self.logits = d.get("logits")  # a state saved before they were kept: computed again at the end
 
 
 @dataclass
@@ -177,6 +188,8 @@ class FitResult:
     best_epoch: int                 # 0: the starting weights (a warm start) stayed the best
     start_scores: dict | None       # scores of the starting weights when they were a candidate
     train_s: float
+    best_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, logits) of the validation and test
+    #                                 parts under the best weights, as scored in their epoch (for probabilities)
 
 
 def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Optimizer, opts: FitOptions,
@@ -214,7 +227,16 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
         if len(idx) == 0:
             return float("nan"), float("nan")
         lg = logits(model, inputs, idx, device, amp, n_classes, ranks)
+        scored.append((torch.as_tensor(idx), lg))
         return float(eval_loss(lg, y[idx])), float((lg.argmax(1) == y[idx]).float().mean())
+
+    def scored_logits() -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices, logits) of what score() computed since the last call."""
+        got = scored[:]
+        scored.clear()
+        return (torch.cat([i for i, _ in got]), torch.cat([g for _, g in got])) if got else None
+
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -229,7 +251,7 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
         (vl, va), (tl, ta) = score(fold.val), score(fold.test)
         start_scores = {"val_loss": vl, "val_accuracy": va, "test_loss": tl, "test_accuracy": ta,
                         "train_loss": float("nan"), "train_accuracy": float("nan")}
-        best.offer(0, vl, va, model)
+        best.offer(0, vl, va, model, scored_logits())
         log(f"start: val loss {vl:.4f} acc {va:.3f}")
     net = ranks.wrap(model, device)  # after a resume's weights are in: DDP starts every rank from rank 0's
     t_train = time.monotonic()
@@ -273,7 +295,7 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
                "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
                "seconds": time.monotonic() - t0}
         history.append(rec)
-        improved = best.offer(epoch, val_loss, val_acc, model)
+        improved = best.offer(epoch, val_loss, val_acc, model, scored_logits())
         log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.3f}  {rec['seconds']:.1f} s{'  *' if improved else ''}")
         if on_epoch is not None:
@@ -283,4 +305,4 @@ def fit(model: nn.Module, inputs: Inputs, data, fold: Fold, opt: torch.optim.Opt
     if best.state is not None:
         model.load_state_dict(best.state)
     return FitResult(history=history, best_epoch=best.epoch, start_scores=start_scores,
-                     train_s=time.monotonic() - t_train)
+                     train_s=time.monotonic() - t_train, best_logits=best.logits if best.state is not None else None)

@@ -38,6 +38,7 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
 
     Initialisation and dropout draw from torch's RNG seeded by ``cfg.seed`` inside a fork of it: the caller's
     RNG state is left as it was."""
+    t_setup = time.monotonic()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         model = M.create_model(cfg.model, data.features.shape[1], len(data.classes), **cfg.model_kwargs())
@@ -47,10 +48,11 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         inputs = FeatureInputs.of(data, device)
+        setup_s = time.monotonic() - t_setup
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
-        probs = probabilities(model, inputs, data.mask, len(data.classes), device)
+        probs = probabilities(model, inputs, data.mask, len(data.classes), device, known=result.best_logits)
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
-                       spec=spec, cache=cache, device=device, started=started, load_s=load_s)
+                       spec=spec, cache=cache, device=device, started=started, load_s=load_s, setup_s=setup_s)
     return res, probs
 
 

@@ -101,3 +101,32 @@ def test_features_stay_on_the_cpu_and_go_to_a_gpu_only_when_they_fit(seqs, monke
     assert not loop.resident_on(torch.device("cpu"), feats)
     inputs = FeatureInputs.of(seqs, cuda)  # does not fit: stays on the host, batches are copied per batch
     assert inputs.features.device.type == "cpu" and inputs.features is seqs.features
+
+
+def test_the_best_epochs_val_and_test_logits_are_reused_for_the_final_probabilities(seqs, monkeypatch):
+    """fit keeps the validation and test logits its best epoch scored; probabilities() given them equals a fresh
+    forward pass of every segment under the best weights, and runs the model on the other segments only."""
+    from featseq.sequence import loop
+
+    model, res = _fit(seqs, epochs=6, lr=0.5)
+    assert 1 <= res.best_epoch <= 6 and res.best_logits is not None
+    idx, _ = res.best_logits
+    assert sorted(idx.tolist()) == list(range(16, 24))  # the validation and test parts of _fold()
+    inputs = FeatureInputs.of(seqs)
+    fresh = loop.probabilities(model, inputs, seqs.mask, 2, torch.device("cpu"))
+    asked = []
+    real = loop.logits
+    monkeypatch.setattr(loop, "logits", lambda m, i, ix, *a, **k: asked.append(np.asarray(ix)) or real(m, i, ix, *a, **k))
+    reused = loop.probabilities(model, inputs, seqs.mask, 2, torch.device("cpu"), known=res.best_logits)
+    np.testing.assert_allclose(reused, fresh, atol=1e-6)
+    assert sorted(np.concatenate(asked).tolist()) == list(range(16))  # the training part only
+
+
+def test_a_resumed_fit_keeps_the_best_epochs_logits(seqs):
+    """The loop state saved after every epoch holds the best epoch's logits: a resumed fit ends with the same ones."""
+    _, full = _fit(seqs, epochs=4, lr=0.5)
+    saved = {}
+    _fit(seqs, epochs=2, lr=0.5, on_epoch=lambda st: saved.update(st))
+    _, res = _fit(seqs, epochs=4, lr=0.5, resume=saved)
+    assert res.best_epoch == full.best_epoch
+    assert torch.equal(res.best_logits[0], full.best_logits[0]) and torch.allclose(res.best_logits[1], full.best_logits[1])

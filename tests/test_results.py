@@ -46,7 +46,7 @@ def test_a_run_writes_its_results_once_with_the_documented_keys(cache, tmp_path,
     assert writes == [tmp_path / "r" / R.RESULTS]
     on_disk = json.loads((tmp_path / "r" / R.RESULTS).read_text())
     assert on_disk == res and list(on_disk) == RUN_KEYS
-    assert list(on_disk["timings"]) == ["train_s", "per_epoch_s", "load_s", "total_s"]
+    assert list(on_disk["timings"]) == ["train_s", "per_epoch_s", "load_s", "setup_s", "total_s"]
     assert R.Results.read(tmp_path / "r").total_s == on_disk["timings"]["total_s"]
     writes.clear()
     ev = evaluate(str(tmp_path / "r"), out=str(tmp_path / "e"), plots=False)
