@@ -62,20 +62,23 @@ class Standardize(nn.Module):
     @torch.no_grad()
     def fit(self, frames: torch.Tensor, rows: torch.Tensor | None = None, block_bytes: int = 32 << 20) -> None:
         """Mean and std of (n, D) real (unpadded) training frames, or of the rows ``rows`` of the features table
-        ``frames``; read in blocks of ``block_bytes`` (as float64) into sums, so no float32 copy of the training part
-        is made (at UCF-101 size it would be several times the cache)."""
+        ``frames``; read in float32 blocks of ``block_bytes`` whose means and squared deviations are merged in float64
+        (Chan et al.'s pairwise update: no catastrophic cancellation of sum(x^2) - n*mean^2), so no float32 copy of the
+        training part is made (at UCF-101 size it would be several times the cache) and no float64 one either."""
         idx = torch.arange(len(frames)) if rows is None else rows.reshape(-1)
-        block = max(1, block_bytes // (8 * frames.shape[1]))
-        n, s = len(idx), torch.zeros(frames.shape[1], dtype=torch.float64)
-        ss = torch.zeros_like(s)
-        for a in range(0, n, block):
-            x = frames[idx[a:a + block]].double()
-            s += x.sum(0)
-            ss += (x * x).sum(0)
-        mean = s / max(n, 1)
-        var = (ss / max(n, 1) - mean * mean).clamp(min=0)
+        block = max(1, block_bytes // (4 * frames.shape[1]))
+        n, mean = 0, torch.zeros(frames.shape[1], dtype=torch.float64)
+        m2 = torch.zeros_like(mean)
+        for a in range(0, len(idx), block):
+            x = frames[idx[a:a + block]].float()
+            k = len(x)
+            bvar, bmean = torch.var_mean(x, 0, correction=0)
+            delta = bmean.double() - mean
+            mean += delta * (k / (n + k))
+            m2 += bvar.double() * k + delta * delta * (n * k / (n + k))
+            n += k
         self.mean.copy_(mean)
-        self.std.copy_(var.sqrt().clamp(min=1e-4))
+        self.std.copy_((m2 / max(n, 1)).sqrt().clamp(min=1e-4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -52,7 +52,7 @@ def test_features_are_held_once_in_the_caches_dtype(tmp_path, monkeypatch):
 
 
 def test_standardize_fits_in_blocks_like_the_whole(tmp_path):
-    """Standardize.fit over rows of the features table, block by block in float64, gives the mean and std of the
+    """Standardize.fit over rows of the features table, in float32 blocks merged in float64, gives the mean and std of the
     gathered frames."""
     import torch
 
@@ -61,8 +61,50 @@ def test_standardize_fits_in_blocks_like_the_whole(tmp_path):
     feats = (torch.randn(5000, 24) * 3 + 2).half()
     rows = torch.randint(0, 5000, (300, 7))
     a, b = Standardize(24), Standardize(24)
-    a.fit(feats, rows, block_bytes=8 * 24 * 100)  # 100 rows a block
+    a.fit(feats, rows, block_bytes=4 * 24 * 100)  # 100 rows a block
     x = feats[rows.reshape(-1)].double()
     b.fit(x)
     assert torch.allclose(a.mean, x.mean(0).float(), atol=1e-5) and torch.allclose(a.std, x.std(0, unbiased=False).float(), atol=1e-5)
     assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
+
+
+def test_standardize_keeps_a_small_spread_on_a_large_offset():
+    """Features far from zero with a small spread (1e4 +- 0.1): the blocks' float32 deviations merged in float64
+    give the spread to 1e-3, where sum(x^2) - n*mean^2 in float32 would lose it entirely."""
+    import torch
+
+    from featseq.sequence.models import Standardize
+
+    g = torch.Generator().manual_seed(0)
+    feats = 1e4 + 0.1 * torch.randn(20000, 8, generator=g)
+    s = Standardize(8)
+    s.fit(feats, block_bytes=4 * 8 * 777)  # uneven blocks
+    ref = feats.double()
+    assert torch.allclose(s.mean.double(), ref.mean(0), atol=1e-3)
+    assert torch.allclose(s.std.double(), ref.std(0, unbiased=False), rtol=1e-3)
+
+
+def test_a_new_version_of_a_cache_replaces_its_old_memory_mapped_copy(tmp_path, monkeypatch):
+    """The memory-mapped copy is made once per cache version; when the cache changes (featurize appended, a rerun
+    rewrote it) the next copy deletes the older one of the same path, and another cache's copy stays."""
+    import os
+
+    from helpers import write_fake_cache
+
+    monkeypatch.setenv("FEATSEQ_MMAP_DIR", str(tmp_path / "mm"))
+    folder = tmp_path / "mm" / "featseq-mmap"
+    a = write_fake_cache(tmp_path / "a" / "c.h5", ["x", "y"] * 4, dim=8)
+    b = write_fake_cache(tmp_path / "b" / "c.h5", ["x", "y"] * 4, dim=8)  # same file name, another folder
+    load_features(str(a), shared=True)
+    load_features(str(b), shared=True)
+    load_features(str(a), shared=True)  # same version: the copy is reused
+    first = sorted(folder.glob("*.npy"))
+    assert len(first) == 2
+    os.unlink(a)
+    write_fake_cache(a, ["x", "y", "z"] * 4, dim=8)  # a new version of a
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cache, feats = load_features(str(a), shared=True)
+    now = sorted(folder.glob("*.npy"))
+    assert len(now) == 2 and len(set(now) & set(first)) == 1  # b's copy kept, a's old one replaced
+    assert feats.shape[0] == len(cache.timestamps)

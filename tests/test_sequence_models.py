@@ -32,6 +32,8 @@ def test_model_contract(name, kw):
     out.sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: no gradient for {pname}"
+        if pname.endswith("pool.score.bias"):  # one bias added to every step's score: softmax cancels it, so its
+            continue                          # gradient is zero in exact arithmetic (rounding alone makes it non-zero)
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
     model.eval()
     with torch.no_grad():
