@@ -8,6 +8,7 @@ features once, in the cache's dtype, in RAM or memory-mapped.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 from fractions import Fraction
@@ -168,15 +169,23 @@ def ram_budget_bytes() -> int:
 
 
 def features_memmap(path: str, rows: int) -> np.ndarray:
-    """A copy of the cache's features, in its dtype, in a .npy file (made once per cache version), memory-mapped."""
+    """A copy of the cache's features, in its dtype, in a .npy file (made once per cache version), memory-mapped.
+
+    The copy is named after the cache's path and its version (mtime, size): making the copy of a new version deletes
+    the copies of that path's older versions (a process still mapping one keeps its pages until it ends), so a
+    cache that grows or is rewritten leaves one copy, not one per version."""
     st = os.stat(path)
-    tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|native".encode()).hexdigest()[:16]
+    where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    version = hashlib.sha1(f"{st.st_mtime_ns}|{st.st_size}|native".encode()).hexdigest()[:8]
     folder = Path(os.environ.get("FEATSEQ_MMAP_DIR", tempfile.gettempdir())) / "featseq-mmap"
     folder.mkdir(parents=True, exist_ok=True)
-    npy = folder / f"{Path(path).stem}-{tag}.npy"
+    npy = folder / f"{Path(path).stem}-{where}-{version}.npy"
     if not npy.exists():
         with replaced(npy) as tmp:  # atomic: parallel sweep workers may race to make it
             features_to_npy(path, tmp, rows)
+        for old in folder.glob(f"{glob.escape(Path(path).stem)}-{where}-*.npy"):
+            if old != npy:
+                old.unlink(missing_ok=True)
     return np.load(npy, mmap_mode="r")
 
 

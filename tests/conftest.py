@@ -19,6 +19,11 @@ atexit.register(shutil.rmtree, IMPORT_ROOT, True)
 sys.path.insert(0, str(IMPORT_ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(IMPORT_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the memory-mapped feature copies of the tests' caches (sequence.reader.features_memmap) go to a folder of this run,
+# deleted at its end, not to the machine's temp folder (each test's cache has its own path, so its own copy)
+MMAP_ROOT = tempfile.mkdtemp(prefix="featseq-test-mmap-")
+atexit.register(shutil.rmtree, MMAP_ROOT, True)
+os.environ["FEATSEQ_MMAP_DIR"] = MMAP_ROOT
 
 # plain helpers (paths, CHILD_ENV, featurize_cfg, ...) are in helpers.py; this file holds the fixtures
 
