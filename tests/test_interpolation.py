@@ -162,3 +162,24 @@ def test_a_clip_model_sees_112_px_centre_crops_of_a_128_by_171_resize(tmp_path, 
     own = tmp_path / "own.h5"  # an explicit --size replaces the weights' recipe by featseq's own
     featurize(featurize_cfg(tmp_path / "src", own, backbone="r3d_18", size=112, fps=15.0, clip_frames=2))
     assert read_cache(own).attrs["resize_size"] == "112x112"
+
+
+def test_predict_decodes_new_videos_with_the_runs_interpolation_and_resize(synth_data, tmp_path):
+    from click.testing import CliRunner
+
+    from featseq.cli import main
+
+    cache = tmp_path / "timm.h5"  # bicubic, resized to floor(32 / 0.875) = 36 then the centre 32 kept
+    featurize(featurize_cfg(synth_data["clips_root"], cache, backbone=BICUBIC_TIMM, fps=2.0))
+    assert (read_cache(cache).attrs["interpolation"], read_cache(cache).attrs["resize_size"]) == ("bicubic", "36x36")
+    r = CliRunner().invoke(main, ["train", str(cache), "--out", str(tmp_path / "run"), "--model", "mlp", "--fps", "2",
+                                  "--epochs", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    video = str(read_cache(cache).segments["path"][0])
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), video, "--out", str(tmp_path / "pred"),
+                                  "--device", "cpu", "--no-plots", "--cache", str(tmp_path / "pred.h5")])
+    assert r.exit_code == 0, r.output
+    made, new = read_cache(cache), read_cache(tmp_path / "pred.h5")
+    assert (new.attrs["interpolation"], new.attrs["resize_size"]) == ("bicubic", "36x36")
+    feats, _ = made.segment(0)  # the video of segment 0, whole, made again: the same features
+    np.testing.assert_allclose(new.features[:len(feats)], feats, atol=1e-2)
