@@ -38,8 +38,8 @@ class BackboneEntry:
     std: tuple[float, float, float] = IMAGENET_STD
     source: str = "torchvision"
     size: int = 224  # the input size --size defaults to
-    interpolation: str = "bilinear"  # of the model's own preprocessing (the decoders resize bilinearly: recorded)
-    crop_pct: float = 0.875
+    interpolation: str = "bilinear"  # of the model's own preprocessing (--interpolation default: featurize/preprocessing.py)
+    crop_pct: float = 1.0  # timm's: the centre fraction its eval transform keeps (torchvision CNNs: the whole frame)
     pool_module: str = "avgpool"  # the global average pool --pool replaces ('' when the features are not pooled)
     frames: int = 0  # a clip backbone's own clip length (featurize/clips.py); 0: it embeds single frames
 

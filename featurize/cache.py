@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .spec import IDENTITY_DEFAULTS, featurize_command
+from .spec import featurize_command, with_defaults
 from featseq.common.errors import UserError
 
 FORMAT_VERSION = 2              # what this featseq writes
@@ -328,11 +328,15 @@ def summary(path: str | os.PathLike) -> dict:
 
 def check_identity(path: str, have: dict, identity: dict) -> None:
     """Refuse a request whose identity attributes differ from those of the cache at ``path``."""
-    have = {**IDENTITY_DEFAULTS, **have}
+    have = with_defaults(have)
     diff = [f"{k}: cache has {have.get(k)!r}, request has {v!r}" for k, v in identity.items() if have.get(k) != v]
     if diff:
+        try:
+            again = f"; to resume it, ask for what made it: {featurize_command(have, path, out=path)}"
+        except (UserError, KeyError, TypeError, ValueError):  # an imported cache, or attributes too odd to repeat
+            again = ""
         raise CacheError(f"{path} holds a different request, refusing to mix them in:\n  " + "\n  ".join(diff)
-                         + "\n  Use another --out (or the default path, which is named after these settings).")
+                         + "\n  Use another --out (or the default path, which is named after these settings)" + again)
 
 
 def read_table(path: str | os.PathLike) -> tuple[dict, np.ndarray]:

@@ -5,8 +5,10 @@ One embedding per clip of T frames (``--clip-frames``, default the model's own c
 backbones. A clip cache keeps the cache contract: one row per clip, its timestamp the clip's centre (the mean of the
 times of its first and last frame), and its ``fps`` attribute the rate of rows, clips per second (--fps / stride), so
 train, sweep, compare and predict read it unchanged; ``frame_fps``, ``clip_frames`` and ``clip_stride`` say how it
-was sampled. A segment shorter than one clip gets one clip, its last frame repeated. Preprocessing (mean/std, crop
-size) comes from the weights' transforms; --weights imagenet downloads the Kinetics-400 weights.
+was sampled. A segment shorter than one clip gets one clip, its last frame repeated. Preprocessing (mean/std, the
+resize and its interpolation, the centre crop: 128 x 171 then 112 for r3d_18, mc3_18, r2plus1d_18; 256 x 256 then 224
+for s3d; the shorter side to 256 then 224 for mvit_v2_s and swin3d_t) comes from the weights' transforms
+(featurize/preprocessing.py); --weights imagenet downloads the Kinetics-400 weights.
 """
 from __future__ import annotations
 
@@ -28,13 +30,15 @@ def is_clip(name: str) -> bool:
 
 
 def clip_preprocessing(name: str) -> dict:
-    """size (the crop of the weights' transforms), mean, std and the clip length of ``name``'s Kinetics weights."""
+    """size (the crop of the weights' transforms), resize_size (what they resize to first: [H, W] exactly, or [N]
+    the shorter side), interpolation, mean, std and the clip length of ``name``'s Kinetics weights."""
     import torchvision
 
     w = torchvision.models.get_model_weights(name).DEFAULT
     t = w.transforms()
     m = re.search(r"clip_len=(\d+)", w.meta.get("_docs", ""))
-    return {"size": int(t.crop_size[0]), "mean": tuple(t.mean), "std": tuple(t.std),
+    return {"size": int(t.crop_size[0]), "resize_size": [int(x) for x in t.resize_size],
+            "interpolation": str(t.interpolation.value), "mean": tuple(t.mean), "std": tuple(t.std),
             "frames": int(m.group(1)) if m else 16, "min_frames": int(w.meta.get("min_temporal_size") or 1)}
 
 

@@ -10,7 +10,7 @@ import click
 
 from featseq.common.options import option
 
-from .decoders import DECODE_DEVICES, DECODERS, RESIZE_POLICIES
+from .decoders import DECODE_DEVICES, DECODERS, INTERPOLATIONS, RESIZE_POLICIES
 from .choices import CROPS, POOLS
 from .precision import AUTO_HELP, CHOICES as PRECISION_CHOICES
 
@@ -37,8 +37,18 @@ class FeaturizeConfig:
                                            "frames per clip [default: the model's own].", metavar="T")
     clip_stride: int | None = option(None, "Clip backbones: one clip every N sampled frames [default: T].",
                                      metavar="N")
-    resize: str = option("squash", "squash: whole frame resized to size x size; crop: shorter side to size, then "
-                                   "centre crop.", choices=RESIZE_POLICIES)
+    resize: str | None = option(None, "squash: whole frame resized to size x size (to --resize-size, then the centre "
+                                      "size x size); crop: shorter side to size (to --resize-size), then centre crop "
+                                      "[default: squash; a clip backbone's weights' own transforms].",
+                                choices=RESIZE_POLICIES)
+    resize_size: str | None = option(None, "What frames are resized to (by --resize) before the centre crop to --size: "
+                                           "N (N x N, or the shorter side with --resize crop) or HxW [default: --size; "
+                                           "floor(size / crop_pct) for a timm model; size / 0.875 with --crops 5/10; "
+                                           "a clip backbone's weights' own, e.g. 128x171 for r3d_18].",
+                                     metavar="N|HxW")
+    interpolation: str = option("default", "How frames are resized. default: the model's own (timm's pretrained "
+                                           "configuration, e.g. bicubic for ViTs and DINOv2; bilinear for torchvision "
+                                           "models).", choices=("default",) + INTERPOLATIONS)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
     device: str = option("auto", "auto, cpu or cuda.")
     precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: auto's choice on CUDA, fp32 on "
@@ -52,7 +62,8 @@ class FeaturizeConfig:
                                   "for the compilation, reported apart); a compiler failure falls back to eager. Not "
                                   "part of the cache's identity.", flag="--compile")
     out: str | None = option(None, "Cache file [default: cache/<source>__<backbone>__<weights>__<size>px__<resize>__"
-                                   "<fps>fps__<precision>.h5].")
+                                   "<fps>fps__<precision>.h5, with __from<resize-size>__<interpolation> after "
+                                   "<resize> when they are not the size itself and bilinear].")
     cache_dir: str = option(DEFAULT_CACHE_DIR, "Folder of default cache paths.")
     skip_errors: bool = option(False, "Skip missing, unreadable and undecodable videos (listed, also in "
                                       "<cache>.errors.json) and exit 0.")
@@ -86,7 +97,10 @@ class FeaturizeConfig:
             (self.crops == 1 or not self.keep_frames,
              "--keep-frames stores the frames finetune trains on, one per frame: it does not go with --crops "
              f"{self.crops}; featurize with --crops 1 to fine-tune"),
-            (self.resize in RESIZE_POLICIES, f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
+            (self.resize is None or self.resize in RESIZE_POLICIES,
+             f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"),
+            (self.interpolation in ("default",) + INTERPOLATIONS,
+             f"--interpolation must be one of default, {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"),
             (self.dtype in DTYPES, f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),

@@ -1,9 +1,10 @@
 """The decoder interface: open a video at an output size and resize policy, tell every frame's start time,
 read frames by index in bounded chunks, release, close. One module per backend in featurize/decoders/.
 
-Frames come out as uint8 RGB arrays of shape (k, S, S, 3) (native (k, H, W, 3) when ``size`` is None), scaled
-by the backend itself so a 1280x720 frame never exists in memory beyond the one inside the decoder, and
-centre-cropped when the resize policy asks for it.
+Frames come out as uint8 RGB arrays of shape (k, S, S, 3) (native (k, H, W, 3) when ``size`` is None): resized by
+the backend itself to ``resize_size`` by the resize policy (featurize/geometry.py), with the
+``interpolation`` asked for (bilinear, bicubic or nearest: the backend's own implementation of that filter), so a
+1280x720 frame never exists in memory beyond the one inside the decoder; then centre-cropped to S x S.
 
 **One time axis for every backend.** A video's frame start times come from one place, :func:`frame_table`: the
 presentation timestamps of its packets, read by PyAV's demuxer (no decoding) and kept in float64. Frame ``i`` is
@@ -35,7 +36,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from featseq.common.errors import UserError
-from .decoders import BACKENDS, DECODE_DEVICES, DECODERS, RESIZE_POLICIES
+from .decoders import BACKENDS, DECODE_DEVICES, DECODERS
+from .geometry import default_resize_size, resize_dims
 from .sampling import video_duration
 
 # Beyond this many frames between two wanted frames, seek instead of decoding through the gap.
@@ -187,21 +189,6 @@ def video_info(path: str, table: FrameTable | None = None) -> VideoInfo:
                      rotation=t.rotation)
 
 
-def decode_dims(width: int, height: int, size: int, policy: str) -> tuple[int, int]:
-    """(width, height) the decoder should output before the final crop.
-
-    squash: the whole frame resized to size x size (aspect ratio not kept, nothing cut off).
-    crop:   shorter side resized to ``size`` keeping the aspect ratio, then centre-cropped to size x size.
-    """
-    if policy == "squash":
-        return size, size
-    if policy == "crop":
-        if width <= height:
-            return size, max(size, int(round(height * size / width)))
-        return max(size, int(round(width * size / height))), size
-    raise ValueError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
-
-
 def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     """Centre crop (k, H, W, 3) frames to (k, size, size, 3); a no-op when already that size."""
     h, w = frames.shape[1:3]
@@ -266,12 +253,20 @@ class Decoder:
 
     name = ""
 
-    def __init__(self, path: str, size: int | None = None, policy: str = "squash", device: str = "cpu"):
+    def __init__(self, path: str, size: int | None = None, policy: str = "squash", device: str = "cpu",
+                 resize_size: str = "", interpolation: str = "bilinear"):
+        """``size``: the side of the square frames returned (None: native frames); ``resize_size`` ('N' or 'HxW',
+        default ``size``): what the frame is resized to by ``policy`` before the centre crop to ``size``."""
         self.path, self.size, self.policy, self.device = path, size, policy, device
+        self.interpolation = interpolation
         self.table = frame_table(path)
         self.frame_starts = self.table.starts
         native = (self.table.width, self.table.height)
-        self.out_dims = decode_dims(*native, size, policy) if size is not None else native  # (w, h) before the crop
+        self.out_dims = native if size is None else \
+            resize_dims(*native, resize_size or default_resize_size(size, policy), policy)  # (w, h) before the crop
+        if size is not None and min(self.out_dims) < size:
+            raise ValueError(f"{path}: frames resized to {self.out_dims[0]}x{self.out_dims[1]} are smaller than "
+                             f"their {size} px centre crop")
         try:
             self._open()
         except DecodeError:
@@ -296,7 +291,7 @@ class Decoder:
                 if arr.ndim != 4 or arr.shape[1:] != (h, w, 3) or arr.dtype != np.uint8:
                     raise DecodeError(f"{self.path}: {self.name} returned malformed frames of shape {arr.shape} "
                                       f"({arr.dtype}), expected (k, {h}, {w}, 3) uint8")
-                yield center_crop(arr, self.size) if self.size is not None and self.policy == "crop" else arr
+                yield center_crop(arr, self.size) if self.size is not None else arr
         except DecodeError:
             raise
         except Exception as e:
@@ -348,9 +343,10 @@ def resolve_decoder(name: str, device: str = "cpu") -> str:
 
 
 def open_decoder(path: str, size: int | None = None, policy: str = "squash", backend: str = "pyav",
-                 device: str = "cpu") -> Decoder:
-    """Open ``path`` with ``backend`` (a name from BACKENDS) on ``device``."""
-    return backend_class(backend)(path, size=size, policy=policy, device=device)
+                 device: str = "cpu", resize_size: str = "", interpolation: str = "bilinear") -> Decoder:
+    """Open ``path`` with ``backend`` (a name from BACKENDS) on ``device`` (the other arguments: :class:`Decoder`)."""
+    return backend_class(backend)(path, size=size, policy=policy, device=device, resize_size=resize_size,
+                                  interpolation=interpolation)
 
 
 class LiveSource:
@@ -374,11 +370,13 @@ class LiveSource:
 
 
 def open_live(source: str, fps: float, size: int, policy: str = "squash", realtime: bool = False,
-              stall_timeout: float = 10.0) -> LiveSource:
+              stall_timeout: float = 10.0, resize_size: str = "", interpolation: str = "bilinear") -> LiveSource:
     """Open a live ``source`` (PyAV: decord and torchcodec open neither devices nor network streams), sampled at
-    ``fps`` and scaled to ``size`` by ``policy``; ``realtime`` plays a file at its own rate."""
-    return importlib.import_module("featseq.featurize.decoders.live").DECODER(source, fps, size, policy, realtime,
-                                                                              stall_timeout)
+    ``fps``, resized to ``resize_size`` by ``policy`` with ``interpolation`` and centre-cropped to ``size`` (as
+    :class:`Decoder`); ``realtime`` plays a file at its own rate."""
+    return importlib.import_module("featseq.featurize.decoders.live").DECODER(
+        source, fps, size, policy, realtime, stall_timeout, resize_size or default_resize_size(size, policy),
+        interpolation)
 
 
 def live_source_problem(source: str) -> str | None:

@@ -35,6 +35,8 @@ class DecodeJob(NamedTuple):
     size: int
     policy: str
     chunk: int
+    resize_size: str = ""  # what frames are resized to before the centre crop to size ('': size itself)
+    interpolation: str = "bilinear"
 
 
 class TimesJob(NamedTuple):
@@ -45,6 +47,8 @@ class TimesJob(NamedTuple):
     size: int
     policy: str
     chunk: int
+    resize_size: str = ""  # what frames are resized to before the centre crop to size ('': size itself)
+    interpolation: str = "bilinear"
 
 
 class StreamJob(NamedTuple):
@@ -56,6 +60,8 @@ class StreamJob(NamedTuple):
     policy: str
     realtime: bool       # a file is played at its own rate
     stall_timeout: float  # a network source that sends nothing this long ends with an error
+    resize_size: str = ""  # what frames are resized to before the centre crop to size ('': size itself)
+    interpolation: str = "bilinear"
 
 
 def probe_job(key, path: str) -> ProbeJob:
@@ -63,19 +69,23 @@ def probe_job(key, path: str) -> ProbeJob:
 
 
 def decode_job(key, path: str, start: float, end: float | None, fps: float, size: int, policy: str,
-               chunk: int) -> DecodeJob:
-    return DecodeJob(DECODE, key, path, start, end, fps, size, policy, chunk)
+               chunk: int, resize_size: str = "", interpolation: str = "bilinear") -> DecodeJob:
+    """A segment's frames at ``fps``, resized to ``resize_size`` by ``policy`` with ``interpolation``, centre-cropped
+    to ``size`` (featurize.decoder.Decoder)."""
+    return DecodeJob(DECODE, key, path, start, end, fps, size, policy, chunk, resize_size, interpolation)
 
 
-def times_job(key, path: str, times, size: int, policy: str, chunk: int) -> TimesJob:
+def times_job(key, path: str, times, size: int, policy: str, chunk: int, resize_size: str = "",
+              interpolation: str = "bilinear") -> TimesJob:
     """Frames shown at explicit times (e.g. cached timestamps a sequence selected), for finetune/predict."""
-    return TimesJob(TIMES, key, path, [float(t) for t in times], size, policy, chunk)
+    return TimesJob(TIMES, key, path, [float(t) for t in times], size, policy, chunk, resize_size, interpolation)
 
 
 def stream_job(key, source: str, fps: float, size: int, policy: str, realtime: bool = False,
-               stall_timeout: float = 10.0) -> StreamJob:
+               stall_timeout: float = 10.0, resize_size: str = "", interpolation: str = "bilinear") -> StreamJob:
     """The frame on screen at each grid time k / fps of a live source, one chunk per grid frame, as it arrives."""
-    return StreamJob(STREAM, key, source, float(fps), size, policy, bool(realtime), float(stall_timeout))
+    return StreamJob(STREAM, key, source, float(fps), size, policy, bool(realtime), float(stall_timeout), resize_size,
+                     interpolation)
 
 
 class Ready(NamedTuple):

@@ -10,7 +10,7 @@ import platform
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,8 @@ from .allocator import tune_cpu_allocator
 from .config import FeaturizeConfig
 from .clip_embed import ClipEmbedder
 from .clips import clip_settings
-from .pooling import decode_size
+from .geometry import decode_side, legacy_resize_size
+from .preprocessing import resolve as resolve_preprocessing
 from .precision import emulated, resolve_precision
 from .reconcile import reconcile
 from .decoder import resolve_decoder
@@ -71,7 +72,10 @@ def default_cache_path(cfg: FeaturizeConfig, precision: str, wid: str, clip: tup
     src = Path(cfg.source).resolve()
     name = src.stem if src.is_file() else src.name
     fps = f"{cfg.fps:g}"
-    parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize, f"{fps}fps", precision]
+    parts = [name, cfg.backbone.replace(":", "-"), wid, f"{cfg.size}px", cfg.resize]
+    parts += [f"from{cfg.resize_size}"] if cfg.resize_size != legacy_resize_size(cfg.size, cfg.resize, cfg.crops) else []
+    parts += [cfg.interpolation] if cfg.interpolation != "bilinear" else []
+    parts += [f"{fps}fps", precision]
     parts += ([f"pool-{cfg.pool}"] if cfg.pool != "default" else []) + ([f"{cfg.crops}crops"] if cfg.crops != 1 else [])
     parts += [f"clips{clip[0]}every{clip[1]}"] if clip[1] else []
     if cfg.dtype != "float16":
@@ -125,8 +129,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     ``FeaturizeResult.failures`` and also written to ``<cache>.errors.json``.
     """
     cfg.validate()
-    if cfg.size is None:  # the backbone's own input size
-        cfg = replace(cfg, size=bb.own_size(cfg.backbone))
+    cfg = resolve_preprocessing(cfg)  # size, resize, resize size and interpolation: the model's own unless given
     t0 = time.monotonic()
     clip_frames, clip_stride = clip_settings(cfg.backbone, cfg.clip_frames, cfg.clip_stride, cfg.keep_frames,
                                              cfg.crops, cfg.pool)
@@ -149,7 +152,8 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
                               resize=cfg.resize, fps=float(cfg.fps) / (clip_stride or 1), precision=precision, dtype=cfg.dtype,
                               keep_frames=bool(cfg.keep_frames), decoder=decoder, decode_device=cfg.decode_device,
-                              pool=cfg.pool, crops=cfg.crops, clip_frames=clip_frames, clip_stride=clip_stride)
+                              pool=cfg.pool, crops=cfg.crops, clip_frames=clip_frames, clip_stride=clip_stride,
+                              interpolation=cfg.interpolation, resize_size=cfg.resize_size)
     done: set[str] = set()
     stale: dict[str, str] = {}  # id -> how its video changed since it was cached (re-featurized with --refresh)
     mine: set[str] | None = None  # a shard's segment ids (None: every segment)
@@ -228,12 +232,13 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             "source": source_id, "source_kind": kind,
             "weights_path": os.path.abspath(cfg.weights) if cfg.weights not in ("none", "imagenet") else "",
             "mean": list(backbone.entry.mean), "std": list(backbone.entry.std), "created": now_iso(),
-            "interpolation": "bilinear", "model_interpolation": backbone.entry.interpolation,
-            "decode_size": decode_size(cfg.size, cfg.crops), "frame_fps": float(cfg.fps),
+            "model_interpolation": backbone.entry.interpolation, "crop_pct": backbone.entry.crop_pct,
+            "decode_size": decode_side(cfg.size, cfg.crops, cfg.resize_size, cfg.resize), "frame_fps": float(cfg.fps),
             "versions": _versions(decoder), "config": {**asdict(cfg), "precision": precision, "device": str(device),
                                                   "decoder": decoder, "decode_workers": workers},
-            "resize_policy": ("squash: whole frame resized to size x size" if cfg.resize == "squash"
-                              else "crop: shorter side resized to size, centre crop size x size"),
+            "resize_policy": (f"squash: whole frame resized to {cfg.resize_size}" if cfg.resize == "squash"
+                              else f"crop: shorter side resized to {cfg.resize_size}")
+            + f" ({cfg.interpolation}), centre crop {cfg.size} x {cfg.size}",
         }
         if shard:
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
@@ -316,8 +321,9 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
 
     With several decode workers segments complete in any order; the cache's segment table is the truth."""
     by_key = dict(enumerate(todo))
-    size = decode_size(cfg.size, cfg.crops)
-    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, size, cfg.resize, cfg.batch_size) for i, s in by_key.items()]
+    size = decode_side(cfg.size, cfg.crops, cfg.resize_size, cfg.resize)
+    jobs = [decode_job(i, s.path, s.start, s.end, cfg.fps, size, cfg.resize, cfg.batch_size, cfg.resize_size,
+                       cfg.interpolation) for i, s in by_key.items()]
     total = len(todo) + len(result.failures)
     pending: dict[int, dict] = {}  # segments being decoded/embedded
     batch: list[tuple[int, np.ndarray]] = []

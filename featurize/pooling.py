@@ -3,8 +3,8 @@
 ``--pool``: default (the model's own: global average for CNNs, timm's ``global_pool`` for timm models), avg, max,
 gem (generalised mean, p = 3 fixed, of the last feature map) for CNNs; token (class token), avg (mean of patch
 tokens), max or map (attention pooling, where the model has it) for ViTs. ``--crops`` 5 or 10: frames are decoded
-at size / 0.875 (256 px for 224) and cut into the four corners and the centre at size (10: those and their mirror
-images), as torchvision's FiveCrop / TenCrop; the features of the crops are averaged. Both are in the cache identity.
+at --resize-size (default size / 0.875: 256 px for 224; featurize/geometry.py) and cut into the four corners and the
+centre at size (10: those and their mirror images), as torchvision's FiveCrop / TenCrop; the features of the crops are averaged. Both are in the cache identity.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from featseq.common.errors import UserError
 from .choices import CNN_POOLS, CROPS
 
 GEM_P = 3.0
-CROP_FRACTION = 0.875  # crop size / decode size of multi-crop (224 of 256, as torchvision's recipes)
 
 
 class SpatialPool(nn.Module):
@@ -47,11 +46,6 @@ class FeatureMapPool(nn.Module):
         return self.pool(self.model.forward_features(x)).flatten(1)
 
 
-def decode_size(size: int, crops: int) -> int:
-    """The size frames are decoded at: ``size`` for one crop, size / CROP_FRACTION (rounded) for 5 or 10."""
-    return size if crops == 1 else int(round(size / CROP_FRACTION))
-
-
 def crop_boxes(full: int, size: int) -> list[tuple[int, int]]:
     """(top, left) of the five crops of ``size`` in a ``full`` x ``full`` frame: four corners, then the centre."""
     c, e = (full - size) // 2, full - size
@@ -69,7 +63,7 @@ class MultiCrop(nn.Module):
         s = self.size
         if min(x.shape[-2:]) < s:
             raise ValueError(f"multi-crop: frames of {tuple(x.shape[-2:])} px are smaller than the {s} px crops "
-                             f"(decode them at featurize.pooling.decode_size)")
+                             f"(decode them at featurize.geometry.decode_side)")
         views = [x[:, :, t:t + s, l:l + s] for t, l in crop_boxes(x.shape[-1], s)]
         if self.crops == 10:
             views += [v.flip(-1) for v in views]

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .cache import STR_FIELDS, CacheError, iter_segments, open_read, read_cache, read_table, row_record
-from .spec import IDENTITY_DEFAULTS, IDENTITY_KEYS
+from .spec import IDENTITY_KEYS, with_defaults
 from .writer import CacheWriter
 from featseq.common.errors import UserError
 from featseq.common.lock import FileLock
@@ -127,7 +127,7 @@ class MergeResult:
 
 def _identity_diff(a: dict, b: dict) -> list[str]:
     keys = list(IDENTITY_KEYS) + ["feature_dim", "format_version"]
-    a, b = {**IDENTITY_DEFAULTS, **a}, {**IDENTITY_DEFAULTS, **b}
+    a, b = with_defaults(a), with_defaults(b)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 

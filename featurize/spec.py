@@ -2,8 +2,9 @@
 
 A :class:`FeatureSpec` holds everything that changes a frame's embedding: the backbone, its weights
 (id, file and sha256), the seed of a random init, the input size and resize policy, the sampling fps,
-the autocast precision, the preprocessing mean/std, the decoder backend and the device it decoded on, the pooling, the
-crops and a clip backbone's clip length and stride. predict and finetune rebuild the same features from it alone, never from the training cache. The weights-id encoding lives here only.
+the autocast precision, the preprocessing mean/std, what frames were resized to before their centre crop and with
+which interpolation, the decoder backend and the device it decoded on, the pooling, the crops and a clip backbone's
+clip length and stride. predict and finetune rebuild the same features from it alone, never from the training cache. The weights-id encoding lives here only.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .decoders import LEGACY_DECODER
+from .geometry import decode_side, legacy_resize_size
 from featseq.common.errors import UserError
 
 BUILTIN_WEIGHTS = ("none", "imagenet")
@@ -20,18 +22,31 @@ BUILTIN_WEIGHTS = ("none", "imagenet")
 # of different requests are not merged. The source's path is recorded (attribute "source") but not compared: segments
 # are identified by id, so a dataset folder that moved, or is mounted elsewhere on another node, resumes.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "seed", "size", "resize", "fps", "precision", "dtype",
-                 "keep_frames", "decoder", "decode_device", "pool", "crops", "clip_frames", "clip_stride")
+                 "keep_frames", "decoder", "decode_device", "pool", "crops", "clip_frames", "clip_stride",
+                 "interpolation", "resize_size")
 # identity attributes older caches lack, and what their absence means (every cache before decode_device was recorded
 # was decoded on the CPU: --decode-device cuda had never run; clip_frames, clip_stride: 0 for a frame backbone, and a
 # clip cache's fps is its rate of rows, clips per second)
+# interpolation: every decoder resized bilinearly before it was recorded; resize_size: :func:`with_defaults`)
 IDENTITY_DEFAULTS = {"decoder": LEGACY_DECODER, "decode_device": "cpu", "pool": "default", "crops": 1, "clip_frames": 0,
-                     "clip_stride": 0}
+                     "clip_stride": 0, "interpolation": "bilinear"}
 # Of those, what changes one frame's embedding (with the feature dimension): fps picks the frames, dtype and
 # keep_frames say how they are stored, and precision changes an embedding within rounding only.
 # The decode device is like precision: NVDEC's colour conversion moves pixels by a level or two, not the frame.
 FRAME_KEYS = tuple(k for k in IDENTITY_KEYS
                    if k not in ("fps", "precision", "dtype", "keep_frames", "decode_device", "clip_stride")) \
     + ("feature_dim",)
+
+
+def with_defaults(attrs: dict) -> dict:
+    """A cache's attributes with what the absence of an identity attribute means filled in: :data:`IDENTITY_DEFAULTS`,
+    and the resize_size that follows from its size, resize and crops (caches made before it was recorded were resized
+    to their size, multi-crop ones to size / 0.875: featurize.geometry.legacy_resize_size)."""
+    out = {**IDENTITY_DEFAULTS, **attrs}
+    if not out.get("resize_size") and "size" in out:
+        out["resize_size"] = legacy_resize_size(int(out["size"]), str(out.get("resize") or "squash"),
+                                                int(out.get("crops") or 1))
+    return out
 
 
 def identity(**values) -> dict:
@@ -73,6 +88,8 @@ class FeatureSpec:
     crops: int = 1         # --crops
     clip_frames: int = 0   # a clip backbone's --clip-frames (0: a frame backbone)
     clip_stride: int = 0   # and --clip-stride; then fps is clips per second, frames were sampled at fps * clip_stride
+    interpolation: str = "bilinear"  # --interpolation the frames were resized with
+    resize_size: str = ""  # --resize-size: what frames were resized to before the centre crop to size ('': size)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "FeatureSpec":
@@ -81,6 +98,7 @@ class FeatureSpec:
         if missing:
             raise UserError(f"{attrs.get('source', 'a cache')}: its attributes lack {', '.join(missing)}; it was not "
                             f"written by featseq featurize, so how its features were made is unknown")
+        attrs = with_defaults(attrs)
         return cls(backbone=str(attrs["backbone"]), weights=str(attrs["weights"]),
                    weights_path=str(attrs.get("weights_path") or ""), weights_sha256=str(attrs.get("weights_sha256") or ""),
                    seed=int(attrs.get("seed", 0) or 0), size=int(attrs["size"]), resize=str(attrs.get("resize") or "squash"),
@@ -91,7 +109,8 @@ class FeatureSpec:
                    decode_device=str(attrs.get("decode_device") or "cpu"),
                    pool=str(attrs.get("pool") or IDENTITY_DEFAULTS["pool"]),
                    crops=int(attrs.get("crops") or IDENTITY_DEFAULTS["crops"]),
-                   clip_frames=int(attrs.get("clip_frames") or 0), clip_stride=int(attrs.get("clip_stride") or 0))
+                   clip_frames=int(attrs.get("clip_frames") or 0), clip_stride=int(attrs.get("clip_stride") or 0),
+                   interpolation=str(attrs["interpolation"]), resize_size=str(attrs["resize_size"]))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
@@ -123,9 +142,18 @@ class FeatureSpec:
             precision = reproduce_precision(self.precision, resolve_device(device))
         decode_device = self.decode_device_here() if device is not None else self.decode_device
         return {"backbone": self.backbone, "weights": weights or self.weights_arg(), "seed": self.seed, "size": self.size,
-                "resize": self.resize, "fps": self.frame_fps(), "precision": precision or self.precision,
+                "resize": self.resize, "resize_size": self.decode_args()["resize_size"],
+                "interpolation": self.interpolation,
+                "fps": self.frame_fps(), "precision": precision or self.precision,
                 "decoder": self.decoder, "decode_device": decode_device, "pool": self.pool, "crops": self.crops,
                 "clip_frames": self.clip_frames or None, "clip_stride": self.clip_stride or None}
+
+    def decode_args(self) -> dict:
+        """How a decoder makes the frames these features were made from (featurize.decoder.Decoder's size, policy,
+        resize_size and interpolation), for every path that decodes new frames: predict, stream, finetune, Grad-CAM."""
+        resize_size = self.resize_size or legacy_resize_size(self.size, self.resize, self.crops)
+        return {"size": decode_side(self.size, self.crops, resize_size, self.resize), "policy": self.resize,
+                "resize_size": resize_size, "interpolation": self.interpolation}
 
     def frame_fps(self, rows_fps: float | None = None) -> float:
         """The --fps frames were sampled at to give rows at ``rows_fps`` (default the cache's): a clip cache has one
@@ -175,7 +203,10 @@ class FeatureSpec:
     def describe(self) -> str:
         if self.imported:
             return f"imported from {self.imported} (backbone unknown), {self.fps:g} fps, {self.feature_dim}-dim"
-        extra = "".join([f", pool {self.pool}" if self.pool != "default" else "",
+        extra = "".join([f" from {self.resize_size}" if self.resize_size and self.resize_size != legacy_resize_size(
+                             self.size, self.resize, self.crops) else "",
+                         f", {self.interpolation}" if self.interpolation != "bilinear" else "",
+                         f", pool {self.pool}" if self.pool != "default" else "",
                          f", {self.crops} crops" if self.crops != 1 else "",
                          f", clips of {self.clip_frames} frames every {self.clip_stride}" if self.clip_stride else ""])
         return (f"{self.backbone} ({self.weights}), {self.size} px {self.resize}{extra}, {self.fps:g} fps, "
@@ -186,7 +217,7 @@ class FeatureSpec:
 def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = None, keep_frames: bool | None = None,
                       out: str | None = None, source: str | None = None) -> str:
     """The ``featseq featurize`` command line that makes a cache the way the one with ``attrs`` was made (backbone,
-    weights, seed, size, resize, precision, dtype, decoder, pool, crops, frames kept), at ``fps`` (default the cache's) and with
+    weights, seed, size, resize, resize size, interpolation, precision, dtype, decoder, pool, crops, frames kept), at ``fps`` (default the cache's) and with
     ``keep_frames`` (default as it was), into ``out`` (default a name next to ``cache_path`` that says what differs).
     For the hints of errors that propose to featurize again: run as written, it makes that cache, not a default one."""
     import shlex
@@ -207,7 +238,8 @@ def featurize_command(attrs: dict, cache_path: str = "", *, fps: float | None = 
         args += ["--seed", str(spec.seed)]
     args += ["--size", str(spec.size), "--resize", spec.resize, "--fps", f"{spec.frame_fps(fps):g}",
              "--precision", spec.precision,
-             "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder]
+             "--dtype", str(attrs.get("dtype") or "float16"), "--decoder", spec.decoder,
+             "--resize-size", spec.decode_args()["resize_size"], "--interpolation", spec.interpolation]
     if spec.pool != "default":
         args += ["--pool", spec.pool]
     if spec.crops != 1:

@@ -47,14 +47,21 @@ def pretrained_cfg(tname: str) -> dict:
 
 def own_size(tname: str) -> int:
     """The model's own input size (pretrained_cfg input_size), which --size defaults to."""
-    return int(pretrained_cfg(tname).get("input_size", (3, 224, 224))[-1])
+    return own_preprocessing(pretrained_cfg(tname))["size"]
+
+
+def own_preprocessing(cfg: dict) -> dict:
+    """size, interpolation and crop_pct of a pretrained configuration (timm's defaults where it has none)."""
+    return {"size": int(cfg.get("input_size", (3, 224, 224))[-1]),
+            "interpolation": str(cfg.get("interpolation") or "bilinear"), "crop_pct": float(cfg.get("crop_pct") or 0.875)}
 
 
 def create(tname: str, weights: str, pool: str, size: int | None) -> tuple[nn.Module, dict, str]:
     """(trunk mapping (N, 3, S, S) to (N, D), the entry's fields, weights sha256) for timm model ``tname``."""
     timm = _timm()
     cfg = pretrained_cfg(tname)
-    native = int(cfg.get("input_size", (3, 224, 224))[-1])
+    own = own_preprocessing(cfg)
+    native = own["size"]
     kwargs = {}
     if size is not None and size != native:
         kwargs["dynamic_img_size"] = True
@@ -88,8 +95,7 @@ def create(tname: str, weights: str, pool: str, size: int | None) -> tuple[nn.Mo
         stages = tuple(f"model.{s}" if s else "model" for s in stages)
     fields = dict(feature_dim=int(getattr(model, "num_features", 0) or getattr(model, "model").num_features),
                   head=head, stages=stages, mean=tuple(cfg.get("mean")), std=tuple(cfg.get("std")), source="timm",
-                  size=native, interpolation=str(cfg.get("interpolation") or "bilinear"),
-                  crop_pct=float(cfg.get("crop_pct") or 0.875))
+                  **own)
     return model.eval(), fields, sha
 
 

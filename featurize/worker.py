@@ -154,7 +154,8 @@ class _WorkerProcess:
         from .decoder import open_decoder
         from .sampling import frame_at, plan_segment
 
-        dec = open_decoder(job.path, size=job.size, policy=job.policy, backend=self.backend, device=self.device)
+        dec = open_decoder(job.path, size=job.size, policy=job.policy, backend=self.backend, device=self.device,
+                           resize_size=job.resize_size, interpolation=job.interpolation)
         info = dec.info
         self.put(Start(START, job.key, dataclasses.asdict(info)))
         if job.kind == TIMES:
@@ -175,7 +176,8 @@ class _WorkerProcess:
 
         from .decoder import open_live
 
-        src = open_live(job.path, job.fps, job.size, job.policy, job.realtime, job.stall_timeout)
+        src = open_live(job.path, job.fps, job.size, job.policy, job.realtime, job.stall_timeout, job.resize_size,
+                        job.interpolation)
         self.put(Start(START, job.key, src.describe()))
         n = 0
         for t, arrival, rgb in src.frames():  # one chunk per grid frame: handed over as soon as it is on screen
@@ -408,14 +410,17 @@ class DecodePool:
                 for i in range(self.n):
                     self._retire(i, kill=True)
 
-    def frames_at(self, requests: Iterable[tuple], size: int, policy: str, chunk: int = 64) -> dict:
+    def frames_at(self, requests: Iterable[tuple], size: int, policy: str, chunk: int = 64, resize_size: str = "",
+                  interpolation: str = "bilinear") -> dict:
         """Frames shown at given times: ``requests`` are (key, path, times); returns key -> uint8 (len(times), S, S, 3)
-        for every request, or key -> an error message (str, naming the file) for one that failed."""
+        for every request, or key -> an error message (str, naming the file) for one that failed. The frames are
+        made as :func:`times_job` says."""
         import numpy as np
 
         parts: dict = {}
         out: dict = {}
-        for msg in self.run([times_job(k, p, t, size, policy, chunk) for k, p, t in requests]):
+        for msg in self.run([times_job(k, p, t, size, policy, chunk, resize_size, interpolation)
+                             for k, p, t in requests]):
             if msg.kind == CHUNK:
                 parts.setdefault(msg.key, []).append(msg.frames)
             elif msg.kind == DONE:

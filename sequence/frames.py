@@ -79,8 +79,10 @@ class Frames:
                                         decode_device=self.decode_device,
                                         log=lambda msg: print(msg, file=sys.stderr, flush=True)).start()
             paths = self.cache.segments["path"]
+            geo = self.spec.decode_args()  # the frames the features were made from (size: crops are refused here)
             got = self._pool.frames_at([(j, paths[i], self.cache.timestamps[r[j][m[j]]]) for j, i in enumerate(idx)
-                                        if m[j].any()], size, self.spec.resize)
+                                        if m[j].any()], size, geo["policy"], resize_size=geo["resize_size"],
+                                       interpolation=geo["interpolation"])
             for j, frames in got.items():
                 if isinstance(frames, str):
                     raise UserError(f"every selected frame is needed (finetune, explain --gradcam): {frames}")

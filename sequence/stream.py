@@ -39,7 +39,6 @@ from featseq.featurize.precision import resolve_precision
 from featseq.common.errors import UserError
 from featseq.featurize import backbones as bb
 from featseq.featurize.decoder import live_source_problem
-from featseq.featurize.pooling import decode_size
 from featseq.featurize.messages import CHUNK, DONE, ERROR, START, stream_job
 
 from .config import StreamConfig
@@ -122,11 +121,13 @@ class _Frames(threading.Thread):
         finally:
             self.pool.close(kill=True)
 
-    def open(self, fps: float, size: int, policy: str) -> dict:
-        """Start reading at ``fps``, scaled to ``size`` by ``policy``; returns what the worker knows of the opened
-        source, StreamError with the fix when it cannot be opened."""
+    def open(self, fps: float, size: int, policy: str, resize_size: str = "", interpolation: str = "bilinear") -> dict:
+        """Start reading at ``fps``, made as a decoder makes them (featurize.decoder.Decoder: ``size``, ``policy``,
+        ``resize_size``, ``interpolation``); returns what the worker knows of the opened source, StreamError with the
+        fix when it cannot be opened."""
         cfg = self.cfg
-        self.job = stream_job("stream", cfg.source, fps, size, policy, cfg.realtime, cfg.stall_timeout)
+        self.job = stream_job("stream", cfg.source, fps, size, policy, cfg.realtime, cfg.stall_timeout, resize_size,
+                              interpolation)
         self.start()
         while True:
             try:
@@ -281,14 +282,14 @@ def stream(cfg: StreamConfig, log=lambda s: None, echo=print) -> dict:
             log(f"note: the run's features were decoded by {run.spec.decoder}, a stream is decoded by PyAV: frames are "
                 f"scaled by another implementation, so features may differ slightly")
         out.mkdir(parents=True, exist_ok=True)
-        frames.open(fps, decode_size(run.spec.size, run.spec.crops), run.spec.resize)  # a source that cannot be opened fails before the CNN loads
+        frames.open(fps, **run.spec.decode_args())  # a source that cannot be opened fails before the CNN loads
         with featurize_spec(run) as spec:  # a finetune run's trunk: a temporary weights file while the CNN is built
             opts = spec.featurize_options(precision=cfg.precision, device=cfg.device)
             backbone = bb.create_backbone(opts["backbone"], opts["weights"], opts["seed"], opts["pool"], opts["crops"],
                                           opts["size"])
         device, precision, embed = _embedder(cfg, backbone, opts["precision"], log)
         if cfg.compile:  # compiled before the first window, not while the source's frames queue up
-            side = decode_size(run.spec.size, run.spec.crops)
+            side = run.spec.decode_args()["size"]
             embed(np.zeros((cfg.batch_size, side, side, 3), np.uint8))
             log(f"--compile: compiled the CNN in {embed.warmup_s:.1f} s, before reading the stream")
         run.model.to(device).eval()

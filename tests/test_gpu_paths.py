@@ -219,14 +219,14 @@ def test_the_decode_device_is_part_of_a_caches_identity_and_old_caches_resume(tm
     import h5py
 
     from featseq.featurize.cache import CacheError, check_identity, read_table
-    from featseq.featurize.spec import IDENTITY_DEFAULTS, IDENTITY_KEYS, FeatureSpec
+    from featseq.featurize.spec import IDENTITY_KEYS, FeatureSpec, with_defaults
 
     path = write_fake_cache(tmp_path / "old.h5", ["a", "b"], dim=4)
     with h5py.File(path, "a") as f:  # a cache from before decode_device was recorded
         f.attrs.pop("decode_device", None)
     have, _ = read_table(path)
     assert "decode_device" not in have
-    ident = {k: have.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS if k != "decode_device"}
+    ident = {k: with_defaults(have).get(k) for k in IDENTITY_KEYS if k != "decode_device"}
     check_identity(path, have, {**ident, "decode_device": "cpu"})  # made on the CPU: resumes
     with pytest.raises(CacheError, match="decode_device: cache has 'cpu', request has 'cuda'"):
         check_identity(path, have, {**ident, "decode_device": "cuda"})

@@ -10,7 +10,8 @@ from featseq.common.errors import UserError
 from featseq.featurize.backbones import create_backbone
 from featseq.featurize.cache import CacheError, read_cache
 from featseq.featurize.pipeline import featurize
-from featseq.featurize.pooling import GEM_P, crop_boxes, decode_size
+from featseq.featurize.geometry import decode_size
+from featseq.featurize.pooling import GEM_P, crop_boxes
 from featseq.featurize.spec import FeatureSpec, featurize_command
 
 

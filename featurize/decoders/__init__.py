@@ -6,3 +6,6 @@ BACKENDS = ("pyav", "decord", "torchcodec")
 DECODERS = ("auto",) + BACKENDS
 DECODE_DEVICES = ("cpu", "cuda")
 LEGACY_DECODER = "decord"  # what made a cache that records no decoder
+# how frames are resized: each backend's own implementation of the named filter (swscale's, PIL's, torch's)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+

@@ -11,6 +11,8 @@ decord's known traps (README, "Decoders and decode workers") and what this modul
   16, 32, 48, 96 and 144 with decord2 3.4 (every multiple of 16 from 16 to 688 tried), and decord2 also fails on
   videos of those native widths. It is asked for a width that is a multiple of 32 and at least 160 (no failure
   seen there with either), also for narrower videos, and PIL finishes the resize;
+- its scaler has one filter: with --interpolation bicubic or nearest it decodes at the native size and PIL resizes
+  with that filter (the caches decord made before interpolation was recorded are bilinear ones);
 - after ``next()`` it keeps decoding ahead in a background thread while nobody reads (see :meth:`release`).
 Its own timestamps are float32 (off by up to 2e-6 s past 32 s of video); frame starts come from the shared table.
 """
@@ -23,6 +25,7 @@ import numpy as np
 from ..decoder import SEEK_GAP, DecodeError, Decoder, chunked
 
 ALIGN, MIN_WIDTH = 32, 160
+PIL_FILTERS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST"}  # PIL.Image's names
 
 
 class DecordDecoder(Decoder):
@@ -44,7 +47,9 @@ class DecordDecoder(Decoder):
         w, h = self.out_dims
         kw: dict = {"num_threads": 1}
         self._fix = None  # final (w, h) when decord's output must be resized again
-        if (w, h) != (self.table.width, self.table.height) or w < MIN_WIDTH:
+        if self.interpolation != "bilinear":  # native frames, resized by PIL with the filter asked for
+            self._fix = (w, h) if (w, h) != (self.table.width, self.table.height) else None
+        elif (w, h) != (self.table.width, self.table.height) or w < MIN_WIDTH:
             aw, ah = max(MIN_WIDTH, -(-w // ALIGN) * ALIGN), -(-h // ALIGN) * ALIGN
             kw.update(width=aw, height=ah)
             self._fix = (w, h) if (aw, ah) != (w, h) else None
@@ -73,7 +78,7 @@ class DecordDecoder(Decoder):
                 if last.ndim != 3 or last.shape[2] != 3:
                     raise DecodeError(f"{self.path}: decord returned a malformed frame of shape {last.shape}")
                 if self._fix is not None:
-                    last = np.asarray(Image.fromarray(last).resize(self._fix, Image.BILINEAR))
+                    last = np.asarray(Image.fromarray(last).resize(self._fix, getattr(Image, PIL_FILTERS[self.interpolation])))
             yield last
 
     def _chunks(self, indices: np.ndarray, chunk: int) -> Iterator[np.ndarray]:

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..decoder import DecodeError, LiveSource, center_crop, decode_dims
+from ..decoder import DecodeError, LiveSource, center_crop
+from ..geometry import resize_dims
 from ..sampling import EPS
 
 def _open(source: str, stall_timeout: float):
@@ -38,8 +39,9 @@ def _open(source: str, stall_timeout: float):
 
 class PyAVLive(LiveSource):
     def __init__(self, source: str, fps: float, size: int, policy: str, realtime: bool = False,
-                 stall_timeout: float = 10.0):
+                 stall_timeout: float = 10.0, resize_size: str = "", interpolation: str = "bilinear"):
         self.source, self.fps, self.size, self.policy, self.realtime = source, fps, size, policy, realtime
+        self.resize_size, self.interpolation = resize_size or str(size), interpolation
         self._c = _open(source, stall_timeout)
         if not self._c.streams.video:
             self._c.close()
@@ -75,9 +77,9 @@ class PyAVLive(LiveSource):
             while prev is not None and k / self.fps < upto - EPS:
                 t, frame, arrival = prev
                 if dims is None:
-                    dims = decode_dims(frame.width, frame.height, self.size, self.policy)
-                rgb = to_rgb(ref, frame, *dims)[None]
-                yield k / self.fps, arrival, center_crop(rgb, self.size)[0] if self.policy == "crop" else rgb[0]
+                    dims = resize_dims(frame.width, frame.height, self.resize_size, self.policy)
+                rgb = to_rgb(ref, frame, *dims, self.interpolation)[None]
+                yield k / self.fps, arrival, center_crop(rgb, self.size)[0]
                 k += 1
 
         for frame in self._c.decode(self._st):

@@ -4,7 +4,7 @@ Install: ``pip install 'featseq[torchcodec]'`` and FFmpeg's shared libraries, ma
 system (e.g. ``apt install ffmpeg``, ``conda install ffmpeg``); torchcodec loads them at import and fails without.
 On CUDA the worker decodes on the GPU it is given (``cuda:N``, its rank's), never simply the current device.
 Frames are read with ``get_frames_at`` in exact seek mode (indices in presentation order, the frame table's order)
-and scaled with torch's bilinear interpolation with antialiasing, on the decode device; only the small frames
+and scaled with torch's interpolation (bilinear or bicubic with antialiasing, or nearest-exact), on the decode device; only the small frames
 are copied back to host memory, so the worker process boundary costs 150 KB a frame at 224 px, not an HD frame.
 The resize runs on at most :data:`RESIZE_BYTES` of float32 at a time (a 64-frame 1080p chunk would be 1.6 GB).
 """
@@ -56,15 +56,16 @@ def cuda_decode_problem() -> str | None:
     return None
 
 
-def resize(x, h: int, w: int, max_bytes: int = RESIZE_BYTES):
-    """uint8 (k, 3, H, W) -> uint8 (k, 3, h, w): bilinear with antialiasing, rounded, on x's device, in slices of at
-    most ``max_bytes`` of float32 input (at least one frame)."""
+def resize(x, h: int, w: int, max_bytes: int = RESIZE_BYTES, interpolation: str = "bilinear"):
+    """uint8 (k, 3, H, W) -> uint8 (k, 3, h, w): bilinear or bicubic with antialiasing (as PIL's), or nearest-exact,
+    rounded, on x's device, in slices of at most ``max_bytes`` of float32 input (at least one frame)."""
     import torch
 
     step = max(1, max_bytes // (4 * x[0].numel())) if len(x) else 1
-    parts = [torch.nn.functional.interpolate(x[a:a + step].float(), size=(h, w), mode="bilinear", antialias=True,
-                                             align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-             for a in range(0, len(x), step)]
+    kw = dict(mode="nearest-exact") if interpolation == "nearest" else \
+        dict(mode=interpolation, antialias=True, align_corners=False)
+    parts = [torch.nn.functional.interpolate(x[a:a + step].float(), size=(h, w), **kw).round_().clamp_(0, 255)
+             .to(torch.uint8) for a in range(0, len(x), step)]
     return torch.cat(parts) if parts else x.new_zeros((0, x.shape[1], h, w))
 
 
@@ -109,7 +110,7 @@ class TorchCodecDecoder(Decoder):
             uniq, inverse = np.unique(part, return_inverse=True)
             x = self._dec.get_frames_at(indices=uniq.tolist()).data  # (k, 3, H, W) uint8 on the decode device
             if x.shape[-2:] != (h, w):
-                x = resize(x, h, w)
+                x = resize(x, h, w, interpolation=self.interpolation)
             x = x[torch.as_tensor(inverse, device=x.device)].permute(0, 2, 3, 1).contiguous()
             yield x.cpu().numpy()
 

@@ -212,7 +212,7 @@ def _write(cfg, source: Path, manifest: Path | None, items: list[_Item], fps: fl
     identity = cache_identity(backbone="unknown", weights="unknown", weights_sha256="", seed=0, size=0,
                               resize="unknown", fps=float(fps), precision="unknown", dtype=dtype, keep_frames=False,
                               decoder="unknown", decode_device="unknown", pool="unknown", crops=1, clip_frames=0,
-                              clip_stride=0)
+                              clip_stride=0, interpolation="unknown", resize_size="unknown")
     import h5py
 
     attrs = {"source": str(source), "source_kind": f"import:{cfg.format}", "import_format": cfg.format,
