@@ -265,6 +265,7 @@ class Decoder:
     """
 
     name = ""
+    fallback = ""  # why a GPU decoder decoded this video on the CPU after all ('' when it did not: every CPU backend)
 
     def __init__(self, path: str, size: int | None = None, policy: str = "squash", device: str = "cpu"):
         self.path, self.size, self.policy, self.device = path, size, policy, device

@@ -51,6 +51,7 @@ class FeaturizeResult:
     stream_seconds: float = 0.0  # decode + embed + write, without validation and model building
     target: str = ""  # the cache (a shard's parts merge into it)
     compile_s: float = 0.0  # --compile: the compilation (the first batch's wait), within the seconds above
+    cpu_fallback: dict[str, str] = field(default_factory=dict)  # video -> why NVDEC left it to the CPU decoder
 
     @property
     def frames_per_s(self) -> float:
@@ -381,6 +382,10 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 run_batch()
                 commit_ready()
         elif kind == DONE:
+            if msg.fallback and by_key[key].path not in result.cpu_fallback:  # once per video, never silently
+                result.cpu_fallback[by_key[key].path] = msg.fallback
+                log(f"warning: {by_key[key].path}: NVDEC could not decode it ({msg.fallback}); FFmpeg decoded it on "
+                    f"the CPU (slower, and colour-converted as on the CPU)")
             if clip[1]:
                 embed.finish(pending[key], *clip)
             pending[key]["done"] = True
