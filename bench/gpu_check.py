@@ -407,8 +407,8 @@ def _nvdec_workers(c: Check):
 
 def _commits_off_the_gpu_path(c: Check):
     """Committing many short segments does not starve the GPU: featurize of 3-frame segments runs at least 0.7 of
-    the frames/s of whole 20 s clips (two batches stay queued on the GPU while the parent commits; h5py releases the
-    GIL while it writes, bench/h5_gil_bench.py, so a writer thread is the next step if this fails)."""
+    the frames/s of whole 20 s clips (segments are committed on a writer thread, h5py releasing the GIL while it
+    writes, bench/h5_gil_bench.py, and two batches stay queued on the GPU)."""
     import csv
 
     from featseq.featurize.decoder import video_info

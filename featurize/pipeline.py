@@ -240,7 +240,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
         rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path, "split": s.split} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
-                         frame_size=cfg.size if cfg.keep_frames else None, drop=set(stale)) as writer:
+                         frame_size=cfg.size if cfg.keep_frames else None, drop=set(stale),
+                         background=device.type == "cuda") as writer:  # GPU: commits off the feeder's thread
+
             if writer.dropped:
                 log(f"--refresh: removed the {len(writer.dropped)} stale segment(s) from {path}; featurizing them again")
             # another run may have finished some meanwhile
