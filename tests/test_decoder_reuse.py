@@ -114,7 +114,7 @@ def test_the_kept_decoders_are_bounded_and_a_changed_file_gets_a_new_one(clips, 
 
 def test_a_gpu_decoders_cpu_fallback_is_named_and_reaches_the_parent(clips, monkeypatch):
     """torchcodec's VideoDecoder.cpu_fallback (truthy once it fell back) becomes the decoder's ``fallback`` reason,
-    and the worker's Done message carries it to the parent (featurize's warning and count: bench/gpu_check.py)."""
+    and the worker's Done message carries it to the parent (whose warning and count are the next test)."""
     from featseq.featurize.decoders.torchcodec_decoder import TorchCodecDecoder
 
     class Status:  # torchcodec's CpuFallbackStatus, as 0.17 prints it
@@ -151,3 +151,52 @@ def _drain(q: queue.Queue) -> list:
     while not q.empty():
         out.append(q.get())
     return out
+
+
+def test_featurize_warns_once_per_video_that_fell_back_and_counts_them(tmp_path):
+    """The parent's side: a Done message with a fallback reason gives one warning per video, naming it and the
+    reason, and FeaturizeResult.cpu_fallback (the summary line's count) holds each such video once."""
+    import torch
+
+    from featseq.featurize.config import FeaturizeConfig
+    from featseq.featurize.messages import CHUNK, START, Chunk, Done, Start
+    from featseq.featurize.pipeline import FeaturizeResult, _stream
+    from featseq.featurize.sources import Segment
+
+    segs = [Segment(f"s{k}", f"/v/{v}.mp4", "a", "g", float(k), k + 1.0) for k, v in enumerate("xxy")]
+    info = {"duration": 10.0, "width": 8, "height": 8, "fps": 2.0, "n_frames": 20, "size_bytes": 1, "mtime": 0.0}
+    why = {"x": "Video not supported", "y": ""}
+
+    class Pool:
+        def run(self, jobs, idle=None):
+            for job in jobs:
+                yield Start(START, job.key, info)
+                yield Chunk(CHUNK, job.key, np.zeros((2, 4, 4, 3), np.uint8), np.array([0.0, 0.5]))
+                yield Done(DONE, job.key, 2, why[job.path[3]])
+
+    class Embed:
+        device = torch.device("cpu")
+
+        def submit(self, parts):
+            return sum(len(p) for p in parts)
+
+        def result(self, n):
+            return np.zeros((n, 3), np.float32)
+
+    class Writer:
+        path, appended = str(tmp_path / "c.h5"), []
+
+        def publish_due(self):
+            pass
+
+        def append(self, row, *a):
+            self.appended.append(row["id"])
+
+    logged: list[str] = []
+    result = FeaturizeResult(path="c.h5", total=3, written=0, skipped_done=0)
+    cfg = FeaturizeConfig(source="x", size=4, batch_size=2)
+    _stream(cfg, Pool(), Writer(), Embed(), segs, result, None, logged.append, 0.0)
+    assert Writer.appended == ["s0", "s1", "s2"]
+    assert result.cpu_fallback == {"/v/x.mp4": "Video not supported"}
+    warnings = [m for m in logged if m.startswith("warning:")]
+    assert len(warnings) == 1 and "/v/x.mp4" in warnings[0] and "Video not supported" in warnings[0]
