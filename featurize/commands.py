@@ -87,7 +87,9 @@ def featurize(source, slurm_jobs, slurm_partition, slurm_time, slurm_gpus, slurm
         merged = after_torchrun(res.target, log, allow_missing=cfg.skip_errors)
         if merged is not None:
             log(f"merged {len(merged.parts)} parts: {merged.segments} segments, {merged.mb:.1f} MB -> {merged.path}")
-    click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed; "
+    fell_back = f", {len(res.cpu_fallback)} video(s) decoded on the CPU (NVDEC fell back)" if res.cpu_fallback else ""
+    click.echo(f"{res.written} segment(s) written, {res.skipped_done} already cached, {len(res.failures)} failed"
+               f"{fell_back}; "
                f"{res.frames} frames in {res.seconds:.1f} s ({res.frames_per_s:.1f} frames/s"
                + (f"; {res.steady_frames_per_s:.1f} frames/s after the {res.compile_s:.1f} s compilation)"
                   if res.compile_s else ")"), err=True)

@@ -252,6 +252,7 @@ class Decoder:
     """
 
     name = ""
+    fallback = ""  # why a GPU decoder decoded this video on the CPU after all ('' when it did not: every CPU backend)
 
     def __init__(self, path: str, size: int | None = None, policy: str = "squash", device: str = "cpu",
                  resize_size: str = "", interpolation: str = "bilinear"):

@@ -126,9 +126,11 @@ class Chunk(NamedTuple):
 
 
 class Done(NamedTuple):
+    """A job's frames are all sent; ``fallback``: why the GPU decoder decoded the video on the CPU ('' if it did not)."""
     kind: str
     key: Any
     n_frames: int
+    fallback: str = ""
 
 
 class Error(NamedTuple):

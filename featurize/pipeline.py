@@ -52,6 +52,7 @@ class FeaturizeResult:
     stream_seconds: float = 0.0  # decode + embed + write, without validation and model building
     target: str = ""  # the cache (a shard's parts merge into it)
     compile_s: float = 0.0  # --compile: the compilation (the first batch's wait), within the seconds above
+    cpu_fallback: dict[str, str] = field(default_factory=dict)  # video -> why NVDEC left it to the CPU decoder
 
     @property
     def frames_per_s(self) -> float:
@@ -244,7 +245,9 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
             attrs.update(shard_index=shard[0], shard_count=shard[1], shard_plan=plan)
         rows = [{"id": s.id, "label": s.label, "group": s.group, "path": s.path, "split": s.split} for s in segments]
         with CacheWriter(path, identity, attrs, backbone.entry.feature_dim, string_widths(rows), cfg.dtype,
-                         frame_size=cfg.size if cfg.keep_frames else None, drop=set(stale)) as writer:
+                         frame_size=cfg.size if cfg.keep_frames else None, drop=set(stale),
+                         background=device.type == "cuda") as writer:  # GPU: commits off the feeder's thread
+
             if writer.dropped:
                 log(f"--refresh: removed the {len(writer.dropped)} stale segment(s) from {path}; featurizing them again")
             # another run may have finished some meanwhile
@@ -387,6 +390,10 @@ def _stream(cfg: FeaturizeConfig, pool: DecodePool, writer: CacheWriter, embed: 
                 run_batch()
                 commit_ready()
         elif kind == DONE:
+            if msg.fallback and by_key[key].path not in result.cpu_fallback:  # once per video, never silently
+                result.cpu_fallback[by_key[key].path] = msg.fallback
+                log(f"warning: {by_key[key].path}: NVDEC could not decode it ({msg.fallback}); FFmpeg decoded it on "
+                    f"the CPU (slower, and colour-converted as on the CPU)")
             if clip[1]:
                 embed.finish(pending[key], *clip)
             pending[key]["done"] = True

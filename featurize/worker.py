@@ -68,6 +68,9 @@ class _WorkerProcess:
         self.out: queue.Queue = queue.Queue(maxsize=queue_chunks)
         self.jobs: queue.Queue = queue.Queue()
         self.slots = Slots(queue_chunks + 1, enabled=shared)
+        from .keep_open import OpenDecoders
+
+        self.decoders = OpenDecoders(backend, device)  # a video's segments reuse one decoder (featurize/keep_open.py)
 
     def _send(self) -> None:
         while True:
@@ -129,6 +132,7 @@ class _WorkerProcess:
             except Exception as e:  # reported per job; the worker goes on with the next one
                 msg = str(e) if str(e).startswith(str(job.path)) else f"{job.path}: {type(e).__name__}: {e}"
                 self.put(Error(ERROR, job.key, msg))
+        self.decoders.close()
         self.out.join()  # every message sent before the process ends
 
     def _chunk(self, key, frames, times, release: Callable[[], None], arrivals=None) -> None:
@@ -149,13 +153,21 @@ class _WorkerProcess:
             self.slots.note = ""
 
     def _decode(self, job) -> None:
+        dec = self.decoders.open(job.path, job.size, job.policy, job.resize_size, job.interpolation)  # kept open
+        #                                                             from the video's last job, or new
+        try:
+            pos = self._read(job, dec)
+        except BaseException:
+            self.decoders.discard(dec)
+            raise
+        self.decoders.keep(dec)
+        self.put(Done(DONE, job.key, pos, dec.fallback))
+
+    def _read(self, job, dec) -> int:
         import numpy as np
 
-        from .decoder import open_decoder
         from .sampling import frame_at, plan_segment
 
-        dec = open_decoder(job.path, size=job.size, policy=job.policy, backend=self.backend, device=self.device,
-                           resize_size=job.resize_size, interpolation=job.interpolation)
         info = dec.info
         self.put(Start(START, job.key, dataclasses.asdict(info)))
         if job.kind == TIMES:
@@ -168,8 +180,7 @@ class _WorkerProcess:
         for frames in dec.read(idx, job.chunk):
             self._chunk(job.key, frames, ftimes[pos:pos + len(frames)], dec.release)
             pos += len(frames)
-        dec.close()
-        self.put(Done(DONE, job.key, pos))
+        return pos
 
     def _stream(self, job) -> None:
         import numpy as np

@@ -1,11 +1,13 @@
 """The cache writer: appends segments under the commit protocol of README's cache schema section (rows first, then
-their table rows, each flushed; published in groups), in SWMR mode, under a lock file; and the whole-file rewrite
-(a killed writer's file, --refresh, new labels) under a temporary name renamed over the cache.
+their table rows, each flushed; published in groups, by featurize on a writer thread), in SWMR mode, under a lock
+file; and the whole-file rewrite (a killed writer's file, --refresh, new labels) under a temporary name renamed over
+the cache.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 
@@ -139,19 +141,30 @@ class CacheWriter:
 
     def __init__(self, path: str, identity: dict, attrs: dict, feature_dim: int, widths: dict[str, int],
                  dtype: str = "float16", frame_size: int | None = None, drop: set[str] = frozenset(),
-                 group_seconds: float | None = None, group_bytes: int = GROUP_BYTES):
+                 group_seconds: float | None = None, group_bytes: int = GROUP_BYTES, background: bool = False):
         """``drop``: ids of published segments to remove first (featurize --refresh: their videos changed); the cache is
         rewritten without them (:func:`_rewrite`), so they are gone whole or not at all.
 
         Segments are published in groups (:meth:`publish`): :meth:`append` holds a segment until the group is
         ``group_seconds`` old (default :func:`publish_seconds`) or holds ``group_bytes`` of rows, then writes the group
         with one write and one flush per dataset; :meth:`close` publishes what is held. A kill loses at most the group
-        not yet published."""
+        not yet published.
+        ``background``: a group that fills or comes due is written by a writer thread while the caller goes on (one
+        group at a time; the next waits, held, until it is done). The protocol is the same, in that thread; its error
+        is raised in the caller's next call; :meth:`publish` and :meth:`close` wait for it first. featurize sets it
+        when a GPU runs the CNN: its main thread then mostly waits (on pipes, on the GPU), and h5py releases the GIL
+        while it writes (bench/h5_gil_bench.py), so the commits leave it (bench/writer_thread_bench.py: 0.19-0.27 s
+        in the writer's calls instead of 1.11-2.11 s). A main thread that computes (the CNN on the CPU) gains
+        nothing (1.88-2.19 s either way, and more wall time): there the writes stay on it."""
         self.path = str(path)
         self.group_seconds = publish_seconds() if group_seconds is None else group_seconds
         self.group_bytes = group_bytes
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []  # (record, feats, ts, frames)
         self._held_bytes, self._held_since = 0, 0.0
+        self.background = background
+        self._thread: threading.Thread | None = None  # the writer thread of the group being written
+        self._failed: BaseException | None = None  # what it raised, for the caller's next call
+        self._broken = False  # a background write failed: close() publishes nothing more
         self.lock = FileLock(self.path, "is writing this cache").acquire()
         self.dropped: list[str] = []
         try:
@@ -166,16 +179,17 @@ class CacheWriter:
             self.lock.release()
             raise
         self._seg = self.f["segments"]
+        self._dtype = self._seg.dtype  # read once: an h5py call would wait for a write in the writer thread
         # rows and table rows the published segments use (a resumed file is truncated to them); what lies past them
         # is an interrupted group's, written over when it is written again
         self._end, self._n = self.f["features"].shape[0], self._seg.shape[0]
         self.done_ids = {x.decode() for x in self._seg["id"]} if len(self._seg) else set()  # published or held
         # string columns of this table (a version 1 table has no split) and their widths
-        self._widths = {f: self._seg.dtype[f].itemsize for f in STR_FIELDS if f in self._seg.dtype.names}
+        self._widths = {f: self._dtype[f].itemsize for f in STR_FIELDS if f in self._dtype.names}
 
     def holds(self, field: str) -> bool:
         """Does this cache's segment table have the column ``field`` (a version 1 table lacks ``split``)?"""
-        return field in self._seg.dtype.names
+        return field in self._dtype.names
 
     def _create(self, identity, attrs, feature_dim, widths, dtype, frame_size) -> h5py.File:
         tmp = self.path + ".new.tmp"
@@ -226,6 +240,7 @@ class CacheWriter:
 
     def append(self, row: dict, features: np.ndarray, timestamps: np.ndarray, frames: np.ndarray | None = None) -> None:
         """Add one segment to the group to be published (:meth:`publish`: its rows first, then its table row)."""
+        self._reap()
         if row["id"] in self.done_ids:
             raise CacheError(f"{self.path}: segment {row['id']!r} is already cached")
         enc = {}
@@ -239,7 +254,7 @@ class CacheWriter:
                 raise CacheError(f"{self.path}: {k} {row[k]!r} is longer than this cache's {self._widths[k]}-byte {k} "
                                  f"column; shorten it or write a new cache (--out)")
             enc[k] = b
-        rec = np.zeros(1, dtype=self._seg.dtype)
+        rec = np.zeros(1, dtype=self._dtype)
         for k, v in row.items():
             if k in rec.dtype.names and k not in STR_FIELDS:
                 rec[k] = v
@@ -252,21 +267,58 @@ class CacheWriter:
         self._held_bytes += self._held[-1][1].nbytes + (frames.nbytes if frames is not None else 0)
         self.done_ids.add(row["id"])
         if self._held_bytes >= self.group_bytes:
-            self.publish()
+            self._due(wait=True)
         else:
             self.publish_due()
 
     def publish_due(self) -> None:
         """Publish the held segments if the oldest has waited ``group_seconds`` (callers that wait on other work call
         this now and then, so a slow stream of segments is still published within about that time)."""
+        self._reap()
         if self._held and time.monotonic() - self._held_since >= self.group_seconds:
-            self.publish()
+            self._due(wait=False)
+
+    def _due(self, wait: bool) -> None:
+        """A group is due: written here, or (``background``) handed to a writer thread once the last one is done
+        (``wait``: a full group waits for it; a due one stays held until then)."""
+        if not self.background:
+            return self.publish()
+        if self._thread is not None and not wait:
+            return
+        self._wait()
+        held, self._held, self._held_bytes = self._held, [], 0
+        self._thread = threading.Thread(target=self._write_behind, args=(held,), name="featseq-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _write_behind(self, held: list) -> None:
+        try:
+            self._publish(held)
+        except BaseException as e:  # raised in the caller's next call
+            self._failed = e
+
+    def _reap(self) -> None:
+        """Raise the writer thread's error once it has ended."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the writer thread's group, raising its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failed is not None:
+            e, self._failed, self._broken = self._failed, None, True
+            raise e
 
     def publish(self) -> None:
-        """Write the held segments: their rows, flushed, then their table rows, flushed (the commit protocol)."""
-        if not self._held:
-            return
-        held, self._held, self._held_bytes = self._held, [], 0
+        """Write the held segments: their rows, flushed, then their table rows, flushed (the commit protocol); after
+        the writer thread's group, if one is being written."""
+        self._wait()
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            self._publish(held)
+
+    def _publish(self, held: list) -> None:
         first = held[0][0]["id"][0].decode()
         kept = f"every segment published before {first!r} is kept"
         global HDF5_WRITE_FAILED
@@ -283,8 +335,8 @@ class CacheWriter:
                 raise DiskFullError(f"{self.path}: {short}, so the {len(held)} segment(s) from {first!r} on were not "
                                     f"written; every segment before them is kept. Free space (or raise the file-size "
                                     f"limit, ulimit -f) and rerun the same command")
-        except KeyboardInterrupt:  # a stop signal mid-write: close() writes the group again (a second is ignored)
-            self._held = held + self._held
+        except KeyboardInterrupt:  # a stop signal mid-write (the main thread's): close() writes the group again (a
+            self._held = held + self._held  # second signal is ignored)
             raise
         except BaseException as e:
             for rec, *_ in held:  # not published: a rerun redoes them
@@ -346,7 +398,8 @@ class CacheWriter:
     def close(self) -> None:
         """Publish what is held, then close the file and release the lock."""
         try:
-            if getattr(self, "f", None) is not None and self._held:
+            self._wait()
+            if getattr(self, "f", None) is not None and self._held and not self._broken:
                 self.publish()
         finally:
             self._close()

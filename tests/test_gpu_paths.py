@@ -83,7 +83,7 @@ def test_torchcodec_opens_the_gpu_it_is_given_not_the_current_one(tmp_path, monk
     class FakeVideoDecoder:
         def __init__(self, path, device, **kw):
             opened.append(device)
-            self.metadata = types.SimpleNamespace(num_frames=8)
+            self.metadata = types.SimpleNamespace(num_frames=8, average_fps_from_header=30.0, num_frames_from_header=8)
 
     fake = types.ModuleType("torchcodec.decoders")
     fake.VideoDecoder = FakeVideoDecoder

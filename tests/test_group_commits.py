@@ -26,9 +26,10 @@ WRITER = textwrap.dedent(f"""
     from featseq.featurize.cache import string_widths
     from featseq.featurize.writer import CacheWriter
 
-    path, group_seconds = sys.argv[1], float(sys.argv[2])
+    path, group_seconds, background = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
     rows = [{{"id": f"s{{i:05d}}", "label": f"c{{i % 7}}", "group": f"g{{i % 5}}", "path": f"/v/{{i}}.mp4"}} for i in range({N})]
-    with CacheWriter(path, {{"fps": 5.0}}, {{}}, {DIM}, string_widths(rows), group_seconds=group_seconds) as w:
+    with CacheWriter(path, {{"fps": 5.0}}, {{}}, {DIM}, string_widths(rows), group_seconds=group_seconds,
+                     background=background) as w:
         print("open", flush=True)
         for i, r in enumerate(rows):
             if r["id"] in w.done_ids:
@@ -58,13 +59,16 @@ def _check(path) -> int:
     return len(c.ids)
 
 
-def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path):
+@pytest.mark.parametrize("background", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path, background):
+    """Also with groups written by the writer thread (featurize's way): a kill mid-write there leaves whole published
+    segments only, like one on the main thread."""
     path, script = tmp_path / "c.h5", tmp_path / "writer.py"
     script.write_text(WRITER)
     rnd = random.Random(7)
     counts = []
     for _ in range(6):
-        p = subprocess.Popen([sys.executable, str(script), str(path), "0.02"], cwd=ROOT, env=CHILD_ENV,
+        p = subprocess.Popen([sys.executable, str(script), str(path), "0.02", str(int(background))], cwd=ROOT, env=CHILD_ENV,
                              stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "open"
         time.sleep(rnd.uniform(0.05, 0.5))
@@ -74,7 +78,7 @@ def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path):
         counts.append(_check(path))
     assert counts == sorted(counts) and counts[-1] < N, counts  # each rerun kept what the last one published
     assert len(set(counts)) > 2, counts  # the kills really landed at different moments of the write
-    out = subprocess.run([sys.executable, str(script), str(path), "1.0"], cwd=ROOT, env=CHILD_ENV, capture_output=True,
+    out = subprocess.run([sys.executable, str(script), str(path), "1.0", str(int(background))], cwd=ROOT, env=CHILD_ENV, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "done", out.stderr
     assert _check(path) == N
@@ -125,3 +129,59 @@ def test_a_duplicate_id_is_refused_while_it_is_held(tmp_path):
         w.append(row, np.zeros((1, 4), "float16"), np.zeros(1))
         with pytest.raises(Exception, match="already cached"):
             w.append(row, np.zeros((1, 4), "float16"), np.zeros(1))
+
+
+def test_a_background_group_is_written_by_the_writer_thread_while_the_caller_goes_on(tmp_path, monkeypatch):
+    """featurize's writer (background=True): a due group is written off the caller's thread, the caller's next
+    append does not wait for it, and close() waits for it and publishes the rest, in order."""
+    import threading
+
+    path = tmp_path / "c.h5"
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": "/v.mp4"} for i in range(20)]
+    started, release, threads = threading.Event(), threading.Event(), []
+    real = CacheWriter._write
+
+    def slow_write(self, held):
+        threads.append(threading.current_thread())
+        started.set()
+        release.wait(10)
+        real(self, held)
+
+    monkeypatch.setattr(CacheWriter, "_write", slow_write)
+    with CacheWriter(str(path), {"fps": 5.0}, {}, 4, string_widths(rows), group_seconds=0, background=True) as w:
+        w.append(rows[0], np.full((3, 4), 0, dtype="float16"), np.arange(3) / 5.0)
+        assert started.wait(10)  # the first group is being written, held up in the writer thread
+        for i, r in enumerate(rows[1:], 1):  # the caller goes on meanwhile; due groups stay held until it is done
+            w.append(r, np.full((3, 4), i, dtype="float16"), np.arange(3) / 5.0)
+        release.set()
+    assert threads[0] is not threading.main_thread()
+    c = read_cache(path)
+    assert list(c.ids) == [r["id"] for r in rows] and _check_values(c)
+
+
+def _check_values(c) -> bool:
+    return all(np.all(c.features[int(o):int(o) + 3] == k) for k, o in enumerate(c.segments["offset"]))
+
+
+def test_a_background_write_error_is_raised_in_the_callers_next_call_and_keeps_what_was_published(tmp_path,
+                                                                                                monkeypatch):
+    path = tmp_path / "c.h5"
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": "/v.mp4"} for i in range(6)]
+    real = CacheWriter._write
+    calls = []
+
+    def failing_write(self, held):
+        calls.append(len(held))
+        if len(calls) == 2:
+            raise OSError("the writer thread's write failed")
+        real(self, held)
+
+    monkeypatch.setattr(CacheWriter, "_write", failing_write)
+    with pytest.raises(OSError, match="writer thread's write failed"):
+        with CacheWriter(str(path), {"fps": 5.0}, {}, 4, string_widths(rows), group_seconds=0, background=True) as w:
+            for i, r in enumerate(rows):
+                w.append(r, np.full((3, 4), i, dtype="float16"), np.arange(3) / 5.0)
+                if w._thread is not None:  # each group written before the next segment comes
+                    w._thread.join()
+    c = read_cache(path)
+    assert list(c.ids) == ["s0"] and len(calls) == 2 and _check_values(c)  # nothing after the failure was written

@@ -3,9 +3,18 @@
 Install: ``pip install 'featseq[torchcodec]'`` and FFmpeg's shared libraries, major version 4 to 8, from the
 system (e.g. ``apt install ffmpeg``, ``conda install ffmpeg``); torchcodec loads them at import and fails without.
 On CUDA the worker decodes on the GPU it is given (``cuda:N``, its rank's), never simply the current device.
-Frames are read with ``get_frames_at`` in exact seek mode (indices in presentation order, the frame table's order)
-and scaled with torch's interpolation (bilinear or bicubic with antialiasing, or nearest-exact), on the decode device; only the small frames
-are copied back to host memory, so the worker process boundary costs 150 KB a frame at 224 px, not an HD frame.
+Frames are read with ``get_frames_at`` by index in presentation order (the frame table's order). torchcodec opens in
+approximate seek mode (no scan of the file) where that mode finds exactly the frame table's frames: it puts frame
+``i`` at ``i / header fps``, which is every frame's timestamp in a constant-frame-rate video starting at 0
+(:func:`approximate_is_exact`); any other video (a variable rate, a header that lists fewer frames, and a start
+offset, which torchcodec 0.17 handles but the 0.7 source does not) opens in exact mode, whose scan reads every
+packet of the file once more. A worker keeps the decoder open across a video's segments (featurize/keep_open.py), so
+that scan is paid once per video and worker, not per segment (``bench/torchcodec_open_bench.py``, torchcodec 0.17:
+opening a 30,000-frame 64 px H.264 file took 192 ms in exact mode, 12.3 ms in approximate mode; the index from our
+demux passed as ``custom_frame_mappings`` JSON took 435 ms, slower than the scan, so it is not used). Frames are
+scaled with torch's interpolation (bilinear or bicubic with antialiasing, or nearest-exact), on the decode
+device; only the small frames are copied back to host memory, so the worker process boundary costs 150 KB a frame
+at 224 px, not an HD frame.
 The resize runs on at most :data:`RESIZE_BYTES` of float32 at a time (a 64-frame 1080p chunk would be 1.6 GB).
 """
 from __future__ import annotations
@@ -56,6 +65,16 @@ def cuda_decode_problem() -> str | None:
     return None
 
 
+def approximate_is_exact(table, header_fps, header_frames) -> bool:
+    """Whether torchcodec's approximate seek mode finds exactly ``table``'s frames: it seeks frame ``i`` at
+    ``round(i / header_fps)`` in the stream's time base, so every frame's timestamp must be that (within a quarter
+    tick), and the header must list at least the frames the table has (approximate mode refuses indices beyond)."""
+    if table.pts is None or not table.time_base or not header_fps or not header_frames or header_frames < len(table.pts):
+        return False
+    at = np.arange(len(table.pts)) / float(header_fps) / table.time_base
+    return bool(np.abs(table.pts - at).max() < 0.25)
+
+
 def resize(x, h: int, w: int, max_bytes: int = RESIZE_BYTES, interpolation: str = "bilinear"):
     """uint8 (k, 3, H, W) -> uint8 (k, 3, h, w): bilinear or bicubic with antialiasing (as PIL's), or nearest-exact,
     rounded, on x's device, in slices of at most ``max_bytes`` of float32 input (at least one frame)."""
@@ -96,8 +115,13 @@ class TorchCodecDecoder(Decoder):
         # the worker is handed its rank's GPU (cuda:N); a bare "cuda" is cuda:0, never whatever is current
         self._dev = torch.device("cuda", torch.device(self.device).index or 0) if self.device.startswith("cuda") \
             else torch.device("cpu")
-        self._dec = VideoDecoder(self.path, seek_mode="exact", num_ffmpeg_threads=1, device=str(self._dev),
-                                 dimension_order="NCHW")
+        kw = dict(num_ffmpeg_threads=1, device=str(self._dev), dimension_order="NCHW")
+        self._dec = VideoDecoder(self.path, seek_mode="approximate", **kw)
+        m = self._dec.metadata
+        self.seek_mode = "approximate"
+        if not approximate_is_exact(self.table, getattr(m, "average_fps_from_header", None),
+                                    getattr(m, "num_frames_from_header", None)):
+            self._dec, self.seek_mode = VideoDecoder(self.path, seek_mode="exact", **kw), "exact"
         n = self._dec.metadata.num_frames
         if n is not None and n < len(self.frame_starts):
             raise DecodeError(f"{self.path}: torchcodec sees {n} frames, the container lists {len(self.frame_starts)}")
@@ -113,6 +137,15 @@ class TorchCodecDecoder(Decoder):
                 x = resize(x, h, w, interpolation=self.interpolation)
             x = x[torch.as_tensor(inverse, device=x.device)].permute(0, 2, 3, 1).contiguous()
             yield x.cpu().numpy()
+
+    @property
+    def fallback(self) -> str:
+        """Why FFmpeg decoded this video on the CPU under ``--decode-device cuda`` (NVDEC does not take 10-bit 4:2:2,
+        some tiny or unusual streams; torchcodec then decodes on the CPU and hands the frames over as usual), from
+        torchcodec's ``VideoDecoder.cpu_fallback`` (known once a frame is decoded); '' when NVDEC decoded it, on the
+        CPU, or where torchcodec has no such status (older releases: bench/gpu_check.py's "NVDEC fallback" check)."""
+        status = getattr(self._dec, "cpu_fallback", None) if self._dev.type == "cuda" and self._dec is not None else None
+        return str(status).split("due to: ")[-1].strip() if status else ""
 
     def close(self) -> None:
         self._dec = None
