@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json, regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--quick] [--only featurize,decode,stream,cpu_slices,cache_io,scale,interop,train,sweep,shard,finetune_ddp] [--render]
+    .venv/bin/python bench/run.py [--quick] [--only featurize,decode,stream,cpu_slices,cache_io,scale,clips,interop,train,sweep,shard,finetune_ddp] [--render]
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT  # noqa: E402
 
-BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "scale", "interop", "train", "sweep", "shard",
-           "finetune_ddp"]
+BENCHES = ["featurize", "decode", "stream", "cpu_slices", "cache_io", "scale", "clips", "interop", "train", "sweep",
+           "shard", "finetune_ddp"]
 
 
 def _load(name):
@@ -188,6 +188,24 @@ def render() -> str:
                       f"{sc['kinetics'][0]['segments']} segments x 10 frames x 256 dims:", "",
                       _table(["what", "segments", "seconds"],
                              [[r["what"], r["segments"], r["seconds"]] for r in sc["kinetics"]]), ""]
+    cl = _load("clips")
+    if cl:
+        base = cl.get("baseline")
+        parts += ["### Featurize on many tiny clips: the costs per segment", "",
+                  f"`bench/clips_bench.py`: {cl['clips']} clips from `featseq synth` ({cl['synth']}), `featseq featurize "
+                  f"CLIPS {cl['backbone']}` with the CNN on one thread (`OMP_NUM_THREADS=1`), so what is left is what "
+                  f"featurize costs per segment besides the CNN. Milliseconds per segment, medians of {cl['rounds']} "
+                  "rounds; the whole command in a fresh process, the rest from one `featurize()` call in another, with "
+                  "timers around its parts (the decode workers' CPU time is theirs, spent beside the parent's)"
+                  + (f"; `{base}` (before) and this tree (after) taken in turn, round by round" if base else "") + ".", "",
+                  _table(["what", *(["before ms / segment"] if base else []), "ms / segment",
+                          *(["after / before"] if base else [])],
+                         [[r["what"].replace("  ", "&nbsp;&nbsp;"), *([r["baseline_ms"]] if base else []), r["this_ms"],
+                           *([r["ratio"]] if base else [])] for r in cl["table"]]), "",
+                  "Segments/s: the whole command " + (f"{cl['baseline_segments_per_s']} before, " if base else "")
+                  + f"{cl['this_segments_per_s']}" + (" after" if base else "") + "; the stream alone "
+                  + (f"{cl['baseline_stream_segments_per_s']} before, " if base else "")
+                  + f"{cl['this_stream_segments_per_s']}" + (" after" if base else "") + ".", ""]
     t = _load("train")
     if t:
         parts += ["## Cached training vs the original pipeline", "", t.get("description", ""), "",

@@ -3,7 +3,8 @@
 A decoder can hang (holding the GIL) or abort the whole process on some files, whichever backend it is, and so
 can a live source. Every probe, decode and stream therefore runs in a worker process started with ``spawn``; a
 :class:`DecodePool` runs N of them (``--decode-workers``). Jobs are dealt out as workers free up (two at a time
-per worker, so one is always waiting); messages come back in the order workers produce them, each job's own
+per worker, so one is always waiting; a video's job to the worker that last opened it: featurize/dealer.py); messages
+come back in the order workers produce them, each job's own
 messages in order. A worker that gives no message for ``timeout`` seconds of the parent's waiting is killed, one
 that died is noted; the job it was on is reported as failed, the job queued behind it goes back to the others,
 and a fresh worker takes its place. The other workers' work is untouched.
@@ -14,19 +15,17 @@ travel through shared memory (featurize/shm.py). The jobs and messages are named
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
-import os
-import queue
-import threading
 import time
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Iterable, Iterator
 
-from .messages import (CHUNK, DONE, ERROR, FREE, INFO, NOTE, PROBE, READY, START, STREAM, TIMES, Chunk, Done, Error,
-                       Free, Info, Note, Ready, ShmRef, Start, decode_job, probe_job, stream_job, times_job)
-from .shm import Blocks, Slots, unlink_blocks
+from .dealer import Dealer
+from .messages import (CHUNK, DONE, ERROR, FREE, INFO, NOTE, READY, Error, Free, ShmRef, decode_job, probe_job,
+                       stream_job, times_job)
+from .shm import Blocks, unlink_blocks
+from .worker_process import worker_main
 
 __all__ = ["DecodePool", "WorkerStartError", "decode_job", "default_workers", "probe_job", "stream_job", "times_job"]
 
@@ -53,175 +52,6 @@ def default_workers(decode_device: str, cnn_device: str, cpus: int | None = None
     return min(2, cpus)
 
 
-class _WorkerProcess:
-    """A decode worker's side of the pipes: a receiver thread reads jobs (and freed blocks) as they come, so the
-    parent never blocks on a busy worker; the main thread decodes; a sender thread pickles and writes messages
-    from a bounded queue while the next chunk decodes.
-
-    The worker ends itself when its parent is gone (e.g. featurize killed with -9): it checks at least once a second
-    while idle or blocked on a full queue, and a send into a closed pipe ends it too. (Not PR_SET_PDEATHSIG: that
-    fires when the *thread* that started the worker ends, and finetune starts it from a prefetch thread.)"""
-
-    def __init__(self, jobs_conn, out_conn, backend: str, device: str, queue_chunks: int, shared: bool):
-        self.jobs_conn, self.out_conn, self.backend, self.device = jobs_conn, out_conn, backend, device
-        self.parent = os.getppid()
-        self.out: queue.Queue = queue.Queue(maxsize=queue_chunks)
-        self.jobs: queue.Queue = queue.Queue()
-        self.slots = Slots(queue_chunks + 1, enabled=shared)
-        from .keep_open import OpenDecoders
-
-        self.decoders = OpenDecoders(backend, device)  # a video's segments reuse one decoder (featurize/keep_open.py)
-
-    def _send(self) -> None:
-        while True:
-            msg = self.out.get()
-            try:
-                self.out_conn.send(msg)
-            except OSError:  # the parent closed its end
-                os._exit(0)
-            self.out.task_done()
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                msg = self.jobs_conn.recv()
-            except (EOFError, OSError):
-                self.jobs.put(None)
-                return
-            if msg is not None and msg.kind == FREE:
-                self.slots.returned(msg.slot)
-            else:
-                self.jobs.put(msg)
-
-    def parent_alive(self) -> None:
-        if os.getppid() != self.parent:
-            os._exit(0)
-
-    def put(self, msg) -> None:
-        while True:
-            try:
-                return self.out.put(msg, timeout=1.0)
-            except queue.Full:
-                self.parent_alive()
-
-    def serve(self) -> None:
-        import numpy  # noqa: F401  (imported before Ready: a slow import counts against the start, not a job)
-
-        from . import decoder, sampling  # noqa: F401
-
-        threading.Thread(target=self._send, daemon=True).start()
-        threading.Thread(target=self._receive, daemon=True).start()
-        self.put(Ready(READY))
-        while True:
-            try:
-                job = self.jobs.get(timeout=1.0)
-            except queue.Empty:
-                self.parent_alive()
-                continue
-            if job is None:
-                break
-            try:
-                if job.kind == PROBE:
-                    from .decoder import video_info
-
-                    self.put(Info(INFO, job.key, dataclasses.asdict(video_info(job.path))))
-                elif job.kind == STREAM:
-                    self._stream(job)
-                else:
-                    self._decode(job)
-            except Exception as e:  # reported per job; the worker goes on with the next one
-                msg = str(e) if str(e).startswith(str(job.path)) else f"{job.path}: {type(e).__name__}: {e}"
-                self.put(Error(ERROR, job.key, msg))
-        self.decoders.close()
-        self.out.join()  # every message sent before the process ends
-
-    def _chunk(self, key, frames, times, release: Callable[[], None], arrivals=None) -> None:
-        """Send one chunk; while the consumer is busy, a backend that decodes ahead stops (``release``, once)."""
-        released = []
-
-        def consumer_busy() -> None:
-            if not released:
-                release()
-                released.append(True)
-            self.parent_alive()
-
-        if self.out.full():
-            consumer_busy()
-        self.put(Chunk(CHUNK, key, self.slots.pack(frames, consumer_busy), times, arrivals))
-        if self.slots.note:
-            self.put(Note(NOTE, None, self.slots.note))
-            self.slots.note = ""
-
-    def _decode(self, job) -> None:
-        dec = self.decoders.open(job.path, job.size, job.policy, job.resize_size, job.interpolation)  # kept open
-        #                                                             from the video's last job, or new
-        try:
-            pos = self._read(job, dec)
-        except BaseException:
-            self.decoders.discard(dec)
-            raise
-        self.decoders.keep(dec)
-        self.put(Done(DONE, job.key, pos, dec.fallback))
-
-    def _read(self, job, dec) -> int:
-        import numpy as np
-
-        from .sampling import frame_at, plan_segment
-
-        info = dec.info
-        self.put(Start(START, job.key, dataclasses.asdict(info)))
-        if job.kind == TIMES:
-            idx = frame_at(np.asarray(job.times, dtype=np.float64), dec.frame_starts)
-            ftimes = dec.frame_starts[idx]
-        else:
-            plan = plan_segment(dec.frame_starts, info.duration, job.start, job.end, job.fps)
-            idx, ftimes = plan.indices, plan.times
-        pos = 0
-        for frames in dec.read(idx, job.chunk):
-            self._chunk(job.key, frames, ftimes[pos:pos + len(frames)], dec.release)
-            pos += len(frames)
-        return pos
-
-    def _stream(self, job) -> None:
-        import numpy as np
-
-        from .decoder import open_live
-
-        src = open_live(job.path, job.fps, job.size, job.policy, job.realtime, job.stall_timeout, job.resize_size,
-                        job.interpolation)
-        self.put(Start(START, job.key, src.describe()))
-        n = 0
-        for t, arrival, rgb in src.frames():  # one chunk per grid frame: handed over as soon as it is on screen
-            self._chunk(job.key, rgb[None], np.array([t]), src.release, np.array([arrival]))
-            n += 1
-        src.close()
-        self.put(Done(DONE, job.key, n))
-
-
-def _worker_main(jobs_conn, out_conn, backend: str, device: str, queue_chunks: int, shared: bool = True) -> None:
-    from featseq.common.signals import ignore_interrupts
-
-    ignore_interrupts()  # Ctrl-C reaches the whole process group: the parent stops its workers
-    one_thread(backend)
-    _WorkerProcess(jobs_conn, out_conn, backend, device, queue_chunks, shared).serve()
-
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def one_thread(backend: str) -> None:
-    """A decode worker computes on one thread: N workers beside the parent must not each start a pool the size of
-    the machine (torch's, for torchcodec's resize and conversion; OpenMP's). Set in the worker process before its
-    backend loads torch; torchcodec's FFmpeg already runs one thread (num_ffmpeg_threads=1)."""
-    for var in THREAD_VARS:
-        os.environ[var] = "1"
-    if backend == "torchcodec":
-        import torch
-
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-
-
 class WorkerStartError(RuntimeError):
     """A decode worker process could not start at all (not the fault of any video)."""
 
@@ -244,7 +74,7 @@ class _Worker:
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         self.out, out_w = ctx.Pipe(duplex=False)
         _widen(out_w)
-        self.proc = ctx.Process(target=_worker_main, args=(jobs_r, out_w, backend, device, queue_chunks, shared),
+        self.proc = ctx.Process(target=worker_main, args=(jobs_r, out_w, backend, device, queue_chunks, shared),
                                 daemon=True, name="featseq-decoder")
         self.proc.start()
         jobs_r.close()  # the child holds its own ends: EOF reaches it when we go
@@ -254,17 +84,22 @@ class _Worker:
         self.eof = False  # its pipe reached end-of-file: the process is gone
         self.silent = 0.0  # seconds the parent has waited since this worker's last message
         self.blocks = Blocks()  # the worker's shared blocks, mapped here
+        self.outbox: list = []  # Free messages of blocks copied out, not sent yet
 
     def frames(self, ref):
-        """The frames of a chunk message: copied out of the shared block it names, which goes back to the worker."""
+        """The frames of a chunk message: copied out of the shared block it names, which goes back to the worker with
+        the next jobs the pool sends it (:meth:`send`), at the latest before the pool waits for messages again."""
         if not isinstance(ref, ShmRef):
             return ref  # sent through the pipe
         frames = self.blocks.take(ref)
-        try:
-            self.jobs.send(Free(FREE, ref.slot))
-        except OSError:  # it died: noticed by the pool
-            pass
+        self.outbox.append(Free(FREE, ref.slot))
         return frames
+
+    def send(self, jobs: list) -> None:
+        """``jobs`` and the blocks freed since the last call, in one write (one wake-up of the worker)."""
+        msgs, self.outbox = self.outbox + jobs, []
+        if msgs:
+            self.jobs.send(msgs if len(msgs) > 1 else msgs[0])
 
     def stop(self, kill: bool) -> None:
         if not kill and self.proc.is_alive():
@@ -301,6 +136,7 @@ class DecodePool:
         self.decoder, self.decode_device = decoder, decode_device
         self._ctx = mp.get_context("spawn")
         self._w: list[_Worker | None] = [None] * workers
+        self._opened: dict[str, int] = {}  # video -> pid of the worker that last had a job on it (featurize/dealer.py)
         self.restarts = 0
 
     @property
@@ -359,21 +195,24 @@ class DecodePool:
 
         Abandoning the iterator early kills the workers (they may hold queued frames); the next call starts new ones.
         """
-        pending = deque(jobs)
+        slots = {w.proc.pid: i for i, w in enumerate(self._w) if w is not None}
+        pending = Dealer(jobs, lambda job: slots.get(self._opened.get(job.path)))
         complete = False
         try:
             while True:
                 for i in range(self.n):  # deal jobs to free workers, starting (re)placements as needed
                     if self._w[i] is None and pending:
                         self._w[i] = _Worker(self._ctx, self.decoder, self.decode_device, self.queue_chunks, self.shared_memory)
-                    w = self._w[i]
+                    w, dealt = self._w[i], []
                     while w is not None and pending and len(w.assigned) < JOBS_PER_WORKER:
-                        job = pending.popleft()
-                        w.assigned.append(job)
-                        try:
-                            w.jobs.send(job)
-                        except OSError:  # it died: noticed below
-                            break
+                        dealt.append(pending.take(i))
+                        w.assigned.append(dealt[-1])
+                        self._opened[dealt[-1].path] = w.proc.pid
+                    try:
+                        if w is not None:
+                            w.send(dealt)
+                    except OSError:  # it died: noticed below
+                        pass
                 busy = [w for w in self._w if w is not None and w.assigned]
                 if not busy:
                     break
@@ -387,31 +226,32 @@ class DecodePool:
                         w.silent += waited
                         continue
                     try:
-                        msg = w.out.recv()
+                        got = w.out.recv()
                     except (EOFError, OSError):
                         w.eof = True  # died: noticed below
                         continue
                     w.silent = 0.0
-                    if msg.kind == READY:
-                        w.ready = True
-                        continue
-                    if msg.kind == NOTE:
-                        if msg.message not in self.notes:
-                            self.notes.append(msg.message)
-                            if self.log is not None:
-                                self.log(f"note: {msg.message}")
-                        continue
-                    if msg.kind == CHUNK:
-                        self.chunks["shm" if isinstance(msg.frames, ShmRef) else "pipe"] += 1
-                        msg = msg._replace(frames=w.frames(msg.frames))
-                    elif msg.kind in (INFO, DONE, ERROR):
-                        w.assigned.popleft()
-                    yield msg
+                    for msg in got if isinstance(got, list) else [got]:  # a list: messages sent at once
+                        if msg.kind == READY:
+                            w.ready = True
+                            continue
+                        if msg.kind == NOTE:
+                            if msg.message not in self.notes:
+                                self.notes.append(msg.message)
+                                if self.log is not None:
+                                    self.log(f"note: {msg.message}")
+                            continue
+                        if msg.kind == CHUNK:
+                            self.chunks["shm" if isinstance(msg.frames, ShmRef) else "pipe"] += 1
+                            msg = msg._replace(frames=w.frames(msg.frames))
+                        elif msg.kind in (INFO, DONE, ERROR):
+                            w.assigned.popleft()
+                        yield msg
                 for i, w in enumerate(self._w):
                     if w is None or not w.assigned or (why := self._failed(w)) is None:
                         continue
                     job = w.assigned.popleft()
-                    pending.extendleft(reversed(w.assigned))  # its next job goes back to the others
+                    pending.put_back(list(w.assigned))  # its next job goes back to the others
                     self.restarts += 1
                     self._retire(i, kill=True)
                     yield Error(ERROR, job.key, why)

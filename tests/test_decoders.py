@@ -139,3 +139,22 @@ def test_a_backend_that_cannot_run_is_refused_with_the_fix(monkeypatch, synth_da
                                   "--out", str(out)])
     assert r.exit_code == 2 and "cannot load FFmpeg" in r.output and not out.exists()
     assert "decodes on the CPU only" in unavailable("pyav", "cuda")
+
+
+def test_pyav_frames_through_the_kept_reformatter_equal_a_fresh_ones(synth_data, videos):
+    """One VideoReformatter serves every video a thread decodes with pyav (featurize/decoders/pyav_decoder.py):
+    videos of other sizes in turn, scaled to other sizes by either policy, come out as a fresh one scales them."""
+    from av.video.reformatter import VideoReformatter
+
+    from featseq.featurize.decoder import open_decoder
+
+    clip = synth_data["clips"][0]["path"]  # 64x64; videos[1] is 64x48
+    for path, size, policy in [(videos[1], 32, "squash"), (clip, 48, "crop"), (videos[1], 40, "crop"), (clip, 32, "squash")]:
+        got = []
+        for fresh in (False, True):
+            dec = open_decoder(path, size=size, policy=policy, backend="pyav")
+            if fresh:
+                dec._ref = VideoReformatter()
+            got.append(np.concatenate(list(dec.read(np.arange(0, 40, 7), 4))))
+            dec.close()
+        assert got[0].shape == (6, size, size, 3) and np.array_equal(got[0], got[1])

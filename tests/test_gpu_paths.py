@@ -137,7 +137,7 @@ def test_defaults_on_the_cpu_and_with_nvdec():
 # ---------------------------------------------------------------- the workers' threads and memory (item 3)
 
 def test_a_torchcodec_worker_computes_on_one_thread():
-    code = ("import torch; torch.set_num_threads(4); from featseq.featurize.worker import one_thread; "
+    code = ("import torch; torch.set_num_threads(4); from featseq.featurize.worker_process import one_thread; "
             "one_thread('torchcodec'); import os; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
     out = subprocess.run([sys.executable, "-c", code], env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -265,3 +265,42 @@ def test_a_worker_without_room_for_a_block_sends_its_frames_through_the_pipe_and
     assert res["same"] and res["chunks"]["shm"] == 0 and res["chunks"]["pipe"] >= 3
     assert len(res["logged"]) == 1 and "--shm-size" in res["logged"][0], res["logged"]
     assert "Traceback" not in r.stderr and "leaked" not in r.stderr, r.stderr
+
+
+def test_the_dealer_gives_a_worker_its_own_jobs_first_then_common_ones_then_the_most_loaded_workers_last():
+    from featseq.featurize.dealer import Dealer
+
+    owner = {"a0": 0, "b1": 1, "c0": 0, "d": None, "e0": 0, "f": None, "g0": 0, "h1": 1}
+    d = Dealer(owner, owner.get)
+    assert [d.take(1) for _ in range(5)] == ["b1", "h1", "d", "f", "g0"]  # g0: the end of worker 0's list
+    d.put_back(["x", "y"])  # a lost worker's queued jobs: next in line for a worker with none of its own left
+    assert [d.take(0) for _ in range(3)] + [d.take(1), d.take(1)] == ["a0", "c0", "e0", "x", "y"]
+    assert not d
+
+
+def test_each_worker_decodes_the_videos_it_probed_before_any_other(synth_data, tmp_path, monkeypatch):
+    """Two workers: a worker is dealt the decode jobs of the videos it probed (its process keeps their frame tables)
+    before it takes over any the other worker probed (once it has none of its own left)."""
+    import shutil
+
+    from featseq.featurize import worker
+
+    paths = []
+    for i in range(24):
+        paths.append(str(tmp_path / f"c{i}.mp4"))
+        shutil.copy(synth_data["clips"][i % 6]["path"], paths[-1])
+    dealt, send = [], worker._Worker.send
+
+    def noted(w, jobs):
+        dealt.extend((w.proc.pid, j.path) for j in jobs)
+        send(w, jobs)
+    monkeypatch.setattr(worker._Worker, "send", noted)
+    with DecodePool(workers=2) as pool:
+        pool.probe(paths)
+        probed, dealt[:] = dict(pool._opened), []
+        done = [m.key for m in pool.run([decode_job(p, p, 0.0, None, 1.0, 32, "squash", 4) for p in paths])
+                if m.kind == "done"]
+    assert sorted(done) == sorted(paths) and sorted(p for _, p in dealt) == sorted(paths)
+    for pid in set(probed.values()):
+        own = [probed[p] == pid for q, p in dealt if q == pid]
+        assert own and own[0] and own == sorted(own, reverse=True), own  # its own first, then the other's
