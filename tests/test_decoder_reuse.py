@@ -13,7 +13,7 @@ from featseq.featurize.decoder import DecodeError, frame_table, open_decoder, un
 from featseq.featurize.decoders.torchcodec_decoder import approximate_is_exact
 from featseq.featurize.keep_open import OpenDecoders
 from featseq.featurize.messages import DONE, decode_job
-from featseq.featurize.worker import _WorkerProcess
+from featseq.featurize.worker_process import WorkerProcess
 
 
 def grey_clip(path, pts, size=32):
@@ -76,7 +76,7 @@ def test_torchcodec_opens_without_a_scan_where_exact_enough_and_decodes_the_tabl
 
 
 def test_a_worker_reuses_a_videos_decoder_across_its_jobs_and_closes_it_after_a_failure(clips):
-    w = _WorkerProcess(None, None, "pyav", "cpu", queue_chunks=64, shared=False)
+    w = WorkerProcess(None, None, "pyav", "cpu", queue_chunks=64, shared=False)
     jobs = [decode_job(k, clips["cfr"], a, b, 10.0, 16, "squash", 4) for k, (a, b) in enumerate([(0, 0.4), (0.3, 0.8)])]
     jobs.append(decode_job(2, clips["vfr"], 0, None, 10.0, 16, "squash", 4))
     jobs.append(decode_job(3, clips["cfr"], 0, None, 10.0, 16, "squash", 4))
@@ -133,7 +133,7 @@ def test_a_gpu_decoders_cpu_fallback_is_named_and_reaches_the_parent(clips, monk
     for status, why in ((Status(True), "Video not supported"), (Status(False), ""), (None, "")):
         dec._dec = types.SimpleNamespace(cpu_fallback=status) if status is not None else object()
         assert dec.fallback == why
-    w = _WorkerProcess(None, None, "pyav", "cpu", queue_chunks=64, shared=False)
+    w = WorkerProcess(None, None, "pyav", "cpu", queue_chunks=64, shared=False)
     real = w.decoders.open
 
     def fell_back(*a):
