@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .ddp import ONE, Ranks
+from .models import all_real
 from .splits import Fold
 
 
@@ -64,7 +65,8 @@ class FeatureInputs:
             bt = torch.as_tensor(b).to(self.rows.device)
             m = self.mask[bt]
             # features are kept in the cache's dtype: one float32 batch at a time, zeroed at padding in place
-            yield b, self.features[table[bt]].float().mul_(m.unsqueeze(-1)), m
+            x = self.features[table[bt]].float()
+            yield b, x if all_real(m) else x.mul_(m.unsqueeze(-1)), m
 
 
 RESIDENT_SHARE = 0.5  # features move to the GPU when they take at most this share of its free memory
