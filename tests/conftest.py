@@ -46,3 +46,13 @@ def small_trained(tmp_path_factory):
 
     src, cache, run, res = small_run(tmp_path_factory.mktemp("small_run"))
     return {"src": src, "cache": cache, "run": run, "res": res}
+
+
+@pytest.fixture(scope="session")
+def gingerbread_cache(tmp_path_factory):
+    """helpers.gingerbread_killed_and_resumed, once per session: test_gingerbread checks the kill and the resume,
+    test_sequence_train trains on the finished cache (featurizing the 184 real clips costs the suite about 40 s each
+    time). Only where the real clips are (the tests that use it are marked needs_gingerbread)."""
+    from helpers import gingerbread_killed_and_resumed
+
+    return gingerbread_killed_and_resumed(tmp_path_factory.mktemp("gingerbread"))

@@ -97,6 +97,29 @@ def small_run(d):
     return src, cache, str(run), res
 
 
+def gingerbread_killed_and_resumed(d) -> dict:
+    """All 184 real Gingerbread clips featurized at 1 fps (resnet18, random weights, 64 px) by a real featseq process,
+    killed with SIGKILL once it has published 60 segments, then rerun to completion (the same command):
+    {"cache", "alive_at_kill", "published_at_kill", "rerun"} (rerun: the second process's CompletedProcess)."""
+    import signal
+    import subprocess
+
+    out = Path(d) / "gb.h5"
+    cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "featurize", str(GINGERBREAD), "--backbone",
+           "resnet18", "--weights", "none", "--fps", "1", "--size", "64", "--out", str(out), "-q"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and published_segments(out) < 60 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = p.poll() is None
+    if alive:
+        os.kill(p.pid, signal.SIGKILL)
+    p.communicate()
+    half = published_segments(out)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+    return {"cache": str(out), "alive_at_kill": alive, "published_at_kill": half, "rerun": rerun}
+
+
 def write_fake_cache(path, labels, groups=None, durations=None, starts=None, fps=6.0, dim=8, seed=0, jitter=0.0,
                      video_fps=25.0, splits=None, paths=None, order=None, ids=None, dtype="float16", features=None) -> str:
     """A valid cache with random features; segment i samples start + k/fps for k < ceil(duration*fps).

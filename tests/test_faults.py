@@ -38,6 +38,18 @@ def featseq(*args, limit=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout, preexec_fn=_limit(limit) if limit else None)
 
 
+def rerun(*args):
+    """The featseq CLI in this process (click's CliRunner), as a CompletedProcess: for the reruns that finish what a
+    fault stopped, where neither a signal nor a file-size limit is involved (it spares each a process start, the
+    torch import). An exception that escapes the command is in stderr with its traceback."""
+    import traceback
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    escaped = r.exc_info and not isinstance(r.exception, SystemExit)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout,
+                                       r.stderr + ("".join(traceback.format_exception(*r.exc_info)) if escaped else ""))
+
+
 def start(*args):
     return subprocess.Popen([sys.executable, "-c", "from featseq.cli import main; main()", *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -73,7 +85,7 @@ def test_featurize_on_a_full_disk_stops_clearly_keeps_segments_and_resumes(ref, 
     assert 1 <= len(kept) < 6
     same_features(out, ref["cache"])  # every published segment intact
     assert verify(out).ok
-    r = featseq(*args)  # space freed: the rerun completes
+    r = rerun(*args)  # space freed: the rerun completes
     assert r.returncode == 0, r.stderr
     assert f"{6 - len(kept)} segment(s) written, {len(kept)} already cached" in r.stderr
     assert len(read_cache(out)) == 6
@@ -88,7 +100,7 @@ def test_train_and_sweep_on_a_full_disk_leave_no_complete_looking_run(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {run}" in r.stderr and "writing failed: File too large" in r.stderr
     assert "not a complete run" in r.stderr and not (run / "results.json").exists()
-    r = featseq(*args)
+    r = rerun(*args)
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "results.json").read_text())["status"] == "complete"
 
@@ -99,7 +111,7 @@ def test_train_and_sweep_on_a_full_disk_leave_no_complete_looking_run(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "writing failed: File too large" in r.stderr
     assert not list(sweep.glob("*/results.json"))
-    r = featseq(*args)
+    r = rerun(*args)
     assert r.returncode == 0, r.stderr
     assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["model=conv1d", "model=gru"]
     board = (sweep / "leaderboard.csv").read_text()
@@ -129,7 +141,7 @@ def test_finetune_on_a_full_disk_then_resumes(small_ft, tmp_path):
     r = featseq(*args, limit=1_000_000)  # last.pt (the trunk and its optimizer) does not fit
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "last.pt: writing failed: File too large" in r.stderr and not (out / "results.json").exists()
-    r = featseq(*args)
+    r = rerun(*args)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
@@ -155,7 +167,7 @@ def test_sigterm_stops_featurize_publishes_releases_and_resumes(ref, tmp_path):
         n = len(f["segments"])
     assert 2 <= n <= 6
     same_features(out, ref["cache"])
-    r = featseq(*args)
+    r = rerun(*args)
     assert r.returncode == 0 and f"{6 - n} segment(s) written, {n} already cached" in r.stderr, r.stderr
     same_features(ref["cache"], out)
 
@@ -174,7 +186,7 @@ def test_sigint_stops_a_sweep_and_its_workers_and_the_rerun_finishes(tmp_path):
     assert "stopped by SIGINT" in err
     assert workers and gone(workers)
     assert not list(out.glob("*/results.json"))  # nothing half-trained looks complete
-    r = featseq("sweep", cache, "--out", out, "--model", "gru,lstm,rnn,conv1d", "--hidden", 64, "--epochs", 2,
+    r = rerun("sweep", cache, "--out", out, "--model", "gru,lstm,rnn,conv1d", "--hidden", 64, "--epochs", 2,
                 "--patience", 2, "--seq-len", 30, "--jobs", 2, "--device", "cpu", "--plots", "false",
                 "-q")  # other epochs: new variants
     assert r.returncode == 0, r.stderr
@@ -195,7 +207,7 @@ def test_sigterm_stops_finetune_and_resume_finishes(small_ft, tmp_path):
     assert p.returncode == 143, err
     assert gone(workers), [Path(f'/proc/{w}/cmdline').read_text() for w in workers if alive(w)]
     assert not (out / "results.json").exists()
-    r = featseq(*[a if a != 200 else 2 for a in args], "--resume")
+    r = rerun(*[a if a != 200 else 2 for a in args], "--resume")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
@@ -212,7 +224,7 @@ def test_sigterm_stops_predict_and_its_cache_resumes(small_ft, ref, tmp_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode == 143, err
     assert not Path(str(keep) + ".lock").exists()
-    r = featseq(*args)
+    r = rerun(*args)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "P" / "predictions.csv").read_text().splitlines()) == len(videos) + 2
 

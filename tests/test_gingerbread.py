@@ -1,14 +1,9 @@
 """The real Gingerbread clips (only where ../shared is present): all 184 at 1 fps, killed halfway and resumed."""
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 
-from helpers import CHILD_ENV, GINGERBREAD, ROOT, needs_gingerbread, published_segments
+from helpers import needs_gingerbread
 from featseq.featurize.cache import read_cache
 
 
@@ -30,23 +25,15 @@ def duration_only_accuracy(cache, split: str, seeds, folds: int = 5) -> float:
 
 
 @needs_gingerbread
-def test_gingerbread_all_clips_1fps_kill_and_resume(tmp_path):
-    out = tmp_path / "gb.h5"
-    cmd = [sys.executable, "-c", "from featseq.cli import main; main()", "featurize", str(GINGERBREAD), "--backbone", "resnet18",
-           "--weights", "none", "--fps", "1", "--size", "64", "--out", str(out), "-q"]
-    env = CHILD_ENV
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while p.poll() is None and published_segments(out) < 60 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert p.poll() is None
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    half = published_segments(out)
+def test_gingerbread_all_clips_1fps_kill_and_resume(gingerbread_cache):
+    """A real featurize process killed with SIGKILL after 60 of the 184 clips (conftest's gingerbread_cache), and the
+    same command rerun: every clip once, one frame per started second."""
+    assert gingerbread_cache["alive_at_kill"]  # still running when it was killed
+    half = gingerbread_cache["published_at_kill"]
     assert 60 <= half < 184
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = gingerbread_cache["rerun"]
     assert r.returncode == 0, r.stderr
-    c = read_cache(out)
+    c = read_cache(gingerbread_cache["cache"])
     assert len(c) == 184 and len(set(c.ids)) == 184
     assert sorted(set(c.segments["label"])) == ["Classicalmusic", "Instrumentalmusic", "Popmusic"]
     assert len(set(c.segments["group"])) == 23

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from sklearn.model_selection import GroupShuffleSplit
 
 from featseq.cli import main
-from helpers import GINGERBREAD, featurize_cfg, needs_gingerbread, study_trials, synthetic_cache, write_fake_cache
+from helpers import needs_gingerbread, study_trials, synthetic_cache, write_fake_cache
 from featseq.sequence.splits import SplitError, make_folds
 from featseq.sequence.grid import SweepConfig, load_grid, parse_list, variants
 from featseq.sequence.sweep import sweep
@@ -209,12 +209,10 @@ def test_cli_train_sweep_evaluate_and_errors(synth, tmp_path):
 
 @needs_gingerbread
 @pytest.mark.slow
-def test_gingerbread_seed_compat(tmp_path):
-    """The original study's split on the real clips: 37 test clips; every output written."""
-    from featseq.featurize.pipeline import featurize
-
-    cache = featurize(featurize_cfg(GINGERBREAD, tmp_path / "gb.h5", size=64, fps=1.0)).path
-    res = train(TrainConfig(cache=cache, out=str(tmp_path / "R"), split="seed-compat", fps=1, seq_len=25, model="lstm",
+def test_gingerbread_seed_compat(gingerbread_cache, tmp_path):
+    """The original study's split on the real clips (their 1 fps cache, shared with test_gingerbread): 37 test clips;
+    every output written."""
+    res = train(TrainConfig(cache=gingerbread_cache["cache"], out=str(tmp_path / "R"), split="seed-compat", fps=1, seq_len=25, model="lstm",
                             epochs=3))
     assert res["n_test"] == 37 and res["seq_len"] == 25 and len(res["classes"]) == 3
     for f in RUN_FILES:
