@@ -9,7 +9,7 @@ clip length and stride. predict and finetune rebuild the same features from it a
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .decoders import LEGACY_DECODER
@@ -114,8 +114,13 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
+        """From :meth:`to_dict` (a run's checkpoint); a spec saved before resize_size was recorded gets the one its
+        size, resize and crops imply, as a cache's attributes do (:func:`with_defaults`)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in d.items() if k in names})
+        spec = cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in d.items() if k in names})
+        if not spec.resize_size:
+            spec = replace(spec, resize_size=legacy_resize_size(spec.size, spec.resize, spec.crops))
+        return spec
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

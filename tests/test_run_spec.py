@@ -76,3 +76,20 @@ def test_a_run_whose_weights_file_is_gone_is_refused(wide, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(run), video, "--out", str(tmp_path / "p")])
     assert r.exit_code == 2, r.output
     assert str(weights) in r.output and "put that file back" in r.output
+
+
+def test_a_runs_spec_saved_before_resize_size_and_interpolation_matches_its_caches():
+    """A checkpoint written before resize_size and interpolation were recorded reads back as the cache it came from
+    does (resized to its size, bilinear), so predict / finetune --from / explain find no difference between them;
+    a multi-crop one reads as size / 0.875."""
+    from featseq.featurize.spec import FeatureSpec
+
+    attrs = {"backbone": "resnet18", "weights": "none-seed0", "size": 32, "resize": "squash", "fps": 2.0,
+             "precision": "fp32", "feature_dim": 512}
+    from_cache = FeatureSpec.from_attrs(attrs)
+    old = {k: v for k, v in from_cache.to_dict().items() if k not in ("resize_size", "interpolation")}
+    from_run = FeatureSpec.from_dict(old)
+    assert from_run.resize_size == from_cache.resize_size == "32x32" and from_run.interpolation == "bilinear"
+    assert from_run.same_features(from_cache) == []
+    crops = FeatureSpec.from_dict({**old, "crops": 5})
+    assert crops.resize_size == FeatureSpec.from_attrs({**attrs, "crops": 5}).resize_size != "32x32"
