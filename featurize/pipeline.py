@@ -26,7 +26,7 @@ from .config import FeaturizeConfig
 from .clip_embed import ClipEmbedder
 from .clips import clip_settings
 from .geometry import decode_side, legacy_resize_size
-from .preprocessing import resolve as resolve_preprocessing
+from .preprocessing import older_cache_note, resolve as resolve_preprocessing
 from .precision import emulated, resolve_precision
 from .reconcile import reconcile
 from .decoder import resolve_decoder
@@ -148,6 +148,10 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
     target = cfg.out or default_cache_path(cfg, precision, wid, (clip_frames, clip_stride))
+    note = None if cfg.out else older_cache_note(
+        cfg, target, lambda c: default_cache_path(c, precision, wid, (clip_frames, clip_stride)))
+    if note:
+        log(note)
     path = shard_mod.part_path(target, *shard) if shard else target
     decoder = _decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,

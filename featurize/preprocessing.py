@@ -20,7 +20,7 @@ from dataclasses import replace
 from featseq.common.errors import UserError
 
 from .decoders import INTERPOLATIONS
-from .geometry import decode_size, default_resize_size, parse_resize_size
+from .geometry import decode_size, default_resize_size, legacy_resize_size, parse_resize_size
 
 DEFAULT_POLICY = "squash"
 
@@ -73,3 +73,19 @@ def resolve(cfg):
                         f"would all be the whole frame; give a larger resize size (default {decode_size(size, 5)})")
     canonical = "x".join(map(str, dims)) if policy == "squash" and len(dims) == 2 else default_resize_size(dims[0], policy)
     return replace(cfg, size=size, resize=policy, resize_size=canonical, interpolation=interpolation)
+
+
+def older_cache_note(cfg, target: str, path_of) -> str | None:
+    """A note when ``target`` (the default cache path of resolved ``cfg``) is new but the default path that featseq
+    gave the same command before it applied the model's own preprocessing holds a cache: that cache was resized
+    bilinearly to its size, so it is another identity; the note names it and the flags that resume it.
+    ``path_of(cfg)``: the default cache path of a config."""
+    import os
+
+    legacy = replace(cfg, interpolation="bilinear", resize_size=legacy_resize_size(cfg.size, cfg.resize, cfg.crops))
+    old = path_of(legacy)
+    if old == target or os.path.exists(target) or not os.path.exists(old):
+        return None
+    return (f"note: {old} was made by this command before featseq applied the model's own preprocessing (bilinear, "
+            f"resized to {legacy.resize_size}); this run starts a new cache, {target}. To resume the older one "
+            f"instead, add --interpolation bilinear --resize-size {legacy.resize_size}")

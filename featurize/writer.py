@@ -16,6 +16,7 @@ import numpy as np
 
 from .cache import (FORMAT_VERSION, READABLE_VERSIONS, STR_FIELDS, CacheError, check_identity, decode_attrs, left_open,
                     published_ids, published_rows, rows_end, segment_dtype)
+from featseq.common import signals
 from featseq.common.errors import UserError
 from featseq.common.files import DiskFullError, disk_full, quiet_unraisable, writing
 from featseq.common.lock import FileLock
@@ -286,9 +287,11 @@ class CacheWriter:
         if self._thread is not None and not wait:
             return
         self._wait()
-        held, self._held, self._held_bytes = self._held, [], 0
-        self._thread = threading.Thread(target=self._write_behind, args=(held,), name="featseq-cache-writer", daemon=True)
-        self._thread.start()
+        with signals.held():  # a stop signal between taking the group and starting its thread would lose the group:
+            held, self._held, self._held_bytes = self._held, [], 0  # it is handled once the thread has it
+            self._thread = threading.Thread(target=self._write_behind, args=(held,), name="featseq-cache-writer",
+                                            daemon=True)
+            self._thread.start()
 
     def _write_behind(self, held: list) -> None:
         try:
@@ -420,5 +423,10 @@ class CacheWriter:
     def __enter__(self) -> "CacheWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            return self.close()
+        try:
+            self.close()
+        except Exception as e:  # the writer failing too (its thread's error): the error already on its way stays
+            exc.add_note(f"the cache writer also failed: {type(e).__name__}: {e}")  # the one raised

@@ -180,13 +180,18 @@ def features_memmap(path: str, rows: int) -> np.ndarray:
     folder = Path(os.environ.get("FEATSEQ_MMAP_DIR", tempfile.gettempdir())) / "featseq-mmap"
     folder.mkdir(parents=True, exist_ok=True)
     npy = folder / f"{Path(path).stem}-{where}-{version}.npy"
-    if not npy.exists():
-        with replaced(npy) as tmp:  # atomic: parallel sweep workers may race to make it
-            features_to_npy(path, tmp, rows)
-        for old in folder.glob(f"{glob.escape(Path(path).stem)}-{where}-*.npy"):
-            if old != npy:
-                old.unlink(missing_ok=True)
-    return np.load(npy, mmap_mode="r")
+    for attempt in range(3):
+        if not npy.exists():
+            with replaced(npy) as tmp:  # atomic: parallel sweep workers may race to make it
+                features_to_npy(path, tmp, rows)
+            for old in folder.glob(f"{glob.escape(Path(path).stem)}-{where}-*.npy"):
+                if old != npy:
+                    old.unlink(missing_ok=True)
+        try:
+            return np.load(npy, mmap_mode="r")
+        except FileNotFoundError:  # another process, making a newer version's copy, deleted it in between
+            if attempt == 2:
+                raise
 
 
 def load_features(path: str, shared: bool = False) -> tuple[Cache, torch.Tensor]:

@@ -153,6 +153,8 @@ def test_a_background_group_is_written_by_the_writer_thread_while_the_caller_goe
         assert started.wait(10)  # the first group is being written, held up in the writer thread
         for i, r in enumerate(rows[1:], 1):  # the caller goes on meanwhile; due groups stay held until it is done
             w.append(r, np.full((3, 4), i, dtype="float16"), np.arange(3) / 5.0)
+        # every append returned while the first group was still held up: the caller did not wait for the writer
+        assert not release.is_set() and w._thread.is_alive() and len(w._held) == len(rows) - 1
         release.set()
     assert threads[0] is not threading.main_thread()
     c = read_cache(path)
@@ -185,3 +187,20 @@ def test_a_background_write_error_is_raised_in_the_callers_next_call_and_keeps_w
                     w._thread.join()
     c = read_cache(path)
     assert list(c.ids) == ["s0"] and len(calls) == 2 and _check_values(c)  # nothing after the failure was written
+
+
+def test_an_error_on_its_way_is_not_replaced_by_the_writer_threads_own(tmp_path, monkeypatch):
+    """A run stopped by an error (the CNN's, a signal) while the writer thread fails too: the original error is the
+    one raised, with the writer's failure as a note on it."""
+    path = tmp_path / "c.h5"
+    rows = [{"id": f"s{i}", "label": "a", "group": "g", "path": "/v.mp4"} for i in range(3)]
+
+    def failing_write(self, held):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(CacheWriter, "_write", failing_write)
+    with pytest.raises(RuntimeError, match="the CNN failed") as info:
+        with CacheWriter(str(path), {"fps": 5.0}, {}, 4, string_widths(rows), group_seconds=0, background=True) as w:
+            w.append(rows[0], np.zeros((3, 4), dtype="float16"), np.arange(3) / 5.0)
+            raise RuntimeError("the CNN failed")
+    assert any("the cache writer also failed: OSError: disk gone" in n for n in info.value.__notes__)

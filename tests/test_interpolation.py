@@ -183,3 +183,24 @@ def test_predict_decodes_new_videos_with_the_runs_interpolation_and_resize(synth
     assert (new.attrs["interpolation"], new.attrs["resize_size"]) == ("bicubic", "36x36")
     feats, _ = made.segment(0)  # the video of segment 0, whole, made again: the same features
     np.testing.assert_allclose(new.features[:len(feats)], feats, atol=1e-2)
+
+
+def test_a_default_named_cache_from_before_the_models_own_preprocessing_is_named_with_the_flags_that_resume_it(
+        synth_data, tmp_path):
+    """A timm model's default cache path changed when its bicubic interpolation and crop_pct were applied; featurize
+    with the default path finds the older default-named cache and says how to resume it instead of only starting
+    anew beside it silently."""
+    from featseq.featurize.pipeline import FeaturizeConfig, default_cache_path, featurize
+    from featseq.featurize.preprocessing import resolve
+
+    cfg = FeaturizeConfig(source=str(synth_data["clips_root"]), backbone="timm:resnet10t", weights="none", size=32, fps=1.0,
+                          device="cpu", cache_dir=str(tmp_path))
+    resolved = resolve(cfg)
+    assert resolved.interpolation == "bicubic"
+    old = default_cache_path(type(cfg)(**{**vars(resolved), "interpolation": "bilinear", "resize_size": "32x32"}),
+                             "fp32", "none-seed0")
+    (tmp_path / old.rsplit("/", 1)[1]).write_bytes(b"")  # stands in for a cache made by an older featseq
+    notes = []
+    featurize(cfg, log=notes.append)
+    said = [n for n in notes if n.startswith(f"note: {old}")]
+    assert len(said) == 1 and "--interpolation bilinear --resize-size 32x32" in said[0]
