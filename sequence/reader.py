@@ -8,6 +8,7 @@ features once, in the cache's dtype, in RAM or memory-mapped.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import math
@@ -182,10 +183,15 @@ def features_memmap(path: str, rows: int) -> np.ndarray:
     npy = folder / f"{Path(path).stem}-{where}-{version}.npy"
     for attempt in range(3):
         if not npy.exists():
-            with replaced(npy) as tmp:  # atomic: parallel sweep workers may race to make it
-                features_to_npy(path, tmp, rows)
-            for old in folder.glob(f"{glob.escape(Path(path).stem)}-{where}-*.npy"):
-                if old != npy:
+            # one process makes it: the workers of a sweep or a DataLoader start together, and two copies made at
+            # once would each be mapped by its maker alone (the features held twice, each written in full)
+            with open(f"{npy}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the maker; released by the OS if it dies
+                if not npy.exists():
+                    with replaced(npy) as tmp:  # atomic: a reader sees the whole copy or none
+                        features_to_npy(path, tmp, rows)
+            for old in folder.glob(f"{glob.escape(Path(path).stem)}-{where}-*.npy*"):
+                if old.name not in (npy.name, f"{npy.name}.lock"):
                     old.unlink(missing_ok=True)
         try:
             return np.load(npy, mmap_mode="r")

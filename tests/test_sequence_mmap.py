@@ -108,3 +108,46 @@ def test_a_new_version_of_a_cache_replaces_its_old_memory_mapped_copy(tmp_path, 
     now = sorted(folder.glob("*.npy"))
     assert len(now) == 2 and len(set(now) & set(first)) == 1  # b's copy kept, a's old one replaced
     assert feats.shape[0] == len(cache.timestamps)
+
+
+def _map_after(barrier, out, path, rows):
+    import time
+
+    from featseq.sequence import reader
+
+    made = []
+    real = reader.features_to_npy
+
+    def slow(*a, **k):  # a copy that takes a while, as a large cache's does
+        made.append(True)
+        time.sleep(1.0)
+        real(*a, **k)
+
+    reader.features_to_npy = slow
+    barrier.wait()
+    mm = reader.features_memmap(path, rows)
+    out.put((bool(made), float(mm.sum())))
+
+
+def test_workers_starting_together_make_one_copy_and_map_it(tmp_path, monkeypatch):
+    """Two processes asking for the memory-mapped copy at the same moment (a sweep's workers, a DataLoader's): one
+    makes it, the other waits and maps that same copy; two copies would hold the features twice."""
+    import multiprocessing as mp
+
+    from helpers import write_fake_cache
+    from featseq.featurize.cache import read_cache
+
+    monkeypatch.setenv("FEATSEQ_MMAP_DIR", str(tmp_path / "mm"))
+    path = write_fake_cache(tmp_path / "c.h5", ["x", "y"] * 4, dim=8)
+    rows = len(read_cache(path, features=False).timestamps)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_map_after, args=(barrier, out, str(path), rows)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert sorted(m for m, _ in got) == [False, True]  # one maker
+    assert got[0][1] == got[1][1] == float(read_cache(path).features.sum())
+    assert len(list((tmp_path / "mm" / "featseq-mmap").glob("*.npy"))) == 1
