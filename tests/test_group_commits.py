@@ -71,7 +71,12 @@ def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path, 
         p = subprocess.Popen([sys.executable, str(script), str(path), "0.02", str(int(background))], cwd=ROOT, env=CHILD_ENV,
                              stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "open"
-        time.sleep(rnd.uniform(0.05, 0.5))
+        # the kill lands at a random moment once this run has published something (a loaded machine, or the writer
+        # thread, which shares the GIL with the appending loop, can take over half a second to publish the first group)
+        before, deadline = (counts or [0])[-1], time.monotonic() + 60
+        while len(read_cache(path, features=False).ids) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rnd.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
         p.stdout.close()
