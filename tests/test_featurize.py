@@ -295,18 +295,20 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     """A real featurize process with two decode workers is SIGKILLed mid-run; the file opens, the rerun completes
     with no duplicates, and the features equal a one-worker run's."""
     out = tmp_path / "k.h5"
-    cmd = [VENV_PY, "-c", "from featseq.cli import main; main()", "featurize", synth_data["clips_root"], "--size", "96",
+    cmd = [VENV_PY, "-c", "from featseq.cli import main; main()", "featurize", synth_data["clips_root"], "--size", "160",
            "--fps", "6", "--batch-size", "4", "--decode-workers", "2", "--out", str(out), "-q"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # every segment published as soon as it is written (FEATSEQ_PUBLISH_SECONDS=0, not the default one-second groups of
+    # featurize.writer), and the kill sent as soon as the first is: a group could otherwise hold all six segments
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**CHILD_ENV, "FEATSEQ_PUBLISH_SECONDS": "0"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None and published_segments(out) < 2:
-        time.sleep(0.05)
+    while time.monotonic() < deadline and p.poll() is None and published_segments(out) < 1:
+        time.sleep(0.02)
     assert p.poll() is None, "featurize finished before it could be killed; make the job longer"
-    time.sleep(0.1)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     killed = read_cache(out)  # opens (SWMR read), only published segments visible
-    assert 2 <= len(killed) < 6
+    assert 1 <= len(killed) < 6
     assert len(set(killed.ids)) == len(killed.ids)
     r = subprocess.run(cmd, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -319,7 +321,7 @@ def test_resume_after_kill_9(synth_data, tmp_path):
     for i, sid in enumerate(killed.ids):  # finished work intact
         j = final.ids.index(sid)
         assert np.array_equal(killed.segment(i)[0], final.segment(j)[0])
-    fresh = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "fresh.h5", size=96, batch_size=4))
+    fresh = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "fresh.h5", size=160, batch_size=4))
     ref = read_cache(fresh.path)
     for i, sid in enumerate(ref.ids):
         j = final.ids.index(sid)
