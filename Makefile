@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Reruns from any state of demo/ (finished, half-finished, interrupted): synth keeps the videos it already rendered,
 # featurize, cache merge and sweep resume, and the steps that write a fresh folder (compare, finetune, predict) start
