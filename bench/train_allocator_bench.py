@@ -4,7 +4,7 @@ written by bench/scale_bench.write (13,320 segments x 35 frames x 2048, float16)
 
     .venv/bin/python bench/train_allocator_bench.py [CACHE] [--epochs 2]
 
-Not part of `make bench`: a lead for issue 26's per-epoch ratio (bench/NOTES.md), measured once.
+Not part of `make bench`: a lead for issue 26's per-epoch ratio, measured twice so far (bench/NOTES.md).
 """
 from __future__ import annotations
 
