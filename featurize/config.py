@@ -51,8 +51,8 @@ class FeaturizeConfig:
                                            "models).", choices=("default",) + INTERPOLATIONS)
     fps: float = option(6.0, "Frames sampled per second of video (read back at 1/2/3/6 fps exactly with the default).")
     device: str = option("auto", "auto, cpu or cuda.")
-    precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: auto's choice on CUDA, fp32 on "
-                                         f"the CPU].",
+    precision: str | None = option(None, f"Autocast precision; {AUTO_HELP} [default: auto's choice, except that a "
+                                         f"resume keeps the precision its cache was made with].",
                                    choices=PRECISION_CHOICES)
     dtype: str = option("float16", "Storage dtype of the features.", choices=DTYPES)
     batch_size: int = option(64, "Frames gathered per CNN call (on the CPU it runs them in slices of 16 frames at 224 "

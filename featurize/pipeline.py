@@ -27,7 +27,7 @@ from .clip_embed import ClipEmbedder
 from .clips import clip_settings
 from .geometry import decode_side, legacy_resize_size
 from .preprocessing import older_cache_note, resolve as resolve_preprocessing
-from .precision import emulated, resolve_precision
+from .precision import PRECISIONS, emulated, reproduce_precision, resolve_precision
 from .reconcile import reconcile
 from .decoder import resolve_decoder
 from .decoders import LEGACY_DECODER
@@ -116,6 +116,35 @@ def _decoder_for(cfg: FeaturizeConfig, caches: list[str]) -> str:
     return resolve_decoder(cfg.decoder, cfg.decode_device)
 
 
+def _precision_for(cfg: FeaturizeConfig, device, shard, path_of, log) -> str:
+    """The precision to featurize in. An explicit --precision as asked. Unset: the precision of the cache this run
+    resumes (--out, or the default path under any precision, with its shard's part), so one command resumes one cache
+    on machines whose default differs (a bf16-native CPU and an AVX2 one, a GPU); else auto's choice here.
+    ``path_of(precision)``: the default cache path of ``cfg`` at that precision."""
+    here = resolve_precision(cfg.precision, device)
+    made = here
+    if cfg.precision is None:
+        targets = [cfg.out] if cfg.out else [path_of(p) for p in dict.fromkeys((here,) + PRECISIONS)]
+        for t in targets:
+            found = [p for p in ([shard_mod.part_path(t, *shard)] if shard else []) + [t] if os.path.exists(p)]
+            if found:
+                attrs = read_table(found[0])[0]
+                made = attrs.get("precision") or "fp32"  # a cache written before precision was recorded: fp32
+                made = made if made in PRECISIONS else here  # an imported cache: its identity check says what differs
+                break
+        if made != here:
+            log(f"note: resuming {found[0]}, made in {made}: featurizing in {made} (auto's choice here is {here}; "
+                f"--precision {here} with another --out makes a {here} cache)")
+    if cfg.precision is not None and emulated(made, device):
+        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): several times slower than "
+            "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
+    elif reproduce_precision(made, device) != made:  # a resumed half-precision cache this CPU computes slowly
+        log(f"warning: {made} is slow on this CPU (emulated, several times slower than fp32: BENCHMARKS.md), but "
+            f"this cache was made in {made}, so resuming it continues in {made}; for speed here, start another "
+            f"cache with --precision fp32 and another --out")
+    return made
+
+
 ProgressFn = Callable[[dict], None]
 
 
@@ -141,12 +170,10 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
         kind, row_problems, source_id = "records", [], cfg.source
     shard = shard_mod.parse(cfg.shard)
     device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
-    precision = resolve_precision(cfg.precision, device)
-    if emulated(precision, device):
-        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): several times slower than "
-            "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
+    precision = _precision_for(cfg, device, shard, lambda p: default_cache_path(cfg, p, wid, (clip_frames, clip_stride)),
+                               log)
     target = cfg.out or default_cache_path(cfg, precision, wid, (clip_frames, clip_stride))
     note = None if cfg.out else older_cache_note(
         cfg, target, lambda c: default_cache_path(c, precision, wid, (clip_frames, clip_stride)))

@@ -7,8 +7,12 @@ fp32's range (random-init ResNet-101 activations peak at 4.8e5 and ResNet-152's 
 fp16 gave Inf on the first segment), fp16 on older GPUs (V100, T4: no bf16 tensor cores; finetune scales its
 gradients); on the CPU bf16 where the CPU computes it natively (AVX512-BF16,
 AMX-BF16, Arm's BF16 extension: :func:`cpu_bf16_native`), else fp32, since torch emulates bf16 elsewhere at a
-fraction of fp32's speed. featurize's default, unset (None), is auto's on CUDA and fp32 on every CPU: a cache's
-precision is part of its identity, so its default name does not depend on the CPU it was made on.
+fraction of fp32's speed. featurize's default, unset (None), is auto's choice on every device, except where it
+resumes a cache: there it keeps the precision that cache was made with, whatever this machine's default
+(featurize.pipeline), so a command run on two machines resumes one cache. bf16 features are the fp32 ones within
+rounding for classification (cosine and accuracy on the real clips: BENCHMARKS.md, "Precision").
+``FEATSEQ_CPU_BF16=1`` / ``=0`` overrides the detection of native CPU bf16 (a VM whose /proc/cpuinfo hides the
+flags; tests of what such a CPU does).
 
 ``fp32`` is fp32 everywhere: on CUDA featseq turns TF32 off for it (featurize.backbones.cuda_math), since torch runs
 cuDNN convolutions in TF32 by default (10-bit mantissa: ResNet-18 differed from fp32 by up to 5.6e-3), and a cache's
@@ -25,8 +29,14 @@ AUTO_HELP = ("auto: bf16 on CUDA (fp16 on GPUs before compute capability 8), bf1
 
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension); elsewhere
-    torch emulates it. ``cpuinfo``: the text of /proc/cpuinfo (read when None; False where there is none)."""
+    torch emulates it. ``cpuinfo``: the text of /proc/cpuinfo (read when None, unless FEATSEQ_CPU_BF16 is 0 or 1;
+    False where there is none)."""
     if cpuinfo is None:
+        import os
+
+        forced = os.environ.get("FEATSEQ_CPU_BF16", "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
         try:
             with open("/proc/cpuinfo") as fh:
                 cpuinfo = fh.read()
@@ -49,11 +59,9 @@ def cuda_bf16_native(device) -> bool:
 
 def resolve_precision(precision: str | None, device) -> str:
     """fp32, fp16 or bf16 for ``precision`` on ``device`` (a torch.device, or its name: "cuda", "cuda:1", "cpu").
-    None: auto's on CUDA, fp32 on the CPU. auto: see the module's docstring. An explicit choice is kept. ValueError
-    naming --precision for anything else."""
+    None or auto: see the module's docstring (a resume's precision is featurize's to choose). An explicit choice is
+    kept. ValueError naming --precision for anything else."""
     device_type = getattr(device, "type", str(device).partition(":")[0])
-    if precision is None and device_type != "cuda":
-        return "fp32"
     if precision in (None, AUTO):
         if device_type == "cuda":
             return "bf16" if cuda_bf16_native(device) else "fp16"

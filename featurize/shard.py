@@ -154,8 +154,12 @@ def merge(target: str, parts: list[str] | None = None, allow_missing: bool = Fal
     for p, a, _ in info[1:]:
         diff = _identity_diff(a0, a)
         if diff:
+            hint = ("; featurize's default precision is auto's choice on each machine (bf16 on a CPU that computes "
+                    "it natively or a recent GPU, fp32 or fp16 elsewhere): on machines of different kinds pass "
+                    "--precision to every shard, and featurize again the parts made in the other one"
+                    if any(d.startswith("precision:") for d in diff) else "")
             raise CacheError(f"{p} and {p0} were made with other settings ({'; '.join(diff)}); merge only parts of one "
-                             f"request")
+                             f"request{hint}")
         if a["shard_count"] != a0["shard_count"]:
             raise CacheError(f"{p} is a shard of {a['shard_count']} but {p0} of {a0['shard_count']}; merge parts of one "
                              f"--shard K/N run")

@@ -24,6 +24,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 MMAP_ROOT = tempfile.mkdtemp(prefix="featseq-test-mmap-")
 atexit.register(shutil.rmtree, MMAP_ROOT, True)
 os.environ["FEATSEQ_MMAP_DIR"] = MMAP_ROOT
+# featurize's default precision follows the CPU (bf16 where it is native): the suite pins it to what a CPU without
+# native bf16 does, so its features and tolerances are the same on every CI machine; the tests of the native case
+# set it themselves. FEATSEQ_CPU_BF16=1 make test runs the whole suite as such a CPU would.
+os.environ.setdefault("FEATSEQ_CPU_BF16", "0")
 
 # plain helpers (paths, CHILD_ENV, featurize_cfg, ...) are in helpers.py; this file holds the fixtures
 

@@ -2,6 +2,8 @@
 import hashlib
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -226,14 +228,27 @@ def test_cpu_bf16_detection_from_cpuinfo(cpuinfo, native):
     assert cpu_bf16_native(cpuinfo) is native
 
 
+def test_featseq_cpu_bf16_overrides_the_detection(monkeypatch):
+    """FEATSEQ_CPU_BF16=1/0 says what /proc/cpuinfo would (a VM that hides the flags); unset or other values: read it."""
+    from featseq.featurize.precision import cpu_bf16_native
+
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("FEATSEQ_CPU_BF16", value)
+        assert cpu_bf16_native() is want
+    monkeypatch.delenv("FEATSEQ_CPU_BF16")
+    cpuinfo = Path("/proc/cpuinfo")
+    assert cpu_bf16_native() is cpu_bf16_native(cpuinfo.read_text() if cpuinfo.exists() else "")
+
+
 def test_precision_auto_picks_bf16_on_the_cpu_only_where_native(monkeypatch):
+    """auto, featurize's default (None), is bf16 on a CPU that computes it natively and fp32 elsewhere."""
     import featseq.featurize.precision as pm
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(pm, "cpu_bf16_native", lambda cpuinfo=None, native=native: native)
         assert pm.resolve_precision("auto", cpu) == want
-        assert pm.resolve_precision(None, cpu) == "fp32" and pm.resolve_precision("auto", "cpu") == want
+        assert pm.resolve_precision(None, cpu) == want and pm.resolve_precision("auto", "cpu") == want
         # on CUDA, auto (and featurize's default) is bf16 from compute capability 8 on, fp16 before (faked here)
         for major, on_cuda in ((8, "bf16"), (7, "fp16")):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))

@@ -383,6 +383,44 @@ def test_bf16_on_a_cpu_without_it_warns(synth_data, tmp_path, monkeypatch):
     assert read_cache(res.path, features=False).attrs["precision"] == "bf16"
 
 
+def test_the_default_precision_resumes_the_cache_it_finds(synth_data, tmp_path, monkeypatch):
+    """Without --precision, a new cache is made in auto's choice, bf16 on a CPU that computes it natively, and a
+    rerun on a machine whose choice differs resumes the cache it finds (default path or --out) in that cache's own
+    precision: here an fp32 cache begun on an AVX2 CPU is finished on a bf16-native one, not begun again."""
+    from featseq.featurize.config import FeaturizeConfig
+
+    segments = load_segments(synth_data["clips_root"])[1]
+    cfg = dict(source=str(synth_data["clips_root"]), size=16, fps=6.0, device="cpu", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("FEATSEQ_CPU_BF16", "0")  # an AVX2 CPU: auto is fp32
+    first = featurize(FeaturizeConfig(**cfg), segments=segments[:3])
+    assert first.path.endswith("__fp32.h5") and first.written == 3
+    monkeypatch.setenv("FEATSEQ_CPU_BF16", "1")  # a bf16-native CPU: auto is bf16
+    notes = []
+    again = featurize(FeaturizeConfig(**cfg), segments=segments, log=notes.append)
+    assert again.path == first.path and (again.written, again.skipped_done) == (len(segments) - 3, 3)
+    assert read_cache(again.path, features=False).attrs["precision"] == "fp32"
+    assert any(f"resuming {first.path}, made in fp32" in n and "auto's choice here is bf16" in n for n in notes), notes
+    assert os.listdir(tmp_path / "cache") == [Path(first.path).name]  # no bf16 cache beside it
+    # the same through --out; a new file there (or a new default path) is bf16
+    out = tmp_path / "mine.h5"
+    monkeypatch.setenv("FEATSEQ_CPU_BF16", "0")
+    featurize(featurize_cfg(synth_data["clips_root"], out, size=16), segments=segments[:2])
+    monkeypatch.setenv("FEATSEQ_CPU_BF16", "1")
+    assert featurize(featurize_cfg(synth_data["clips_root"], out, size=16), segments=segments).written == len(segments) - 2
+    assert read_cache(out, features=False).attrs["precision"] == "fp32"
+    fresh = featurize(featurize_cfg(synth_data["clips_root"], tmp_path / "new.h5", size=16), segments=segments[:1])
+    assert read_cache(fresh.path, features=False).attrs["precision"] == "bf16"
+    # that bf16 cache resumed on an AVX2 CPU stays bf16 (emulated there, with a warning saying how to get speed)
+    monkeypatch.setenv("FEATSEQ_CPU_BF16", "0")
+    notes.clear()
+    featurize(featurize_cfg(synth_data["clips_root"], fresh.path, size=16), segments=segments[:2], log=notes.append)
+    assert read_cache(fresh.path, features=False).attrs["precision"] == "bf16"
+    assert any("bf16 is slow on this CPU" in n and "--precision fp32 and another --out" in n for n in notes), notes
+    # an explicit --precision is what was asked for: one that differs from the cache's is refused, as before
+    with pytest.raises(CacheError, match="precision: cache has 'fp32', request has 'bf16'"):
+        featurize(featurize_cfg(synth_data["clips_root"], out, size=16, precision="bf16"), segments=segments)
+
+
 def _clip_manifest(path, clips, label=lambda c: c["label"], split=lambda c: "", group=lambda c: c["group"]):
     """A manifest path,label,group,split of the synthetic clips (no id column: ids are the paths as written)."""
     with open(path, "w", newline="", encoding="utf-8") as fh:

@@ -203,7 +203,7 @@ def test_fp32_on_cuda_turns_tf32_off(tf32_on):
 def test_cuda_defaults_to_bf16_where_the_gpu_has_it(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_precision(None, "cuda:1") == resolve_precision("auto", torch.device("cuda")) == expected
-    assert resolve_precision(None, "cpu") == "fp32"  # the CPU's default is unchanged
+    assert resolve_precision(None, "cpu") == resolve_precision("auto", "cpu")  # the CPU's: auto's there
     assert resolve_precision("fp16", "cuda") == "fp16"
 
 

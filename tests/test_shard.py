@@ -136,6 +136,18 @@ def test_merge_refuses_mixed_duplicated_and_missing_parts(synth_data, tmp_path):
     refused([str(tmp_path / "none.h5")], "no parts to merge")
 
 
+def test_merge_of_parts_from_two_kinds_of_machine_names_the_precision(synth_data, tmp_path, monkeypatch):
+    """Without --precision each shard takes auto's choice on its own machine: a part made on a bf16-native CPU and one
+    made on an AVX2 CPU differ in precision, and merge refuses them, saying to pass --precision to every shard."""
+    src, out = synth_data["clips_root"], str(tmp_path / "X.h5")
+    for k, native in ((0, "0"), (1, "1")):
+        monkeypatch.setenv("FEATSEQ_CPU_BF16", native)
+        featurize(featurize_cfg(src, out, shard=f"{k}/2", size=16))
+    r = CliRunner().invoke(main, ["cache", "merge", out])
+    assert r.exit_code == 2, r.output
+    assert "precision: 'fp32' vs 'bf16'" in r.output and "pass --precision to every shard" in r.output, r.output
+
+
 def test_a_moved_source_folder_resumes(synth_data, tmp_path):
     src = tmp_path / "videos"
     shutil.copytree(synth_data["clips_root"], src)
