@@ -42,12 +42,18 @@ class Inputs(Protocol):
 class FeatureInputs:
     """Cached features: x (B, L, D) gathered from one (frames, D) tensor by a (N, L) rows table, zero at padding."""
 
-    eval_bytes = 64 << 20  # one evaluation batch as float32: bounded, whatever the feature size and length
+    # one evaluation batch as float32: bounded, whatever the feature size and length. 16 MiB on the CPU: at UCF-101
+    # size (35 x 2048) that is 58 sequences, and with glibc keeping freed blocks (train tunes it) an epoch and the tail
+    # were faster than with 64 MiB batches at glibc's default, at the same peak (bench/train_allocator_bench.py,
+    # BENCHMARKS.md); 64 MiB on a GPU, where fewer, larger batches pay (not measured there yet)
+    eval_bytes = 16 << 20
+    eval_bytes_cuda = 64 << 20
 
     def __init__(self, features: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor):
         self.features, self.rows, self.mask = features, rows, mask
         per_sequence = 4 * max(1, rows.shape[1] if rows.ndim > 1 else 1) * max(1, features.shape[1] if features.ndim > 1 else 1)
-        self.eval_batch = int(min(1024, max(16, self.eval_bytes // per_sequence)))
+        budget = self.eval_bytes_cuda if features.device.type == "cuda" else self.eval_bytes
+        self.eval_batch = int(min(1024, max(16, budget // per_sequence)))
 
     @classmethod
     def of(cls, data, device: torch.device | None = None) -> "FeatureInputs":

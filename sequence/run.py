@@ -131,14 +131,18 @@ def write_scores(run: Path, data: Sequences, split: np.ndarray, probs: np.ndarra
 def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceClassifier, fit: FitResult,
               probs: np.ndarray, spec: FeatureSpec, cache: Cache, device: torch.device, kind: str = "train",
               started: float | None = None, load_s: float | None = None, setup_s: float | None = None,
-              extra_checkpoint: dict | None = None, extra_results: dict | None = None) -> tuple[dict, dict]:
+              score_s: float | None = None, extra_checkpoint: dict | None = None,
+              extra_results: dict | None = None) -> tuple[dict, dict]:
     """Write a finished run's history, scores, checkpoint and (last, once) results.json; returns (results, checkpoint).
 
     ``head``: the sequence model (its best weights loaded); ``probs``: (N, C) probabilities of every segment;
     ``spec``: how the features the head takes were made; ``started`` (time.monotonic() when the run began) and
     ``load_s`` give results' total_s and load_s (a fold of a cross-validation has neither); ``setup_s``: seconds
-    between loading and the first epoch (the model, its input standardisation, moving features to the device).
+    between loading and the first epoch (the model, its input standardisation, moving features to the device);
+    ``score_s``: seconds spent scoring the segments the best epoch had not scored (the training part). results'
+    timings also get ``write_s``, this function's own time up to results.json (predictions, plots, checkpoint).
     """
+    t_write = time.monotonic()
     with writing(run, kept=f"{run} has no {RESULTS}, so it is not a complete run"):
         run.mkdir(parents=True, exist_ok=True)
         write_history(run, fit.history, cfg.plots)
@@ -155,6 +159,8 @@ def write_run(run: Path, *, cfg, data: Sequences, fold: Fold, head: M.SequenceCl
         checkpoint.save(ckpt, run / CHECKPOINT)
         timings = {**({"load_s": round(load_s, 3)} if load_s is not None else {}),
                    **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
+                   **({"score_train_s": round(score_s, 3)} if score_s is not None else {}),
+                   "write_s": round(time.monotonic() - t_write, 3),
                    **({"total_s": round(time.monotonic() - started, 3)} if started is not None else {})}
         res = fit_results(cfg=cfg, data=data, fold=fold, head=head, fit=fit, scores=scores, spec=spec, cache=cache,
                           device=device, timings=timings, extra=extra_results)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featseq.featurize.allocator import tune_cpu_allocator
 from featseq.featurize.backbones import resolve_device
 from featseq.featurize.cache import Cache
 from featseq.common.errors import UserError
@@ -50,9 +51,12 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         inputs = FeatureInputs.of(data, device)
         setup_s = time.monotonic() - t_setup
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
+        t_score = time.monotonic()
         probs = probabilities(model, inputs, data.mask, len(data.classes), device, known=result.best_logits)
+        score_s = time.monotonic() - t_score
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
-                       spec=spec, cache=cache, device=device, started=started, load_s=load_s, setup_s=setup_s)
+                       spec=spec, cache=cache, device=device, started=started, load_s=load_s, setup_s=setup_s,
+                       score_s=score_s)
     return res, probs
 
 
@@ -83,6 +87,8 @@ def train(cfg: TrainConfig, log=lambda s: None, data: tuple[Cache, torch.Tensor]
         raise UserError(f"{cfg.cache}: only one class ({', '.join(seqs.classes)}) among the usable segments; "
                         f"classification needs at least 2")
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # glibc keeps freed batch buffers: per batch no mapping, faulting and zeroing afresh
     t_load = time.monotonic() - t0
     # results.json is written last, so its presence means "complete"; an old run's files (folds/ of a
     # cross-validation, predictions...) are deleted before a new run is written into its folder

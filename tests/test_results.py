@@ -46,7 +46,11 @@ def test_a_run_writes_its_results_once_with_the_documented_keys(cache, tmp_path,
     assert writes == [tmp_path / "r" / R.RESULTS]
     on_disk = json.loads((tmp_path / "r" / R.RESULTS).read_text())
     assert on_disk == res and list(on_disk) == RUN_KEYS
-    assert list(on_disk["timings"]) == ["train_s", "per_epoch_s", "load_s", "setup_s", "total_s"]
+    assert list(on_disk["timings"]) == ["train_s", "per_epoch_s", "load_s", "setup_s", "score_train_s", "write_s",
+                                        "total_s"]
+    t = on_disk["timings"]  # the tail's parts lie within the run
+    assert 0 <= t["score_train_s"] and 0 < t["write_s"] and t["load_s"] + t["setup_s"] + t["train_s"] + \
+        t["score_train_s"] + t["write_s"] <= t["total_s"] + 0.01  # each rounded to 1 ms
     assert R.Results.read(tmp_path / "r").total_s == on_disk["timings"]["total_s"]
     writes.clear()
     ev = evaluate(str(tmp_path / "r"), out=str(tmp_path / "e"), plots=False)
