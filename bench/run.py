@@ -109,6 +109,29 @@ def render() -> str:
                   _table(["backbone", "precision", "allocator", "frames per call", "frames/s", "peak RSS MiB"],
                          [[r["backbone"], r["precision"], r["allocator"], r["frames_per_call"], r["frames_per_s"],
                            r["peak_mib"]] for r in cs["rows"]]), ""]
+    pr = _load("precision")
+    if pr:
+        sim, rows = pr["similarity"], pr["featurize"]
+        native = "native on this machine" if pr["cpu_bf16_native"] else "emulated on this machine, which lacks AVX512-BF16/AMX"
+        parts += ["### Precision: fp32 against bf16 features", "",
+                  f"`{pr['command']}` (not in `make bench`'s list: most of its time is bf16, emulated where the CPU "
+                  f"lacks it): the 184 Gingerbread clips featurized with {pr['backbone']} at {pr['fps']:g} fps in fp32 "
+                  f"and in bf16 ({native}; both stored as float16, the default), then "
+                  f"`featseq compare` of the two caches: mean cosine of timestamp-matched frames per segment, linear "
+                  f"CKA, and the same models trained on each over seeds 0..{pr['seeds'] - 1} on identical splits, "
+                  f"with cross-evaluation (trained on one cache, tested on the other).", "",
+                  _table(["precision", "frames", "seconds (whole command)", "frames/s"],
+                         [[r["precision"], r["frames"], r["seconds"], r["frames_per_s"]] for r in rows]), "",
+                  f"Similarity: mean cosine **{sim['mean_cosine']:.5f}** (lowest segment {sim['min_cosine']:.5f}), "
+                  f"linear CKA {sim['linear_cka']:.5f} over {sim['matched_frames']} frames."
+                  + (f" The weights' own ImageNet classifier applied to both picks the same top-1 class on "
+                     f"{pr['imagenet']['top1_agreement']:.2%} of the {pr['imagenet']['frames']} frames (top-5 sets "
+                     f"overlap {pr['imagenet']['top5_overlap']:.1%})." if pr.get("imagenet") else ""), "",
+                  _table(["model", "split", "test acc fp32 (mean +- sd)", "test acc bf16", "fp32 model on bf16",
+                          "bf16 model on fp32"],
+                         [[v["variant"], v["split"], f"{v['test_A']:.3f} +- {v['test_A_std']:.3f}",
+                           f"{v['test_B']:.3f} +- {v['test_B_std']:.3f}", f"{v['cross_A->B']:.3f}",
+                           f"{v['cross_B->A']:.3f}"] for v in pr["variants"]]), ""]
     c = _load("cache_io")
     if c:
         parts += ["## Cache I/O", "",
@@ -159,10 +182,18 @@ def render() -> str:
                       "files, plots, checkpoint. Goals: per epoch <= 1.25x the plain loop, "
                       "tail < 10 s, train's peak RSS <= 1.5x the cache, a sweep --jobs 2 <= 2x.", "",
                       _table(["cache MiB", "load s", "setup s", "s / epoch", "plain loop s / epoch", "ratio", "tail s",
-                              "peak RSS MiB", "x cache"],
+                              "of which scoring the training part s", "of which writing the run s",
+                              "peak RSS MiB", "x cache", "imports MiB", "peak beyond the imports x cache"],
                              [[tr["cache_mib"], tr["load_s"], tr.get("setup_s", ""), tr["per_epoch_s"],
-                               tr["plain_loop_per_epoch_s"], tr["per_epoch_ratio"], tr["tail_s"], tr["peak_rss_mib"],
-                               tr["peak_rss_x_cache"]]]), "",
+                               tr["plain_loop_per_epoch_s"], tr["per_epoch_ratio"], tr["tail_s"],
+                               tr.get("tail_score_train_s", ""), tr.get("tail_write_s", ""), tr["peak_rss_mib"],
+                               tr["peak_rss_x_cache"], tr.get("imports_mib", ""), tr.get("beyond_imports_x_cache", "")]]),
+                      "",
+                      "Imports: the RSS of a process that has imported what train imports and nothing else (torch alone "
+                      "is about 500 MiB); that part does not grow with the cache, so at Kinetics size the peak tends "
+                      "to the part beyond it. The training run is timed with its RSS polled from /proc/PID/status "
+                      "only: polling PSS (smaps_rollup) every 0.05 s beside it, as this benchmark did before, made "
+                      "its epochs about 1.5x as long.", "",
                       _table(["sweep", "wall s", "peak RSS MiB (all processes)", "x cache", "peak PSS MiB", "x cache"],
                              [[f"--jobs {sw['jobs']}, {sw['variants']} variants", sw["wall_s"], sw["peak_rss_mib"],
                                sw["peak_rss_x_cache"], sw["peak_pss_mib"], sw["peak_pss_x_cache"]]]), "",

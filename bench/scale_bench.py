@@ -109,12 +109,22 @@ def plain_epoch_s(path: Path, n_train: int, n_eval: int, seq_len: int, batch: in
     return median(times[1:])
 
 
+def imports_mib() -> int:
+    """RSS (MiB) of a process that has imported what train imports and done nothing else: the fixed part of train's
+    peak (torch alone is about 500 MiB), which does not grow with the cache."""
+    code = ("import featseq.sequence.train; print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0]"
+            ".split()[1])")
+    return round(int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                                    text=True).stdout.split()[-1]) / 1024)
+
+
 def train_section(big: Path, tmp: Path, epochs: int) -> dict:
     """featseq train and sweep --jobs 2 on the big cache; the plain loop; CacheDataset items/s."""
     import json
 
     mb = big.stat().st_size / 2**20
-    r = run_with_peak_rss(FEATSEQ + ["train", str(big), *TRAIN, "--epochs", str(epochs), "--out", str(tmp / "run")])
+    r = run_with_peak_rss(FEATSEQ + ["train", str(big), *TRAIN, "--epochs", str(epochs), "--out", str(tmp / "run")],
+                          pss=False)  # timed: no page-table walks beside it (one process: its RSS is the figure)
     res = json.loads((tmp / "run" / "results.json").read_text())
     t = res["timings"]
     plain = plain_epoch_s(big, res["n_train"], res["n_val"] + res["n_test"], res["seq_len"], 32, epochs)
@@ -125,6 +135,10 @@ def train_section(big: Path, tmp: Path, epochs: int) -> dict:
              "tail_s": round(t["total_s"] - t["load_s"] - t.get("setup_s", 0.0) - t["train_s"], 2), "total_s": t["total_s"],
              "wall_s": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_tree_mib"]),
              "peak_rss_x_cache": round(r["peak_tree_mib"] / mb, 2), "test_accuracy": round(res["test_accuracy"], 3)}
+    train["imports_mib"] = imports_mib()
+    train["beyond_imports_x_cache"] = round((r["peak_tree_mib"] - train["imports_mib"]) / mb, 2)
+    if "score_train_s" in t:  # the tail's parts (results.json's timings)
+        train.update(tail_score_train_s=t["score_train_s"], tail_write_s=t["write_s"])
     print(train, flush=True)
     r = run_with_peak_rss(FEATSEQ + ["sweep", str(big), *TRAIN, "--model", "lstm,gru", "--epochs", str(epochs - 1), "--jobs", "2",
                                      "--out", str(tmp / "sweep")])
