@@ -18,7 +18,7 @@ import numpy as np
 
 # torch before decord in any process that may use CUDA (decord issue 293): backbones imports torch.
 from . import backbones as bb
-from .cache import CacheError, check_identity, now_iso, published_ids, read_table, string_widths
+from .cache import CacheError, check_identity, now_iso, read_table, string_widths
 from .verify import source_changes
 from .writer import CacheWriter
 from .allocator import tune_cpu_allocator
@@ -27,10 +27,8 @@ from .clip_embed import ClipEmbedder
 from .clips import clip_settings
 from .geometry import decode_side, legacy_resize_size
 from .preprocessing import older_cache_note, resolve as resolve_preprocessing
-from .precision import PRECISIONS, emulated, reproduce_precision, resolve_precision
 from .reconcile import reconcile
-from .decoder import resolve_decoder
-from .decoders import LEGACY_DECODER
+from .resume import decoder_for, precision_for
 from . import shard as shard_mod
 from featseq.common.procgroup import decode_device as decode_device_for, rank_device
 from featseq.common.files import replaced
@@ -106,45 +104,6 @@ def _versions(decoder: str) -> dict:
     return v
 
 
-def _decoder_for(cfg: FeaturizeConfig, caches: list[str]) -> str:
-    """The backend to decode with: --decoder auto resumes a cache with the decoder that made it (decord for a cache
-    that records none), since backends scale pixels differently; an explicit --decoder must match (identity)."""
-    if cfg.decoder == "auto":
-        for p in caches:
-            if os.path.exists(p):
-                return resolve_decoder(published_ids(p)[0].get("decoder") or LEGACY_DECODER, cfg.decode_device)
-    return resolve_decoder(cfg.decoder, cfg.decode_device)
-
-
-def _precision_for(cfg: FeaturizeConfig, device, shard, path_of, log) -> str:
-    """The precision to featurize in. An explicit --precision as asked. Unset: the precision of the cache this run
-    resumes (--out, or the default path under any precision, with its shard's part), so one command resumes one cache
-    on machines whose default differs (a bf16-native CPU and an AVX2 one, a GPU); else auto's choice here.
-    ``path_of(precision)``: the default cache path of ``cfg`` at that precision."""
-    here = resolve_precision(cfg.precision, device)
-    made = here
-    if cfg.precision is None:
-        targets = [cfg.out] if cfg.out else [path_of(p) for p in dict.fromkeys((here,) + PRECISIONS)]
-        for t in targets:
-            found = [p for p in ([shard_mod.part_path(t, *shard)] if shard else []) + [t] if os.path.exists(p)]
-            if found:
-                attrs = read_table(found[0])[0]
-                made = attrs.get("precision") or "fp32"  # a cache written before precision was recorded: fp32
-                made = made if made in PRECISIONS else here  # an imported cache: its identity check says what differs
-                break
-        if made != here:
-            log(f"note: resuming {found[0]}, made in {made}: featurizing in {made} (auto's choice here is {here}; "
-                f"--precision {here} with another --out makes a {here} cache)")
-    if cfg.precision is not None and emulated(made, device):
-        log("warning: --precision bf16 is emulated on this CPU (no AVX512-BF16/AMX): several times slower than "
-            "fp32 (BENCHMARKS.md); --precision auto picks fp32 here")
-    elif reproduce_precision(made, device) != made:  # a resumed half-precision cache this CPU computes slowly
-        log(f"warning: {made} is slow on this CPU (emulated, several times slower than fp32: BENCHMARKS.md), but "
-            f"this cache was made in {made}, so resuming it continues in {made}; for speed here, start another "
-            f"cache with --precision fp32 and another --out")
-    return made
-
-
 ProgressFn = Callable[[dict], None]
 
 
@@ -172,7 +131,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     device = rank_device(cfg.device, bb.resolve_device(cfg.device))  # one GPU per torchrun rank
     sha = bb.sha256_file(cfg.weights) if cfg.weights not in ("none", "imagenet") and os.path.isfile(cfg.weights) else ""
     wid = weights_id(cfg.weights, sha, cfg.seed)
-    precision = _precision_for(cfg, device, shard, lambda p: default_cache_path(cfg, p, wid, (clip_frames, clip_stride)),
+    precision = precision_for(cfg, device, shard, lambda p: default_cache_path(cfg, p, wid, (clip_frames, clip_stride)),
                                log)
     target = cfg.out or default_cache_path(cfg, precision, wid, (clip_frames, clip_stride))
     note = None if cfg.out else older_cache_note(
@@ -180,7 +139,7 @@ def featurize(cfg: FeaturizeConfig, progress: ProgressFn | None = None, log: Cal
     if note:
         log(note)
     path = shard_mod.part_path(target, *shard) if shard else target
-    decoder = _decoder_for(cfg, [path, target])
+    decoder = decoder_for(cfg, [path, target])
     identity = cache_identity(backbone=cfg.backbone, weights=wid, weights_sha256=sha, seed=cfg.seed, size=cfg.size,
                               resize=cfg.resize, fps=float(cfg.fps) / (clip_stride or 1), precision=precision, dtype=cfg.dtype,
                               keep_frames=bool(cfg.keep_frames), decoder=decoder, decode_device=cfg.decode_device,
