@@ -52,7 +52,11 @@ def train_fold(cfg: TrainConfig, data: Sequences, fold: Fold, run: Path, cache: 
         setup_s = time.monotonic() - t_setup
         result = fit(model, inputs, data, fold, opt, FitOptions.of(cfg), device, log=log, on_epoch=on_epoch)
         t_score = time.monotonic()
-        probs = probabilities(model, inputs, data.mask, len(data.classes), device, known=result.best_logits)
+        wanted = data.mask
+        if not cfg.score_train:  # only what the best epoch scored (validation, test): training rows stay empty
+            wanted = data.mask.clone()
+            wanted[torch.as_tensor(fold.train, dtype=torch.long)] = False
+        probs = probabilities(model, inputs, wanted, len(data.classes), device, known=result.best_logits)
         score_s = time.monotonic() - t_score
     res, _ = write_run(run, cfg=cfg, data=data, fold=fold, head=model, fit=result, probs=probs,
                        spec=spec, cache=cache, device=device, started=started, load_s=load_s, setup_s=setup_s,

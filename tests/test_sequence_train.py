@@ -44,6 +44,27 @@ def test_training_learns_the_synthetic_task(conv_run):
     assert res["n_test"] == 20 and res["n_train"] + res["n_val"] == 76
 
 
+def test_no_score_train_leaves_the_training_rows_empty_and_the_rest_as_it_was(conv_run, tmp_path):
+    """--no-score-train skips the forward pass over the training part after the last epoch: predictions.csv keeps a
+    row per segment, the train rows without probabilities, and every validation and test row as the default run
+    wrote it (the best epoch's own logits); the results are the same as before."""
+    cfg, res = conv_run
+    from dataclasses import replace
+
+    quick = train(replace(cfg, out=str(tmp_path / "q"), score_train=False, plots=False))
+    rows = {p["id"]: p for p in csv.DictReader(open(Path(cfg.out) / "predictions.csv"))}
+    mine = list(csv.DictReader(open(tmp_path / "q" / "predictions.csv")))
+    assert [p["id"] for p in mine] == list(rows)
+    for p in mine:
+        probs = [v for k, v in p.items() if k.startswith("p_")]
+        if p["split"] == "train":
+            assert p["predicted"] == p["correct"] == "" and probs == [""] * 3 and rows[p["id"]]["predicted"], p
+        else:
+            assert p == rows[p["id"]]
+    assert (quick["test_accuracy"], quick["val_accuracy"], quick["best_epoch"]) == \
+        (res["test_accuracy"], res["val_accuracy"], res["best_epoch"])
+
+
 def test_every_output_exists_and_parses(conv_run, synth):
     cfg, res = conv_run
     run = Path(cfg.out)
