@@ -45,7 +45,7 @@ class FeatureInputs:
     # one evaluation batch as float32: bounded, whatever the feature size and length. 16 MiB on the CPU: at UCF-101
     # size (35 x 2048) that is 58 sequences, and with glibc keeping freed blocks (train tunes it) an epoch and the tail
     # were faster than with 64 MiB batches at glibc's default, at the same peak (bench/train_allocator_bench.py,
-    # BENCHMARKS.md); 64 MiB on a GPU, where fewer, larger batches pay (not measured there yet)
+    # bench/NOTES.md); 64 MiB when the features live on a GPU, where fewer, larger batches pay (not measured there)
     eval_bytes = 16 << 20
     eval_bytes_cuda = 64 << 20
 
