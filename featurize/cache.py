@@ -339,6 +339,12 @@ def check_identity(path: str, have: dict, identity: dict) -> None:
                          + "\n  Use another --out (or the default path, which is named after these settings)" + again)
 
 
+def read_attrs(path: str | os.PathLike) -> dict:
+    """A cache's attributes, without reading its segment table or features."""
+    with open_read(path) as f:
+        return decode_attrs(f)
+
+
 def read_table(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
     """(attributes, the published rows of the segment table as stored) without reading features."""
     with open_read(path) as f:

@@ -9,7 +9,7 @@ gradients); on the CPU bf16 where the CPU computes it natively (AVX512-BF16,
 AMX-BF16, Arm's BF16 extension: :func:`cpu_bf16_native`), else fp32, since torch emulates bf16 elsewhere at a
 fraction of fp32's speed. featurize's default, unset (None), is auto's choice on every device, except where it
 resumes a cache: there it keeps the precision that cache was made with, whatever this machine's default
-(featurize.pipeline), so a command run on two machines resumes one cache. bf16 features are the fp32 ones within
+(featurize.resume), so a command run on two machines resumes one cache. bf16 features are the fp32 ones within
 rounding for classification (cosine and accuracy on the real clips: BENCHMARKS.md, "Precision").
 ``FEATSEQ_CPU_BF16=1`` / ``=0`` overrides the detection of native CPU bf16 (a VM whose /proc/cpuinfo hides the
 flags; tests of what such a CPU does).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from . import shard as shard_mod
-from .cache import published_ids, read_table
+from .cache import read_attrs
 from .config import FeaturizeConfig
 from .decoder import resolve_decoder
 from .decoders import LEGACY_DECODER
@@ -19,7 +19,7 @@ def decoder_for(cfg: FeaturizeConfig, caches: list[str]) -> str:
     if cfg.decoder == "auto":
         for p in caches:
             if os.path.exists(p):
-                return resolve_decoder(published_ids(p)[0].get("decoder") or LEGACY_DECODER, cfg.decode_device)
+                return resolve_decoder(read_attrs(p).get("decoder") or LEGACY_DECODER, cfg.decode_device)
     return resolve_decoder(cfg.decoder, cfg.decode_device)
 
 
@@ -35,8 +35,7 @@ def precision_for(cfg: FeaturizeConfig, device, shard, path_of, log) -> str:
         for t in targets:
             found = [p for p in ([shard_mod.part_path(t, *shard)] if shard else []) + [t] if os.path.exists(p)]
             if found:
-                attrs = read_table(found[0])[0]
-                made = attrs.get("precision") or "fp32"  # a cache written before precision was recorded: fp32
+                made = read_attrs(found[0]).get("precision") or "fp32"  # a cache written before precision was recorded: fp32
                 made = made if made in PRECISIONS else here  # an imported cache: its identity check says what differs
                 break
         if made != here:
