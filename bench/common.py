@@ -97,8 +97,8 @@ def run_with_peak_rss(cmd: list[str], env: dict | None = None, interval: float =
                       pss_interval: float = 0.5) -> dict:
     """Run cmd; poll the RSS of its process tree; return peaks (MiB) and the wall time. ``pss``: also their PSS sum,
     every ``pss_interval`` s: reading smaps_rollup walks a process's page tables under its memory map's lock, which
-    at gigabytes of RSS costs the polled process time (polled every 0.05 s it slowed a UCF-101-sized train's epoch
-    by about a third), so a timed command that needs no PSS is run with ``pss=False``."""
+    at gigabytes of RSS costs the polled process time (polled every 0.05 s it made a UCF-101-sized train's epochs
+    about 1.5x as long), so a timed command that needs no PSS is run with ``pss=False``."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_tree = peak_main = peak_child = peak_pss = 0
