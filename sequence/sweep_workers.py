@@ -28,6 +28,14 @@ def _did() -> dict:
     return {"trained": 0, "skipped": 0, "pruned": 0, "failed": 0}
 
 
+def _past_the_count(study, trial, trials: int) -> bool:
+    """Whether ``trials`` trials come before ``trial`` (numbers are handed out in order by the storage, so every
+    worker decides the same). An earlier trial whose worker has not yet marked it empty is counted: it is empty only
+    if ``trials`` came before it, and then before this one too, so the answer is the same."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < trial.number and not t.user_attrs.get("empty")) >= trials
+
+
 def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data, nest: Nest | None = None) -> dict:
     """One sweep worker: take trials from the study until it is done, training each on ``data`` (the cache and its
     features, :func:`sequence.reader.load_features`); returns what this worker did. ``nest``: the sweep's run, which
@@ -52,6 +60,11 @@ def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data, nest: Nest |
         trial = study.ask()
         for k, v in (("host", host), ("pid", pid), ("beat", time.time())):  # who runs it, for reap_stale
             trial.set_user_attr(k, v)
+        if cfg.search != "grid" and _past_the_count(study, trial, cfg.trials):
+            # another worker asked between our count and our ask: the study already has its trials
+            trial.set_user_attr("empty", True)
+            tell(study, trial, TrialState.FAIL)
+            break
         if cfg.search == "grid" and trial.user_attrs.get("variant") not in grid_cfgs:
             # another worker took the last queued variant between our look and our ask (an empty trial), or a
             # variant queued by a sweep with another grid on this study: not ours to train

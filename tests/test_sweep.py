@@ -2,6 +2,7 @@
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,6 +140,39 @@ def test_parallel_workers_draw_different_parameters(fake, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _rows(out)
     assert len(rows) == 8 and len({(x["hidden"], x["lr"]) for x in rows}) == 8
+
+
+def test_a_trial_asked_by_another_worker_after_our_count_is_not_one_too_many(fake, tmp_path, monkeypatch):
+    """The race behind the test above: another worker asks the last trial between this worker's count and its ask.
+    This worker's trial is then one too many: it is marked empty and not trained (the study keeps --trials trials)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from featseq.sequence.grid import SweepConfig, parse_range
+    from featseq.sequence.study import open_study
+    from featseq.sequence.sweep import sweep
+
+    cfg = SweepConfig(cache=fake, out=str(tmp_path / "race"), search="random", trials=3,
+                      grid={"model": ["mlp"], "hidden": [parse_range("hidden", "4..64:int")], "seq_len": [6],
+                            "epochs": [1], "plots": [False]})
+    real_ask, other = optuna.Study.ask, []
+
+    def ask(study, *a, **k):
+        if len(study.get_trials(deepcopy=False)) == 2 and not other:  # our count said 2 < 3; the other asks first
+            other.append(None)
+            o = real_ask(open_study(cfg)[0])
+            for key, v in (("host", socket.gethostname()), ("pid", os.getpid())):  # alive: not reaped
+                o.set_user_attr(key, v)
+            other[0] = o.number
+        return real_ask(study, *a, **k)
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    res = sweep(cfg)
+    assert other == [2] and res["trained"] == 2
+    trials = {t.number: t for t in study_trials(cfg.out)}
+    assert [n for n, t in trials.items() if not t.user_attrs.get("empty")] == [0, 1, 2]
+    assert trials[3].user_attrs.get("empty") and trials[3].state == TrialState.FAIL and not trials[3].params
+    assert len(trials) == 4
 
 
 def test_a_search_whose_trials_all_fail_stops_at_its_trial_count(fake, tmp_path, monkeypatch):
