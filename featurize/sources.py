@@ -199,12 +199,16 @@ def _from_csv(path: Path) -> list[Segment]:
     rows = csv_rows(path)
     segs, problems = [], []
     base = path.parent
+    resolved: dict[str, tuple[str, str]] = {}  # a row's path -> (the video's resolved path, its stem)
     for n, r, extra in rows:
         where = f"{path.name} line {n}"
         if bad_row(r, extra, where, problems):
             continue
-        video = Path(r["path"])
-        video = (video if video.is_absolute() else base / video).resolve()
+        video = resolved.get(r["path"])
+        if video is None:  # rows cut from one video resolve its path once
+            raw = Path(r["path"])
+            full = (raw if raw.is_absolute() else base / raw).resolve()
+            video = resolved[r["path"]] = (str(full), full.stem)
         start = parse_seconds(r.get("start", ""), "start", where, problems)
         end = parse_seconds(r.get("end", ""), "end", where, problems)
         if start is not None and end is not None and end <= start:
@@ -215,7 +219,7 @@ def _from_csv(path: Path) -> list[Segment]:
             continue
         cut = start is not None or end is not None
         seg_id = r.get("id") or (f"{r['path']}@{start or 0:g}-{'end' if end is None else f'{end:g}'}" if cut else r["path"])
-        segs.append(Segment(id=seg_id, path=str(video), label=r["label"], group=r.get("group") or video.stem,
+        segs.append(Segment(id=seg_id, path=video[0], label=r["label"], group=r.get("group") or video[1],
                             start=start or 0.0, end=end, split=split, where=where))
     if not segs and not problems:
         raise SourceError(str(path), ["the manifest has no rows"])
@@ -256,13 +260,15 @@ def validate(source: str, segments: list[Segment], probe: Callable[[list[str]], 
     present = []
     if only is not None:
         segments = [s for s in segments if s.id in only]
+    missing: dict[str, str | None] = {}  # path -> why it cannot be read (None: it can), each file looked at once
     for s in segments:
-        if not os.path.isfile(s.path):
-            why = f"video not found: {s.path}"
-        elif not os.access(s.path, os.R_OK):
-            why = f"video not readable (permissions): {s.path}"
-        else:
-            present.append(s.path)
+        if s.path not in missing:
+            missing[s.path] = (f"video not found: {s.path}" if not os.path.isfile(s.path) else
+                               f"video not readable (permissions): {s.path}" if not os.access(s.path, os.R_OK) else None)
+            if missing[s.path] is None:
+                present.append(s.path)
+        why = missing[s.path]
+        if why is None:
             continue
         if skip_unreadable:
             skipped[s.id] = f"{why} ({s.where})"
