@@ -31,7 +31,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def conv_run(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "conv"
-    cfg = TrainConfig(cache=synth, out=str(out), model="conv1d", fps=2, epochs=40, patience=15, split="random", seed=0)
+    cfg = TrainConfig(cache=synth, out=str(out), model="conv1d", fps=2, epochs=15, patience=8, split="random", seed=0)
     return cfg, train(cfg)
 
 
