@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch  # noqa: F401  (torch before decord)
+from click.testing import CliRunner
 
+from featseq.cli import main
 from helpers import CHILD_ENV, ROOT, wait_for
 from featseq.featurize.cache import read_cache
 
@@ -103,12 +105,16 @@ def test_a_file_through_stream_equals_predict_file(st_data):
     """Same features at the same timestamps, the same windows and probabilities as predict FILE --window 4 --stride 1."""
     d = st_data["d"]
     kept, feats = d / "kept.h5", d / "stream_features.npz"
-    r = subprocess.run(_cmd(st_data["run"], st_data["mp4"], "--window", "4", "--stride", "1", "--out", str(d / "file"),
-                            "--cache", str(kept), "--no-plots"), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run(_cmd(st_data["run"], "--stream", st_data["mp4"], "--stride", "1", "--out", str(d / "st"),
-                            "--save-features", str(feats)), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    # --stream in its own process (it ends with os._exit), started first; predict FILE meanwhile in this process
+    # (what is compared is the two commands' outputs, not a process start)
+    st = subprocess.Popen(_cmd(st_data["run"], "--stream", st_data["mp4"], "--stride", "1", "--out", str(d / "st"),
+                               "--save-features", str(feats)), cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    r = CliRunner().invoke(main, ["predict", st_data["run"], st_data["mp4"], "--window", "4", "--stride", "1", "--out",
+                                  str(d / "file"), "--cache", str(kept), "--no-plots"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    _, stderr = st.communicate(timeout=300)
+    assert st.returncode == 0, stderr
     cache, got = read_cache(str(kept)), np.load(feats)
     assert np.allclose(got["times"], cache.timestamps, atol=1e-9)
     assert np.allclose(got["features"], cache.features.astype(np.float32), atol=1e-3)
@@ -151,11 +157,13 @@ def test_sigterm_stops_cleanly_and_keeps_the_windows(st_data):
 
 
 def test_a_bad_url_fails_fast_naming_it(st_data, tmp_path):
+    # in this process (the command's exit code and message are tested, not a process start): an exception that
+    # escaped the CLI would be r.exception, not the SystemExit of a usage error
     t = time.monotonic()
-    r = subprocess.run(_cmd(st_data["run"], "--stream", "rtsp://127.0.0.1:9/cam", "--out", str(tmp_path / "o")),
-                       cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--stream rtsp://127.0.0.1:9/cam: cannot open it" in r.stderr
-    assert "check the address" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(main, ["predict", st_data["run"], "--stream", "rtsp://127.0.0.1:9/cam", "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--stream rtsp://127.0.0.1:9/cam: cannot open it" in r.stderr, r.output
+    assert "check the address" in r.stderr and isinstance(r.exception, SystemExit)
     assert time.monotonic() - t < 30
-    r = subprocess.run(_cmd(st_data["run"], "--stream", str(tmp_path / "nope.mp4")), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True)
-    assert r.returncode == 2 and "no such file, device or URL" in r.stderr
+    r = CliRunner().invoke(main, ["predict", st_data["run"], "--stream", str(tmp_path / "nope.mp4")])
+    assert r.exit_code == 2 and "no such file, device or URL" in r.stderr, r.output
