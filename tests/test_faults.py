@@ -186,9 +186,10 @@ def test_sigint_stops_a_sweep_and_its_workers_and_the_rerun_finishes(tmp_path):
     assert "stopped by SIGINT" in err
     assert workers and gone(workers)
     assert not list(out.glob("*/results.json"))  # nothing half-trained looks complete
+    # other epochs: new variants; trained here (--jobs 1), as the two spawned workers of the stopped sweep were what
+    # was under test, not the rerun's (this spares two torch imports)
     r = rerun("sweep", cache, "--out", out, "--model", "gru,lstm,rnn,conv1d", "--hidden", 64, "--epochs", 2,
-                "--patience", 2, "--seq-len", 30, "--jobs", 2, "--device", "cpu", "--plots", "false",
-                "-q")  # other epochs: new variants
+              "--patience", 2, "--seq-len", 30, "--jobs", 1, "--device", "cpu", "--plots", "false", "-q")
     assert r.returncode == 0, r.stderr
     board = (out / "leaderboard.csv").read_text()
     assert board.count(",complete,") == 4, board
