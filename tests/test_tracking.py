@@ -26,12 +26,22 @@ def fake(tmp_path_factory):
     return write_fake_cache(tmp_path_factory.mktemp("trk") / "f.h5", ["a", "b", "c"] * 8, dim=8, seed=1)
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """An MLflow client on one SQLite store for the module (making a store's schema costs seconds): the tests tell
+    their runs apart by their run folders, each in the test's own tmp_path."""
+    d = tmp_path_factory.mktemp("mlflow")
+    client = MlflowClient(f"sqlite:///{d / 'ml.db'}")
+    client.search_experiments()  # the schema, made once
+    client.folder = d
+    return client
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """An MLflow client on a SQLite store in tmp_path, which the commands use through MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path / 'ml.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return MlflowClient(uri)
+def store(shared_store, monkeypatch):
+    """The module's MLflow client, which the commands use through MLFLOW_TRACKING_URI."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_store.tracking_uri)
+    return shared_store
 
 
 def _invoke(*args):
@@ -89,7 +99,7 @@ def test_train_sends_every_epoch_its_options_results_and_plots_to_both_trackers(
     assert run.data.metrics["final/best_epoch"] == res["best_epoch"]
     arts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {"curves.png", "confusion.png", "results.json", "history.csv"} <= arts
-    assert run.info.artifact_uri.startswith(tmp_path.as_uri())  # beside the database, not in the working folder
+    assert run.info.artifact_uri.startswith(store.folder.as_uri())  # beside the database, not in the working folder
     assert json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"] == run.info.run_id
 
 
