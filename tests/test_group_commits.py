@@ -76,7 +76,11 @@ def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path, 
         before, deadline = (counts or [0])[-1], time.monotonic() + 60
         while len(read_cache(path, features=False).ids) <= before and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rnd.uniform(0.0, 0.4))
+        # a random moment within 0.4 s, but before a third of what is left is published: a fast machine must not
+        # finish the whole write before the last kill
+        end, most = time.monotonic() + rnd.uniform(0.0, 0.4), before + (N - before) // 3
+        while time.monotonic() < end and len(read_cache(path, features=False).ids) < most:
+            time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
         p.stdout.close()
