@@ -85,7 +85,8 @@ def test_kill_9_at_random_moments_loses_at_most_the_unpublished_group(tmp_path, 
         p.wait(timeout=30)
         p.stdout.close()
         counts.append(_check(path))
-    assert counts == sorted(counts) and counts[-1] < N, counts  # each rerun kept what the last one published
+    # each rerun kept what the last one published; most kills landed mid-write (a fast machine may finish the last run)
+    assert counts == sorted(counts) and sum(c < N for c in counts) >= 4, counts
     assert len(set(counts)) > 2, counts  # the kills really landed at different moments of the write
     out = subprocess.run([sys.executable, str(script), str(path), "1.0", str(int(background))], cwd=ROOT, env=CHILD_ENV, capture_output=True,
                          text=True, timeout=300)
