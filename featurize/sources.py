@@ -260,14 +260,14 @@ def validate(source: str, segments: list[Segment], probe: Callable[[list[str]], 
     present = []
     if only is not None:
         segments = [s for s in segments if s.id in only]
-    missing: dict[str, str | None] = {}  # path -> why it cannot be read (None: it can), each file looked at once
+    unreadable: dict[str, str | None] = {}  # path -> why it cannot be read (None: it can), each file looked at once
     for s in segments:
-        if s.path not in missing:
-            missing[s.path] = (f"video not found: {s.path}" if not os.path.isfile(s.path) else
+        if s.path not in unreadable:
+            unreadable[s.path] = (f"video not found: {s.path}" if not os.path.isfile(s.path) else
                                f"video not readable (permissions): {s.path}" if not os.access(s.path, os.R_OK) else None)
-            if missing[s.path] is None:
+            if unreadable[s.path] is None:
                 present.append(s.path)
-        why = missing[s.path]
+        why = unreadable[s.path]
         if why is None:
             continue
         if skip_unreadable:

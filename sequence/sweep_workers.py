@@ -28,12 +28,13 @@ def _did() -> dict:
     return {"trained": 0, "skipped": 0, "pruned": 0, "failed": 0}
 
 
-def _past_the_count(study, trial, trials: int) -> bool:
-    """Whether ``trials`` trials come before ``trial`` (numbers are handed out in order by the storage, so every
-    worker decides the same). An earlier trial whose worker has not yet marked it empty is counted: it is empty only
-    if ``trials`` came before it, and then before this one too, so the answer is the same."""
+def _counted(study, before: int | None = None) -> int:
+    """The study's trials that count towards --trials (all but empty ones; failed ones count too, so that a variant
+    that always fails cannot make the search go on forever), or those numbered below ``before``. Numbers are handed
+    out in order by the storage, so every worker counts the same below a number. An earlier trial whose worker has
+    not yet marked it empty is counted: it is empty only if --trials came before it, and so before ``before`` too."""
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.number < trial.number and not t.user_attrs.get("empty")) >= trials
+               if not t.user_attrs.get("empty") and (before is None or t.number < before))
 
 
 def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data, nest: Nest | None = None) -> dict:
@@ -54,13 +55,12 @@ def work(cfg: SweepConfig, vs: list[tuple[str, TrainConfig]], data, nest: Nest |
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 break
         else:
-            # failed trials count too: a variant that always fails must not make the search go on forever
-            if len([t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("empty")]) >= cfg.trials:
+            if _counted(study) >= cfg.trials:
                 break
         trial = study.ask()
         for k, v in (("host", host), ("pid", pid), ("beat", time.time())):  # who runs it, for reap_stale
             trial.set_user_attr(k, v)
-        if cfg.search != "grid" and _past_the_count(study, trial, cfg.trials):
+        if cfg.search != "grid" and _counted(study, before=trial.number) >= cfg.trials:
             # another worker asked between our count and our ask: the study already has its trials
             trial.set_user_attr("empty", True)
             tell(study, trial, TrialState.FAIL)
